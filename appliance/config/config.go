@@ -1,0 +1,176 @@
+// Package config is the appliance's image configuration: the key brokers it
+// attests to, the k-of-n threshold and where the trusted CA bundles live. It
+// is baked into the initramfs by mkimage and so is covered by the image's
+// measurement; embassy-init reads it at boot.
+package config
+
+import (
+	"bytes"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"regexp"
+	"strconv"
+)
+
+// Paths inside the image.
+const (
+	Path         = "/etc/embassy/config.json"
+	BrokerCAPath = "/etc/embassy/broker-ca.pem"
+	ClientCAPath = "/etc/embassy/client-ca.pem"
+	ImageInfo    = "/etc/embassy/image.json"
+	ModulesLoad  = "/etc/embassy/modules.load"
+)
+
+// MaxSize bounds the config file.
+const MaxSize = 1 << 20
+
+// MaxBrokers bounds the number of key brokers (and so the share count).
+const MaxBrokers = 16
+
+// Config is the appliance configuration.
+type Config struct {
+	// Threshold is k: how many brokers' shares recombine a volume key.
+	Threshold int `json:"threshold"`
+	// Brokers are the n home-state key brokers.
+	Brokers []Broker `json:"brokers"`
+}
+
+// Broker is one key broker and its candidate endpoints (one per network
+// path), tried in order.
+type Broker struct {
+	Name      string   `json:"name"`
+	Endpoints []string `json:"endpoints"`
+}
+
+var brokerName = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+// Validate checks the whole config and names the first problem.
+func (c *Config) Validate() error {
+	n := len(c.Brokers)
+	if n == 0 {
+		return errors.New("config: no brokers")
+	}
+	if n > MaxBrokers {
+		return fmt.Errorf("config: %d brokers, at most %d allowed", n, MaxBrokers)
+	}
+	if c.Threshold < 1 || c.Threshold > n {
+		return fmt.Errorf("config: threshold %d must be between 1 and the broker count %d", c.Threshold, n)
+	}
+	seen := map[string]bool{}
+	for i, b := range c.Brokers {
+		if !brokerName.MatchString(b.Name) {
+			return fmt.Errorf("config: broker %d: name %q must be lowercase letters, digits and dashes", i, b.Name)
+		}
+		if seen[b.Name] {
+			return fmt.Errorf("config: broker name %q used twice", b.Name)
+		}
+		seen[b.Name] = true
+		if len(b.Endpoints) == 0 || len(b.Endpoints) > 8 {
+			return fmt.Errorf("config: broker %s: needs 1 to 8 endpoints, has %d", b.Name, len(b.Endpoints))
+		}
+		for _, e := range b.Endpoints {
+			if err := checkEndpoint(e); err != nil {
+				return fmt.Errorf("config: broker %s: %w", b.Name, err)
+			}
+		}
+	}
+	return nil
+}
+
+func checkEndpoint(e string) error {
+	u, err := url.Parse(e)
+	if err != nil {
+		return fmt.Errorf("endpoint %q: %w", e, err)
+	}
+	if u.Scheme != "https" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || (u.Path != "" && u.Path != "/") {
+		return fmt.Errorf("endpoint %q must be https://host:port with nothing else", e)
+	}
+	host, port, err := net.SplitHostPort(u.Host)
+	if err != nil || host == "" {
+		return fmt.Errorf("endpoint %q needs a host and a port", e)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("endpoint %q: bad port %q", e, port)
+	}
+	return nil
+}
+
+// Parse decodes and validates a config, rejecting unknown fields.
+func Parse(r io.Reader) (*Config, error) {
+	b, err := io.ReadAll(io.LimitReader(r, MaxSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	if len(b) > MaxSize {
+		return nil, fmt.Errorf("config is larger than %d bytes", MaxSize)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("decode config: %w", err)
+	}
+	if dec.More() {
+		return nil, errors.New("decode config: trailing data")
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// Marshal returns the canonical encoding of a valid config.
+func (c *Config) Marshal() ([]byte, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	b, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(b, '\n'), nil
+}
+
+// ParseCertBundle parses a PEM bundle of CA certificates; it must hold at
+// least one certificate and nothing else.
+func ParseCertBundle(pemData []byte) ([]*x509.Certificate, error) {
+	var certs []*x509.Certificate
+	rest := pemData
+	for {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			break
+		}
+		if block.Type != "CERTIFICATE" {
+			return nil, fmt.Errorf("CA bundle holds a %q block; only certificates are allowed", block.Type)
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("CA bundle: %w", err)
+		}
+		if !c.IsCA {
+			return nil, fmt.Errorf("CA bundle: certificate %q is not a CA", c.Subject)
+		}
+		certs = append(certs, c)
+	}
+	if len(bytes.TrimSpace(rest)) != 0 {
+		return nil, errors.New("CA bundle has trailing non-PEM data")
+	}
+	if len(certs) == 0 {
+		return nil, errors.New("CA bundle holds no certificate")
+	}
+	return certs, nil
+}
+
+// ImageInfo is what the image knows about itself (written by mkimage).
+type ImageInfoFile struct {
+	Version       uint64 `json:"version"`
+	KernelRelease string `json:"kernel_release"`
+}

@@ -1,0 +1,412 @@
+// Package build assembles the appliance image: Debian's signed kernel, a
+// reproducible initramfs with embassy-init as its init, the fixed command
+// line, and the signed reference manifest that predicts the measured-boot
+// events. The same inputs always give byte-identical artifacts.
+package build
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/dataembassy/embassy/appliance/config"
+	"github.com/dataembassy/embassy/images/debkernel"
+	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/images/measure"
+	"github.com/dataembassy/embassy/initramfs/cpioimage"
+	"github.com/dataembassy/embassy/initramfs/elfdeps"
+	"github.com/dataembassy/embassy/initramfs/kmod"
+)
+
+// Artifact file names in the output folder.
+const (
+	KernelFile    = manifest.ComponentKernel
+	InitramfsFile = manifest.ComponentInitramfs
+	CmdlineFile   = manifest.ComponentCmdline
+	ManifestFile  = "manifest.json"
+	SignatureFile = "manifest.sig"
+)
+
+// DefaultCmdline is the fixed kernel command line of the production image.
+// Nothing on it can be changed at boot without changing PCR9.
+const DefaultCmdline = "console=ttyS0,115200 panic=-1 loglevel=4 lockdown=integrity"
+
+// DefaultModules are the kernel modules the appliance loads at boot: virtio
+// for QEMU, NVMe/AHCI/SCSI disks and e1000e NICs for real servers,
+// dm-crypt with AES-XTS, ext4.
+var DefaultModules = []string{
+	"virtio_pci", "virtio_net", "virtio_blk",
+	"nvme", "ahci", "sd_mod", "e1000e",
+	"dm_crypt", "xts", "aesni_intel", "crc32c_generic", "crc32c_intel", "libcrc32c",
+	"ext4",
+}
+
+// Options says what to build.
+type Options struct {
+	ModuleRoot string // the Go module holding cmd/embassy-init
+	CacheDir   string
+	OutDir     string
+	Version    uint64
+	Config     *config.Config
+	BrokerCA   []byte // PEM bundle
+	ClientCA   []byte // PEM bundle
+	SigningKey ed25519.PrivateKey
+	// KernelPackage pins the Debian kernel package; empty takes the current one.
+	KernelPackage string
+	Cmdline       string   // DefaultCmdline when empty
+	Modules       []string // DefaultModules when nil
+	InitPackage   string   // "./cmd/embassy-init" when empty
+	Mkfs          string   // host mke2fs; "/sbin/mke2fs" when empty
+	// QEMUMemoryMiB, when not 0, also records the PCR4 digest of the kernel
+	// under QEMU direct kernel boot with that much RAM (tests and the demo).
+	QEMUMemoryMiB int
+	Log           *slog.Logger
+}
+
+// Result describes a finished build.
+type Result struct {
+	Manifest      *manifest.Manifest
+	InitramfsSize int
+	Duration      time.Duration
+}
+
+func (o *Options) defaults() {
+	if o.Cmdline == "" {
+		o.Cmdline = DefaultCmdline
+	}
+	if o.Modules == nil {
+		o.Modules = DefaultModules
+	}
+	if o.InitPackage == "" {
+		o.InitPackage = "./cmd/embassy-init"
+	}
+	if o.Mkfs == "" {
+		o.Mkfs = "/sbin/mke2fs"
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+}
+
+// CheckCmdline rejects command lines that could not be passed through
+// QEMU/firmware unchanged.
+func CheckCmdline(c string) error {
+	if c == "" || len(c) > 2048 {
+		return fmt.Errorf("command line must be 1 to 2048 bytes, is %d", len(c))
+	}
+	for i := 0; i < len(c); i++ {
+		if c[i] < 0x20 || c[i] > 0x7e {
+			return fmt.Errorf("command line byte %d (%#x) is not printable ASCII", i, c[i])
+		}
+	}
+	return nil
+}
+
+// Build produces the image in o.OutDir.
+func Build(ctx context.Context, o Options) (*Result, error) {
+	start := time.Now()
+	o.defaults()
+	log := o.Log
+	if o.Version == 0 {
+		return nil, fmt.Errorf("image version must be at least 1")
+	}
+	if o.Config == nil {
+		return nil, fmt.Errorf("no image config")
+	}
+	if err := o.Config.Validate(); err != nil {
+		return nil, err
+	}
+	for name, b := range map[string][]byte{"broker CA": o.BrokerCA, "client CA": o.ClientCA} {
+		if _, err := config.ParseCertBundle(b); err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	if len(o.SigningKey) != ed25519.PrivateKeySize {
+		return nil, fmt.Errorf("no image-signing key")
+	}
+	if err := CheckCmdline(o.Cmdline); err != nil {
+		return nil, err
+	}
+
+	log.Info("build step", "step", "1/5 kernel")
+	kern, err := (&debkernel.Fetcher{CacheDir: o.CacheDir, Package: o.KernelPackage, Log: log}).Fetch(ctx)
+	if err != nil {
+		return nil, err
+	}
+	vmlinuz, err := os.ReadFile(kern.Vmlinuz)
+	if err != nil {
+		return nil, fmt.Errorf("read kernel: %w", err)
+	}
+	log.Info("kernel", "package", kern.Package, "version", kern.Version, "deb_sha256", kern.DebSHA256)
+
+	log.Info("build step", "step", "2/5 embassy-init")
+	initBin, err := GoBuild(ctx, o.ModuleRoot, o.InitPackage)
+	if err != nil {
+		return nil, err
+	}
+
+	log.Info("build step", "step", "3/5 initramfs")
+	arc := cpioimage.New()
+	if err := Skeleton(arc, initBin); err != nil {
+		return nil, err
+	}
+	nmods, err := addModules(arc, kern, o.Modules)
+	if err != nil {
+		return nil, err
+	}
+	if err := addProgram(arc, o.Mkfs, "/sbin/mke2fs", "mkfs.ext4", "mke2fs.conf"); err != nil {
+		return nil, err
+	}
+	cfg, err := o.Config.Marshal()
+	if err != nil {
+		return nil, err
+	}
+	info, _ := json.Marshal(config.ImageInfoFile{Version: o.Version, KernelRelease: kern.Release})
+	for _, f := range []struct {
+		name string
+		data []byte
+	}{
+		{config.Path, cfg},
+		{config.BrokerCAPath, o.BrokerCA},
+		{config.ClientCAPath, o.ClientCA},
+		{config.ImageInfo, append(info, '\n')},
+	} {
+		if err := arc.File(f.name, f.data, 0o444); err != nil {
+			return nil, err
+		}
+	}
+	initramfs, err := arc.Build()
+	if err != nil {
+		return nil, err
+	}
+	log.Info("initramfs", "entries", arc.Len(), "modules", nmods, "compressed_bytes", len(initramfs),
+		"compressed_mib", fmt.Sprintf("%.2f", float64(len(initramfs))/(1<<20)))
+
+	log.Info("build step", "step", "4/5 manifest")
+	m, err := NewManifest(o.Version, kern, vmlinuz, initramfs, o.Cmdline, o.QEMUMemoryMiB)
+	if err != nil {
+		return nil, err
+	}
+	canon, err := m.Marshal()
+	if err != nil {
+		return nil, err
+	}
+	sig := manifest.Sign(canon, o.SigningKey)
+
+	log.Info("build step", "step", "5/5 write", "out", o.OutDir)
+	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
+		return nil, fmt.Errorf("create output folder: %w", err)
+	}
+	for _, f := range []struct {
+		name string
+		data []byte
+	}{
+		{KernelFile, vmlinuz},
+		{InitramfsFile, initramfs},
+		{CmdlineFile, []byte(o.Cmdline + "\n")},
+		{ManifestFile, canon},
+		{SignatureFile, sig},
+	} {
+		if err := writeAtomic(filepath.Join(o.OutDir, f.name), f.data); err != nil {
+			return nil, err
+		}
+	}
+	return &Result{Manifest: m, InitramfsSize: len(initramfs), Duration: time.Since(start)}, nil
+}
+
+// NewManifest computes the reference manifest for a set of artifacts.
+func NewManifest(version uint64, kern *debkernel.Kernel, vmlinuz, initramfs []byte, cmdline string, qemuMemMiB int) (*manifest.Manifest, error) {
+	kd, err := measure.Kernel(vmlinuz)
+	if err != nil {
+		return nil, err
+	}
+	var qemuDigest string
+	if qemuMemMiB != 0 {
+		qd, err := measure.QEMUDirectKernel(vmlinuz, len(initramfs), qemuMemMiB)
+		if err != nil {
+			return nil, err
+		}
+		qemuDigest = hex.EncodeToString(qd[:])
+	}
+	cd := measure.Cmdline(cmdline)
+	id := measure.Initrd(initramfs)
+	m := &manifest.Manifest{
+		Schema:  manifest.Schema,
+		Version: version,
+		Kernel: manifest.KernelInfo{
+			Package: kern.Package, Version: kern.Version, DebSHA256: kern.DebSHA256, Release: kern.Release,
+		},
+		Measurements: manifest.Measurements{
+			KernelAuthenticode: hex.EncodeToString(kd[:]),
+			LoadOptions:        hex.EncodeToString(cd[:]),
+			Initrd:             hex.EncodeToString(id[:]),
+			KernelQEMUDirect:   qemuDigest,
+			QEMUMemoryMiB:      qemuMemMiB,
+		},
+	}
+	for name, data := range map[string][]byte{
+		KernelFile: vmlinuz, InitramfsFile: initramfs, CmdlineFile: []byte(cmdline + "\n"),
+	} {
+		sum := sha256.Sum256(data)
+		m.SetComponent(name, sum[:])
+	}
+	return m, nil
+}
+
+// Skeleton adds the directories, the console device node and /init.
+func Skeleton(arc *cpioimage.Archive, initBin []byte) error {
+	for _, d := range []string{"dev", "proc", "sys", "run", "tmp", "mnt", "etc/embassy", "sbin", "lib", "lib64"} {
+		if err := arc.Dir(d, 0o755); err != nil {
+			return err
+		}
+	}
+	// The kernel opens /dev/console for init before anything is mounted.
+	if err := arc.CharDev("dev/console", 0o600, 5, 1); err != nil {
+		return err
+	}
+	return arc.File("init", initBin, 0o755)
+}
+
+// GoBuild compiles a main package of the module as a static, reproducible
+// linux/amd64 binary and returns it.
+func GoBuild(ctx context.Context, moduleRoot, pkg string) ([]byte, error) {
+	tmp, err := os.MkdirTemp("", "embassy-gobuild-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	out := filepath.Join(tmp, "bin")
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-buildvcs=false",
+		"-ldflags=-s -w -buildid=", "-o", out, pkg)
+	cmd.Dir = moduleRoot
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64", "GOFLAGS=-mod=mod")
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("go build %s: %w: %s", pkg, err, strings.TrimSpace(errb.String()))
+	}
+	return os.ReadFile(out)
+}
+
+func addModules(arc *cpioimage.Archive, kern *debkernel.Kernel, names []string) (int, error) {
+	depFile, err := os.Open(filepath.Join(kern.ModulesDir, "modules.dep"))
+	if err != nil {
+		return 0, fmt.Errorf("open modules.dep: %w", err)
+	}
+	defer depFile.Close()
+	deps, err := kmod.ParseDep(depFile)
+	if err != nil {
+		return 0, err
+	}
+	builtinData, err := os.ReadFile(filepath.Join(kern.ModulesDir, "modules.builtin"))
+	if err != nil {
+		return 0, fmt.Errorf("read modules.builtin: %w", err)
+	}
+	builtin, err := kmod.ParseBuiltin(bytes.NewReader(builtinData))
+	if err != nil {
+		return 0, err
+	}
+	paths, err := deps.Resolve(names, builtin)
+	if err != nil {
+		return 0, fmt.Errorf("resolve kernel modules: %w", err)
+	}
+	base := path.Join("lib/modules", kern.Release)
+	for _, p := range paths {
+		b, err := os.ReadFile(filepath.Join(kern.ModulesDir, filepath.FromSlash(p)))
+		if err != nil {
+			return 0, fmt.Errorf("read module: %w", err)
+		}
+		if err := arc.File(path.Join(base, p), b, 0o444); err != nil {
+			return 0, err
+		}
+	}
+	sub, err := deps.Subset(paths)
+	if err != nil {
+		return 0, err
+	}
+	if err := arc.File(path.Join(base, "modules.dep"), sub, 0o444); err != nil {
+		return 0, err
+	}
+	if err := arc.File(path.Join(base, "modules.builtin"), builtinData, 0o444); err != nil {
+		return 0, err
+	}
+	return len(paths), arc.File(config.ModulesLoad, []byte(strings.Join(names, "\n")+"\n"), 0o444)
+}
+
+// addProgram copies a dynamically linked host program with its interpreter,
+// libraries, alias names and /etc config file into the archive.
+func addProgram(arc *cpioimage.Archive, hostPath, imagePath, alias, etcFile string) error {
+	prog, err := os.ReadFile(hostPath)
+	if err != nil {
+		return fmt.Errorf("read %s (is e2fsprogs installed?): %w", hostPath, err)
+	}
+	if err := arc.File(imagePath, prog, 0o755); err != nil {
+		return err
+	}
+	if alias != "" {
+		if err := arc.Symlink(path.Join(path.Dir(imagePath), alias), path.Base(imagePath)); err != nil {
+			return err
+		}
+	}
+	libs, err := elfdeps.Resolve([]string{hostPath}, elfdeps.DefaultSearchPath)
+	if err != nil {
+		return err
+	}
+	for _, lib := range libs {
+		b, err := os.ReadFile(lib)
+		if err != nil {
+			return fmt.Errorf("read library: %w", err)
+		}
+		if arc.Has(lib) {
+			continue
+		}
+		if err := arc.File(lib, b, 0o555); err != nil {
+			return err
+		}
+	}
+	if etcFile != "" {
+		b, err := os.ReadFile(filepath.Join("/etc", etcFile))
+		if err != nil {
+			return fmt.Errorf("read /etc/%s: %w", etcFile, err)
+		}
+		if err := arc.File(path.Join("etc", etcFile), b, 0o444); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func writeAtomic(name string, data []byte) error {
+	tmp := name + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("sync %s: %w", name, err)
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, name); err != nil {
+		return fmt.Errorf("install %s: %w", name, err)
+	}
+	return nil
+}

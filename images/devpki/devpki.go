@@ -1,0 +1,70 @@
+// Package devpki creates the local-default certificate authorities (broker
+// CA and home-state client CA) in the cache folder on first use. They stand
+// in for the home state's real PKI in the demo and in tests; a production
+// build passes its own CA bundles to mkimage.
+package devpki
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// CA is a certificate authority kept as two PEM files.
+type CA struct {
+	CertPath string
+	KeyPath  string
+}
+
+// Ensure returns the CA called name under dir, creating it if missing.
+func Ensure(dir, name, commonName string) (CA, error) {
+	ca := CA{CertPath: filepath.Join(dir, name+".pem"), KeyPath: filepath.Join(dir, name+".key")}
+	if _, err := os.Stat(ca.CertPath); err == nil {
+		return ca, nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return ca, fmt.Errorf("create PKI folder: %w", err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return ca, fmt.Errorf("generate %s key: %w", name, err)
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return ca, err
+	}
+	now := time.Now().UTC()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: commonName, Organization: []string{"embassy local default"}},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.AddDate(10, 0, 0),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return ca, fmt.Errorf("create %s certificate: %w", name, err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return ca, err
+	}
+	if err := os.WriteFile(ca.KeyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return ca, fmt.Errorf("write %s key: %w", name, err)
+	}
+	tmp := ca.CertPath + ".tmp"
+	if err := os.WriteFile(tmp, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		return ca, fmt.Errorf("write %s certificate: %w", name, err)
+	}
+	return ca, os.Rename(tmp, ca.CertPath)
+}

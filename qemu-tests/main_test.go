@@ -1,0 +1,164 @@
+// Package qemutests boots the real appliance image in QEMU (OVMF, swtpm,
+// two NICs, virtio disks) and checks it end to end. The tests run when
+// EMBASSY_E2E=1 (set by `make e2e` and `make test`, which build the image
+// first); EMBASSY_IMAGE names the image folder (default: out/).
+package qemutests
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/images/build"
+	"github.com/dataembassy/embassy/images/imagekey"
+	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/images/verify"
+	"github.com/dataembassy/embassy/qemu-tests/bootreport"
+	"github.com/dataembassy/embassy/qemu-tests/vm"
+)
+
+var (
+	repoRoot string
+	mkimage  string // path of a built mkimage binary
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	wd, _ := os.Getwd()
+	repoRoot = filepath.Dir(wd)
+	if os.Getenv("EMBASSY_E2E") == "1" {
+		tmp, err := os.MkdirTemp("", "embassy-e2e-bin-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(tmp)
+		mkimage = filepath.Join(tmp, "mkimage")
+		cmd := exec.Command("go", "build", "-o", mkimage, "./cmd/mkimage")
+		cmd.Dir = repoRoot
+		cmd.Stderr = os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "build mkimage:", err)
+			return 1
+		}
+	}
+	return m.Run()
+}
+
+// requireE2E skips unless the end-to-end environment was asked for.
+func requireE2E(t *testing.T) {
+	t.Helper()
+	if os.Getenv("EMBASSY_E2E") != "1" {
+		t.Skip("boots QEMU: run with EMBASSY_E2E=1 (make e2e / make test)")
+	}
+}
+
+func cacheDir() string {
+	if c := os.Getenv("EMBASSY_CACHE"); c != "" {
+		return c
+	}
+	return filepath.Join(repoRoot, ".cache")
+}
+
+func imageDir() string {
+	if d := os.Getenv("EMBASSY_IMAGE"); d != "" {
+		return d
+	}
+	return filepath.Join(repoRoot, "out")
+}
+
+func pubKeyPath() string {
+	return filepath.Join(cacheDir(), "keys", "image-signing-dev.key.pub")
+}
+
+// loadImage verifies the image folder and returns its manifest.
+func loadImage(t *testing.T, dir string) *manifest.Manifest {
+	t.Helper()
+	pub, err := imagekey.LoadPublic(pubKeyPath())
+	if err != nil {
+		t.Fatalf("image-signing key: %v (build the image with make image)", err)
+	}
+	mb, err := os.ReadFile(filepath.Join(dir, build.ManifestFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb, err := os.ReadFile(filepath.Join(dir, build.SignatureFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := manifest.Verify(mb, sb, pub)
+	if err != nil {
+		t.Fatalf("manifest: %v", err)
+	}
+	return m
+}
+
+// bootConfig returns a VM config for the image in dir.
+func bootConfig(t *testing.T, name, dir string, m *manifest.Manifest) vm.Config {
+	t.Helper()
+	cb, err := os.ReadFile(filepath.Join(dir, build.CmdlineFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmdline, err := verify.ParseCmdlineFile(cb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logDir := filepath.Join(repoRoot, "out", "test-logs", t.Name())
+	os.RemoveAll(logDir)
+	return vm.Config{
+		Name:     name,
+		Kernel:   filepath.Join(dir, build.KernelFile),
+		Initrd:   filepath.Join(dir, build.InitramfsFile),
+		Cmdline:  cmdline,
+		LogDir:   logDir,
+		SwtpmCA:  filepath.Join(cacheDir(), "swtpm-localca"),
+		MemoryMB: m.Measurements.QEMUMemoryMiB,
+	}
+}
+
+// startVM boots a VM and tears it down when the test ends, pointing to the
+// console log if the test failed.
+func startVM(t *testing.T, cfg vm.Config) *vm.VM {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	v, err := vm.Start(ctx, cfg)
+	if err != nil {
+		t.Fatalf("start VM: %v", err)
+	}
+	t.Cleanup(func() {
+		v.Close()
+		if t.Failed() {
+			t.Logf("console log of %s: %s", cfg.Name, v.LogPath)
+		}
+	})
+	return v
+}
+
+// bootAndVerify boots the image in dir and returns the host's verdict.
+func bootAndVerify(t *testing.T, dir string, cfg vm.Config, m *manifest.Manifest) (*bootreport.Evidence, *bootreport.Verdict) {
+	t.Helper()
+	v := startVM(t, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	ev, err := bootreport.Wait(ctx, v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	verdict, err := bootreport.Verify(ev, m.Measurements)
+	if err != nil {
+		t.Fatalf("replay the guest's event log against its PCRs: %v", err)
+	}
+	for _, e := range verdict.Events {
+		t.Logf("PCR%d %s %s %q", e.PCR, e.Type, e.Digest, e.Info)
+	}
+	return ev, verdict
+}

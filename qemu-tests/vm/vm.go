@@ -1,0 +1,379 @@
+// Package vm boots an appliance image the way firmware boots a server: QEMU
+// under TCG with the q35 machine, OVMF as pflash (read-only CODE, per-VM
+// VARS copy), one swtpm per VM with an EK certificate from a local CA, two
+// virtio NICs on user networking, raw virtio disks, the serial console
+// captured to a log file, and a QMP handle for fault injection. Teardown
+// kills exactly the processes it started, by PID, and removes its temp dir.
+package vm
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Default firmware images from Debian's ovmf package.
+const (
+	DefaultOVMFCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+	DefaultOVMFVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+)
+
+// Forward maps a host TCP port on 127.0.0.1 to a guest port through a NIC.
+type Forward struct {
+	NIC       int
+	HostPort  int
+	GuestPort int
+}
+
+// Config describes one VM.
+type Config struct {
+	Name    string
+	Kernel  string
+	Initrd  string
+	Cmdline string
+	// StateDir keeps the swtpm state and OVMF VARS across boots of the same
+	// "server". Empty means a fresh temp folder removed at Close.
+	StateDir string
+	// LogDir receives <Name>.serial.log; empty means the state folder.
+	LogDir   string
+	Disks    []string // raw disk image paths, attached as virtio-blk vd0, vd1, ...
+	NICs     int      // default 2
+	Forwards []Forward
+	MemoryMB int // default 1024
+	// SwtpmCA is the folder of the local CA that signs EK certificates;
+	// shared by all VMs so a verifier can trust one manufacturer CA.
+	SwtpmCA  string
+	OVMFCode string
+	OVMFVars string
+	// Stdout, if set, also receives every console line.
+	Stdout io.Writer
+}
+
+// VM is a running virtual machine.
+type VM struct {
+	cfg       Config
+	Started   time.Time
+	LogPath   string
+	QMP       *QMP
+	qemu      *exec.Cmd
+	swtpm     *exec.Cmd
+	tempDir   string
+	logFile   *os.File
+	mu        sync.Mutex
+	lines     []Line
+	newLine   chan struct{}
+	qemuDone  chan struct{}
+	qemuErr   error
+	closeOnce sync.Once
+}
+
+// Line is one console line and when it arrived.
+type Line struct {
+	Text string
+	At   time.Time
+}
+
+// NICName returns the QMP name of NIC i, for set_link.
+func NICName(i int) string { return fmt.Sprintf("nic%d", i) }
+
+// DiskID returns the QMP device id of disk i.
+func DiskID(i int) string { return fmt.Sprintf("vd%d", i) }
+
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func FreePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Start boots a VM. On error everything started so far is torn down.
+func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
+	if cfg.Name == "" {
+		cfg.Name = "vm"
+	}
+	if cfg.NICs == 0 {
+		cfg.NICs = 2
+	}
+	if cfg.MemoryMB == 0 {
+		cfg.MemoryMB = 1024
+	}
+	if cfg.OVMFCode == "" {
+		cfg.OVMFCode = DefaultOVMFCode
+	}
+	if cfg.OVMFVars == "" {
+		cfg.OVMFVars = DefaultOVMFVars
+	}
+	if cfg.SwtpmCA == "" {
+		return nil, errors.New("vm: SwtpmCA folder is required")
+	}
+	for _, f := range []string{cfg.Kernel, cfg.Initrd, cfg.OVMFCode, cfg.OVMFVars} {
+		if _, err := os.Stat(f); err != nil {
+			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+		}
+	}
+	v := &VM{cfg: cfg, newLine: make(chan struct{}), qemuDone: make(chan struct{})}
+	defer func() {
+		if err != nil {
+			v.Close()
+		}
+	}()
+	// Unix socket paths must stay short, so sockets live in a temp dir.
+	v.tempDir, err = os.MkdirTemp("", "embassy-vm-")
+	if err != nil {
+		return nil, err
+	}
+	state := cfg.StateDir
+	if state == "" {
+		state = filepath.Join(v.tempDir, "state")
+	}
+	if err := os.MkdirAll(filepath.Join(state, "tpm"), 0o700); err != nil {
+		return nil, err
+	}
+	logDir := cfg.LogDir
+	if logDir == "" {
+		logDir = state
+	}
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		return nil, err
+	}
+	v.LogPath = filepath.Join(logDir, cfg.Name+".serial.log")
+	v.logFile, err = os.OpenFile(v.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+
+	vars := filepath.Join(state, "OVMF_VARS.fd")
+	if _, err := os.Stat(vars); err != nil {
+		if err := copyFile(cfg.OVMFVars, vars); err != nil {
+			return nil, fmt.Errorf("copy OVMF VARS: %w", err)
+		}
+	}
+	tpmState := filepath.Join(state, "tpm")
+	if err := SetupTPM(ctx, tpmState, cfg.SwtpmCA); err != nil {
+		return nil, err
+	}
+	tpmSock := filepath.Join(v.tempDir, "tpm.sock")
+	v.swtpm = exec.Command("swtpm", "socket", "--tpm2",
+		"--tpmstate", "dir="+tpmState,
+		"--ctrl", "type=unixio,path="+tpmSock,
+		"--log", "file="+filepath.Join(logDir, cfg.Name+".swtpm.log")+",level=1",
+		"--terminate")
+	v.swtpm.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := v.swtpm.Start(); err != nil {
+		return nil, fmt.Errorf("start swtpm: %w", err)
+	}
+	if err := waitForFile(tpmSock, 10*time.Second); err != nil {
+		return nil, fmt.Errorf("swtpm socket: %w", err)
+	}
+
+	qmpSock := filepath.Join(v.tempDir, "qmp.sock")
+	args := []string{
+		"-name", cfg.Name,
+		"-machine", "q35", "-accel", "tcg",
+		"-m", fmt.Sprint(cfg.MemoryMB), "-smp", "1",
+		"-nodefaults", "-display", "none", "-no-reboot",
+		"-drive", "if=pflash,format=raw,unit=0,readonly=on,file=" + cfg.OVMFCode,
+		"-drive", "if=pflash,format=raw,unit=1,file=" + vars,
+		"-chardev", "socket,id=chrtpm,path=" + tpmSock,
+		"-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+		"-device", "tpm-tis,tpmdev=tpm0",
+		"-kernel", cfg.Kernel, "-initrd", cfg.Initrd, "-append", cfg.Cmdline,
+		"-serial", "stdio",
+		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
+		"-device", "virtio-rng-pci",
+	}
+	for i := 0; i < cfg.NICs; i++ {
+		nd := fmt.Sprintf("user,id=net%d,net=10.0.%d.0/24", i, 2+i)
+		for _, f := range cfg.Forwards {
+			if f.NIC == i {
+				nd += fmt.Sprintf(",hostfwd=tcp:127.0.0.1:%d-:%d", f.HostPort, f.GuestPort)
+			}
+		}
+		args = append(args, "-netdev", nd,
+			"-device", fmt.Sprintf("virtio-net-pci,netdev=net%d,id=%s,mac=52:54:00:12:34:%02x", i, NICName(i), 0x56+i))
+	}
+	for i, d := range cfg.Disks {
+		args = append(args,
+			"-drive", fmt.Sprintf("if=none,id=drive%d,format=raw,file=%s", i, d),
+			"-device", fmt.Sprintf("virtio-blk-pci,drive=drive%d,id=%s,serial=EMBASSY%04d", i, DiskID(i), i))
+	}
+	v.qemu = exec.Command("qemu-system-x86_64", args...)
+	v.qemu.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	stdout, err := v.qemu.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	v.qemu.Stderr = &prefixWriter{w: v.logFile, prefix: "[qemu stderr] "}
+	fmt.Fprintf(v.logFile, "[harness] %s qemu-system-x86_64 %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(args, " "))
+	v.Started = time.Now()
+	if err := v.qemu.Start(); err != nil {
+		return nil, fmt.Errorf("start qemu: %w", err)
+	}
+	go v.readConsole(stdout)
+	go func() {
+		v.qemuErr = v.qemu.Wait()
+		close(v.qemuDone)
+	}()
+	v.QMP, err = DialQMP(qmpSock, 30*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+func (v *VM) readConsole(r io.Reader) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		text := strings.TrimRight(sc.Text(), "\r")
+		now := time.Now()
+		v.logFile.WriteString(text + "\n")
+		if v.cfg.Stdout != nil {
+			fmt.Fprintln(v.cfg.Stdout, text)
+		}
+		v.mu.Lock()
+		v.lines = append(v.lines, Line{Text: text, At: now})
+		close(v.newLine)
+		v.newLine = make(chan struct{})
+		v.mu.Unlock()
+	}
+}
+
+// Lines returns a copy of the console lines so far.
+func (v *VM) Lines() []Line {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return append([]Line(nil), v.lines...)
+}
+
+// ErrExited is returned by WaitFor when QEMU exits first.
+var ErrExited = errors.New("qemu exited")
+
+// WaitFor waits for the first console line, from index from on, for which
+// match is true, and returns its index and the line.
+func (v *VM) WaitFor(ctx context.Context, from int, match func(string) bool) (int, Line, error) {
+	for i := from; ; {
+		v.mu.Lock()
+		lines, ch := v.lines, v.newLine
+		v.mu.Unlock()
+		for ; i < len(lines); i++ {
+			if match(lines[i].Text) {
+				return i, lines[i], nil
+			}
+		}
+		select {
+		case <-ch:
+		case <-v.qemuDone:
+			// Drain what arrived before the exit.
+			v.mu.Lock()
+			n := len(v.lines)
+			v.mu.Unlock()
+			if i < n {
+				continue
+			}
+			return i, Line{}, fmt.Errorf("%w (%v); console log: %s", ErrExited, v.qemuErr, v.LogPath)
+		case <-ctx.Done():
+			return i, Line{}, fmt.Errorf("%w; console log: %s", ctx.Err(), v.LogPath)
+		}
+	}
+}
+
+// SetLink takes NIC i's link up or down.
+func (v *VM) SetLink(nic int, up bool) error {
+	_, err := v.QMP.Execute("set_link", map[string]any{"name": NICName(nic), "up": up})
+	return err
+}
+
+// RemoveDisk hot-unplugs disk i.
+func (v *VM) RemoveDisk(i int) error {
+	_, err := v.QMP.Execute("device_del", map[string]any{"id": DiskID(i)})
+	return err
+}
+
+// Kill stops QEMU at once with SIGKILL, as a power cut would.
+func (v *VM) Kill() {
+	if v.qemu != nil && v.qemu.Process != nil {
+		v.qemu.Process.Signal(syscall.SIGKILL)
+		<-v.qemuDone
+	}
+}
+
+// Exited reports whether QEMU has exited.
+func (v *VM) Exited() bool {
+	select {
+	case <-v.qemuDone:
+		return true
+	default:
+		return false
+	}
+}
+
+// Close kills QEMU and swtpm (only the processes this VM started), and
+// removes the temp folder. It is safe to call more than once.
+func (v *VM) Close() {
+	v.closeOnce.Do(func() {
+		if v.QMP != nil {
+			v.QMP.Close()
+		}
+		if v.qemu != nil && v.qemu.Process != nil {
+			v.Kill()
+		}
+		if v.swtpm != nil && v.swtpm.Process != nil {
+			v.swtpm.Process.Signal(syscall.SIGKILL)
+			v.swtpm.Wait()
+		}
+		if v.logFile != nil {
+			v.logFile.Close()
+		}
+		if v.tempDir != "" {
+			os.RemoveAll(v.tempDir)
+		}
+	})
+}
+
+type prefixWriter struct {
+	w      io.Writer
+	prefix string
+}
+
+func (p *prefixWriter) Write(b []byte) (int, error) {
+	for _, l := range strings.SplitAfter(string(b), "\n") {
+		if l != "" {
+			io.WriteString(p.w, p.prefix+l)
+		}
+	}
+	return len(b), nil
+}
+
+func waitForFile(path string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return nil
+		} else if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func copyFile(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(dst, b, 0o600)
+}

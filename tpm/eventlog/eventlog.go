@@ -1,0 +1,204 @@
+// Package eventlog is the verifier's view of a TCG2 (crypto-agile) boot event
+// log: it replays the log against PCR values with go-attestation and checks
+// the measured-boot events of PCR4 and PCR9 against an image manifest.
+//
+// Only digests are compared. An event's type and data are not covered by its
+// digest and can be forged, so they are used for display, never for a
+// decision.
+package eventlog
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"unicode/utf16"
+
+	"github.com/google/go-attestation/attest"
+
+	"github.com/dataembassy/embassy/images/manifest"
+)
+
+// MaxSize bounds an event log accepted from an appliance.
+const MaxSize = 1 << 20
+
+// Event is one replayed (verified) measurement.
+type Event struct {
+	PCR    int    `json:"pcr"`
+	Type   string `json:"type"`   // display only: not covered by the digest
+	Digest string `json:"digest"` // SHA-256, hex
+	Info   string `json:"info"`   // printable rendering of the event data, display only
+}
+
+// ReplayError reports a log that does not replay to the PCR values.
+type ReplayError struct{ Reason string }
+
+func (e *ReplayError) Error() string { return "event log does not replay: " + e.Reason }
+
+// Replay parses raw and replays every SHA-256 event against pcrs (index to
+// 32-byte value). Every PCR in pcrs must replay exactly; a PCR with no event
+// in the log must hold the all-zero reset value. It returns the verified
+// events of the PCRs in pcrs, in log order.
+func Replay(raw []byte, pcrs map[int][]byte) ([]Event, error) {
+	if len(raw) == 0 || len(raw) > MaxSize {
+		return nil, fmt.Errorf("event log of %d bytes: must be 1 to %d bytes", len(raw), MaxSize)
+	}
+	if len(pcrs) == 0 {
+		return nil, &ReplayError{Reason: "no PCR values to replay against"}
+	}
+	el, err := attest.ParseEventLog(raw)
+	if err != nil {
+		return nil, fmt.Errorf("parse event log: %w", err)
+	}
+	var list []attest.PCR
+	for i, d := range pcrs {
+		if i < 0 || i > 23 || len(d) != sha256.Size {
+			return nil, fmt.Errorf("PCR %d: want a SHA-256 value of index 0-23", i)
+		}
+		list = append(list, attest.PCR{Index: i, Digest: d, DigestAlg: crypto.SHA256})
+	}
+	sort.Slice(list, func(a, b int) bool { return list[a].Index < list[b].Index })
+	evs, err := el.Verify(list)
+	if err != nil {
+		return nil, &ReplayError{Reason: err.Error()}
+	}
+	seen := map[int]bool{}
+	out := make([]Event, 0, len(evs))
+	for _, e := range evs {
+		seen[e.Index] = true
+		out = append(out, Event{PCR: e.Index, Type: e.Type.String(), Digest: hex.EncodeToString(e.Digest), Info: Describe(e.Data)})
+	}
+	for _, p := range list {
+		if !seen[p.Index] && !bytes.Equal(p.Digest, make([]byte, sha256.Size)) {
+			return nil, &ReplayError{Reason: fmt.Sprintf("PCR %d is %x but the log has no event for it", p.Index, p.Digest)}
+		}
+	}
+	return out, nil
+}
+
+// Unverified lists the SHA-256 events of the log without replaying it. It
+// is for display on the appliance side only.
+func Unverified(raw []byte) ([]Event, error) {
+	el, err := attest.ParseEventLog(raw)
+	if err != nil {
+		return nil, fmt.Errorf("parse event log: %w", err)
+	}
+	var out []Event
+	for _, e := range el.Events(attest.HashSHA256) {
+		out = append(out, Event{PCR: e.Index, Type: e.Type.String(), Digest: hex.EncodeToString(e.Digest), Info: Describe(e.Data)})
+	}
+	return out, nil
+}
+
+// Describe renders event data for people: ASCII or UTF-16 text, or its
+// length. Tagged events (the EFI stub's) show their description.
+func Describe(data []byte) string {
+	if isPrintable(data) {
+		return strings.TrimRight(string(data), "\x00")
+	}
+	// EFI_TCG2_TAGGED_EVENT / TCG_PCClientTaggedEvent: id(4) size(4) data.
+	if len(data) > 8 {
+		if s := string(data[8:]); isPrintable([]byte(s)) {
+			return strings.TrimRight(s, "\x00")
+		}
+	}
+	if len(data) >= 2 && len(data)%2 == 0 {
+		u := make([]uint16, len(data)/2)
+		for i := range u {
+			u[i] = uint16(data[2*i]) | uint16(data[2*i+1])<<8
+		}
+		s := strings.TrimRight(string(utf16.Decode(u)), "\x00")
+		if s != "" && isPrintable([]byte(s)) {
+			return s
+		}
+	}
+	return fmt.Sprintf("%d bytes", len(data))
+}
+
+func isPrintable(b []byte) bool {
+	t := bytes.TrimRight(b, "\x00")
+	if len(t) == 0 {
+		return false
+	}
+	for _, c := range t {
+		if c < 0x20 || c > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// Well-known PCR4 digests besides the kernel: the EV_EFI_ACTION the firmware
+// logs before it calls a boot option, and the separator.
+var (
+	callingBootOption = sha256.Sum256([]byte("Calling EFI Application from Boot Option"))
+	returningBootOpt  = sha256.Sum256([]byte("Returning from EFI Application from Boot Option"))
+	separator         = sha256.Sum256([]byte{0, 0, 0, 0})
+)
+
+// BootCheck is the outcome of comparing replayed events with a manifest.
+type BootCheck struct {
+	KernelMatch      bool     `json:"kernel_match"`
+	LoadOptionsMatch bool     `json:"load_options_match"`
+	InitrdMatch      bool     `json:"initrd_match"`
+	Problems         []string `json:"problems,omitempty"`
+}
+
+// OK reports whether the boot matched the manifest completely.
+func (c *BootCheck) OK() bool {
+	return c.KernelMatch && c.LoadOptionsMatch && c.InitrdMatch && len(c.Problems) == 0
+}
+
+// CheckBoot compares the verified events of PCR4 and PCR9 with a manifest:
+//   - PCR4 must hold one of the manifest's kernel digests exactly once and
+//     otherwise only the firmware's boot-option action and separator digests;
+//   - PCR9 must hold exactly the manifest's load-options and initrd digests,
+//     each once, and nothing else.
+func CheckBoot(events []Event, m manifest.Measurements) *BootCheck {
+	c := &BootCheck{}
+	allowed4 := map[string]bool{
+		hex.EncodeToString(callingBootOption[:]): true,
+		hex.EncodeToString(returningBootOpt[:]):  true,
+		hex.EncodeToString(separator[:]):         true,
+	}
+	var kernels, loadOpts, initrds, pcr9 int
+	for _, e := range events {
+		switch e.PCR {
+		case 4:
+			switch {
+			case slices.Contains(m.KernelDigests(), e.Digest):
+				kernels++
+			case allowed4[e.Digest]:
+			default:
+				c.Problems = append(c.Problems, fmt.Sprintf("PCR4 has an unexpected measurement %s (%s)", e.Digest, e.Info))
+			}
+		case 9:
+			pcr9++
+			switch e.Digest {
+			case m.LoadOptions:
+				loadOpts++
+			case m.Initrd:
+				initrds++
+			default:
+				c.Problems = append(c.Problems, fmt.Sprintf("PCR9 has an unexpected measurement %s (%s)", e.Digest, e.Info))
+			}
+		}
+	}
+	c.KernelMatch = kernels == 1
+	c.LoadOptionsMatch = loadOpts == 1
+	c.InitrdMatch = initrds == 1
+	if kernels != 1 {
+		c.Problems = append(c.Problems, fmt.Sprintf("PCR4 holds the manifest's kernel %d times, want once", kernels))
+	}
+	if loadOpts != 1 {
+		c.Problems = append(c.Problems, fmt.Sprintf("PCR9 holds the manifest's command line %d times, want once", loadOpts))
+	}
+	if initrds != 1 {
+		c.Problems = append(c.Problems, fmt.Sprintf("PCR9 holds the manifest's initrd %d times, want once", initrds))
+	}
+	return c
+}
