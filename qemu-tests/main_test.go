@@ -16,7 +16,6 @@ import (
 	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/images/imagekey"
 	"github.com/dataembassy/embassy/images/manifest"
-	"github.com/dataembassy/embassy/images/verify"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
@@ -79,7 +78,7 @@ func pubKeyPath() string {
 }
 
 // loadImage verifies the image folder and returns its manifest.
-func loadImage(t *testing.T, dir string) *manifest.Manifest {
+func loadImage(t testing.TB, dir string) *manifest.Manifest {
 	t.Helper()
 	pub, err := imagekey.LoadPublic(pubKeyPath())
 	if err != nil {
@@ -103,25 +102,14 @@ func loadImage(t *testing.T, dir string) *manifest.Manifest {
 // bootConfig returns a VM config for the image in dir.
 func bootConfig(t *testing.T, name, dir string, m *manifest.Manifest) vm.Config {
 	t.Helper()
-	cb, err := os.ReadFile(filepath.Join(dir, build.CmdlineFile))
+	cfg, err := bootreport.BootConfig(name, dir, m)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmdline, err := verify.ParseCmdlineFile(cb)
-	if err != nil {
-		t.Fatal(err)
-	}
-	logDir := filepath.Join(repoRoot, "out", "test-logs", t.Name())
-	os.RemoveAll(logDir)
-	return vm.Config{
-		Name:     name,
-		Kernel:   filepath.Join(dir, build.KernelFile),
-		Initrd:   filepath.Join(dir, build.InitramfsFile),
-		Cmdline:  cmdline,
-		LogDir:   logDir,
-		SwtpmCA:  filepath.Join(cacheDir(), "swtpm-localca"),
-		MemoryMB: m.Measurements.QEMUMemoryMiB,
-	}
+	cfg.LogDir = filepath.Join(repoRoot, "out", "test-logs", t.Name())
+	os.RemoveAll(cfg.LogDir)
+	cfg.SwtpmCA = filepath.Join(cacheDir(), "swtpm-localca")
+	return cfg
 }
 
 // startVM boots a VM and tears it down when the test ends, pointing to the

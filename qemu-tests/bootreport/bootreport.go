@@ -6,17 +6,23 @@
 package bootreport
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/dataembassy/embassy/appliance/initseq"
 	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/images/verify"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 	"github.com/dataembassy/embassy/tpm/eventlog"
 )
@@ -136,4 +142,67 @@ func Verify(ev *Evidence, m manifest.Measurements) (*Verdict, error) {
 		}
 	}
 	return &Verdict{Events: boot, Check: eventlog.CheckBoot(events, m)}, nil
+}
+
+// ImageManifest reads and verifies the signed manifest of an image folder.
+func ImageManifest(dir string, pub []byte) (*manifest.Manifest, error) {
+	mb, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
+	if err != nil {
+		return nil, err
+	}
+	sb, err := os.ReadFile(filepath.Join(dir, "manifest.sig"))
+	if err != nil {
+		return nil, err
+	}
+	return manifest.Verify(mb, sb, pub)
+}
+
+// BootConfig returns a VM config that boots the image in dir with the
+// memory size its manifest's QEMU measurement assumes.
+func BootConfig(name, dir string, m *manifest.Manifest) (vm.Config, error) {
+	cb, err := os.ReadFile(filepath.Join(dir, "cmdline"))
+	if err != nil {
+		return vm.Config{}, err
+	}
+	cmdline, err := verify.ParseCmdlineFile(cb)
+	if err != nil {
+		return vm.Config{}, err
+	}
+	return vm.Config{
+		Name:     name,
+		Kernel:   filepath.Join(dir, "vmlinuz"),
+		Initrd:   filepath.Join(dir, "initramfs.cpio.zst"),
+		Cmdline:  cmdline,
+		MemoryMB: m.Measurements.QEMUMemoryMiB,
+	}, nil
+}
+
+// ProgressWriter turns the console stream into short progress lines for
+// people: structured log lines become "+12.3s message", event-log chunks
+// and firmware noise are dropped.
+type ProgressWriter struct {
+	Out   io.Writer
+	Start time.Time
+	buf   []byte
+}
+
+func (p *ProgressWriter) Write(b []byte) (int, error) {
+	p.buf = append(p.buf, b...)
+	for {
+		i := bytes.IndexByte(p.buf, '\n')
+		if i < 0 {
+			break
+		}
+		line := string(p.buf[:i])
+		p.buf = p.buf[i+1:]
+		msg := JSONMsg(line)
+		switch {
+		case msg == initseq.MsgEventLogChunk:
+		case msg != "":
+			fmt.Fprintf(p.Out, "  +%5.1fs appliance: %s\n", time.Since(p.Start).Seconds(), msg)
+		case strings.HasPrefix(line, "EFI stub: "):
+			fmt.Fprintf(p.Out, "  +%5.1fs kernel: %s\n", time.Since(p.Start).Seconds(), strings.TrimPrefix(line, "EFI stub: "))
+		}
+	}
+	return len(b), nil
 }

@@ -1,0 +1,71 @@
+# Data-embassy appliance: build, test and demo targets.
+# `make demo` and `make test` install everything they need themselves.
+
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(PATH)
+export EMBASSY_CACHE ?= $(CURDIR)/.cache
+
+IMAGE_VERSION ?= 1
+OUT ?= out
+RUN ?= .
+GO_TEST_TIMEOUT ?= 60m
+
+# Debian packages the build, the tests and the demo use.
+DEB_PACKAGES := qemu-system-x86 ovmf swtpm swtpm-tools cryptsetup-bin restic \
+	e2fsprogs kmod cpio zstd tpm2-tools osslsigncode apt dpkg ca-certificates
+
+.PHONY: all deps image verify test unit e2e demo bench-boot fuzz clean
+
+all: image
+
+# deps: installs the Debian packages (apt-get update first) unless they are
+# all present already. Idempotent.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	else echo "deps: all Debian packages present"; fi
+	@command -v go >/dev/null || { echo "Go toolchain not found"; exit 1; }
+
+# image: Debian kernel (apt-get download into $(EMBASSY_CACHE)), initramfs,
+# cmdline, signed manifest into $(OUT)/.
+image: deps
+	go run ./cmd/mkimage build -out $(OUT) -version $(IMAGE_VERSION)
+
+verify:
+	go run ./cmd/mkimage verify $(OUT)
+
+# unit: host tests only (no QEMU).
+unit:
+	go test -count=1 ./...
+
+# e2e: boot the real image in QEMU; RUN selects tests by regexp.
+e2e: image
+	EMBASSY_E2E=1 go test -count=1 -timeout $(GO_TEST_TIMEOUT) -v -run '$(RUN)' ./qemu-tests/
+
+# test: everything, unit and QEMU tests, with the image built first.
+test: image
+	go vet ./...
+	EMBASSY_E2E=1 go test -count=1 -timeout $(GO_TEST_TIMEOUT) ./...
+
+demo: image
+	go run ./cmd/embassy-demo -image $(OUT) -cache $(EMBASSY_CACHE)
+
+# bench-boot: QEMU start to embassy-init's first log line, beside a bare
+# image under the same OVMF + TCG set-up, with the ratio.
+bench-boot: image
+	EMBASSY_E2E=1 go test -count=1 -timeout $(GO_TEST_TIMEOUT) -run '^$$' -bench BenchmarkBoot -benchtime 3x ./qemu-tests/
+
+# fuzz: a short run of every parser's fuzz target.
+FUZZTIME ?= 20s
+fuzz:
+	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./images/manifest/
+	go test -run '^$$' -fuzz FuzzSHA256 -fuzztime $(FUZZTIME) ./images/authenticode/
+	go test -run '^$$' -fuzz FuzzParseDep -fuzztime $(FUZZTIME) ./initramfs/kmod/
+	go test -run '^$$' -fuzz FuzzReadFiles -fuzztime $(FUZZTIME) ./initramfs/cpioimage/
+	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/config/
+	go test -run '^$$' -fuzz FuzzReplay -fuzztime $(FUZZTIME) ./tpm/eventlog/
+
+clean:
+	rm -rf $(OUT)

@@ -1,0 +1,85 @@
+package config
+
+import (
+	"os"
+	"strings"
+	"testing"
+)
+
+const good = `{"threshold":2,"brokers":[
+ {"name":"broker-a","endpoints":["https://10.0.2.2:7441","https://10.0.3.2:7441"]},
+ {"name":"broker-b","endpoints":["https://10.0.2.2:7442"]},
+ {"name":"broker-c","endpoints":["https://[fd00::1]:7443"]}]}`
+
+func TestParseLocalDefault(t *testing.T) {
+	f, err := os.Open("../../images/local/config.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	c, err := Parse(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Threshold != 2 || len(c.Brokers) != 3 {
+		t.Fatalf("local default is not 2-of-3: %+v", c)
+	}
+}
+
+func TestParse(t *testing.T) {
+	if _, err := Parse(strings.NewReader(good)); err != nil {
+		t.Fatalf("good config rejected: %v", err)
+	}
+	cases := []struct{ name, in, want string }{
+		{"empty", ``, "decode config"},
+		{"unknown field", strings.Replace(good, `"threshold"`, `"debug":true,"threshold"`, 1), "unknown field"},
+		{"threshold zero", strings.Replace(good, `"threshold":2`, `"threshold":0`, 1), "threshold"},
+		{"threshold above n", strings.Replace(good, `"threshold":2`, `"threshold":4`, 1), "threshold"},
+		{"no brokers", `{"threshold":1,"brokers":[]}`, "no brokers"},
+		{"duplicate name", strings.Replace(good, `broker-b`, `broker-a`, 1), "used twice"},
+		{"bad name", strings.Replace(good, `broker-b`, `Broker B`, 1), "name"},
+		{"http endpoint", strings.Replace(good, `https://10.0.2.2:7442`, `http://10.0.2.2:7442`, 1), "https"},
+		{"no port", strings.Replace(good, `https://10.0.2.2:7442`, `https://10.0.2.2`, 1), "port"},
+		{"path", strings.Replace(good, `https://10.0.2.2:7442`, `https://10.0.2.2:7442/x`, 1), "nothing else"},
+		{"credentials", strings.Replace(good, `https://10.0.2.2:7442`, `https://u:p@10.0.2.2:7442`, 1), "nothing else"},
+		{"port out of range", strings.Replace(good, `7442`, `70000`, 1), "port"},
+		{"no endpoints", strings.Replace(good, `["https://10.0.2.2:7442"]`, `[]`, 1), "endpoints"},
+		{"trailing", good + `{}`, "trailing"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Parse(strings.NewReader(c.in))
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("got %v, want an error mentioning %q", err, c.want)
+			}
+		})
+	}
+}
+
+func TestParseCertBundle(t *testing.T) {
+	if _, err := ParseCertBundle(nil); err == nil {
+		t.Error("empty bundle accepted")
+	}
+	if _, err := ParseCertBundle([]byte("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")); err == nil || !strings.Contains(err.Error(), "only certificates") {
+		t.Errorf("private key in bundle: %v", err)
+	}
+	if _, err := ParseCertBundle([]byte("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")); err == nil {
+		t.Error("garbage certificate accepted")
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add(good)
+	f.Fuzz(func(t *testing.T, in string) {
+		c, err := Parse(strings.NewReader(in))
+		if err != nil {
+			return
+		}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("parsed config does not validate: %v", err)
+		}
+		if _, err := c.Marshal(); err != nil {
+			t.Fatal(err)
+		}
+	})
+}

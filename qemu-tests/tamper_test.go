@@ -1,0 +1,168 @@
+package qemutests
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/dataembassy/embassy/images/build"
+	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/initramfs/cpioimage"
+)
+
+// copyImage copies the artifacts of an image folder into a temp folder.
+func copyImage(t *testing.T, src string) string {
+	t.Helper()
+	dst := t.TempDir()
+	for _, f := range []string{build.KernelFile, build.InitramfsFile, build.CmdlineFile, build.ManifestFile, build.SignatureFile} {
+		b, err := os.ReadFile(filepath.Join(src, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, f), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dst
+}
+
+// runVerify runs `mkimage verify` on dir and returns its output and whether
+// it exited zero.
+func runVerify(t *testing.T, dir string) (string, bool) {
+	t.Helper()
+	cmd := exec.Command(mkimage, "verify", "-pubkey", pubKeyPath(), dir)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		if _, ok := err.(*exec.ExitError); !ok {
+			t.Fatalf("run mkimage verify: %v", err)
+		}
+		return string(out), false
+	}
+	return string(out), true
+}
+
+func requireMismatch(t *testing.T, out string, names ...string) {
+	t.Helper()
+	for _, n := range names {
+		if !strings.Contains(out, "MISMATCH "+n) {
+			t.Errorf("mkimage verify does not name %q as a mismatch:\n%s", n, out)
+		}
+	}
+}
+
+// tamperInitramfs changes one byte of one file inside the initramfs and
+// re-packs and recompresses it.
+func tamperInitramfs(t *testing.T, dir, file string) {
+	t.Helper()
+	path := filepath.Join(dir, build.InitramfsFile)
+	zst, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := cpioimage.Decompress(zst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recs, err := cpioimage.ReadFiles(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed := false
+	for i, r := range recs {
+		if r.Name != file {
+			continue
+		}
+		b, err := cpioimage.Contents(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Flip the case of the first letter of the second line: one byte,
+		// and the image still boots.
+		at := bytes.IndexByte(b, '\n') + 1
+		if at < 1 || at >= len(b) || !(b[at] >= 'a' && b[at] <= 'z') {
+			t.Fatalf("%s has no second line starting with a letter", file)
+		}
+		b = append([]byte(nil), b...)
+		b[at] ^= 0x20
+		recs[i].ReaderAt = bytes.NewReader(b)
+		changed = true
+	}
+	if !changed {
+		t.Fatalf("initramfs has no %s", file)
+	}
+	arc, err := cpioimage.FromRecords(recs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := arc.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(out, zst) {
+		t.Fatal("tampering left the initramfs unchanged")
+	}
+	if err := os.WriteFile(path, out, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestBootTamperedInitramfs(t *testing.T) {
+	requireE2E(t)
+	m := loadImage(t, imageDir())
+	dir := copyImage(t, imageDir())
+	tamperInitramfs(t, dir, "lib/modules/"+m.Kernel.Release+"/modules.builtin")
+
+	out, ok := runVerify(t, dir)
+	if ok {
+		t.Fatalf("mkimage verify accepted a tampered initramfs:\n%s", out)
+	}
+	requireMismatch(t, out, "component initramfs.cpio.zst", "measurement pcr9_initrd")
+
+	_, verdict := bootAndVerify(t, dir, bootConfig(t, "tampered-initramfs", dir, m), m)
+	if verdict.Check.InitrdMatch {
+		t.Fatal("the PCR9 initrd event of a tampered initramfs equals the manifest's")
+	}
+	if !verdict.Check.LoadOptionsMatch {
+		t.Errorf("command line event changed although only the initramfs was tampered: %+v", verdict.Check)
+	}
+	if verdict.Check.OK() {
+		t.Fatal("boot check passed for a tampered initramfs")
+	}
+	t.Logf("verdict: %+v", verdict.Check)
+}
+
+func TestBootTamperedCmdline(t *testing.T) {
+	requireE2E(t)
+	m := loadImage(t, imageDir())
+	dir := copyImage(t, imageDir())
+	path := filepath.Join(dir, build.CmdlineFile)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tampered := strings.TrimSuffix(string(b), "\n") + " init=/bin/sh\n"
+	if err := os.WriteFile(path, []byte(tampered), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	out, ok := runVerify(t, dir)
+	if ok {
+		t.Fatalf("mkimage verify accepted a tampered command line:\n%s", out)
+	}
+	requireMismatch(t, out, "component "+manifest.ComponentCmdline, "measurement pcr9_load_options")
+
+	_, verdict := bootAndVerify(t, dir, bootConfig(t, "tampered-cmdline", dir, m), m)
+	if verdict.Check.LoadOptionsMatch {
+		t.Fatal("the PCR9 LoadOptions event of a tampered command line equals the manifest's")
+	}
+	if !verdict.Check.InitrdMatch || !verdict.Check.KernelMatch {
+		t.Errorf("kernel or initrd event changed although only the command line was tampered: %+v", verdict.Check)
+	}
+	if verdict.Check.OK() {
+		t.Fatal("boot check passed for a tampered command line")
+	}
+	t.Logf("verdict: %+v", verdict.Check)
+}
