@@ -323,3 +323,5 @@ func FuzzReadHeader(f *testing.F) {
 		h.RecoverKey(r, []byte("seed"))
 	})
 }
+
+func writeFile(p string, b []byte) error { return os.WriteFile(p, b, 0o600) }
