@@ -1,0 +1,174 @@
+// Package audit is the key broker's append-only, hash-chained audit log.
+// Each entry records one enrollment, attestation (pass or fail with the
+// reason), release, approval or revocation, carries its sequence number and
+// the hash of the previous entry, and is hashed itself; Verify detects any
+// edited, dropped or reordered entry, and a truncated tail against the head
+// the broker keeps separately.
+package audit
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"time"
+)
+
+// Entry is one audit record.
+type Entry struct {
+	Seq       uint64            `json:"seq"`
+	Time      time.Time         `json:"time"`
+	Event     string            `json:"event"`
+	Appliance string            `json:"appliance,omitempty"`
+	Result    string            `json:"result"` // "ok" or "fail"
+	Reason    string            `json:"reason,omitempty"`
+	Detail    map[string]string `json:"detail,omitempty"`
+	Prev      string            `json:"prev"`
+	Hash      string            `json:"hash"`
+}
+
+// Head is the last entry's sequence number and hash.
+type Head struct {
+	Seq  uint64 `json:"seq"`
+	Hash string `json:"hash"`
+}
+
+// genesis is the "previous hash" of the first entry.
+var genesis = hex.EncodeToString(make([]byte, 32))
+
+// ErrTampered is returned when the chain does not verify.
+var ErrTampered = errors.New("audit log tampered")
+
+// hashOf computes an entry's hash over its canonical encoding without the
+// hash field.
+func hashOf(e Entry) string {
+	e.Hash = ""
+	b, _ := json.Marshal(e)
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// Log appends entries to a file.
+type Log struct {
+	mu   sync.Mutex
+	f    *os.File
+	head Head
+	now  func() time.Time
+}
+
+// Open opens (or creates) the log at path and verifies it. If head is not
+// zero, the file must end exactly there.
+func Open(path string, head Head) (*Log, error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open audit log: %w", err)
+	}
+	entries, err := Read(f)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	got, err := Verify(entries, &head)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &Log{f: f, head: got, now: time.Now}, nil
+}
+
+// Append writes and syncs one entry and returns it with its hash.
+func (l *Log) Append(e Entry) (Entry, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e.Seq = l.head.Seq + 1
+	e.Time = l.now().UTC().Truncate(time.Millisecond)
+	e.Prev = l.head.Hash
+	if e.Prev == "" {
+		e.Prev = genesis
+	}
+	e.Hash = hashOf(e)
+	b, err := json.Marshal(e)
+	if err != nil {
+		return e, err
+	}
+	if _, err := l.f.Write(append(b, '\n')); err != nil {
+		return e, fmt.Errorf("append audit entry: %w", err)
+	}
+	if err := l.f.Sync(); err != nil {
+		return e, fmt.Errorf("sync audit log: %w", err)
+	}
+	l.head = Head{Seq: e.Seq, Hash: e.Hash}
+	return e, nil
+}
+
+// Head returns the current head.
+func (l *Log) Head() Head {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.head
+}
+
+// Entries reads the whole log.
+func (l *Log) Entries() ([]Entry, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return Read(io.NewSectionReader(l.f, 0, 1<<62))
+}
+
+// Close closes the file.
+func (l *Log) Close() error { return l.f.Close() }
+
+// Read parses a log, one JSON entry a line, rejecting unknown fields.
+func Read(r io.Reader) ([]Entry, error) {
+	var out []Entry
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for line := 1; sc.Scan(); line++ {
+		if len(bytes.TrimSpace(sc.Bytes())) == 0 {
+			continue
+		}
+		dec := json.NewDecoder(bytes.NewReader(sc.Bytes()))
+		dec.DisallowUnknownFields()
+		var e Entry
+		if err := dec.Decode(&e); err != nil {
+			return nil, fmt.Errorf("%w: line %d: %v", ErrTampered, line, err)
+		}
+		out = append(out, e)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read audit log: %w", err)
+	}
+	return out, nil
+}
+
+// Verify checks the chain: sequence numbers 1, 2, 3, ... without gaps,
+// each entry's prev equal to the previous entry's hash, and each hash
+// recomputed. If want is given (non-zero), the log must end at that head.
+// It returns the head the log ends at.
+func Verify(entries []Entry, want *Head) (Head, error) {
+	prev := genesis
+	var head Head
+	for i, e := range entries {
+		if e.Seq != uint64(i+1) {
+			return head, fmt.Errorf("%w: entry %d has sequence number %d (dropped or reordered)", ErrTampered, i+1, e.Seq)
+		}
+		if e.Prev != prev {
+			return head, fmt.Errorf("%w: entry %d does not follow entry %d", ErrTampered, e.Seq, e.Seq-1)
+		}
+		if hashOf(e) != e.Hash {
+			return head, fmt.Errorf("%w: entry %d was edited", ErrTampered, e.Seq)
+		}
+		prev = e.Hash
+		head = Head{Seq: e.Seq, Hash: e.Hash}
+	}
+	if want != nil && want.Seq != 0 && head != *want {
+		return head, fmt.Errorf("%w: log ends at entry %d, the broker's head is entry %d (truncated or rewritten)", ErrTampered, head.Seq, want.Seq)
+	}
+	return head, nil
+}

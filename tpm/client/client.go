@@ -1,0 +1,134 @@
+// Package client is the appliance side of the attestation protocol: it
+// holds the TPM's endorsement key (EK) and an attestation key (AK), answers
+// the broker's credential-activation challenge, quotes PCRs 0-9 over
+// caller-supplied extraData, and imports secrets sealed to the EK and a PCR
+// policy. The verifier side is package server.
+package client
+
+import (
+	"crypto"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+
+	tpmclient "github.com/google/go-tpm-tools/client"
+	pb "github.com/google/go-tpm-tools/proto/tpm"
+	"github.com/google/go-tpm/legacy/tpm2"
+)
+
+// EKType selects the endorsement key algorithm.
+type EKType string
+
+// EK types.
+const (
+	EKRSA EKType = "rsa2048"
+	EKECC EKType = "eccp256"
+)
+
+// QuotePCRs are the PCRs quoted: 0-9 of the SHA-256 bank.
+var QuotePCRs = tpm2.PCRSelection{Hash: tpm2.AlgSHA256, PCRs: []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}}
+
+// Attester wraps a TPM's EK and AK.
+type Attester struct {
+	rw     io.ReadWriter
+	ekType EKType
+	ek     *tpmclient.Key
+	ak     *tpmclient.Key
+}
+
+// Open loads the EK of the given type and creates the AK (an ECC P-256
+// restricted signing key; the TPM derives the same key from the same
+// template every time).
+func Open(rw io.ReadWriter, ekType EKType) (*Attester, error) {
+	var ek *tpmclient.Key
+	var err error
+	switch ekType {
+	case EKRSA:
+		ek, err = tpmclient.EndorsementKeyRSA(rw)
+	case EKECC:
+		ek, err = tpmclient.EndorsementKeyECC(rw)
+	default:
+		return nil, fmt.Errorf("unknown EK type %q", ekType)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load %s EK: %w", ekType, err)
+	}
+	ak, err := tpmclient.AttestationKeyECC(rw)
+	if err != nil {
+		ek.Close()
+		return nil, fmt.Errorf("create AK: %w", err)
+	}
+	return &Attester{rw: rw, ekType: ekType, ek: ek, ak: ak}, nil
+}
+
+// Close flushes the keys from the TPM.
+func (a *Attester) Close() {
+	a.ak.Close()
+	a.ek.Close()
+}
+
+// EKPublic returns the EK's public key.
+func (a *Attester) EKPublic() crypto.PublicKey { return a.ek.PublicKey() }
+
+// EKPublicDER returns the EK public key in PKIX DER.
+func (a *Attester) EKPublicDER() ([]byte, error) {
+	return x509.MarshalPKIXPublicKey(a.ek.PublicKey())
+}
+
+// EKCertDER returns the EK certificate stored in the TPM's NV RAM, or nil.
+func (a *Attester) EKCertDER() []byte { return a.ek.CertDERBytes() }
+
+// AKPublic returns the AK's TPMT_PUBLIC encoding, from which a verifier
+// computes the AK's name and checks its attributes.
+func (a *Attester) AKPublic() ([]byte, error) {
+	return a.ak.PublicArea().Encode()
+}
+
+// AKPublicKey returns the AK's public key.
+func (a *Attester) AKPublicKey() crypto.PublicKey { return a.ak.PublicKey() }
+
+// Activate answers a credential-activation challenge: the TPM releases the
+// secret only if the AK named in the challenge is loaded on the same TPM as
+// the EK it was encrypted to.
+func (a *Attester) Activate(credBlob, encSecret []byte) ([]byte, error) {
+	sess, err := tpmclient.NewEKSession(a.rw)
+	if err != nil {
+		return nil, fmt.Errorf("EK policy session: %w", err)
+	}
+	defer sess.Close()
+	ekAuth, err := sess.Auth()
+	if err != nil {
+		return nil, fmt.Errorf("EK policy: %w", err)
+	}
+	akAuth := tpm2.AuthCommand{Session: tpm2.HandlePasswordSession, Attributes: tpm2.AttrContinueSession}
+	secret, err := tpm2.ActivateCredentialUsingAuth(a.rw, []tpm2.AuthCommand{akAuth, ekAuth},
+		a.ak.Handle(), a.ek.Handle(), credBlob, encSecret)
+	if err != nil {
+		return nil, fmt.Errorf("activate credential: %w", err)
+	}
+	return secret, nil
+}
+
+// Quote quotes PCRs 0-9 with extraData and returns the quote (TPMS_ATTEST,
+// TPMT_SIGNATURE and the PCR values).
+func (a *Attester) Quote(extraData []byte) (*pb.Quote, error) {
+	if len(extraData) > 64 {
+		return nil, errors.New("extraData longer than 64 bytes")
+	}
+	q, err := a.ak.Quote(QuotePCRs, extraData)
+	if err != nil {
+		return nil, fmt.Errorf("quote: %w", err)
+	}
+	return q, nil
+}
+
+// Import unseals a blob sealed to this TPM's EK and a PCR policy. It fails
+// on any other TPM, and on this one once the PCRs differ from the policy.
+func (a *Attester) Import(blob *pb.ImportBlob) ([]byte, error) {
+	secret, err := a.ek.Import(blob)
+	if err != nil {
+		return nil, fmt.Errorf("import sealed blob: %w", err)
+	}
+	return secret, nil
+}

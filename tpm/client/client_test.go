@@ -1,0 +1,160 @@
+package client_test
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"testing"
+
+	"github.com/google/go-tpm/legacy/tpm2"
+
+	"github.com/dataembassy/embassy/tpm/client"
+	"github.com/dataembassy/embassy/tpm/server"
+	"github.com/dataembassy/embassy/tpm/tpmtest"
+)
+
+// TestProtocol runs both sides against a real TPM simulator for each EK
+// type: EK certificate, credential activation, quote, sealed import.
+func TestProtocol(t *testing.T) {
+	ca := tpmtest.NewCA(t, "Test TPM Manufacturer")
+	for _, ekType := range []client.EKType{client.EKRSA, client.EKECC} {
+		t.Run(string(ekType), func(t *testing.T) {
+			sim := tpmtest.NewSimulator(t, ca, 1)
+			a, err := client.Open(sim, ekType)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+
+			// EK certificate chains to the manufacturer CA.
+			if _, err := server.VerifyEKCert(a.EKCertDER(), a.EKPublic(), ca.Pool(), nil); err != nil {
+				t.Fatal(err)
+			}
+			other := tpmtest.NewCA(t, "Other Manufacturer")
+			if _, err := server.VerifyEKCert(a.EKCertDER(), a.EKPublic(), other.Pool(), nil); !errors.Is(err, server.ErrEKCert) {
+				t.Fatalf("EK cert from an untrusted CA: %v", err)
+			}
+
+			// Credential activation.
+			akPub, err := a.AKPublic()
+			if err != nil {
+				t.Fatal(err)
+			}
+			ak, err := server.ParseAK(akPub)
+			if err != nil {
+				t.Fatal(err)
+			}
+			secret := make([]byte, 32)
+			rand.Read(secret)
+			blob, enc, err := server.MakeCredential(a.EKPublic(), ak, secret)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := a.Activate(blob, enc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, secret) {
+				t.Fatal("activation returned another secret")
+			}
+
+			// Quote with extraData.
+			extra := sha256.Sum256([]byte("nonce||tls key hash"))
+			q, err := a.Quote(extra[:])
+			if err != nil {
+				t.Fatal(err)
+			}
+			info, err := server.VerifyQuote(ak, q, extra[:])
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(info.PCRs) != 10 || !info.Safe {
+				t.Fatalf("quote info %+v", info)
+			}
+			wrong := sha256.Sum256([]byte("other nonce"))
+			if _, err := server.VerifyQuote(ak, q, wrong[:]); !errors.Is(err, server.ErrQuote) {
+				t.Fatalf("wrong extraData: %v", err)
+			}
+
+			// Sealed import to EK + PCRs.
+			key := make([]byte, 32)
+			rand.Read(key)
+			sealed, err := server.Seal(a.EKPublic(), key, info.PCRs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, err := a.Import(sealed)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(out, key) {
+				t.Fatal("import returned another secret")
+			}
+			// After PCR 9 changes, the same blob no longer opens.
+			if err := tpm2.PCRExtend(sim, 9, tpm2.AlgSHA256, make([]byte, 32), ""); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := a.Import(sealed); err == nil {
+				t.Fatal("import succeeded after PCR 9 changed")
+			}
+		})
+	}
+}
+
+func TestCapturedBlobUselessOnAnotherTPM(t *testing.T) {
+	ca := tpmtest.NewCA(t, "m")
+	simA := tpmtest.NewSimulator(t, ca, 1)
+	a, err := client.Open(simA, client.EKRSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := a.Quote(make([]byte, 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	akPub, _ := a.AKPublic()
+	ak, _ := server.ParseAK(akPub)
+	info, err := server.VerifyQuote(ak, q, make([]byte, 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sealed, err := server.Seal(a.EKPublic(), []byte("volume key share"), info.PCRs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, enc, _ := server.MakeCredential(a.EKPublic(), ak, []byte("0123456789abcdef"))
+	a.Close()
+	simA.Close()
+
+	// TPM B: another machine (another seed, so another EK).
+	simB := tpmtest.NewSimulator(t, ca, 2)
+	b, err := client.Open(simB, client.EKRSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if _, err := b.Import(sealed); err == nil {
+		t.Fatal("a blob sealed to TPM A opened on TPM B")
+	}
+	// And B's AK cannot answer A's activation challenge.
+	if _, err := b.Activate(blob, enc); err == nil {
+		t.Fatal("TPM B activated a credential made for TPM A")
+	}
+}
+
+func TestParseAKRejectsNonAK(t *testing.T) {
+	ca := tpmtest.NewCA(t, "m")
+	sim := tpmtest.NewSimulator(t, ca, 3)
+	a, err := client.Open(sim, client.EKECC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	// The EK is a decryption key, not a restricted signing key.
+	for _, bad := range [][]byte{nil, []byte("junk")} {
+		if _, err := server.ParseAK(bad); !errors.Is(err, server.ErrAKPublic) {
+			t.Errorf("ParseAK(%q): %v", bad, err)
+		}
+	}
+}

@@ -1,0 +1,191 @@
+// Package server is the verifier side of the attestation protocol, run by
+// the home-state key brokers: EK certificate checks, the AK's name and
+// credential-activation challenge (MakeCredential), quote verification with
+// the TPM clock, and sealing secrets to an EK plus a PCR policy. Event-log
+// replay and manifest comparison are in package tpm/eventlog.
+package server
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"errors"
+	"fmt"
+
+	pb "github.com/google/go-tpm-tools/proto/tpm"
+	tpmquote "github.com/google/go-tpm-tools/quote"
+	tpmserver "github.com/google/go-tpm-tools/server"
+	"github.com/google/go-tpm/legacy/tpm2"
+	"github.com/google/go-tpm/legacy/tpm2/credactivation"
+)
+
+// Errors callers branch on.
+var (
+	ErrEKCert      = errors.New("EK certificate does not verify")
+	ErrAKPublic    = errors.New("AK public area is not an attestation key")
+	ErrQuote       = errors.New("quote does not verify")
+	ErrClockUnsafe = errors.New("TPM clock is not marked safe")
+)
+
+// VerifyEKCert checks that certDER chains to one of roots (the
+// manufacturer-CA bundle) and certifies exactly ekPub.
+func VerifyEKCert(certDER []byte, ekPub crypto.PublicKey, roots *x509.CertPool, intermediates *x509.CertPool) (*x509.Certificate, error) {
+	if len(certDER) == 0 {
+		return nil, fmt.Errorf("%w: the TPM has no EK certificate", ErrEKCert)
+	}
+	cert, err := x509.ParseCertificate(certDER)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrEKCert, err)
+	}
+	// EK certificates carry TCG-specific extensions (SAN in directoryName
+	// form, EK policy) that Go flags as unhandled critical extensions.
+	cert.UnhandledCriticalExtensions = nil
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: roots, Intermediates: intermediates, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrEKCert, err)
+	}
+	if !samePublicKey(cert.PublicKey, ekPub) {
+		return nil, fmt.Errorf("%w: certificate is for another key than the EK", ErrEKCert)
+	}
+	return cert, nil
+}
+
+func samePublicKey(a, b crypto.PublicKey) bool {
+	switch k := a.(type) {
+	case *rsa.PublicKey:
+		return k.Equal(b)
+	case *ecdsa.PublicKey:
+		return k.Equal(b)
+	}
+	return false
+}
+
+// AK is a decoded attestation key public area.
+type AK struct {
+	Public    tpm2.Public
+	PublicKey crypto.PublicKey
+	Name      tpm2.Name
+}
+
+// ParseAK decodes a TPMT_PUBLIC and checks it is a restricted signing key
+// created inside the TPM (fixedTPM, fixedParent, sensitiveDataOrigin).
+func ParseAK(public []byte) (*AK, error) {
+	pub, err := tpm2.DecodePublic(public)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrAKPublic, err)
+	}
+	want := tpm2.FlagFixedTPM | tpm2.FlagFixedParent | tpm2.FlagSensitiveDataOrigin | tpm2.FlagRestricted | tpm2.FlagSign
+	if pub.Attributes&want != want || pub.Attributes&tpm2.FlagDecrypt != 0 {
+		return nil, fmt.Errorf("%w: attributes %v", ErrAKPublic, pub.Attributes)
+	}
+	key, err := pub.Key()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrAKPublic, err)
+	}
+	name, err := pub.Name()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrAKPublic, err)
+	}
+	return &AK{Public: pub, PublicKey: key, Name: name}, nil
+}
+
+// MakeCredential encrypts secret to ekPub so that only a TPM holding both
+// that EK and the AK named ak can recover it (TPM2_ActivateCredential).
+func MakeCredential(ekPub crypto.PublicKey, ak *AK, secret []byte) (credBlob, encSecret []byte, err error) {
+	if ak.Name.Digest == nil {
+		return nil, nil, fmt.Errorf("AK name has no digest")
+	}
+	credBlob, encSecret, err = credactivation.Generate(ak.Name.Digest, ekPub, 16, secret)
+	if err != nil {
+		return nil, nil, fmt.Errorf("make credential: %w", err)
+	}
+	// Generate returns TPM2B encodings; TPM2_ActivateCredential takes the
+	// contents.
+	if credBlob, err = unwrapTPM2B(credBlob); err != nil {
+		return nil, nil, err
+	}
+	if encSecret, err = unwrapTPM2B(encSecret); err != nil {
+		return nil, nil, err
+	}
+	return credBlob, encSecret, nil
+}
+
+// QuoteInfo is what a verified quote attests.
+type QuoteInfo struct {
+	PCRs         map[int][]byte
+	ResetCount   uint32
+	RestartCount uint32
+	Safe         bool
+	Clock        uint64
+}
+
+// VerifyQuote checks the quote's signature by the AK, that its extraData
+// equals extraData, that it covers PCRs 0-9 of the SHA-256 bank and that
+// the PCR values carried with it hash to the quoted PCR digest. It returns
+// the PCR values and the TPM clock state.
+func VerifyQuote(ak *AK, q *pb.Quote, extraData []byte) (*QuoteInfo, error) {
+	if q == nil || len(q.GetQuote()) == 0 || len(q.GetRawSig()) == 0 || q.GetPcrs() == nil {
+		return nil, fmt.Errorf("%w: incomplete quote", ErrQuote)
+	}
+	if err := tpmquote.Verify(q, ak.PublicKey, extraData); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrQuote, err)
+	}
+	att, err := tpm2.DecodeAttestationData(q.GetQuote())
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrQuote, err)
+	}
+	if att.Type != tpm2.TagAttestQuote || att.AttestedQuoteInfo == nil {
+		return nil, fmt.Errorf("%w: not a quote", ErrQuote)
+	}
+	if !bytes.Equal(att.ExtraData, extraData) {
+		return nil, fmt.Errorf("%w: extraData mismatch", ErrQuote)
+	}
+	sel := att.AttestedQuoteInfo.PCRSelection
+	if sel.Hash != tpm2.AlgSHA256 || len(sel.PCRs) != 10 {
+		return nil, fmt.Errorf("%w: quote covers %v, want SHA-256 PCRs 0-9", ErrQuote, sel)
+	}
+	if q.GetPcrs().GetHash() != pb.HashAlgo_SHA256 {
+		return nil, fmt.Errorf("%w: PCR values are not SHA-256", ErrQuote)
+	}
+	info := &QuoteInfo{
+		PCRs:         map[int][]byte{},
+		ResetCount:   att.ClockInfo.ResetCount,
+		RestartCount: att.ClockInfo.RestartCount,
+		Safe:         att.ClockInfo.Safe == 1,
+		Clock:        att.ClockInfo.Clock,
+	}
+	for i := 0; i < 10; i++ {
+		v, ok := q.GetPcrs().GetPcrs()[uint32(i)]
+		if !ok || len(v) != sha256.Size {
+			return nil, fmt.Errorf("%w: PCR %d missing", ErrQuote, i)
+		}
+		info.PCRs[i] = v
+	}
+	if len(q.GetPcrs().GetPcrs()) != 10 {
+		return nil, fmt.Errorf("%w: unexpected PCR values beyond 0-9", ErrQuote)
+	}
+	return info, nil
+}
+
+// Seal encrypts secret to ekPub so that the TPM holding that EK releases it
+// only while PCRs 0-9 hold exactly pcrs.
+func Seal(ekPub crypto.PublicKey, secret []byte, pcrs map[int][]byte) (*pb.ImportBlob, error) {
+	p := &pb.PCRs{Hash: pb.HashAlgo_SHA256, Pcrs: map[uint32][]byte{}}
+	for i, v := range pcrs {
+		p.Pcrs[uint32(i)] = v
+	}
+	blob, err := tpmserver.CreateImportBlob(ekPub, secret, p)
+	if err != nil {
+		return nil, fmt.Errorf("seal to EK: %w", err)
+	}
+	return blob, nil
+}
+
+func unwrapTPM2B(b []byte) ([]byte, error) {
+	if len(b) < 2 || int(b[0])<<8|int(b[1]) != len(b)-2 {
+		return nil, errors.New("malformed TPM2B from credential generation")
+	}
+	return b[2:], nil
+}
