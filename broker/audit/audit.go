@@ -62,8 +62,11 @@ type Log struct {
 	now  func() time.Time
 }
 
-// Open opens (or creates) the log at path and verifies it. If head is not
-// zero, the file must end exactly there.
+// Open opens (or creates) the log at path and verifies its chain. The log
+// must contain the entry recorded as head (the broker keeps its last known
+// head apart from the file): a log that was truncated or rewritten before
+// that entry is refused. Entries after it (appended just before a crash)
+// are accepted.
 func Open(path string, head Head) (*Log, error) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|os.O_APPEND, 0o600)
 	if err != nil {
@@ -74,10 +77,14 @@ func Open(path string, head Head) (*Log, error) {
 		f.Close()
 		return nil, err
 	}
-	got, err := Verify(entries, &head)
+	got, err := Verify(entries, nil)
 	if err != nil {
 		f.Close()
 		return nil, err
+	}
+	if head.Seq > 0 && (head.Seq > got.Seq || entries[head.Seq-1].Hash != head.Hash) {
+		f.Close()
+		return nil, fmt.Errorf("%w: log ends at entry %d and does not contain the recorded head entry %d", ErrTampered, got.Seq, head.Seq)
 	}
 	return &Log{f: f, head: got, now: time.Now}, nil
 }

@@ -132,3 +132,17 @@ func (a *Attester) Import(blob *pb.ImportBlob) ([]byte, error) {
 	}
 	return secret, nil
 }
+
+// QuotePCRsRead reads the current values of the quoted PCRs, as an
+// attestation request carries them.
+func QuotePCRsRead(rw io.ReadWriter) (map[int][]byte, error) {
+	pcrs, err := tpmclient.ReadPCRs(rw, QuotePCRs)
+	if err != nil {
+		return nil, err
+	}
+	out := map[int][]byte{}
+	for i, v := range pcrs.GetPcrs() {
+		out[int(i)] = v
+	}
+	return out, nil
+}

@@ -73,7 +73,7 @@ func TestProtocol(t *testing.T) {
 				t.Fatalf("quote info %+v", info)
 			}
 			wrong := sha256.Sum256([]byte("other nonce"))
-			if _, err := server.VerifyQuote(ak, q, wrong[:]); !errors.Is(err, server.ErrQuote) {
+			if _, err := server.VerifyQuote(ak, q, wrong[:]); !errors.Is(err, server.ErrExtraData) {
 				t.Fatalf("wrong extraData: %v", err)
 			}
 

@@ -27,6 +27,8 @@ var (
 	ErrEKCert      = errors.New("EK certificate does not verify")
 	ErrAKPublic    = errors.New("AK public area is not an attestation key")
 	ErrQuote       = errors.New("quote does not verify")
+	ErrPCRDigest   = errors.New("PCR values do not match the quoted digest")
+	ErrExtraData   = errors.New("quote extraData does not match")
 	ErrClockUnsafe = errors.New("TPM clock is not marked safe")
 )
 
@@ -121,33 +123,28 @@ type QuoteInfo struct {
 	Clock        uint64
 }
 
-// VerifyQuote checks the quote's signature by the AK, that its extraData
-// equals extraData, that it covers PCRs 0-9 of the SHA-256 bank and that
-// the PCR values carried with it hash to the quoted PCR digest. It returns
-// the PCR values and the TPM clock state.
+// VerifyQuote checks, in this order, that the quote covers PCRs 0-9 of the
+// SHA-256 bank, that the PCR values carried with it hash to the quoted PCR
+// digest (ErrPCRDigest), that the AK signed it (ErrQuote) and that its
+// extraData equals extraData (ErrExtraData). It returns the PCR values and
+// the TPM clock state.
 func VerifyQuote(ak *AK, q *pb.Quote, extraData []byte) (*QuoteInfo, error) {
 	if q == nil || len(q.GetQuote()) == 0 || len(q.GetRawSig()) == 0 || q.GetPcrs() == nil {
 		return nil, fmt.Errorf("%w: incomplete quote", ErrQuote)
-	}
-	if err := tpmquote.Verify(q, ak.PublicKey, extraData); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrQuote, err)
 	}
 	att, err := tpm2.DecodeAttestationData(q.GetQuote())
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrQuote, err)
 	}
-	if att.Type != tpm2.TagAttestQuote || att.AttestedQuoteInfo == nil {
-		return nil, fmt.Errorf("%w: not a quote", ErrQuote)
-	}
-	if !bytes.Equal(att.ExtraData, extraData) {
-		return nil, fmt.Errorf("%w: extraData mismatch", ErrQuote)
+	if att.Magic != 0xff544347 || att.Type != tpm2.TagAttestQuote || att.AttestedQuoteInfo == nil {
+		return nil, fmt.Errorf("%w: not a TPM-generated quote", ErrQuote)
 	}
 	sel := att.AttestedQuoteInfo.PCRSelection
 	if sel.Hash != tpm2.AlgSHA256 || len(sel.PCRs) != 10 {
 		return nil, fmt.Errorf("%w: quote covers %v, want SHA-256 PCRs 0-9", ErrQuote, sel)
 	}
-	if q.GetPcrs().GetHash() != pb.HashAlgo_SHA256 {
-		return nil, fmt.Errorf("%w: PCR values are not SHA-256", ErrQuote)
+	if q.GetPcrs().GetHash() != pb.HashAlgo_SHA256 || len(q.GetPcrs().GetPcrs()) != 10 {
+		return nil, fmt.Errorf("%w: want the 10 SHA-256 PCR values 0-9", ErrPCRDigest)
 	}
 	info := &QuoteInfo{
 		PCRs:         map[int][]byte{},
@@ -156,15 +153,25 @@ func VerifyQuote(ak *AK, q *pb.Quote, extraData []byte) (*QuoteInfo, error) {
 		Safe:         att.ClockInfo.Safe == 1,
 		Clock:        att.ClockInfo.Clock,
 	}
-	for i := 0; i < 10; i++ {
+	h := sha256.New()
+	for _, i := range sel.PCRs {
 		v, ok := q.GetPcrs().GetPcrs()[uint32(i)]
 		if !ok || len(v) != sha256.Size {
-			return nil, fmt.Errorf("%w: PCR %d missing", ErrQuote, i)
+			return nil, fmt.Errorf("%w: PCR %d missing", ErrPCRDigest, i)
 		}
 		info.PCRs[i] = v
+		h.Write(v)
 	}
-	if len(q.GetPcrs().GetPcrs()) != 10 {
-		return nil, fmt.Errorf("%w: unexpected PCR values beyond 0-9", ErrQuote)
+	if !bytes.Equal(h.Sum(nil), att.AttestedQuoteInfo.PCRDigest) {
+		return nil, ErrPCRDigest
+	}
+	// Signature (and PCR digest again) with the quote's own extraData, so a
+	// failure here is the signature.
+	if err := tpmquote.Verify(q, ak.PublicKey, att.ExtraData); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrQuote, err)
+	}
+	if !bytes.Equal(att.ExtraData, extraData) {
+		return nil, ErrExtraData
 	}
 	return info, nil
 }

@@ -127,3 +127,5 @@ func writeNV(t testing.TB, rw interface {
 		}
 	}
 }
+
+func tpmutilHandle(pcr int) tpmutil.Handle { return tpmutil.Handle(pcr) }

@@ -1,0 +1,391 @@
+// Package attest is the appliance's client of the home-state key brokers:
+// enrollment (credential activation), attestation to all brokers in
+// parallel with retry and per-NIC endpoint failover, import of the released
+// shares through the TPM, recombination of k shares per disk in memory, and
+// deposit of a new disk's shares.
+package attest
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	pb "github.com/google/go-tpm-tools/proto/tpm"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/dataembassy/embassy/appliance/config"
+	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/keys/shamir"
+	"github.com/dataembassy/embassy/tpm/client"
+)
+
+// TPM is what the client needs of the appliance's TPM.
+type TPM interface {
+	EKPublicDER() ([]byte, error)
+	EKCertDER() []byte
+	AKPublic() ([]byte, error)
+	Activate(credBlob, encSecret []byte) ([]byte, error)
+	Quote(extraData []byte) (*pb.Quote, error)
+	Import(blob *pb.ImportBlob) ([]byte, error)
+}
+
+var _ TPM = (*client.Attester)(nil)
+
+// Client talks to the brokers of an image config.
+type Client struct {
+	cfg       *config.Config
+	roots     *x509.CertPool
+	tpm       TPM
+	tpmMu     sync.Mutex // one TPM command sequence at a time
+	id        string
+	tlsKey    crypto.Signer
+	tlsPub    []byte
+	eventLog  func() ([]byte, error)
+	log       *slog.Logger
+	transport http.RoundTripper
+}
+
+// New makes a client. tlsKey is the appliance's ephemeral TLS key whose
+// hash goes into every quote; eventLog reads the firmware event log.
+func New(cfg *config.Config, brokerCAs *x509.CertPool, tpm TPM, tlsKey crypto.Signer, eventLog func() ([]byte, error), log *slog.Logger) (*Client, error) {
+	ek, err := tpm.EKPublicDER()
+	if err != nil {
+		return nil, err
+	}
+	pub, err := x509.MarshalPKIXPublicKey(tlsKey.Public())
+	if err != nil {
+		return nil, err
+	}
+	return &Client{cfg: cfg, roots: brokerCAs, tpm: tpm, id: api.ApplianceID(ek), tlsKey: tlsKey, tlsPub: pub,
+		eventLog: eventLog, log: log}, nil
+}
+
+// ID is the appliance id the brokers know it by.
+func (c *Client) ID() string { return c.id }
+
+// TLSPublicKey returns the PKIX DER of the ephemeral TLS key.
+func (c *Client) TLSPublicKey() []byte { return c.tlsPub }
+
+// BrokerError is a broker's refusal.
+type BrokerError struct {
+	Broker   string
+	Status   int
+	Message  string
+	Lockdown bool
+}
+
+func (e *BrokerError) Error() string {
+	return fmt.Sprintf("broker %s: %d %s", e.Broker, e.Status, e.Message)
+}
+
+func (c *Client) httpClient(cert *tls.Certificate) *http.Client {
+	tc := &tls.Config{RootCAs: c.roots, MinVersion: tls.VersionTLS13}
+	if cert != nil {
+		tc.Certificates = []tls.Certificate{*cert}
+	}
+	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: tc, DisableKeepAlives: true}}
+}
+
+// post sends req to each endpoint of broker b in turn until one answers.
+func (c *Client) post(ctx context.Context, b config.Broker, path string, cert *tls.Certificate, req, resp any) error {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	hc := c.httpClient(cert)
+	var lastErr error
+	for _, ep := range b.Endpoints {
+		hr, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimSuffix(ep, "/")+path, bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		hr.Header.Set("Content-Type", "application/json")
+		r, err := hc.Do(hr)
+		if err != nil {
+			lastErr = fmt.Errorf("broker %s at %s: %w", b.Name, ep, err)
+			continue
+		}
+		data, err := io.ReadAll(io.LimitReader(r.Body, api.MaxBody))
+		r.Body.Close()
+		if err != nil {
+			lastErr = fmt.Errorf("broker %s at %s: %w", b.Name, ep, err)
+			continue
+		}
+		if r.StatusCode != http.StatusOK {
+			var e api.Error
+			json.Unmarshal(data, &e)
+			return &BrokerError{Broker: b.Name, Status: r.StatusCode, Message: e.Error, Lockdown: e.Lockdown}
+		}
+		if err := json.Unmarshal(data, resp); err != nil {
+			return fmt.Errorf("broker %s: decode answer: %w", b.Name, err)
+		}
+		return nil
+	}
+	return lastErr
+}
+
+// Enroll registers the appliance with every broker and answers each
+// broker's credential-activation challenge. An operator must still approve
+// the enrollment on each broker.
+func (c *Client) Enroll(ctx context.Context) error {
+	ek, err := c.tpm.EKPublicDER()
+	if err != nil {
+		return err
+	}
+	ak, err := c.tpm.AKPublic()
+	if err != nil {
+		return err
+	}
+	req := api.EnrollRequest{EKPublic: ek, EKCert: c.tpm.EKCertDER(), AKPublic: ak}
+	var errs []error
+	for _, b := range c.cfg.Brokers {
+		var ch api.EnrollChallenge
+		if err := c.post(ctx, b, api.PathEnroll, nil, req, &ch); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		c.tpmMu.Lock()
+		secret, err := c.tpm.Activate(ch.CredentialBlob, ch.EncryptedSecret)
+		c.tpmMu.Unlock()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("broker %s: %w", b.Name, err))
+			continue
+		}
+		var ok struct{}
+		if err := c.post(ctx, b, api.PathActivate, nil, api.ActivateRequest{ApplianceID: ch.ApplianceID, Secret: secret}, &ok); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Result is one broker's answer to an attestation.
+type Result struct {
+	Broker        string
+	ImageVersion  uint64
+	Shares        map[string]shamir.Share // by disk id, imported through the TPM
+	Certificate   *tls.Certificate
+	DiskApprovals int
+	Err           error
+}
+
+// AttestOnce attests to one broker.
+func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
+	res := &Result{Broker: b.Name, Shares: map[string]shamir.Share{}}
+	var n api.NonceResponse
+	if err := c.post(ctx, b, api.PathNonce, nil, api.NonceRequest{ApplianceID: c.id}, &n); err != nil {
+		res.Err = err
+		return res
+	}
+	evlog, err := c.eventLog()
+	if err != nil {
+		res.Err = err
+		return res
+	}
+	tlsHash := sha256.Sum256(c.tlsPub)
+	c.tpmMu.Lock()
+	q, err := c.tpm.Quote(api.ExtraData(n.Nonce, tlsHash[:]))
+	c.tpmMu.Unlock()
+	if err != nil {
+		res.Err = err
+		return res
+	}
+	req := api.AttestRequest{ApplianceID: c.id, Nonce: n.Nonce, Quote: q.GetQuote(), Signature: q.GetRawSig(),
+		PCRs: map[int][]byte{}, EventLog: evlog, TLSPublic: c.tlsPub}
+	for i, v := range q.GetPcrs().GetPcrs() {
+		req.PCRs[int(i)] = v
+	}
+	var resp api.AttestResponse
+	if err := c.post(ctx, b, api.PathAttest, nil, req, &resp); err != nil {
+		res.Err = err
+		return res
+	}
+	res.ImageVersion, res.DiskApprovals = resp.ImageVersion, resp.DiskApprovals
+	if len(resp.Certificate) == 0 {
+		res.Err = fmt.Errorf("broker %s sent no certificate", b.Name)
+		return res
+	}
+	leaf, err := x509.ParseCertificate(resp.Certificate[0])
+	if err != nil {
+		res.Err = fmt.Errorf("broker %s certificate: %w", b.Name, err)
+		return res
+	}
+	res.Certificate = &tls.Certificate{Certificate: resp.Certificate, PrivateKey: c.tlsKey, Leaf: leaf}
+	for _, s := range resp.Shares {
+		var blob pb.ImportBlob
+		if err := proto.Unmarshal(s.Blob, &blob); err != nil {
+			res.Err = fmt.Errorf("broker %s share %s: %w", b.Name, s.DiskID, err)
+			return res
+		}
+		c.tpmMu.Lock()
+		raw, err := c.tpm.Import(&blob)
+		c.tpmMu.Unlock()
+		if err != nil {
+			res.Err = fmt.Errorf("broker %s share %s: %w", b.Name, s.DiskID, err)
+			return res
+		}
+		sh, err := shamir.Parse(raw)
+		wipe(raw)
+		if err != nil {
+			res.Err = fmt.Errorf("broker %s share %s: %w", b.Name, s.DiskID, err)
+			return res
+		}
+		res.Shares[s.DiskID] = sh
+	}
+	return res
+}
+
+// Backoff bounds the retry delay of AttestAll.
+type Backoff struct {
+	Initial, Max time.Duration
+}
+
+// AttestAll attests to every broker in parallel, retrying each failed
+// broker with exponential backoff, until want brokers have answered (k to
+// unlock, all n to provision a disk) or ctx ends. A broker's lockdown order
+// stops everything at once. It returns the successful results and, if fewer
+// than want answered, an error naming each other broker's last failure.
+func (c *Client) AttestAll(ctx context.Context, bo Backoff, want int) ([]*Result, error) {
+	if bo.Initial == 0 {
+		bo = Backoff{Initial: 500 * time.Millisecond, Max: 10 * time.Second}
+	}
+	k := want
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type out struct {
+		res *Result
+	}
+	ch := make(chan out, len(c.cfg.Brokers))
+	for _, b := range c.cfg.Brokers {
+		go func() {
+			delay := bo.Initial
+			for {
+				r := c.AttestOnce(ctx, b)
+				var be *BrokerError
+				if r.Err == nil || (errors.As(r.Err, &be) && be.Lockdown) || ctx.Err() != nil {
+					ch <- out{r}
+					return
+				}
+				c.log.Warn("attestation failed, retrying", "broker", b.Name, "err", r.Err, "retry_in", delay)
+				select {
+				case <-ctx.Done():
+					ch <- out{r}
+					return
+				case <-time.After(delay):
+				}
+				delay = min(delay*2, bo.Max)
+			}
+		}()
+	}
+	var ok []*Result
+	last := map[string]error{}
+	for range c.cfg.Brokers {
+		o := <-ch
+		var be *BrokerError
+		if o.res.Err != nil && errors.As(o.res.Err, &be) && be.Lockdown {
+			return nil, &LockdownError{Broker: be.Broker, Reason: be.Message}
+		}
+		if o.res.Err == nil {
+			ok = append(ok, o.res)
+			if len(ok) >= k {
+				return ok, nil
+			}
+		} else {
+			last[o.res.Broker] = o.res.Err
+		}
+	}
+	var errs []string
+	for b, e := range last {
+		errs = append(errs, fmt.Sprintf("%s: %v", b, e))
+	}
+	sort.Strings(errs)
+	return ok, fmt.Errorf("%w: %d of %d brokers answered, %d needed: %s", ErrBelowThreshold, len(ok), len(c.cfg.Brokers), k, strings.Join(errs, "; "))
+}
+
+// ErrBelowThreshold means fewer than k brokers released their shares.
+var ErrBelowThreshold = errors.New("not enough brokers")
+
+// LockdownError is a broker's order to stop serving and drop the keys.
+type LockdownError struct{ Broker, Reason string }
+
+func (e *LockdownError) Error() string {
+	return fmt.Sprintf("lockdown ordered by broker %s: %s", e.Broker, e.Reason)
+}
+
+// Combine recombines each disk's unlock secret from the results. A disk
+// with fewer than k shares is left out and reported.
+func Combine(results []*Result, k int) (map[string][]byte, error) {
+	byDisk := map[string][]shamir.Share{}
+	for _, r := range results {
+		for d, s := range r.Shares {
+			byDisk[d] = append(byDisk[d], s)
+		}
+	}
+	keys := map[string][]byte{}
+	var errs []error
+	for d, shares := range byDisk {
+		if len(shares) < k {
+			errs = append(errs, fmt.Errorf("disk %s: %d shares, %d needed", d, len(shares), k))
+			continue
+		}
+		secret, err := shamir.Combine(shares)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("disk %s: %w", d, err))
+			continue
+		}
+		keys[d] = secret
+	}
+	return keys, errors.Join(errs...)
+}
+
+// Deposit splits a new disk's unlock secret k-of-n and hands each broker
+// its share over mutual TLS with that broker's attested certificate. All n
+// brokers must take their share, so that any k can later release it.
+func (c *Client) Deposit(ctx context.Context, results []*Result, diskID string, secret []byte) error {
+	n := len(c.cfg.Brokers)
+	shares, err := shamir.Split(secret, n, c.cfg.Threshold)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		for i := range shares {
+			shares[i].Wipe()
+		}
+	}()
+	certs := map[string]*tls.Certificate{}
+	for _, r := range results {
+		certs[r.Broker] = r.Certificate
+	}
+	var errs []error
+	for i, b := range c.cfg.Brokers {
+		cert := certs[b.Name]
+		if cert == nil {
+			errs = append(errs, fmt.Errorf("broker %s: no attested certificate (attest to every broker before provisioning)", b.Name))
+			continue
+		}
+		var ok struct{}
+		if err := c.post(ctx, b, api.PathDeposit, cert, api.DepositRequest{DiskID: diskID, Share: shares[i].Marshal()}, &ok); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func wipe(b []byte) {
+	for i := range b {
+		b[i] = 0
+	}
+}

@@ -1,0 +1,311 @@
+package broker_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/appliance/attest"
+	"github.com/dataembassy/embassy/appliance/config"
+	"github.com/dataembassy/embassy/broker"
+	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/broker/audit"
+	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/tpm/client"
+	"github.com/dataembassy/embassy/tpm/tpmtest"
+
+	"github.com/google/go-tpm-tools/simulator"
+)
+
+// clock is a settable clock shared by the test brokers.
+type clock struct {
+	mu  sync.Mutex
+	off time.Duration
+}
+
+func (c *clock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Now().Add(c.off)
+}
+
+func (c *clock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.off += d
+	c.mu.Unlock()
+}
+
+type runningBroker struct {
+	name          string
+	dir           string
+	cfg           broker.Config
+	b             *broker.Broker
+	appLn, opLn   net.Listener
+	appSrv, opSrv *http.Server
+	serverCert    tls.Certificate
+}
+
+type env struct {
+	t          *testing.T
+	manu       *tpmtest.CA
+	root       *pki.Issuer // broker CA, baked into the image
+	operatorCA *pki.Issuer
+	opCert     tls.Certificate
+	imageKey   ed25519.PrivateKey
+	clock      *clock
+	brokers    []*runningBroker
+	cfg        *config.Config
+}
+
+func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func newEnv(t *testing.T, n, k int) *env {
+	t.Helper()
+	e := &env{t: t, manu: tpmtest.NewCA(t, "Test TPM Manufacturer"), clock: &clock{}}
+	var err error
+	if e.root, err = pki.NewRootCA("home-state broker CA", 24*time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if e.operatorCA, err = pki.NewRootCA("home-state operator CA", 24*time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	opKey, _ := pki.NewKey()
+	opLeaf, err := e.operatorCA.Leaf("operator alice", nil, &opKey.PublicKey, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.opCert = pki.TLSCertificate(opLeaf, opKey)
+	_, e.imageKey, _ = ed25519.GenerateKey(rand.Reader)
+	e.cfg = &config.Config{Threshold: k}
+	for i := 0; i < n; i++ {
+		name := fmt.Sprintf("broker-%c", 'a'+i)
+		rb := &runningBroker{name: name, dir: t.TempDir()}
+		svc, err := e.root.NewIntermediate(name+" service CA", 24*time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srvKey, _ := pki.NewKey()
+		srvLeaf, err := e.root.Leaf(name, []string{"127.0.0.1"}, &srvKey.PublicKey, 24*time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rb.serverCert = pki.TLSCertificate(srvLeaf, srvKey)
+		master := make([]byte, 32)
+		rand.Read(master)
+		rb.cfg = broker.Config{Name: name, Dir: rb.dir, MasterKey: master, ManufacturerCAs: e.manu.Pool(),
+			ImageKey: e.imageKey.Public().(ed25519.PublicKey), ServiceCA: svc, Log: quiet(), Now: e.clock.now}
+		rb.appLn, _ = net.Listen("tcp", "127.0.0.1:0")
+		rb.opLn, _ = net.Listen("tcp", "127.0.0.1:0")
+		e.brokers = append(e.brokers, rb)
+		e.cfg.Brokers = append(e.cfg.Brokers, config.Broker{Name: name, Endpoints: []string{"https://" + rb.appLn.Addr().String()}})
+		e.start(i)
+	}
+	if err := e.cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for i := range e.brokers {
+			e.stop(i)
+		}
+	})
+	return e
+}
+
+// start runs broker i on its listeners (re-listening on the same ports
+// after a stop).
+func (e *env) start(i int) {
+	rb := e.brokers[i]
+	var err error
+	if rb.b, err = broker.New(rb.cfg); err != nil {
+		e.t.Fatalf("start %s: %v", rb.name, err)
+	}
+	if rb.appLn == nil {
+		addr := e.cfg.Brokers[i].Endpoints[0][len("https://"):]
+		if rb.appLn, err = net.Listen("tcp", addr); err != nil {
+			e.t.Fatal(err)
+		}
+		if rb.opLn, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	rb.appSrv = &http.Server{Handler: rb.b.ApplianceHandler(), TLSConfig: rb.b.ApplianceTLSConfig(rb.serverCert), ErrorLog: nil}
+	rb.opSrv = &http.Server{Handler: rb.b.OperatorHandler(), TLSConfig: broker.OperatorTLSConfig(rb.serverCert, e.operatorCA.Pool())}
+	go rb.appSrv.ServeTLS(rb.appLn, "", "")
+	go rb.opSrv.ServeTLS(rb.opLn, "", "")
+}
+
+// stop shuts broker i down completely (its port refuses connections).
+func (e *env) stop(i int) {
+	rb := e.brokers[i]
+	if rb.b == nil {
+		return
+	}
+	rb.appSrv.Close()
+	rb.opSrv.Close()
+	rb.b.Close()
+	rb.b, rb.appLn, rb.opLn = nil, nil, nil
+}
+
+func (e *env) rootPool() *x509.CertPool {
+	p := x509.NewCertPool()
+	p.AddCert(e.root.Cert)
+	return p
+}
+
+// op sends an operator request to broker i and returns the API error text.
+func (e *env) op(i int, method, path string, body any, out any) error {
+	rb := e.brokers[i]
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: e.rootPool(), Certificates: []tls.Certificate{e.opCert}}}}
+	var rd io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		rd = bytes.NewReader(b)
+	}
+	req, _ := http.NewRequest(method, "https://"+rb.opLn.Addr().String()+path, rd)
+	resp, err := hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		var ae api.Error
+		json.Unmarshal(data, &ae)
+		return errors.New(ae.Error)
+	}
+	if out != nil {
+		return json.Unmarshal(data, out)
+	}
+	return nil
+}
+
+func (e *env) opAll(method, path string, body any) {
+	e.t.Helper()
+	for i := range e.brokers {
+		if err := e.op(i, method, path, body, nil); err != nil {
+			e.t.Fatalf("%s %s on %s: %v", method, path, e.brokers[i].name, err)
+		}
+	}
+}
+
+// signManifest makes a signed manifest whose measurements are d.
+func (e *env) signManifest(version uint64, d tpmtest.BootDigests, key ed25519.PrivateKey) ([]byte, []byte) {
+	e.t.Helper()
+	m := &manifest.Manifest{Schema: manifest.Schema, Version: version,
+		Kernel: manifest.KernelInfo{Package: "linux-image-test-amd64", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32)), Release: "test"},
+		Measurements: manifest.Measurements{KernelAuthenticode: hex.EncodeToString(d.Kernel),
+			LoadOptions: hex.EncodeToString(d.LoadOptions), Initrd: hex.EncodeToString(d.Initrd)}}
+	for _, c := range []string{manifest.ComponentCmdline, manifest.ComponentInitramfs, manifest.ComponentKernel} {
+		m.SetComponent(c, make([]byte, 32))
+	}
+	b, err := m.Marshal()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return b, manifest.Sign(b, key)
+}
+
+func (e *env) approveImage(version uint64, d tpmtest.BootDigests) {
+	e.t.Helper()
+	m, s := e.signManifest(version, d, e.imageKey)
+	e.opAll(http.MethodPost, api.PathManifests, api.ApproveManifestRequest{Manifest: m, Signature: s})
+}
+
+// lastAudit returns broker i's newest audit entry for an event.
+func (e *env) lastAudit(i int, event string) audit.Entry {
+	e.t.Helper()
+	var ar broker.AuditResponse
+	if err := e.op(i, http.MethodGet, api.PathAudit, nil, &ar); err != nil {
+		e.t.Fatal(err)
+	}
+	for j := len(ar.Entries) - 1; j >= 0; j-- {
+		if ar.Entries[j].Event == event {
+			return ar.Entries[j]
+		}
+	}
+	e.t.Fatalf("no %s entry in %s's audit log", event, e.brokers[i].name)
+	return audit.Entry{}
+}
+
+// appliance is a simulated server: a TPM simulator with a measured boot.
+type appliance struct {
+	sim    *simulator.Simulator
+	tpm    *client.Attester
+	log    []byte
+	tlsKey *ecdsa.PrivateKey
+	c      *attest.Client
+}
+
+// boot powers on the machine with TPM seed, measures image d and makes
+// its broker client.
+func (e *env) boot(seed int64, d tpmtest.BootDigests, ekType client.EKType) *appliance {
+	e.t.Helper()
+	a := &appliance{sim: tpmtest.NewSimulator(e.t, e.manu, seed)}
+	a.log = tpmtest.MeasuredBoot(e.t, a.sim, d)
+	var err error
+	if a.tpm, err = client.Open(a.sim, ekType); err != nil {
+		e.t.Fatal(err)
+	}
+	a.tlsKey, _ = pki.NewKey()
+	a.c, err = attest.New(e.cfg, e.rootPool(), a.tpm, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet())
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return a
+}
+
+// reboot power-cycles the simulated machine (resetCount goes up) and
+// measures image d again.
+func (a *appliance) reboot(t *testing.T, d tpmtest.BootDigests) {
+	t.Helper()
+	a.tpm.Close()
+	if err := a.sim.Reset(); err != nil {
+		t.Fatal(err)
+	}
+	a.log = tpmtest.MeasuredBoot(t, a.sim, d)
+	var err error
+	if a.tpm, err = client.Open(a.sim, client.EKRSA); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (a *appliance) shutdown() {
+	a.tpm.Close()
+	if !a.sim.IsClosed() {
+		a.sim.Close()
+	}
+}
+
+// enroll runs enrollment and the operators' approval on every broker.
+func (e *env) enroll(a *appliance) {
+	e.t.Helper()
+	if err := a.c.Enroll(context.Background()); err != nil {
+		e.t.Fatal(err)
+	}
+	e.opAll(http.MethodPost, api.PathEnrollments+"/"+a.c.ID()+"/approve", struct{}{})
+}
+
+func ctxTimeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+var fastRetry = attest.Backoff{Initial: 50 * time.Millisecond, Max: 200 * time.Millisecond}
+

@@ -1,0 +1,15 @@
+package broker_test
+
+import (
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rand"
+
+	"github.com/dataembassy/embassy/broker/pki"
+)
+
+func pkiNewKey() (*ecdsa.PrivateKey, error) { return pki.NewKey() }
+
+func ed25519GenerateKey() (ed25519.PublicKey, ed25519.PrivateKey, error) {
+	return ed25519.GenerateKey(rand.Reader)
+}

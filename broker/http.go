@@ -1,0 +1,265 @@
+package broker
+
+import (
+	"bytes"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/broker/audit"
+	"github.com/dataembassy/embassy/broker/pki"
+)
+
+// decode reads one JSON object of at most api.MaxBody bytes, rejecting
+// unknown fields and trailing data.
+func decode(w http.ResponseWriter, r *http.Request, v any) error {
+	if r.Method != http.MethodPost {
+		return reject(http.StatusMethodNotAllowed, ReasonBadRequest, "use POST")
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, api.MaxBody))
+	if err != nil {
+		return reject(http.StatusRequestEntityTooLarge, ReasonBadRequest, "body too large or unreadable")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return reject(http.StatusBadRequest, ReasonBadRequest, err.Error())
+	}
+	if dec.More() {
+		return reject(http.StatusBadRequest, ReasonBadRequest, "trailing data")
+	}
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+func writeErr(w http.ResponseWriter, err error) {
+	var rj *Rejection
+	if errors.As(err, &rj) {
+		writeJSON(w, rj.Status, api.Error{Error: rj.Error(), Lockdown: rj.Lockdown})
+		return
+	}
+	writeJSON(w, http.StatusInternalServerError, api.Error{Error: "internal error: " + err.Error()})
+}
+
+// ApplianceHandler serves the appliance API. Deposits must carry a client
+// certificate issued by this broker's service CA (checked by the TLS layer
+// with ApplianceTLSConfig and again here).
+func (b *Broker) ApplianceHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc(api.PathEnroll, func(w http.ResponseWriter, r *http.Request) {
+		var req api.EnrollRequest
+		if err := decode(w, r, &req); err != nil {
+			writeErr(w, err)
+			return
+		}
+		ch, err := b.Enroll(&req)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, ch)
+	})
+	mux.HandleFunc(api.PathActivate, func(w http.ResponseWriter, r *http.Request) {
+		var req api.ActivateRequest
+		if err := decode(w, r, &req); err != nil {
+			writeErr(w, err)
+			return
+		}
+		if err := b.Activate(&req); err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, struct{}{})
+	})
+	mux.HandleFunc(api.PathNonce, func(w http.ResponseWriter, r *http.Request) {
+		var req api.NonceRequest
+		if err := decode(w, r, &req); err != nil {
+			writeErr(w, err)
+			return
+		}
+		n, err := b.Nonce(req.ApplianceID)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, n)
+	})
+	mux.HandleFunc(api.PathAttest, func(w http.ResponseWriter, r *http.Request) {
+		var req api.AttestRequest
+		if err := decode(w, r, &req); err != nil {
+			writeErr(w, err)
+			return
+		}
+		resp, err := b.Attest(&req)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, resp)
+	})
+	mux.HandleFunc(api.PathDeposit, func(w http.ResponseWriter, r *http.Request) {
+		id, err := b.attestedClient(r)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		var req api.DepositRequest
+		if err := decode(w, r, &req); err != nil {
+			writeErr(w, err)
+			return
+		}
+		if err := b.Deposit(id, &req); err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, struct{}{})
+	})
+	return mux
+}
+
+// attestedClient returns the appliance id of a verified client certificate
+// issued by this broker's service CA.
+func (b *Broker) attestedClient(r *http.Request) (string, error) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		return "", reject(http.StatusUnauthorized, "attested client certificate required", "")
+	}
+	leaf := r.TLS.PeerCertificates[0]
+	pool := x509.NewCertPool()
+	pool.AddCert(b.cfg.ServiceCA.Cert)
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: b.now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		return "", reject(http.StatusUnauthorized, "attested client certificate required", err.Error())
+	}
+	return pki.ApplianceIDFromCert(leaf)
+}
+
+// OperatorHandler serves the operator API. The TLS layer (OperatorTLSConfig)
+// admits only clients with a certificate from the home-state operator CA.
+func (b *Broker) OperatorHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc(api.PathState, func(w http.ResponseWriter, r *http.Request) {
+		st, err := b.State()
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, st)
+	})
+	mux.HandleFunc(api.PathAudit, func(w http.ResponseWriter, r *http.Request) {
+		entries, head, err := b.Audit()
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, AuditResponse{Entries: entries, Head: head})
+	})
+	mux.HandleFunc(api.PathManifests, func(w http.ResponseWriter, r *http.Request) {
+		var req api.ApproveManifestRequest
+		if err := decode(w, r, &req); err != nil {
+			writeErr(w, err)
+			return
+		}
+		m, err := b.ApproveManifest(req.Manifest, req.Signature)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, api.ApprovedManifest{Version: m.Version, Kernel: m.Kernel.Version, Approved: time.Now().UTC()})
+	})
+	mux.HandleFunc(api.PathEnrollments+"/", func(w http.ResponseWriter, r *http.Request) {
+		id, action, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, api.PathEnrollments+"/"), "/")
+		if action != "approve" || api.CheckApplianceID(id) != nil {
+			writeErr(w, reject(http.StatusNotFound, ReasonBadRequest, "use /v1/enrollments/<appliance id>/approve"))
+			return
+		}
+		var req struct{}
+		if err := decode(w, r, &req); err != nil {
+			writeErr(w, err)
+			return
+		}
+		if err := b.ApproveEnrollment(id); err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, struct{}{})
+	})
+	mux.HandleFunc(api.PathAppliances, func(w http.ResponseWriter, r *http.Request) {
+		id, action, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, api.PathAppliances), "/")
+		if api.CheckApplianceID(id) != nil {
+			writeErr(w, reject(http.StatusNotFound, ReasonBadRequest, "bad appliance id"))
+			return
+		}
+		var err error
+		switch action {
+		case "floor":
+			var req api.FloorRequest
+			if err = decode(w, r, &req); err == nil {
+				err = b.SetFloor(id, req.Version)
+			}
+		case "disks":
+			var req api.DiskApprovalRequest
+			if err = decode(w, r, &req); err == nil {
+				err = b.ApproveDisks(id, req.Count)
+			}
+		case "revoke":
+			var req struct{}
+			if err = decode(w, r, &req); err == nil {
+				err = b.Revoke(id)
+			}
+		default:
+			err = reject(http.StatusNotFound, ReasonBadRequest, "unknown action "+strconv.Quote(action))
+		}
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, struct{}{})
+	})
+	return requireClientCert(mux)
+}
+
+func requireClientCert(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+			writeJSON(w, http.StatusUnauthorized, api.Error{Error: "operator client certificate required"})
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// AuditResponse carries the log and the broker's recorded head.
+type AuditResponse struct {
+	Entries []audit.Entry `json:"entries"`
+	Head    audit.Head    `json:"head"`
+}
+
+// OperatorTLSConfig requires operator client certificates from operatorCAs.
+func OperatorTLSConfig(cert tls.Certificate, operatorCAs *x509.CertPool) *tls.Config {
+	return &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert,
+		ClientCAs: operatorCAs, MinVersion: tls.VersionTLS13}
+}
+
+// ApplianceTLSConfig authenticates the broker; a client certificate from
+// this broker's service CA is verified when given (needed for deposits).
+func (b *Broker) ApplianceTLSConfig(cert tls.Certificate) *tls.Config {
+	pool := x509.NewCertPool()
+	pool.AddCert(b.cfg.ServiceCA.Cert)
+	return &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.VerifyClientCertIfGiven,
+		ClientCAs: pool, MinVersion: tls.VersionTLS13}
+}
+
+// String describes the broker for logs.
+func (b *Broker) String() string { return fmt.Sprintf("broker %s", b.cfg.Name) }

@@ -1,0 +1,139 @@
+package broker
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/dataembassy/embassy/broker/audit"
+)
+
+// Buckets of the broker database.
+var (
+	bucketAppliances  = []byte("appliances")
+	bucketEnrollments = []byte("enrollments")
+	bucketManifests   = []byte("manifests")
+	bucketShares      = []byte("shares")
+	bucketMeta        = []byte("meta")
+	keyAuditHead      = []byte("audit-head")
+)
+
+// record is what the broker keeps per appliance.
+type record struct {
+	ID            string   `json:"id"`
+	EKPublic      []byte   `json:"ek_public"`
+	EKCert        []byte   `json:"ek_cert"`
+	AKPublic      []byte   `json:"ak_public"`
+	Activated     bool     `json:"activated"`
+	Enrolled      bool     `json:"enrolled"`
+	Revoked       bool     `json:"revoked"`
+	Floor         uint64   `json:"floor"`
+	DiskApprovals int      `json:"disk_approvals"`
+	Disks         []string `json:"disks"`
+	ResetCount    uint32   `json:"reset_count"`
+	RestartCount  uint32   `json:"restart_count"`
+	SeenQuote     bool     `json:"seen_quote"`
+	LastAttest    int64    `json:"last_attest_unix"`
+	LastImage     uint64   `json:"last_image"`
+	// Challenge is the credential-activation secret while enrollment is
+	// pending; cleared once activated.
+	Challenge []byte `json:"challenge,omitempty"`
+}
+
+// manifestRecord is an approved manifest with its signature.
+type manifestRecord struct {
+	Manifest  []byte `json:"manifest"`
+	Signature []byte `json:"signature"`
+	Approved  int64  `json:"approved_unix"`
+}
+
+func getJSON(tx *bolt.Tx, bucket, key []byte, v any) (bool, error) {
+	b := tx.Bucket(bucket).Get(key)
+	if b == nil {
+		return false, nil
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return false, fmt.Errorf("decode %s/%s: %w", bucket, key, err)
+	}
+	return true, nil
+}
+
+func putJSON(tx *bolt.Tx, bucket, key []byte, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return tx.Bucket(bucket).Put(key, b)
+}
+
+func openDB(path string) (*bolt.DB, error) {
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		return nil, fmt.Errorf("open broker database: %w", err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketAppliances, bucketEnrollments, bucketManifests, bucketShares, bucketMeta} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	return db, nil
+}
+
+func auditHead(db *bolt.DB) (audit.Head, error) {
+	var h audit.Head
+	err := db.View(func(tx *bolt.Tx) error {
+		_, err := getJSON(tx, bucketMeta, keyAuditHead, &h)
+		return err
+	})
+	return h, err
+}
+
+// sealer encrypts key shares at rest under the broker master key.
+type sealer struct{ aead cipher.AEAD }
+
+func newSealer(masterKey []byte) (*sealer, error) {
+	if len(masterKey) != 32 {
+		return nil, errors.New("broker master key must be 32 bytes")
+	}
+	block, err := aes.NewCipher(masterKey)
+	if err != nil {
+		return nil, err
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		return nil, err
+	}
+	return &sealer{aead}, nil
+}
+
+func (s *sealer) seal(plain, aad []byte) ([]byte, error) {
+	nonce := make([]byte, s.aead.NonceSize())
+	if _, err := rand.Read(nonce); err != nil {
+		return nil, err
+	}
+	return s.aead.Seal(nonce, nonce, plain, aad), nil
+}
+
+func (s *sealer) open(sealed, aad []byte) ([]byte, error) {
+	n := s.aead.NonceSize()
+	if len(sealed) < n {
+		return nil, errors.New("sealed share too short")
+	}
+	out, err := s.aead.Open(nil, sealed[:n], sealed[n:], aad)
+	if err != nil {
+		return nil, errors.New("share at rest does not authenticate under the master key")
+	}
+	return out, nil
+}

@@ -1,0 +1,99 @@
+package tpmtest
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"io"
+	"testing"
+
+	"github.com/google/go-tpm/legacy/tpm2"
+)
+
+// Event types used by the firmware and the Linux EFI stub.
+const (
+	EvNoAction               = 0x00000003
+	EvSeparator              = 0x00000004
+	EvEventTag               = 0x00000006
+	EvEFIAction              = 0x80000007
+	EvEFIBootServicesApp     = 0x80000003
+	algSHA256         uint16 = 0x000b
+)
+
+// EventLog builds a TCG2 crypto-agile event log (SHA-256 bank only) and
+// extends the same digests into a TPM, the way firmware does.
+type EventLog struct {
+	buf bytes.Buffer
+}
+
+// NewEventLog starts a log with the Spec ID event.
+func NewEventLog() *EventLog {
+	l := &EventLog{}
+	var spec bytes.Buffer
+	spec.WriteString("Spec ID Event03\x00")
+	binary.Write(&spec, binary.LittleEndian, uint32(0)) // platform class
+	spec.Write([]byte{0, 2, 0, 2})                      // minor, major, errata, uintn size
+	binary.Write(&spec, binary.LittleEndian, uint32(1)) // one algorithm
+	binary.Write(&spec, binary.LittleEndian, algSHA256)
+	binary.Write(&spec, binary.LittleEndian, uint16(32))
+	spec.WriteByte(0) // vendor info size
+	binary.Write(&l.buf, binary.LittleEndian, uint32(0))
+	binary.Write(&l.buf, binary.LittleEndian, uint32(EvNoAction))
+	l.buf.Write(make([]byte, 20))
+	binary.Write(&l.buf, binary.LittleEndian, uint32(spec.Len()))
+	l.buf.Write(spec.Bytes())
+	return l
+}
+
+// Add appends an event with an explicit digest.
+func (l *EventLog) Add(pcr int, typ uint32, digest []byte, data []byte) {
+	binary.Write(&l.buf, binary.LittleEndian, uint32(pcr))
+	binary.Write(&l.buf, binary.LittleEndian, typ)
+	binary.Write(&l.buf, binary.LittleEndian, uint32(1))
+	binary.Write(&l.buf, binary.LittleEndian, algSHA256)
+	l.buf.Write(digest)
+	binary.Write(&l.buf, binary.LittleEndian, uint32(len(data)))
+	l.buf.Write(data)
+}
+
+// Bytes returns the log.
+func (l *EventLog) Bytes() []byte { return append([]byte(nil), l.buf.Bytes()...) }
+
+// Measure logs an event and extends its digest into the TPM.
+func (l *EventLog) Measure(t testing.TB, rw io.ReadWriter, pcr int, typ uint32, digest []byte, data []byte) {
+	t.Helper()
+	l.Add(pcr, typ, digest, data)
+	if err := tpm2.PCRExtend(rw, tpmutilHandle(pcr), tpm2.AlgSHA256, digest, ""); err != nil {
+		t.Fatalf("extend PCR %d: %v", pcr, err)
+	}
+}
+
+// BootDigests are the three measurements of an appliance image.
+type BootDigests struct {
+	Kernel, LoadOptions, Initrd []byte
+}
+
+// NewBootDigests derives distinct digests for an image called name.
+func NewBootDigests(name string) BootDigests {
+	k := sha256.Sum256([]byte(name + " kernel"))
+	c := sha256.Sum256([]byte(name + " cmdline"))
+	i := sha256.Sum256([]byte(name + " initrd"))
+	return BootDigests{Kernel: k[:], LoadOptions: c[:], Initrd: i[:]}
+}
+
+// MeasuredBoot plays a firmware + EFI stub boot of an image into the TPM
+// and returns the event log: the kernel in PCR4 with the boot-option action
+// and separator, the command line and initrd in PCR9.
+func MeasuredBoot(t testing.TB, rw io.ReadWriter, d BootDigests) []byte {
+	t.Helper()
+	l := NewEventLog()
+	action := []byte("Calling EFI Application from Boot Option")
+	ad := sha256.Sum256(action)
+	sep := sha256.Sum256([]byte{0, 0, 0, 0})
+	l.Measure(t, rw, 4, EvEFIAction, ad[:], action)
+	l.Measure(t, rw, 4, EvSeparator, sep[:], []byte{0, 0, 0, 0})
+	l.Measure(t, rw, 4, EvEFIBootServicesApp, d.Kernel, make([]byte, 40))
+	l.Measure(t, rw, 9, EvEventTag, d.LoadOptions, []byte("LOADED_IMAGE::LoadOptions\x00"))
+	l.Measure(t, rw, 9, EvEventTag, d.Initrd, []byte("Linux initrd\x00"))
+	return l.Bytes()
+}
