@@ -13,6 +13,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -178,10 +179,14 @@ func TestNegativeMatrix(t *testing.T) {
 	provision(t, e, a, d)
 	a.reboot(t, d) // resetCount now above the manufactured TPM's
 
-	// A good attestation works before each tampering.
+	// A good attestation works before each tampering; broker-b sees the
+	// raised reset count too (for the rollback case below).
 	resp, err := rawAttest(t, e, a, 0, nil)
 	if err != nil || len(resp.Shares) != 1 {
 		t.Fatalf("baseline attestation: %v", err)
+	}
+	if _, err := rawAttest(t, e, a, 1, nil); err != nil {
+		t.Fatal(err)
 	}
 
 	t.Run("replayed nonce", func(t *testing.T) {
@@ -289,20 +294,6 @@ func TestNegativeMatrix(t *testing.T) {
 		}
 	})
 
-	t.Run("revoked appliance", func(t *testing.T) {
-		a.reboot(t, d)
-		if err := e.op(0, http.MethodPost, api.PathAppliances+a.c.ID()+"/revoke", struct{}{}, nil); err != nil {
-			t.Fatal(err)
-		}
-		resp, err := rawAttest(t, e, a, 0, nil)
-		expectRefused(t, e, 0, resp, err, broker.ReasonRevoked)
-		_, err = a.c.AttestAll(ctxTimeout(t, 30*time.Second), fastRetry, 2)
-		var ld *attest.LockdownError
-		if !errors.As(err, &ld) {
-			t.Fatalf("AttestAll after revocation: %v", err)
-		}
-	})
-
 	// The last cases need other TPMs: the simulator runs one at a time.
 	id := a.c.ID()
 	a.shutdown()
@@ -322,13 +313,32 @@ func TestNegativeMatrix(t *testing.T) {
 		resp, err = forgedQuote(t, e, b, id, 1)
 		expectRefused(t, e, 1, resp, err, broker.ReasonQuote)
 	})
+	// A TPM rolled back to its factory state: the same seed in a fresh
+	// process gives the same keys but reset and restart counts below what
+	// the brokers have seen. (The in-process simulator keeps its counters
+	// across re-opens, so the rolled-back TPM runs in a child process.)
+	c := e.boot(1, d, client.EKRSA)
+	defer c.shutdown()
 	t.Run("TPM state rollback", func(t *testing.T) {
-		// A freshly manufactured TPM with the same seed has the same keys but
-		// a reset count below what broker-b has seen.
-		c := e.boot(1, d, client.EKRSA)
-		defer c.shutdown()
-		resp, err := rawAttest(t, e, c, 1, nil)
+		var n api.NonceResponse
+		if err := postJSON(e, 1, api.PathNonce, api.NonceRequest{ApplianceID: c.c.ID()}, &n); err != nil {
+			t.Fatal(err)
+		}
+		req := rolledBackQuote(t, n.Nonce, c.c.TLSPublicKey(), "image-1")
+		req.ApplianceID = c.c.ID()
+		resp, err := postAttest(e, 1, req)
 		expectRefused(t, e, 1, resp, err, broker.ReasonRollback)
+	})
+	t.Run("revoked appliance", func(t *testing.T) {
+		// Operators revoke on every broker (embassyctl does).
+		e.opAll(http.MethodPost, api.PathAppliances+c.c.ID()+"/revoke", struct{}{})
+		resp, err := rawAttest(t, e, c, 0, nil)
+		expectRefused(t, e, 0, resp, err, broker.ReasonRevoked)
+		_, err = c.c.AttestAll(ctxTimeout(t, 30*time.Second), fastRetry, 2)
+		var ld *attest.LockdownError
+		if !errors.As(err, &ld) {
+			t.Fatalf("AttestAll after revocation: %v", err)
+		}
 	})
 }
 
@@ -426,4 +436,61 @@ func TestAuditTamperingDetected(t *testing.T) {
 	}
 	os.WriteFile(path, raw, 0o600)
 	e.start(0)
+}
+
+const rollbackChildEnv = "EMBASSY_TPM_ROLLBACK_CHILD"
+
+func TestMain(m *testing.M) {
+	if arg := os.Getenv(rollbackChildEnv); arg != "" {
+		rollbackChild(arg)
+		return
+	}
+	os.Exit(m.Run())
+}
+
+// rolledBackQuote runs a child process whose fresh simulator (seed 1)
+// boots image and quotes over nonce and the TLS key.
+func rolledBackQuote(t *testing.T, nonce, tlsPub []byte, image string) api.AttestRequest {
+	t.Helper()
+	arg, _ := json.Marshal(map[string]any{"nonce": nonce, "tls": tlsPub, "image": image})
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), rollbackChildEnv+"="+string(arg))
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("rolled-back TPM: %v", err)
+	}
+	var req api.AttestRequest
+	if err := json.Unmarshal(out, &req); err != nil {
+		t.Fatalf("rolled-back TPM output: %v", err)
+	}
+	return req
+}
+
+func rollbackChild(arg string) {
+	var in struct {
+		Nonce, TLS []byte
+		Image      string
+	}
+	json.Unmarshal([]byte(arg), &in)
+	t := &testing.T{}
+	sim, err := simulatorWithSeed(1)
+	if err != nil {
+		os.Exit(1)
+	}
+	defer sim.Close()
+	log := tpmtest.MeasuredBoot(t, sim, tpmtest.NewBootDigests(in.Image))
+	a, err := client.Open(sim, client.EKRSA)
+	if err != nil {
+		os.Exit(1)
+	}
+	h := sha256.Sum256(in.TLS)
+	q, err := a.Quote(api.ExtraData(in.Nonce, h[:]))
+	if err != nil {
+		os.Exit(1)
+	}
+	req := api.AttestRequest{Nonce: in.Nonce, Quote: q.Quote, Signature: q.RawSig, PCRs: map[int][]byte{}, EventLog: log, TLSPublic: in.TLS}
+	for k, v := range q.GetPcrs().GetPcrs() {
+		req.PCRs[int(k)] = v
+	}
+	json.NewEncoder(os.Stdout).Encode(req)
 }

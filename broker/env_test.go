@@ -283,6 +283,11 @@ func (a *appliance) reboot(t *testing.T, d tpmtest.BootDigests) {
 	if a.tpm, err = client.Open(a.sim, client.EKRSA); err != nil {
 		t.Fatal(err)
 	}
+	// The broker client must use the new key handles.
+	cfg, roots := a.c.Config()
+	if a.c, err = attest.New(cfg, roots, a.tpm, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet()); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func (a *appliance) shutdown() {

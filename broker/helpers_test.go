@@ -6,7 +6,12 @@ import (
 	"crypto/rand"
 
 	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/google/go-tpm-tools/simulator"
 )
+
+func simulatorWithSeed(seed int64) (*simulator.Simulator, error) {
+	return simulator.GetWithFixedSeedInsecure(seed)
+}
 
 func pkiNewKey() (*ecdsa.PrivateKey, error) { return pki.NewKey() }
 

@@ -73,6 +73,9 @@ func New(cfg *config.Config, brokerCAs *x509.CertPool, tpm TPM, tlsKey crypto.Si
 		eventLog: eventLog, log: log}, nil
 }
 
+// Config returns the image config and broker CA pool the client uses.
+func (c *Client) Config() (*config.Config, *x509.CertPool) { return c.cfg, c.roots }
+
 // ID is the appliance id the brokers know it by.
 func (c *Client) ID() string { return c.id }
 

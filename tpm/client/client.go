@@ -15,6 +15,7 @@ import (
 	tpmclient "github.com/google/go-tpm-tools/client"
 	pb "github.com/google/go-tpm-tools/proto/tpm"
 	"github.com/google/go-tpm/legacy/tpm2"
+	"github.com/google/go-tpm/tpmutil"
 )
 
 // EKType selects the endorsement key algorithm.
@@ -25,6 +26,10 @@ const (
 	EKRSA EKType = "rsa2048"
 	EKECC EKType = "eccp256"
 )
+
+// AKHandle is the persistent handle the AK is kept at, so that it is the
+// same key on every boot.
+const AKHandle = tpmutil.Handle(0x81010010)
 
 // QuotePCRs are the PCRs quoted: 0-9 of the SHA-256 bank.
 var QuotePCRs = tpm2.PCRSelection{Hash: tpm2.AlgSHA256, PCRs: []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}}
@@ -37,9 +42,11 @@ type Attester struct {
 	ak     *tpmclient.Key
 }
 
-// Open loads the EK of the given type and creates the AK (an ECC P-256
-// restricted signing key; the TPM derives the same key from the same
-// template every time).
+// Open loads the EK of the given type and creates the AK: an ECC P-256
+// restricted signing key, a primary key of the endorsement hierarchy, so the
+// TPM derives the same key every time and, unlike for owner-hierarchy keys,
+// does not obfuscate the reset and restart counts in its quotes (the
+// brokers compare them to detect a TPM state rollback).
 func Open(rw io.ReadWriter, ekType EKType) (*Attester, error) {
 	var ek *tpmclient.Key
 	var err error
@@ -54,7 +61,7 @@ func Open(rw io.ReadWriter, ekType EKType) (*Attester, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load %s EK: %w", ekType, err)
 	}
-	ak, err := tpmclient.AttestationKeyECC(rw)
+	ak, err := tpmclient.NewCachedKey(rw, tpm2.HandleEndorsement, tpmclient.AKTemplateECC(), AKHandle)
 	if err != nil {
 		ek.Close()
 		return nil, fmt.Errorf("create AK: %w", err)
