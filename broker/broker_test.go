@@ -6,8 +6,8 @@ import (
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"io"
@@ -19,8 +19,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-tpm/legacy/tpm2"
 	pb "github.com/google/go-tpm-tools/proto/tpm"
+	"github.com/google/go-tpm/legacy/tpm2"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/dataembassy/embassy/appliance/attest"

@@ -313,4 +313,3 @@ func ctxTimeout(t *testing.T, d time.Duration) context.Context {
 }
 
 var fastRetry = attest.Backoff{Initial: 50 * time.Millisecond, Max: 200 * time.Millisecond}
-

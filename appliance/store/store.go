@@ -45,8 +45,8 @@ const (
 )
 
 var (
-	nsPart   = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
-	hexName  = regexp.MustCompile(`^[0-9a-f]{64}$`)
+	nsPart  = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
+	hexName = regexp.MustCompile(`^[0-9a-f]{64}$`)
 	// Named objects ("config") must not look like a content hash.
 	namedObj = regexp.MustCompile(`^[a-z][a-z0-9._-]{0,63}$`)
 )

@@ -12,12 +12,12 @@ import (
 
 // Event types used by the firmware and the Linux EFI stub.
 const (
-	EvNoAction               = 0x00000003
-	EvSeparator              = 0x00000004
-	EvEventTag               = 0x00000006
-	EvEFIAction              = 0x80000007
-	EvEFIBootServicesApp     = 0x80000003
-	algSHA256         uint16 = 0x000b
+	EvNoAction                  = 0x00000003
+	EvSeparator                 = 0x00000004
+	EvEventTag                  = 0x00000006
+	EvEFIAction                 = 0x80000007
+	EvEFIBootServicesApp        = 0x80000003
+	algSHA256            uint16 = 0x000b
 )
 
 // EventLog builds a TCG2 crypto-agile event log (SHA-256 bank only) and

@@ -94,11 +94,24 @@ func NewSimulator(t testing.TB, ca *CA, seed int64) *simulator.Simulator {
 		return sim
 	}
 	for _, ek := range []struct {
-		load  func(rw interface{ Read([]byte) (int, error); Write([]byte) (int, error) }) (*tpmclient.Key, error)
+		load func(rw interface {
+			Read([]byte) (int, error)
+			Write([]byte) (int, error)
+		}) (*tpmclient.Key, error)
 		index uint32
 	}{
-		{func(rw interface{ Read([]byte) (int, error); Write([]byte) (int, error) }) (*tpmclient.Key, error) { return tpmclient.EndorsementKeyRSA(rw) }, tpmclient.EKCertNVIndexRSA},
-		{func(rw interface{ Read([]byte) (int, error); Write([]byte) (int, error) }) (*tpmclient.Key, error) { return tpmclient.EndorsementKeyECC(rw) }, tpmclient.EKCertNVIndexECC},
+		{func(rw interface {
+			Read([]byte) (int, error)
+			Write([]byte) (int, error)
+		}) (*tpmclient.Key, error) {
+			return tpmclient.EndorsementKeyRSA(rw)
+		}, tpmclient.EKCertNVIndexRSA},
+		{func(rw interface {
+			Read([]byte) (int, error)
+			Write([]byte) (int, error)
+		}) (*tpmclient.Key, error) {
+			return tpmclient.EndorsementKeyECC(rw)
+		}, tpmclient.EKCertNVIndexECC},
 	} {
 		k, err := ek.load(sim)
 		if err != nil {

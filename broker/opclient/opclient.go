@@ -1,0 +1,215 @@
+// Package opclient is the operator's client of the key brokers' operator
+// API (mutual TLS with a home-state operator certificate), used by
+// embassyctl. Every change is sent to every broker, since each broker
+// decides on its own; reads are per broker.
+package opclient
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/dataembassy/embassy/broker"
+	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/broker/audit"
+)
+
+// Broker names a broker's operator endpoint.
+type Broker struct {
+	Name string `json:"name"`
+	URL  string `json:"url"`
+}
+
+// LoadBrokers reads a JSON list of brokers.
+func LoadBrokers(path string) ([]Broker, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read broker list: %w", err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var out []Broker
+	if err := dec.Decode(&out); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%s lists no broker", path)
+	}
+	for _, br := range out {
+		if br.Name == "" || !strings.HasPrefix(br.URL, "https://") {
+			return nil, fmt.Errorf("%s: broker %q needs a name and an https URL", path, br.Name)
+		}
+	}
+	return out, nil
+}
+
+// Client talks to a set of brokers.
+type Client struct {
+	Brokers []Broker
+	http    *http.Client
+}
+
+// New makes a client with the operator certificate and the broker CA.
+func New(brokers []Broker, cert tls.Certificate, brokerCAs *x509.CertPool) *Client {
+	return &Client{Brokers: brokers, http: &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: brokerCAs, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}}}}
+}
+
+func (c *Client) do(ctx context.Context, b Broker, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		data, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(data)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(b.URL, "/")+path, body)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("broker %s: %w", b.Name, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return fmt.Errorf("broker %s: %w", b.Name, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		var e api.Error
+		json.Unmarshal(data, &e)
+		if e.Error == "" {
+			e.Error = resp.Status
+		}
+		return fmt.Errorf("broker %s: %s", b.Name, e.Error)
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			return fmt.Errorf("broker %s: decode answer: %w", b.Name, err)
+		}
+	}
+	return nil
+}
+
+// Outcome is one broker's answer to a change.
+type Outcome struct {
+	Broker string `json:"broker"`
+	OK     bool   `json:"ok"`
+	Error  string `json:"error,omitempty"`
+}
+
+// each sends the same change to every broker and collects the outcomes;
+// the error names every broker that refused.
+func (c *Client) each(ctx context.Context, method, path string, in any) ([]Outcome, error) {
+	var out []Outcome
+	var errs []error
+	for _, b := range c.Brokers {
+		err := c.do(ctx, b, method, path, in, nil)
+		o := Outcome{Broker: b.Name, OK: err == nil}
+		if err != nil {
+			o.Error = err.Error()
+			errs = append(errs, err)
+		}
+		out = append(out, o)
+	}
+	return out, errors.Join(errs...)
+}
+
+// ApproveEnrollment approves an activated appliance on every broker.
+func (c *Client) ApproveEnrollment(ctx context.Context, id string) ([]Outcome, error) {
+	if err := api.CheckApplianceID(id); err != nil {
+		return nil, err
+	}
+	return c.each(ctx, http.MethodPost, api.PathEnrollments+"/"+id+"/approve", struct{}{})
+}
+
+// ApproveImage approves a signed manifest on every broker.
+func (c *Client) ApproveImage(ctx context.Context, manifest, sig []byte) ([]Outcome, error) {
+	return c.each(ctx, http.MethodPost, api.PathManifests, api.ApproveManifestRequest{Manifest: manifest, Signature: sig})
+}
+
+// SetFloor sets the minimum image version of an appliance.
+func (c *Client) SetFloor(ctx context.Context, id string, version uint64) ([]Outcome, error) {
+	if err := api.CheckApplianceID(id); err != nil {
+		return nil, err
+	}
+	return c.each(ctx, http.MethodPost, api.PathAppliances+id+"/floor", api.FloorRequest{Version: version})
+}
+
+// ApproveDisks approves provisioning of count new disks.
+func (c *Client) ApproveDisks(ctx context.Context, id string, count int) ([]Outcome, error) {
+	if err := api.CheckApplianceID(id); err != nil {
+		return nil, err
+	}
+	return c.each(ctx, http.MethodPost, api.PathAppliances+id+"/disks", api.DiskApprovalRequest{Count: count})
+}
+
+// Revoke revokes an appliance on every broker.
+func (c *Client) Revoke(ctx context.Context, id string) ([]Outcome, error) {
+	if err := api.CheckApplianceID(id); err != nil {
+		return nil, err
+	}
+	return c.each(ctx, http.MethodPost, api.PathAppliances+id+"/revoke", struct{}{})
+}
+
+// BrokerState is one broker's state or the error reading it.
+type BrokerState struct {
+	Broker string     `json:"broker"`
+	State  *api.State `json:"state,omitempty"`
+	Error  string     `json:"error,omitempty"`
+}
+
+// Status reads every broker's state.
+func (c *Client) Status(ctx context.Context) []BrokerState {
+	var out []BrokerState
+	for _, b := range c.Brokers {
+		var st api.State
+		if err := c.do(ctx, b, http.MethodGet, api.PathState, nil, &st); err != nil {
+			out = append(out, BrokerState{Broker: b.Name, Error: err.Error()})
+			continue
+		}
+		out = append(out, BrokerState{Broker: b.Name, State: &st})
+	}
+	return out
+}
+
+// AuditLog is one broker's audit log and its verification.
+type AuditLog struct {
+	Broker   string        `json:"broker"`
+	Entries  []audit.Entry `json:"entries,omitempty"`
+	Head     audit.Head    `json:"head"`
+	Verified bool          `json:"verified"`
+	Error    string        `json:"error,omitempty"`
+}
+
+// Audit fetches every broker's log and verifies its chain against the
+// broker's recorded head.
+func (c *Client) Audit(ctx context.Context) []AuditLog {
+	var out []AuditLog
+	for _, b := range c.Brokers {
+		var ar broker.AuditResponse
+		if err := c.do(ctx, b, http.MethodGet, api.PathAudit, nil, &ar); err != nil {
+			out = append(out, AuditLog{Broker: b.Name, Error: err.Error()})
+			continue
+		}
+		l := AuditLog{Broker: b.Name, Entries: ar.Entries, Head: ar.Head}
+		if _, err := audit.Verify(ar.Entries, &ar.Head); err != nil {
+			l.Error = err.Error()
+		} else {
+			l.Verified = true
+		}
+		out = append(out, l)
+	}
+	return out
+}

@@ -1,0 +1,86 @@
+package broker_test
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/broker/opclient"
+	"github.com/dataembassy/embassy/tpm/client"
+	"github.com/dataembassy/embassy/tpm/tpmtest"
+)
+
+// TestOperatorClient drives every embassyctl operation through opclient
+// against real brokers, and checks the human and JSON renderings.
+func TestOperatorClient(t *testing.T) {
+	e := newEnv(t, 2, 2)
+	var brokers []opclient.Broker
+	for _, rb := range e.brokers {
+		brokers = append(brokers, opclient.Broker{Name: rb.name, URL: "https://" + rb.opLn.Addr().String()})
+	}
+	oc := opclient.New(brokers, e.opCert, e.rootPool())
+	ctx := context.Background()
+
+	d := tpmtest.NewBootDigests("image-1")
+	a := e.boot(1, d, client.EKRSA)
+	defer a.shutdown()
+	if err := a.c.Enroll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	id := a.c.ID()
+	if outs, err := oc.ApproveEnrollment(ctx, id); err != nil || len(outs) != 2 || !outs[0].OK {
+		t.Fatalf("enroll: %v %+v", err, outs)
+	}
+	m, s := e.signManifest(1, d, e.imageKey)
+	if _, err := oc.ApproveImage(ctx, m, s); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := oc.ApproveImage(ctx, m, append([]byte(nil), s[:10]...)); err == nil {
+		t.Fatal("a damaged signature was approved")
+	}
+	if _, err := oc.SetFloor(ctx, id, 1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := oc.ApproveDisks(ctx, id, 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.c.AttestAll(ctxTimeout(t, time.Minute), fastRetry, 2); err != nil {
+		t.Fatal(err)
+	}
+	// Errors name what was wrong.
+	if _, err := oc.SetFloor(ctx, "not-an-id", 1); err == nil || !strings.Contains(err.Error(), "not-an-id") {
+		t.Fatalf("bad id: %v", err)
+	}
+	if _, err := oc.Revoke(ctx, strings.Repeat("0", 32)); err == nil || !strings.Contains(err.Error(), "unknown appliance") {
+		t.Fatalf("unknown appliance: %v", err)
+	}
+
+	st := oc.Status(ctx)
+	var out bytes.Buffer
+	opclient.PrintStatus(&out, st)
+	for _, want := range []string{"broker-a: approved images [1]", id, "enrolled", "ago"} {
+		if !strings.Contains(out.String(), want) {
+			t.Fatalf("status lacks %q:\n%s", want, out.String())
+		}
+	}
+	if st[0].State.Appliances[0].DiskApprovals != 2 || st[0].State.Appliances[0].LastImage != 1 {
+		t.Fatalf("state %+v", st[0].State.Appliances[0])
+	}
+	if _, err := oc.Revoke(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	logs := oc.Audit(ctx)
+	out.Reset()
+	opclient.PrintAudit(&out, logs, true)
+	for _, want := range []string{"chain verified", "enroll-request", "activate", "approve-image", "fail", "attest", "revoke"} {
+		if !strings.Contains(out.String(), want) {
+			t.Fatalf("audit output lacks %q:\n%s", want, out.String())
+		}
+	}
+	out.Reset()
+	if err := opclient.PrintJSON(&out, logs); err != nil || !strings.Contains(out.String(), `"verified": true`) {
+		t.Fatalf("JSON audit: %v\n%s", err, out.String())
+	}
+}
