@@ -118,6 +118,9 @@ type Broker struct {
 
 	mu     sync.Mutex // serialises read-modify-write of appliance records
 	nonceM sync.Mutex
+
+	manifestMu sync.Mutex
+	manifests  []*manifest.Manifest // verified, newest first; nil: reload
 	nonces map[string]nonceRecord
 }
 
@@ -177,6 +180,33 @@ func (b *Broker) Name() string { return b.cfg.Name }
 
 // record appends an audit entry and stores the new head.
 func (b *Broker) record(event, appliance string, err error, detail map[string]string) {
+	if err := b.commit(nil, entry(event, appliance, err, detail)); err != nil {
+		b.cfg.Log.Error("audit append failed", "err", err)
+	}
+}
+
+// commit appends audit entries and, in one database transaction, stores the
+// new audit head together with an updated appliance record (if any).
+func (b *Broker) commit(r *record, entries ...audit.Entry) error {
+	head, err := b.audit.Append(entries...)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		b.cfg.Log.Info("audit", "event", e.Event, "appliance", e.Appliance, "result", e.Result, "reason", e.Reason)
+	}
+	return b.db.Batch(func(tx *bolt.Tx) error {
+		if r != nil {
+			if err := putJSON(tx, bucketAppliances, []byte(r.ID), r); err != nil {
+				return err
+			}
+		}
+		return putJSON(tx, bucketMeta, keyAuditHead, head)
+	})
+}
+
+// entry makes an audit entry for an outcome.
+func entry(event, appliance string, err error, detail map[string]string) audit.Entry {
 	e := audit.Entry{Event: event, Appliance: appliance, Result: "ok", Detail: detail}
 	if err != nil {
 		e.Result = "fail"
@@ -193,17 +223,7 @@ func (b *Broker) record(event, appliance string, err error, detail map[string]st
 			e.Reason = err.Error()
 		}
 	}
-	written, aerr := b.audit.Append(e)
-	if aerr != nil {
-		b.cfg.Log.Error("audit append failed", "err", aerr)
-		return
-	}
-	if uerr := b.db.Update(func(tx *bolt.Tx) error {
-		return putJSON(tx, bucketMeta, keyAuditHead, audit.Head{Seq: written.Seq, Hash: written.Hash})
-	}); uerr != nil {
-		b.cfg.Log.Error("audit head update failed", "err", uerr)
-	}
-	b.cfg.Log.Info("audit", "event", event, "appliance", appliance, "result", e.Result, "reason", e.Reason)
+	return e
 }
 
 func (b *Broker) load(id string) (*record, error) {
@@ -317,6 +337,9 @@ func (b *Broker) ApproveManifest(manifestBytes, sig []byte) (_ *manifest.Manifes
 		}
 		return putJSON(tx, bucketManifests, key, manifestRecord{Manifest: manifestBytes, Signature: sig, Approved: b.now().Unix()})
 	})
+	b.manifestMu.Lock()
+	b.manifests = nil
+	b.manifestMu.Unlock()
 	if err != nil {
 		return nil, err
 	}
@@ -398,8 +421,15 @@ func (b *Broker) takeNonce(id string, n []byte) *Rejection {
 	return nil
 }
 
-// approvedManifests returns the approved manifests, newest first.
+// approvedManifests returns the approved manifests, newest first. They are
+// verified once when loaded from the database and kept until the next
+// approval.
 func (b *Broker) approvedManifests() ([]*manifest.Manifest, error) {
+	b.manifestMu.Lock()
+	defer b.manifestMu.Unlock()
+	if b.manifests != nil {
+		return b.manifests, nil
+	}
 	var out []*manifest.Manifest
 	err := b.db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketManifests).ForEach(func(_, v []byte) error {
@@ -417,7 +447,14 @@ func (b *Broker) approvedManifests() ([]*manifest.Manifest, error) {
 		})
 	})
 	sort.Slice(out, func(i, j int) bool { return out[i].Version > out[j].Version })
-	return out, err
+	if err != nil {
+		return nil, err
+	}
+	if out == nil {
+		out = []*manifest.Manifest{}
+	}
+	b.manifests = out
+	return out, nil
 }
 
 // Attest verifies an appliance's evidence and, if everything holds,
@@ -425,7 +462,11 @@ func (b *Broker) approvedManifests() ([]*manifest.Manifest, error) {
 // certificate for the key bound in the quote.
 func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err error) {
 	detail := map[string]string{}
-	defer func() { b.record("attest", req.ApplianceID, err, detail) }()
+	defer func() {
+		if err != nil {
+			b.record("attest", req.ApplianceID, err, detail)
+		}
+	}()
 	if api.CheckApplianceID(req.ApplianceID) != nil || len(req.Nonce) != 32 || len(req.TLSPublic) == 0 || len(req.TLSPublic) > 4096 {
 		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "appliance id, nonce or TLS key")
 	}
@@ -547,9 +588,7 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 	resp.DiskApprovals = r.DiskApprovals
 	r.SeenQuote, r.ResetCount, r.RestartCount = true, info.ResetCount, info.RestartCount
 	r.LastAttest, r.LastImage = b.now().Unix(), matched.Version
-	if err := b.save(r); err != nil {
-		return nil, err
-	}
+	entries := []audit.Entry{entry("attest", r.ID, nil, detail)}
 	if len(resp.Shares) > 0 {
 		disks := ""
 		for i, s := range resp.Shares {
@@ -558,7 +597,12 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 			}
 			disks += s.DiskID
 		}
-		b.record("release", r.ID, nil, map[string]string{"disks": disks, "image_version": detail["image_version"]})
+		entries = append(entries, entry("release", r.ID, nil, map[string]string{"disks": disks, "image_version": detail["image_version"]}))
+	}
+	// The record (anti-rollback counters) and the audit entries are durable
+	// before anything is released.
+	if err := b.commit(r, entries...); err != nil {
+		return nil, err
 	}
 	return resp, nil
 }

@@ -33,7 +33,7 @@ import (
 
 // provision enrolls, approves image v1 and one disk, and deposits a disk
 // secret; it returns the secret.
-func provision(t *testing.T, e *env, a *appliance, d tpmtest.BootDigests) []byte {
+func provision(t testing.TB, e *env, a *appliance, d tpmtest.BootDigests) []byte {
 	t.Helper()
 	e.enroll(a)
 	e.approveImage(1, d)

@@ -62,7 +62,7 @@ type runningBroker struct {
 }
 
 type env struct {
-	t          *testing.T
+	t          testing.TB
 	manu       *tpmtest.CA
 	root       *pki.Issuer // broker CA, baked into the image
 	operatorCA *pki.Issuer
@@ -75,7 +75,7 @@ type env struct {
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
-func newEnv(t *testing.T, n, k int) *env {
+func newEnv(t testing.TB, n, k int) *env {
 	t.Helper()
 	e := &env{t: t, manu: tpmtest.NewCA(t, "Test TPM Manufacturer"), clock: &clock{}}
 	var err error
@@ -272,7 +272,7 @@ func (e *env) boot(seed int64, d tpmtest.BootDigests, ekType client.EKType) *app
 
 // reboot power-cycles the simulated machine (resetCount goes up) and
 // measures image d again.
-func (a *appliance) reboot(t *testing.T, d tpmtest.BootDigests) {
+func (a *appliance) reboot(t testing.TB, d tpmtest.BootDigests) {
 	t.Helper()
 	a.tpm.Close()
 	if err := a.sim.Reset(); err != nil {
@@ -306,7 +306,7 @@ func (e *env) enroll(a *appliance) {
 	e.opAll(http.MethodPost, api.PathEnrollments+"/"+a.c.ID()+"/approve", struct{}{})
 }
 
-func ctxTimeout(t *testing.T, d time.Duration) context.Context {
+func ctxTimeout(t testing.TB, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx

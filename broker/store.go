@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 
@@ -76,6 +77,9 @@ func openDB(path string) (*bolt.DB, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open broker database: %w", err)
 	}
+	// Concurrent attestations share one commit; a lone one waits at most
+	// this long for company.
+	db.MaxBatchDelay = 300 * time.Microsecond
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketAppliances, bucketEnrollments, bucketManifests, bucketShares, bucketMeta} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {

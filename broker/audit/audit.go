@@ -89,29 +89,36 @@ func Open(path string, head Head) (*Log, error) {
 	return &Log{f: f, head: got, now: time.Now}, nil
 }
 
-// Append writes and syncs one entry and returns it with its hash.
-func (l *Log) Append(e Entry) (Entry, error) {
+// Append writes and syncs entries (in one write and one sync) and returns
+// the head after the last of them.
+func (l *Log) Append(entries ...Entry) (Head, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	e.Seq = l.head.Seq + 1
-	e.Time = l.now().UTC().Truncate(time.Millisecond)
-	e.Prev = l.head.Hash
-	if e.Prev == "" {
-		e.Prev = genesis
+	head := l.head
+	var buf []byte
+	for _, e := range entries {
+		e.Seq = head.Seq + 1
+		e.Time = l.now().UTC().Truncate(time.Millisecond)
+		e.Prev = head.Hash
+		if e.Prev == "" {
+			e.Prev = genesis
+		}
+		e.Hash = hashOf(e)
+		b, err := json.Marshal(e)
+		if err != nil {
+			return l.head, err
+		}
+		buf = append(append(buf, b...), '\n')
+		head = Head{Seq: e.Seq, Hash: e.Hash}
 	}
-	e.Hash = hashOf(e)
-	b, err := json.Marshal(e)
-	if err != nil {
-		return e, err
-	}
-	if _, err := l.f.Write(append(b, '\n')); err != nil {
-		return e, fmt.Errorf("append audit entry: %w", err)
+	if _, err := l.f.Write(buf); err != nil {
+		return l.head, fmt.Errorf("append audit entry: %w", err)
 	}
 	if err := l.f.Sync(); err != nil {
-		return e, fmt.Errorf("sync audit log: %w", err)
+		return l.head, fmt.Errorf("sync audit log: %w", err)
 	}
-	l.head = Head{Seq: e.Seq, Hash: e.Hash}
-	return e, nil
+	l.head = head
+	return head, nil
 }
 
 // Head returns the current head.

@@ -1,0 +1,68 @@
+package audit
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func TestAppendVerifyReopen(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, Head{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h1, err := l.Append(Entry{Event: "enroll", Appliance: "a", Result: "ok"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h2, err := l.Append(Entry{Event: "attest", Result: "fail", Reason: "nonce expired"}, Entry{Event: "release", Result: "ok"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h1.Seq != 1 || h2.Seq != 3 || l.Head() != h2 {
+		t.Fatalf("heads %+v %+v", h1, h2)
+	}
+	l.Close()
+	// Reopening with the recorded head works; with a head the file does
+	// not contain, it is refused.
+	l, err = Open(path, h2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	if _, err := Open(path, Head{Seq: 4, Hash: h2.Hash}); !errors.Is(err, ErrTampered) {
+		t.Fatalf("head beyond the file: %v", err)
+	}
+	// A truncated file is refused against the recorded head.
+	raw, _ := os.ReadFile(path)
+	lines := bytes.SplitAfter(raw, []byte("\n"))
+	os.WriteFile(path, bytes.Join(lines[:2], nil), 0o600)
+	if _, err := Open(path, h2); !errors.Is(err, ErrTampered) {
+		t.Fatalf("truncated log: %v", err)
+	}
+}
+
+func TestReadRejectsUnknownFields(t *testing.T) {
+	if _, err := Read(bytes.NewReader([]byte(`{"seq":1,"extra":true}` + "\n"))); !errors.Is(err, ErrTampered) {
+		t.Fatalf("unknown field: %v", err)
+	}
+}
+
+func FuzzRead(f *testing.F) {
+	path := filepath.Join(f.TempDir(), "audit.log")
+	l, _ := Open(path, Head{})
+	l.Append(Entry{Event: "enroll", Result: "ok"}, Entry{Event: "attest", Result: "fail", Reason: "x"})
+	l.Close()
+	raw, _ := os.ReadFile(path)
+	f.Add(raw)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		entries, err := Read(bytes.NewReader(b))
+		if err != nil {
+			return
+		}
+		Verify(entries, nil)
+	})
+}
