@@ -121,7 +121,7 @@ type Broker struct {
 
 	manifestMu sync.Mutex
 	manifests  []*manifest.Manifest // verified, newest first; nil: reload
-	nonces map[string]nonceRecord
+	nonces     map[string]nonceRecord
 }
 
 // New opens the broker's state in cfg.Dir.

@@ -18,4 +18,3 @@ func pkiNewKey() (*ecdsa.PrivateKey, error) { return pki.NewKey() }
 func ed25519GenerateKey() (ed25519.PublicKey, ed25519.PrivateKey, error) {
 	return ed25519.GenerateKey(rand.Reader)
 }
-
