@@ -3,7 +3,6 @@ package broker_test
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
@@ -55,17 +54,7 @@ func BenchmarkAttestRoundTrips(b *testing.B) {
 			if err := postJSON(e, 0, api.PathNonce, api.NonceRequest{ApplianceID: a.c.ID()}, &n); err != nil {
 				b.Fatal(err)
 			}
-			h := sha256.Sum256(a.c.TLSPublicKey())
-			q, err := a.tpm.Quote(api.ExtraData(n.Nonce, h[:]))
-			if err != nil {
-				b.Fatal(err)
-			}
-			r := api.AttestRequest{ApplianceID: a.c.ID(), Nonce: n.Nonce, Quote: q.Quote, Signature: q.RawSig,
-				PCRs: map[int][]byte{}, EventLog: a.log, TLSPublic: a.c.TLSPublicKey()}
-			for k, v := range q.GetPcrs().GetPcrs() {
-				r.PCRs[int(k)] = v
-			}
-			reqs[i], _ = json.Marshal(r)
+			reqs[i], _ = json.Marshal(quoteRequest(b, a, a.c.ID(), n.Nonce))
 		}
 		attestURL := e.cfg.Brokers[0].Endpoints[0] + api.PathAttest
 		rps, p50, p99 := load(b, e, attestURL, reqs, conc, true)

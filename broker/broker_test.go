@@ -6,11 +6,9 @@ import (
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -116,44 +114,32 @@ func TestFullFlowThreeBrokersK2(t *testing.T) {
 // tamper with the request. It returns the response or the broker's error.
 func rawAttest(t *testing.T, e *env, a *appliance, i int, mutate func(*api.AttestRequest)) (*api.AttestResponse, error) {
 	t.Helper()
-	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: e.rootPool()}}}
-	post := func(path string, in, out any) error {
-		b, _ := json.Marshal(in)
-		resp, err := hc.Post(e.cfg.Brokers[i].Endpoints[0]+path, "application/json", bytes.NewReader(b))
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
-		data, _ := io.ReadAll(resp.Body)
-		if resp.StatusCode != http.StatusOK {
-			var ae api.Error
-			json.Unmarshal(data, &ae)
-			return errors.New(ae.Error)
-		}
-		return json.Unmarshal(data, out)
-	}
 	var n api.NonceResponse
-	if err := post(api.PathNonce, api.NonceRequest{ApplianceID: a.c.ID()}, &n); err != nil {
+	if err := postJSON(e, i, api.PathNonce, api.NonceRequest{ApplianceID: a.c.ID()}, &n); err != nil {
 		t.Fatal(err)
 	}
+	req := quoteRequest(t, a, a.c.ID(), n.Nonce)
+	if mutate != nil {
+		mutate(&req)
+	}
+	return postAttest(e, i, req)
+}
+
+// quoteRequest quotes with a's TPM over nonce and a's TLS key and builds
+// the attestation request for appliance id.
+func quoteRequest(t testing.TB, a *appliance, id string, nonce []byte) api.AttestRequest {
+	t.Helper()
 	h := sha256.Sum256(a.c.TLSPublicKey())
-	q, err := a.tpm.Quote(api.ExtraData(n.Nonce, h[:]))
+	q, err := a.tpm.Quote(api.ExtraData(nonce, h[:]))
 	if err != nil {
 		t.Fatal(err)
 	}
-	req := api.AttestRequest{ApplianceID: a.c.ID(), Nonce: n.Nonce, Quote: q.Quote, Signature: q.RawSig,
+	req := api.AttestRequest{ApplianceID: id, Nonce: nonce, Quote: q.Quote, Signature: q.RawSig,
 		PCRs: map[int][]byte{}, EventLog: a.log, TLSPublic: a.c.TLSPublicKey()}
 	for k, v := range q.GetPcrs().GetPcrs() {
 		req.PCRs[int(k)] = v
 	}
-	if mutate != nil {
-		mutate(&req)
-	}
-	var resp api.AttestResponse
-	if err := post(api.PathAttest, req, &resp); err != nil {
-		return nil, err
-	}
-	return &resp, nil
+	return req
 }
 
 // expectRefused checks that an attestation was refused for reason, that
@@ -342,26 +328,6 @@ func TestNegativeMatrix(t *testing.T) {
 	})
 }
 
-func postJSON(e *env, i int, path string, in, out any) error {
-	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: e.rootPool()}}}
-	b, _ := json.Marshal(in)
-	resp, err := hc.Post(e.cfg.Brokers[i].Endpoints[0]+path, "application/json", bytes.NewReader(b))
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	data, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		var ae api.Error
-		json.Unmarshal(data, &ae)
-		return errors.New(ae.Error)
-	}
-	if out == nil {
-		return nil
-	}
-	return json.Unmarshal(data, out)
-}
-
 func postAttest(e *env, i int, req api.AttestRequest) (*api.AttestResponse, error) {
 	var resp api.AttestResponse
 	if err := postJSON(e, i, api.PathAttest, req, &resp); err != nil {
@@ -376,17 +342,7 @@ func forgedQuote(t *testing.T, e *env, b *appliance, id string, i int) (*api.Att
 	if err := postJSON(e, i, api.PathNonce, api.NonceRequest{ApplianceID: id}, &n); err != nil {
 		t.Fatal(err)
 	}
-	h := sha256.Sum256(b.c.TLSPublicKey())
-	q, err := b.tpm.Quote(api.ExtraData(n.Nonce, h[:]))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req := api.AttestRequest{ApplianceID: id, Nonce: n.Nonce, Quote: q.Quote, Signature: q.RawSig, PCRs: map[int][]byte{},
-		EventLog: b.log, TLSPublic: b.c.TLSPublicKey()}
-	for k, v := range q.GetPcrs().GetPcrs() {
-		req.PCRs[int(k)] = v
-	}
-	return postAttest(e, i, req)
+	return postAttest(e, i, quoteRequest(t, b, id, n.Nonce))
 }
 
 func rsaOrECKey() ([]byte, error) {

@@ -170,14 +170,24 @@ func (e *env) rootPool() *x509.CertPool {
 
 // op sends an operator request to broker i and returns the API error text.
 func (e *env) op(i int, method, path string, body any, out any) error {
-	rb := e.brokers[i]
 	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: e.rootPool(), Certificates: []tls.Certificate{e.opCert}}}}
+	return do(hc, method, "https://"+e.brokers[i].opLn.Addr().String()+path, body, out)
+}
+
+// postJSON posts to broker i's appliance API.
+func postJSON(e *env, i int, path string, in, out any) error {
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: e.rootPool()}}}
+	return do(hc, http.MethodPost, e.cfg.Brokers[i].Endpoints[0]+path, in, out)
+}
+
+// do sends one JSON request and decodes the answer or the API error.
+func do(hc *http.Client, method, url string, body, out any) error {
 	var rd io.Reader
 	if body != nil {
 		b, _ := json.Marshal(body)
 		rd = bytes.NewReader(b)
 	}
-	req, _ := http.NewRequest(method, "https://"+rb.opLn.Addr().String()+path, rd)
+	req, _ := http.NewRequest(method, url, rd)
 	resp, err := hc.Do(req)
 	if err != nil {
 		return err
