@@ -9,6 +9,7 @@ package vm
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -75,6 +76,7 @@ type VM struct {
 	qemuDone  chan struct{}
 	qemuErr   error
 	closeOnce sync.Once
+	nextDisk  int
 }
 
 // Line is one console line and when it arrived.
@@ -205,11 +207,18 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 		args = append(args, "-netdev", nd,
 			"-device", fmt.Sprintf("virtio-net-pci,netdev=net%d,id=%s,mac=52:54:00:12:34:%02x", i, NICName(i), 0x56+i))
 	}
+	// Each disk sits behind its own PCIe root port so that it can be
+	// hot-unplugged (devices on the q35 root complex cannot), and spare
+	// ports take hot-added disks.
+	for i := 0; i < len(cfg.Disks)+SpareDiskSlots; i++ {
+		args = append(args, "-device", fmt.Sprintf("pcie-root-port,id=%s,chassis=%d,slot=%d", rootPort(i), 10+i, i))
+	}
 	for i, d := range cfg.Disks {
 		args = append(args,
 			"-drive", fmt.Sprintf("if=none,id=drive%d,format=raw,file=%s", i, d),
-			"-device", fmt.Sprintf("virtio-blk-pci,drive=drive%d,id=%s,serial=EMBASSY%04d", i, DiskID(i), i))
+			"-device", fmt.Sprintf("virtio-blk-pci,drive=drive%d,id=%s,serial=EMBASSY%04d,bus=%s", i, DiskID(i), i, rootPort(i)))
 	}
+	v.nextDisk = len(cfg.Disks)
 	v.qemu = exec.Command("qemu-system-x86_64", args...)
 	v.qemu.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdout, err := v.qemu.StdoutPipe()
@@ -297,10 +306,51 @@ func (v *VM) SetLink(nic int, up bool) error {
 	return err
 }
 
-// RemoveDisk hot-unplugs disk i.
+// SpareDiskSlots is how many disks can be hot-added.
+const SpareDiskSlots = 2
+
+func rootPort(i int) string { return fmt.Sprintf("rp%d", i) }
+
+// RemoveDisk hot-unplugs disk i, as pulling it from the bay would.
 func (v *VM) RemoveDisk(i int) error {
 	_, err := v.QMP.Execute("device_del", map[string]any{"id": DiskID(i)})
 	return err
+}
+
+// AddDisk hot-plugs a raw disk image into the next free slot and returns
+// its index.
+func (v *VM) AddDisk(path string) (int, error) {
+	i := v.nextDisk
+	if i >= len(v.cfg.Disks)+SpareDiskSlots {
+		return 0, fmt.Errorf("no free disk slot")
+	}
+	if _, err := v.QMP.Execute("blockdev-add", map[string]any{
+		"node-name": fmt.Sprintf("drive%d", i), "driver": "raw",
+		"file": map[string]any{"driver": "file", "filename": path},
+	}); err != nil {
+		return 0, err
+	}
+	if _, err := v.QMP.Execute("device_add", map[string]any{
+		"driver": "virtio-blk-pci", "id": DiskID(i), "drive": fmt.Sprintf("drive%d", i),
+		"bus": rootPort(i), "serial": fmt.Sprintf("EMBASSY%04d", i),
+	}); err != nil {
+		return 0, err
+	}
+	v.nextDisk++
+	return i, nil
+}
+
+// HMP runs a human monitor command (for checks such as "info network").
+func (v *VM) HMP(cmd string) (string, error) {
+	out, err := v.QMP.Execute("human-monitor-command", map[string]any{"command-line": cmd})
+	if err != nil {
+		return "", err
+	}
+	var s string
+	if err := json.Unmarshal(out, &s); err != nil {
+		return "", err
+	}
+	return s, nil
 }
 
 // Kill stops QEMU at once with SIGKILL, as a power cut would.
@@ -309,6 +359,17 @@ func (v *VM) Kill() {
 		v.qemu.Process.Signal(syscall.SIGKILL)
 		<-v.qemuDone
 	}
+}
+
+// PIDs returns the process ids of QEMU and swtpm.
+func (v *VM) PIDs() []int {
+	var out []int
+	for _, c := range []*exec.Cmd{v.qemu, v.swtpm} {
+		if c != nil && c.Process != nil {
+			out = append(out, c.Process.Pid)
+		}
+	}
+	return out
 }
 
 // Exited reports whether QEMU has exited.
