@@ -1,0 +1,304 @@
+// Package ingest serves the restic REST backend protocol (v1 and v2) on
+// top of the mirrored object store, append-only: objects can be created but
+// never changed, and only locks can be deleted. Every upload is verified
+// against its SHA-256 name and is durable on every healthy disk before it
+// is acknowledged. Clients authenticate with home-state client
+// certificates (mutual TLS); an Authorizer decides which client may read
+// or append to which repository.
+package ingest
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync/atomic"
+
+	"github.com/dataembassy/embassy/appliance/store"
+)
+
+// Object types of a restic repository.
+var objectTypes = map[string]bool{"data": true, "keys": true, "locks": true, "snapshots": true, "index": true}
+
+var repoName = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
+
+// DefaultMaxObject bounds an upload (restic packs are 4-128 MiB).
+const DefaultMaxObject = 160 << 20
+
+// Store is what the server needs of the object store.
+type Store interface {
+	Put(ns, name string, data []byte) ([]string, error)
+	Get(ns, name string) ([]byte, error)
+	Has(ns, name string) (int64, bool)
+	List(ns string) ([]store.ObjectInfo, error)
+	Delete(ns, name string) error
+}
+
+// Authorizer decides access for an authenticated client.
+type Authorizer interface {
+	// Allowed reports whether client may read (write=false) or append
+	// (write=true) to repo.
+	Allowed(client, repo string, write bool) bool
+}
+
+// Server is the REST handler. Serve it with a tls.Config that requests
+// client certificates (tls.RequestClientCert); the handler verifies them
+// against ClientCAs so that a missing or foreign certificate gets a clear
+// HTTP 401 rather than a failed handshake.
+type Server struct {
+	Store     Store
+	Auth      Authorizer
+	ClientCAs *x509.CertPool
+	Log       *slog.Logger
+	MaxObject int64
+
+	requests, rejected, bytesIn atomic.Int64
+}
+
+const mimeV2 = "application/vnd.x.restic.rest.v2"
+
+type httpError struct {
+	status int
+	msg    string
+}
+
+func (e *httpError) Error() string { return e.msg }
+
+func fail(status int, format string, args ...any) error {
+	return &httpError{status: status, msg: fmt.Sprintf(format, args...)}
+}
+
+// route splits /<repo>/<type>/<name> (name optional), or /<repo>/config,
+// or /<repo>/ (repository root).
+type route struct {
+	repo, typ, name string
+}
+
+func parse(path string) (route, error) {
+	if strings.Contains(path, "//") || strings.Contains(path, "\\") {
+		return route{}, fail(http.StatusBadRequest, "malformed path %q", path)
+	}
+	parts := strings.Split(strings.TrimPrefix(path, "/"), "/")
+	for _, p := range parts {
+		if p == "." || p == ".." {
+			return route{}, fail(http.StatusBadRequest, "path traversal in %q", path)
+		}
+	}
+	if len(parts) == 0 || !repoName.MatchString(parts[0]) {
+		return route{}, fail(http.StatusNotFound, "no repository in %q", path)
+	}
+	r := route{repo: parts[0]}
+	switch {
+	case len(parts) == 1 || (len(parts) == 2 && parts[1] == ""):
+		return r, nil
+	case len(parts) == 2 && parts[1] == "config":
+		r.typ = "config"
+		return r, nil
+	case len(parts) == 2 || (len(parts) == 3 && parts[2] == ""):
+		r.typ = parts[1]
+	case len(parts) == 3:
+		r.typ, r.name = parts[1], parts[2]
+		if len(r.name) != 64 || strings.Trim(r.name, "0123456789abcdef") != "" {
+			return route{}, fail(http.StatusBadRequest, "object name %q is not a SHA-256", r.name)
+		}
+	default:
+		return route{}, fail(http.StatusNotFound, "no such path %q", path)
+	}
+	if !objectTypes[r.typ] {
+		return route{}, fail(http.StatusNotFound, "unknown object type %q", r.typ)
+	}
+	return r, nil
+}
+
+// ClientName verifies the request's client certificate against the
+// home-state client CAs and returns its common name.
+func (s *Server) ClientName(r *http.Request) (string, error) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		return "", fail(http.StatusUnauthorized, "a client certificate from the home-state client CA is required")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range r.TLS.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	leaf := r.TLS.PeerCertificates[0]
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: s.ClientCAs, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		return "", fail(http.StatusUnauthorized, "client certificate %q is not from the home-state client CA: %v", leaf.Subject.CommonName, err)
+	}
+	cn := leaf.Subject.CommonName
+	if cn == "" {
+		return "", fail(http.StatusUnauthorized, "client certificate has no common name")
+	}
+	return cn, nil
+}
+
+// ServeHTTP implements the restic REST protocol.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.requests.Add(1)
+	err := s.serve(w, r)
+	if err == nil {
+		return
+	}
+	s.rejected.Add(1)
+	status := http.StatusInternalServerError
+	var he *httpError
+	switch {
+	case errors.As(err, &he):
+		status = he.status
+	case errors.Is(err, store.ErrNotFound):
+		status = http.StatusNotFound
+	case errors.Is(err, store.ErrHashMismatch):
+		status = http.StatusBadRequest
+	case errors.Is(err, store.ErrConflict):
+		status = http.StatusForbidden
+	case errors.Is(err, store.ErrInvalidName):
+		status = http.StatusBadRequest
+	case errors.Is(err, store.ErrNoHealthyDisk), errors.Is(err, store.ErrCorrupt):
+		status = http.StatusServiceUnavailable
+	}
+	if s.Log != nil {
+		s.Log.Warn("ingest request refused", "method", r.Method, "path", r.URL.Path, "status", status, "err", err.Error())
+	}
+	http.Error(w, err.Error(), status)
+}
+
+func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
+	client, err := s.ClientName(r)
+	if err != nil {
+		return err
+	}
+	rt, err := parse(r.URL.Path)
+	if err != nil {
+		return err
+	}
+	// Readers take and release locks too (restic locks a repository to read
+	// it); everything else that changes the repository needs a writer.
+	write := (r.Method == http.MethodPost || r.Method == http.MethodDelete) && rt.typ != "locks"
+	if !s.Auth.Allowed(client, rt.repo, write) {
+		return fail(http.StatusForbidden, "client %q may not %s repository %q", client, map[bool]string{false: "read", true: "append to"}[write], rt.repo)
+	}
+	switch {
+	case rt.typ == "":
+		if r.Method == http.MethodPost && r.URL.Query().Get("create") == "true" {
+			// Object namespaces are created on first write.
+			return nil
+		}
+		if r.Method == http.MethodDelete {
+			return fail(http.StatusForbidden, "append-only: a repository cannot be deleted")
+		}
+		return fail(http.StatusMethodNotAllowed, "%s on a repository root", r.Method)
+	case rt.name == "" && rt.typ != "config":
+		if r.Method != http.MethodGet {
+			return fail(http.StatusMethodNotAllowed, "%s on a list", r.Method)
+		}
+		return s.list(w, r, rt)
+	}
+	ns, name := rt.repo+"/"+rt.typ, rt.name
+	if rt.typ == "config" {
+		ns, name = rt.repo+"/config", "config"
+	}
+	switch r.Method {
+	case http.MethodHead:
+		size, ok := s.Store.Has(ns, name)
+		if !ok {
+			return fail(http.StatusNotFound, "%s not found", r.URL.Path)
+		}
+		w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+		return nil
+	case http.MethodGet:
+		return s.get(w, r, ns, name)
+	case http.MethodPost:
+		return s.put(w, r, ns, name)
+	case http.MethodDelete:
+		if rt.typ != "locks" {
+			return fail(http.StatusForbidden, "append-only: only locks can be deleted")
+		}
+		return s.Store.Delete(ns, name)
+	}
+	return fail(http.StatusMethodNotAllowed, "method %s", r.Method)
+}
+
+func (s *Server) list(w http.ResponseWriter, r *http.Request, rt route) error {
+	objs, err := s.Store.List(rt.repo + "/" + rt.typ)
+	if err != nil {
+		return err
+	}
+	if r.Header.Get("Accept") == mimeV2 {
+		type entry struct {
+			Name string `json:"name"`
+			Size int64  `json:"size"`
+		}
+		out := make([]entry, 0, len(objs))
+		for _, o := range objs {
+			out = append(out, entry{o.Name, o.Size})
+		}
+		w.Header().Set("Content-Type", mimeV2)
+		return json.NewEncoder(w).Encode(out)
+	}
+	names := make([]string, 0, len(objs))
+	for _, o := range objs {
+		names = append(names, o.Name)
+	}
+	w.Header().Set("Content-Type", "application/vnd.x.restic.rest.v1")
+	return json.NewEncoder(w).Encode(names)
+}
+
+func (s *Server) get(w http.ResponseWriter, r *http.Request, ns, name string) error {
+	data, err := s.Store.Get(ns, name)
+	if err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	// ServeContent handles Range requests (restic reads parts of packs).
+	http.ServeContent(w, r, "", zeroTime, bytes.NewReader(data))
+	return nil
+}
+
+func (s *Server) put(w http.ResponseWriter, r *http.Request, ns, name string) error {
+	max := s.MaxObject
+	if max == 0 {
+		max = DefaultMaxObject
+	}
+	if r.ContentLength > max {
+		return fail(http.StatusRequestEntityTooLarge, "object of %d bytes exceeds %d", r.ContentLength, max)
+	}
+	data, err := io.ReadAll(io.LimitReader(r.Body, max+1))
+	if err != nil {
+		return fail(http.StatusBadRequest, "read upload: %v", err)
+	}
+	if int64(len(data)) > max {
+		return fail(http.StatusRequestEntityTooLarge, "object exceeds %d bytes", max)
+	}
+	if r.ContentLength >= 0 && int64(len(data)) != r.ContentLength {
+		return fail(http.StatusBadRequest, "upload truncated: %d of %d bytes", len(data), r.ContentLength)
+	}
+	if name != "config" {
+		sum := sha256.Sum256(data)
+		if got := hex.EncodeToString(sum[:]); got != name {
+			return fail(http.StatusBadRequest, "content has SHA-256 %s, not %s", got, name)
+		}
+	}
+	if _, err := s.Store.Put(ns, name, data); err != nil {
+		return err
+	}
+	s.bytesIn.Add(int64(len(data)))
+	return nil
+}
+
+// WriteMetrics writes the server's counters in Prometheus text format.
+func (s *Server) WriteMetrics(w io.Writer) {
+	fmt.Fprintln(w, "# TYPE embassy_ingest_requests_total counter")
+	fmt.Fprintf(w, "embassy_ingest_requests_total %d\n", s.requests.Load())
+	fmt.Fprintln(w, "# TYPE embassy_ingest_rejected_total counter")
+	fmt.Fprintf(w, "embassy_ingest_rejected_total %d\n", s.rejected.Load())
+	fmt.Fprintln(w, "# TYPE embassy_ingest_bytes_total counter")
+	fmt.Fprintf(w, "embassy_ingest_bytes_total %d\n", s.bytesIn.Load())
+}

@@ -1,0 +1,248 @@
+package ingest_test
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/appliance/ingest"
+	"github.com/dataembassy/embassy/appliance/store"
+	"github.com/dataembassy/embassy/broker/pki"
+)
+
+type fixture struct {
+	url       string
+	roots     []string // store disk roots
+	serverCA  string   // PEM path
+	clientPEM string   // writer's cert+key PEM
+	readerPEM string
+	otherPEM  string // from a foreign CA
+	srvCAPool *x509.CertPool
+	certs     map[string]tls.Certificate
+}
+
+func clientPEM(t *testing.T, dir, name string, ca *pki.Issuer) (string, tls.Certificate) {
+	t.Helper()
+	key, _ := pki.NewKey()
+	leaf, err := ca.Leaf(name, nil, &key.PublicKey, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, _ := x509.MarshalPKCS8PrivateKey(key)
+	p := filepath.Join(dir, name+".pem")
+	b := append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leaf.Raw}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})...)
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p, pki.TLSCertificate(leaf, key)
+}
+
+func start(t *testing.T) *fixture {
+	t.Helper()
+	dir := t.TempDir()
+	f := &fixture{certs: map[string]tls.Certificate{}}
+	srvCA, _ := pki.NewRootCA("broker CA", time.Hour)
+	clientCA, _ := pki.NewRootCA("home-state client CA", time.Hour)
+	foreign, _ := pki.NewRootCA("someone else", time.Hour)
+	srvKey, _ := pki.NewKey()
+	srvLeaf, _ := srvCA.Leaf("appliance", []string{"127.0.0.1"}, &srvKey.PublicKey, time.Hour)
+	f.serverCA = filepath.Join(dir, "server-ca.pem")
+	os.WriteFile(f.serverCA, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srvCA.Cert.Raw}), 0o644)
+	f.srvCAPool = srvCA.Pool()
+	var c tls.Certificate
+	f.clientPEM, c = clientPEM(t, dir, "population-registry", clientCA)
+	f.certs["writer"] = c
+	f.readerPEM, c = clientPEM(t, dir, "auditor", clientCA)
+	f.certs["reader"] = c
+	f.otherPEM, c = clientPEM(t, dir, "population-registry-forged", foreign)
+	f.certs["foreign"] = c
+
+	for i := 0; i < 2; i++ {
+		f.roots = append(f.roots, filepath.Join(dir, fmt.Sprintf("disk%d", i)))
+	}
+	st, err := store.Open(slog.New(slog.NewTextHandler(io.Discard, nil)), []store.DiskSpec{{ID: "a", Root: f.roots[0]}, {ID: "b", Root: f.roots[1]}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &ingest.Server{Store: st, ClientCAs: clientCA.Pool(), MaxObject: 32 << 20,
+		Auth: ingest.Rules{"population": {Writers: []string{"population-registry"}, Readers: []string{"auditor"}}}}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: srv, TLSConfig: &tls.Config{Certificates: []tls.Certificate{pki.TLSCertificate(srvLeaf, srvKey)},
+		ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12}}
+	go hs.ServeTLS(ln, "", "")
+	t.Cleanup(func() { hs.Close() })
+	f.url = "https://" + ln.Addr().String()
+	return f
+}
+
+func needRestic(t *testing.T) {
+	t.Helper()
+	if _, err := exec.LookPath("restic"); err != nil {
+		t.Skip("restic not installed (make deps installs it)")
+	}
+}
+
+func (f *fixture) restic(t *testing.T, certPEM string, args ...string) (string, error) {
+	t.Helper()
+	full := append([]string{"-r", "rest:" + f.url + "/population/", "--cacert", f.serverCA, "--tls-client-cert", certPEM, "--no-cache"}, args...)
+	cmd := exec.Command("restic", full...)
+	cmd.Env = append(os.Environ(), "RESTIC_PASSWORD=correct horse battery staple")
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// sampleTree writes a tree of random and repeated files.
+func sampleTree(t *testing.T, mib int) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "register")
+	for i := 0; i < mib; i++ {
+		sub := filepath.Join(dir, fmt.Sprintf("part%02d", i%4))
+		os.MkdirAll(sub, 0o755)
+		b := make([]byte, 1<<20)
+		rand.Read(b)
+		os.WriteFile(filepath.Join(sub, fmt.Sprintf("record-%03d.bin", i)), b, 0o644)
+		os.WriteFile(filepath.Join(sub, fmt.Sprintf("record-%03d.copy", i)), b, 0o644) // dedup
+	}
+	os.WriteFile(filepath.Join(dir, "README.txt"), []byte("population register extract\n"), 0o644)
+	return dir
+}
+
+func TestResticBackupCheckRestore(t *testing.T) {
+	needRestic(t)
+	f := start(t)
+	src := sampleTree(t, 8)
+	if out, err := f.restic(t, f.clientPEM, "init"); err != nil {
+		t.Fatalf("init: %v\n%s", err, out)
+	}
+	if out, err := f.restic(t, f.clientPEM, "backup", src); err != nil {
+		t.Fatalf("backup: %v\n%s", err, out)
+	}
+	if out, err := f.restic(t, f.clientPEM, "backup", src); err != nil || !strings.Contains(out, "Added to the repository: 0 B") && !strings.Contains(out, "Added to the repo") {
+		t.Fatalf("second backup: %v\n%s", err, out)
+	}
+	if out, err := f.restic(t, f.clientPEM, "check", "--read-data"); err != nil {
+		t.Fatalf("check: %v\n%s", err, out)
+	}
+	// A reader may restore; the restored tree equals the source.
+	dst := t.TempDir()
+	if out, err := f.restic(t, f.readerPEM, "restore", "latest", "--target", dst); err != nil {
+		t.Fatalf("restore: %v\n%s", err, out)
+	}
+	if out, err := exec.Command("diff", "-r", src, filepath.Join(dst, src)).CombinedOutput(); err != nil {
+		t.Fatalf("restored tree differs: %v\n%s", err, out)
+	}
+	// (Refused deletes and a reader's uploads are checked over raw HTTP in
+	// TestBadRequests: restic retries refused requests for minutes.)
+	// Every object is mirrored on both disks.
+	for _, r := range f.roots {
+		n := 0
+		filepath.WalkDir(filepath.Join(r, "objects", "population", "data"), func(p string, d os.DirEntry, err error) error {
+			if err == nil && !d.IsDir() {
+				n++
+			}
+			return nil
+		})
+		if n == 0 {
+			t.Fatalf("no data packs on %s", r)
+		}
+	}
+	if out, err := f.restic(t, f.clientPEM, "check"); err != nil {
+		t.Fatalf("check after refused requests: %v\n%s", err, out)
+	}
+}
+
+func TestBadRequests(t *testing.T) {
+	f := start(t)
+	client := func(cert string) *http.Client {
+		tc := &tls.Config{RootCAs: f.srvCAPool}
+		if cert != "" {
+			tc.Certificates = []tls.Certificate{f.certs[cert]}
+		}
+		return &http.Client{Transport: &http.Transport{TLSClientConfig: tc}}
+	}
+	body := []byte("some pack")
+	sum := sha256.Sum256(body)
+	name := hex.EncodeToString(sum[:])
+	do := func(c *http.Client, method, path string, b []byte) (int, string) {
+		req, _ := http.NewRequest(method, f.url+path, bytes.NewReader(b))
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		msg, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(msg)
+	}
+	w := client("writer")
+	if code, msg := do(w, "POST", "/population/data/"+name, body); code != 200 {
+		t.Fatalf("good upload: %d %s", code, msg)
+	}
+	cases := []struct {
+		name   string
+		c      *http.Client
+		method string
+		path   string
+		body   []byte
+		status int
+		msg    string
+	}{
+		{"no client certificate", client(""), "GET", "/population/data/", nil, 401, "client certificate"},
+		{"foreign client certificate", client("foreign"), "GET", "/population/data/", nil, 401, "not from the home-state client CA"},
+		{"other repository", w, "GET", "/cadastre/data/", nil, 403, "may not read"},
+		{"path traversal", w, "GET", "/population/../cadastre/config", nil, 400, "traversal"},
+		{"encoded traversal", w, "GET", "/population/data/%2e%2e", nil, 400, ""},
+		{"unknown type", w, "GET", "/population/secrets/", nil, 404, "unknown object type"},
+		{"bad object name", w, "GET", "/population/data/xyz", nil, 400, "not a SHA-256"},
+		{"wrong hash", w, "POST", "/population/data/" + strings.Repeat("ab", 32), body, 400, "SHA-256"},
+		{"oversized body", w, "POST", "/population/data/" + strings.Repeat("cd", 32), make([]byte, 33<<20), 413, "exceeds"},
+		{"delete data", w, "DELETE", "/population/data/" + name, nil, 403, "append-only"},
+		{"delete snapshot", w, "DELETE", "/population/snapshots/" + name, nil, 403, "append-only"},
+		{"reader uploads", client("reader"), "POST", "/population/data/" + name, body, 403, "may not append"},
+		{"reader reads", client("reader"), "GET", "/population/data/" + name, nil, 200, "some pack"},
+		{"delete repository", w, "DELETE", "/population/", nil, 403, "append-only"},
+		{"overwrite config", w, "POST", "/population/config", []byte("v1"), 200, ""},
+		{"overwrite config with other bytes", w, "POST", "/population/config", []byte("v2"), 403, "different content"},
+		{"missing object", w, "GET", "/population/data/" + strings.Repeat("ef", 32), nil, 404, ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			code, msg := do(c.c, c.method, c.path, c.body)
+			if code != c.status || !strings.Contains(msg, c.msg) {
+				t.Fatalf("got %d %q, want %d with %q", code, msg, c.status, c.msg)
+			}
+		})
+	}
+	// Nothing changed: the one good object is still listed, and intact.
+	req, _ := http.NewRequest("GET", f.url+"/population/data/", nil)
+	req.Header.Set("Accept", "application/vnd.x.restic.rest.v2")
+	resp, err := w.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if want := fmt.Sprintf(`[{"name":"%s","size":%d}]`, name, len(body)); strings.TrimSpace(string(list)) != want {
+		t.Fatalf("list %s, want %s", list, want)
+	}
+	if code, msg := do(w, "GET", "/population/data/"+name, nil); code != 200 || msg != string(body) {
+		t.Fatalf("object changed: %d %q", code, msg)
+	}
+}
