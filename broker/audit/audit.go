@@ -54,12 +54,18 @@ func hashOf(e Entry) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// Log appends entries to a file.
+// Log appends entries to a file. Appends are written in order under a
+// lock and made durable by a group commit: concurrent appenders share one
+// fsync, and each returns only once its own entries are on disk.
 type Log struct {
-	mu   sync.Mutex
-	f    *os.File
-	head Head
-	now  func() time.Time
+	mu     sync.Mutex // order of entries, head, broken
+	f      *os.File
+	head   Head
+	broken error // a failed write or sync: every later append fails
+	now    func() time.Time
+
+	syncMu sync.Mutex // one fsync at a time
+	synced uint64     // entries up to this sequence number are durable
 }
 
 // Open opens (or creates) the log at path and verifies its chain. The log
@@ -86,14 +92,40 @@ func Open(path string, head Head) (*Log, error) {
 		f.Close()
 		return nil, fmt.Errorf("%w: log ends at entry %d and does not contain the recorded head entry %d", ErrTampered, got.Seq, head.Seq)
 	}
-	return &Log{f: f, head: got, now: time.Now}, nil
+	return &Log{f: f, head: got, now: time.Now, synced: got.Seq}, nil
 }
 
-// Append writes and syncs entries (in one write and one sync) and returns
-// the head after the last of them.
+// Append writes entries (in one write), waits until they are durable and
+// returns the head after the last of them.
 func (l *Log) Append(entries ...Entry) (Head, error) {
+	head, err := l.write(entries)
+	if err != nil {
+		return head, err
+	}
+	l.syncMu.Lock()
+	defer l.syncMu.Unlock()
+	if l.synced >= head.Seq {
+		return head, nil // a concurrent appender's fsync covered these entries
+	}
+	l.mu.Lock()
+	upTo := l.head.Seq
+	l.mu.Unlock()
+	if err := l.f.Sync(); err != nil {
+		l.mu.Lock()
+		l.broken = fmt.Errorf("sync audit log: %w", err)
+		l.mu.Unlock()
+		return head, l.broken
+	}
+	l.synced = upTo
+	return head, nil
+}
+
+func (l *Log) write(entries []Entry) (Head, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.broken != nil {
+		return l.head, l.broken
+	}
 	head := l.head
 	var buf []byte
 	for _, e := range entries {
@@ -112,10 +144,10 @@ func (l *Log) Append(entries ...Entry) (Head, error) {
 		head = Head{Seq: e.Seq, Hash: e.Hash}
 	}
 	if _, err := l.f.Write(buf); err != nil {
-		return l.head, fmt.Errorf("append audit entry: %w", err)
-	}
-	if err := l.f.Sync(); err != nil {
-		return l.head, fmt.Errorf("sync audit log: %w", err)
+		// A partial line may be in the file: refuse further entries, and
+		// the log will not verify until an operator looks at it.
+		l.broken = fmt.Errorf("append audit entry: %w", err)
+		return l.head, l.broken
 	}
 	l.head = head
 	return head, nil

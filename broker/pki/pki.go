@@ -7,6 +7,7 @@ package pki
 import (
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
@@ -66,9 +67,11 @@ func NewRootCA(name string, validity time.Duration) (*Issuer, error) {
 }
 
 // NewIntermediate issues a CA under parent that may only issue leaf
-// certificates (path length 0).
+// certificates (path length 0). Its key is Ed25519: a broker's service CA
+// signs a certificate at every attestation, and Ed25519 signs and verifies
+// faster than ECDSA P-256.
 func (p *Issuer) NewIntermediate(name string, validity time.Duration) (*Issuer, error) {
-	key, err := NewKey()
+	_, key, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
 		return nil, err
 	}
@@ -79,7 +82,7 @@ func (p *Issuer) NewIntermediate(name string, validity time.Duration) (*Issuer, 
 		KeyUsage:    x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.Cert, &key.PublicKey, p.Key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.Cert, key.Public(), p.Key)
 	if err != nil {
 		return nil, err
 	}
