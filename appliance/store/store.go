@@ -22,6 +22,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+
+	"golang.org/x/sys/unix"
 )
 
 // Errors callers branch on.
@@ -271,7 +273,8 @@ func stage(root string, data []byte, durable bool) (string, error) {
 		return "", err
 	}
 	if durable {
-		if err := f.Sync(); err != nil {
+		// fdatasync: the data and the file size, without the timestamps.
+		if err := unix.Fdatasync(int(f.Fd())); err != nil {
 			f.Close()
 			os.Remove(tmp)
 			return "", err
