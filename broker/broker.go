@@ -41,7 +41,7 @@ import (
 
 // Reasons a request is refused; each appears verbatim in the audit log.
 const (
-	ReasonUnknownAppliance = "unknown appliance"
+	ReasonUnknownAppliance = api.ReasonUnknownAppliance
 	ReasonNotActivated     = "AK was never activated"
 	ReasonNotEnrolled      = "enrollment not approved by an operator"
 	ReasonRevoked          = "appliance revoked"

@@ -278,7 +278,10 @@ func (c *Client) AttestAll(ctx context.Context, bo Backoff, want int) ([]*Result
 			for {
 				r := c.AttestOnce(ctx, b)
 				var be *BrokerError
-				if r.Err == nil || (errors.As(r.Err, &be) && be.Lockdown) || ctx.Err() != nil {
+				// Success, a lockdown order, or a broker that does not know
+				// this appliance (it must enroll first) end the retries.
+				final := errors.As(r.Err, &be) && (be.Lockdown || strings.HasPrefix(be.Message, api.ReasonUnknownAppliance))
+				if r.Err == nil || final || ctx.Err() != nil {
 					ch <- out{r}
 					return
 				}

@@ -5,18 +5,29 @@
 package initseq
 
 import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"time"
 
+	"github.com/dataembassy/embassy/appliance/attest"
 	"github.com/dataembassy/embassy/appliance/boot"
 	"github.com/dataembassy/embassy/appliance/config"
 	"github.com/dataembassy/embassy/appliance/measuredboot"
+	"github.com/dataembassy/embassy/appliance/netup"
+	"github.com/dataembassy/embassy/broker/api"
+	tpmclient "github.com/dataembassy/embassy/tpm/client"
 	"github.com/dataembassy/embassy/tpm/eventlog"
 )
 
@@ -76,8 +87,92 @@ func Run(log *slog.Logger) {
 		halt(log, "collect measured-boot evidence", err)
 	}
 	ReportEvidence(log, ev)
+
+	ctx := context.Background()
+	if _, err := netup.Up(ctx, log); err != nil {
+		halt(log, "network", err)
+	}
+	pool, err := loadPool(config.BrokerCAPath)
+	if err != nil {
+		halt(log, "broker CA bundle", err)
+	}
+	att, err := tpmclient.Open(tpm, tpmclient.EKRSA)
+	if err != nil {
+		halt(log, "TPM keys", err)
+	}
+	tlsKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		halt(log, "TLS key", err)
+	}
+	ac, err := attest.New(cfg, pool, att, tlsKey, func() ([]byte, error) { return os.ReadFile(measuredboot.EventLogPath) }, log)
+	if err != nil {
+		halt(log, "broker client", err)
+	}
+	log.Info(MsgIdentity, "appliance_id", ac.ID())
+	results := attestLoop(ctx, log, ac, cfg)
+	shares := 0
+	for _, r := range results {
+		shares += len(r.Shares)
+	}
+	log.Info(MsgAttested, "brokers", len(results), "image_version", results[0].ImageVersion,
+		"shares", shares, "disk_approvals", results[0].DiskApprovals, "elapsed_ms", time.Since(start).Milliseconds())
 	log.Info("boot sequence complete", "elapsed_ms", time.Since(start).Milliseconds())
 	hold()
+}
+
+// Log messages of the attestation step.
+const (
+	MsgIdentity        = "appliance identity"
+	MsgEnrollRequested = "enrollment requested"
+	MsgAttested        = "attested"
+	MsgLockdown        = "lockdown"
+)
+
+// attestLoop attests to the brokers until k answer. An appliance the
+// brokers do not know asks to enroll (credential activation) once and then
+// waits for the operators' approval; a lockdown order is logged and the
+// appliance keeps trying, serving nothing meanwhile.
+func attestLoop(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config) []*attest.Result {
+	enrollAsked := false
+	for {
+		round, cancel := context.WithTimeout(ctx, 30*time.Second)
+		results, err := ac.AttestAll(round, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, cfg.Threshold)
+		cancel()
+		if err == nil {
+			return results
+		}
+		var ld *attest.LockdownError
+		switch {
+		case errors.As(err, &ld):
+			log.Error(MsgLockdown, "broker", ld.Broker, "reason", ld.Reason)
+		case !enrollAsked && strings.Contains(err.Error(), api.ReasonUnknownAppliance):
+			if eerr := ac.Enroll(ctx); eerr != nil {
+				log.Warn("enrollment request incomplete", "err", eerr.Error())
+			} else {
+				enrollAsked = true
+				log.Info(MsgEnrollRequested, "appliance_id", ac.ID())
+			}
+		default:
+			log.Warn("attestation below threshold; retrying", "err", err.Error())
+		}
+		time.Sleep(2 * time.Second)
+	}
+}
+
+func loadPool(path string) (*x509.CertPool, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	certs, err := config.ParseCertBundle(b)
+	if err != nil {
+		return nil, err
+	}
+	p := x509.NewCertPool()
+	for _, c := range certs {
+		p.AddCert(c)
+	}
+	return p, nil
 }
 
 // ReportEvidence logs the PCR values, a readable list of the PCR4 and PCR9

@@ -69,6 +69,10 @@ func ExtraData(nonce, tlsKeySHA256 []byte) []byte {
 	return h.Sum(nil)
 }
 
+// ReasonUnknownAppliance is the refusal an appliance that was never
+// enrolled gets; it then asks to enroll.
+const ReasonUnknownAppliance = "unknown appliance"
+
 // Error is the body of every non-2xx answer.
 type Error struct {
 	Error string `json:"error"`

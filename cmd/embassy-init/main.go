@@ -1,9 +1,11 @@
-// Command embassy-init is PID 1 of the appliance image: it mounts the
-// pseudo-filesystems, loads the image's kernel modules and reports the
-// measured-boot evidence on the serial console, as structured JSON logs.
+// Command embassy-init is PID 1 of the appliance image: it runs the boot
+// sequence of package initseq (pseudo-filesystems, kernel modules,
+// measured-boot evidence, network, attestation to the key brokers) and logs
+// every step as structured JSON on the serial console.
 package main
 
 import (
+	stdlog "log"
 	"log/slog"
 	"os"
 
@@ -11,6 +13,10 @@ import (
 )
 
 func main() {
-	log := slog.New(slog.NewJSONHandler(os.Stdout, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	initseq.Run(log)
+	h := slog.NewJSONHandler(os.Stdout, &slog.HandlerOptions{Level: slog.LevelInfo})
+	// Libraries that use the standard logger (u-root's dhclient) log
+	// through the structured handler too.
+	stdlog.SetFlags(0)
+	stdlog.SetOutput(slog.NewLogLogger(h, slog.LevelInfo).Writer())
+	initseq.Run(slog.New(h))
 }

@@ -1,0 +1,82 @@
+package qemutests
+
+import (
+	"crypto/rand"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/broker"
+	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/images/imagekey"
+)
+
+// hostBrokers are the three key brokers of the local-default image config,
+// run in the test process on 127.0.0.1:7441-7443; the guest reaches them
+// through each NIC's gateway (10.0.2.2, 10.0.3.2).
+type hostBrokers struct {
+	b   []*broker.Broker
+	srv []*http.Server
+}
+
+func startHostBrokers(t *testing.T) *hostBrokers {
+	t.Helper()
+	pkiDir := filepath.Join(cacheDir(), "pki")
+	root, err := pki.LoadIssuer(filepath.Join(pkiDir, "broker-ca.pem"), filepath.Join(pkiDir, "broker-ca.key"))
+	if err != nil {
+		t.Fatalf("local broker CA (built with the image): %v", err)
+	}
+	manu := x509.NewCertPool()
+	pems, _ := filepath.Glob(filepath.Join(cacheDir(), "swtpm-localca", "*.pem"))
+	for _, p := range pems {
+		if b, err := os.ReadFile(p); err == nil {
+			manu.AppendCertsFromPEM(b)
+		}
+	}
+	img, err := imagekey.LoadPublic(pubKeyPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	hb := &hostBrokers{}
+	for i := 0; i < 3; i++ {
+		name := fmt.Sprintf("broker-%c", 'a'+i)
+		svc, err := root.NewIntermediate(name+" service CA", 24*time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		key, _ := pki.NewKey()
+		leaf, err := root.Leaf(name, []string{"10.0.2.2", "10.0.3.2", "127.0.0.1"}, &key.PublicKey, 24*time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		master := make([]byte, 32)
+		rand.Read(master)
+		b, err := broker.New(broker.Config{Name: name, Dir: t.TempDir(), MasterKey: master, ManufacturerCAs: manu,
+			ImageKey: img, ServiceCA: svc, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", 7441+i))
+		if err != nil {
+			t.Fatalf("broker port: %v", err)
+		}
+		srv := &http.Server{Handler: b.ApplianceHandler(), TLSConfig: b.ApplianceTLSConfig(pki.TLSCertificate(leaf, key))}
+		go srv.ServeTLS(ln, "", "")
+		hb.b = append(hb.b, b)
+		hb.srv = append(hb.srv, srv)
+	}
+	t.Cleanup(func() {
+		for i := range hb.b {
+			hb.srv[i].Close()
+			hb.b[i].Close()
+		}
+	})
+	return hb
+}
