@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -26,6 +27,9 @@ import (
 	"github.com/dataembassy/embassy/appliance/config"
 	"github.com/dataembassy/embassy/appliance/measuredboot"
 	"github.com/dataembassy/embassy/appliance/netup"
+	"github.com/dataembassy/embassy/appliance/store"
+	"github.com/dataembassy/embassy/appliance/volumes"
+	"github.com/dataembassy/embassy/disks/discover"
 	"github.com/dataembassy/embassy/broker/api"
 	tpmclient "github.com/dataembassy/embassy/tpm/client"
 	"github.com/dataembassy/embassy/tpm/eventlog"
@@ -116,8 +120,120 @@ func Run(log *slog.Logger) {
 	}
 	log.Info(MsgAttested, "brokers", len(results), "image_version", results[0].ImageVersion,
 		"shares", shares, "disk_approvals", results[0].DiskApprovals, "elapsed_ms", time.Since(start).Milliseconds())
+
+	vm := &volumes.Manager{Log: log}
+	vols := openDisks(ctx, log, ac, cfg, results, vm)
+	var specs []store.DiskSpec
+	for _, v := range vols {
+		specs = append(specs, store.DiskSpec{ID: v.UUID, Root: filepath.Join(v.MountPoint, "store")})
+	}
+	if len(specs) == 0 {
+		halt(log, "open store", errors.New("no data volume is open"))
+	}
+	st, err := store.Open(log, specs)
+	if err != nil {
+		halt(log, "open store", err)
+	}
+	status, degraded := st.Status()
+	log.Info(MsgStoreOpen, "disks", len(status), "degraded", degraded)
 	log.Info("boot sequence complete", "elapsed_ms", time.Since(start).Milliseconds())
 	hold()
+}
+
+// MsgStoreOpen reports the opened store.
+const MsgStoreOpen = "store open"
+
+// openDisks unlocks our disks with the released secrets and provisions
+// blank disks the operators approved. Foreign and boot disks are reported
+// and left alone.
+func openDisks(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config, results []*attest.Result, vm *volumes.Manager) []volumes.Volume {
+	disks, err := discover.List("/sys/block", "/dev")
+	if err != nil {
+		log.Error("disk discovery failed", "err", err.Error())
+		return nil
+	}
+	keys, cerr := attest.Combine(results, cfg.Threshold)
+	if cerr != nil {
+		log.Warn("some disk keys could not be recombined", "err", cerr.Error())
+	}
+	defer func() {
+		for _, k := range keys {
+			wipe(k)
+		}
+	}()
+	approvals := results[0].DiskApprovals
+	for _, r := range results {
+		approvals = min(approvals, r.DiskApprovals)
+	}
+	var blank []discover.Disk
+	for _, d := range disks {
+		log.Info("disk", "name", d.Name, "kind", d.Kind, "size", d.Size, "serial", d.Serial, "detail", d.Detail)
+		switch d.Kind {
+		case discover.Ours:
+			k, ok := keys[d.LUKSUUID]
+			if !ok {
+				log.Warn("disk stays locked: no key released for it", "disk", d.Name, "uuid", d.LUKSUUID)
+				continue
+			}
+			if _, err := vm.Open(d, k); err != nil {
+				log.Error("unlock failed", "disk", d.Name, "err", err.Error())
+			}
+		case discover.Blank:
+			blank = append(blank, d)
+		}
+	}
+	if len(blank) > 0 && approvals == 0 {
+		log.Info("blank disks wait for an operator's approval", "count", len(blank), "appliance_id", ac.ID())
+	}
+	if len(blank) > 0 && approvals > 0 {
+		// Depositing needs every broker's attested certificate.
+		all, err := ac.AttestAll(ctx, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, len(cfg.Brokers))
+		if err != nil {
+			log.Warn("provisioning needs all brokers", "err", err.Error())
+			return vm.Volumes()
+		}
+		for _, d := range blank[:min(len(blank), approvals)] {
+			provisionDisk(ctx, log, ac, all, d, vm)
+		}
+	}
+	return vm.Volumes()
+}
+
+func provisionDisk(ctx context.Context, log *slog.Logger, ac *attest.Client, all []*attest.Result, d discover.Disk, vm *volumes.Manager) {
+	secret := make([]byte, 32)
+	defer wipe(secret)
+	if _, err := rand.Read(secret); err != nil {
+		log.Error("random", "err", err.Error())
+		return
+	}
+	log.Info("provisioning disk", "disk", d.Name)
+	uuid, err := vm.Provision(ctx, d, secret)
+	if err != nil {
+		log.Error("provisioning failed", "disk", d.Name, "err", err.Error())
+		return
+	}
+	if err := ac.Deposit(ctx, all, uuid, secret); err != nil {
+		// Without every share the disk could not be unlocked reliably later:
+		// it is not used.
+		log.Error("share deposit failed; disk not used", "disk", d.Name, "uuid", uuid, "err", err.Error())
+		return
+	}
+	log.Info("disk provisioned, shares deposited", "disk", d.Name, "uuid", uuid)
+	nd, err := discover.Classify(d.Path)
+	if err != nil || nd.Kind != discover.Ours {
+		log.Error("provisioned disk does not classify as ours", "disk", d.Name)
+		return
+	}
+	nd.Name = d.Name
+	if _, err := vm.Open(*nd, secret); err != nil {
+		log.Error("unlock of new disk failed", "disk", d.Name, "err", err.Error())
+	}
+}
+
+func wipe(b []byte) {
+	for i := range b {
+		b[i] = 0
+	}
 }
 
 // Log messages of the attestation step.

@@ -45,11 +45,11 @@ const DefaultCmdline = "console=ttyS0,115200 panic=-1 loglevel=4 lockdown=integr
 
 // DefaultModules are the kernel modules the appliance loads at boot: virtio
 // for QEMU, NVMe/AHCI/SCSI disks and e1000e NICs for real servers,
-// dm-crypt with AES-XTS, ext4.
+// dm-crypt with AES-XTS (xts over ecb over the built-in aes), ext4.
 var DefaultModules = []string{
 	"virtio_pci", "virtio_net", "virtio_blk",
 	"nvme", "ahci", "sd_mod", "e1000e",
-	"dm_crypt", "xts", "aesni_intel", "crc32c_generic", "crc32c_intel", "libcrc32c",
+	"dm_crypt", "xts", "ecb", "aesni_intel", "crc32c_generic", "crc32c_intel", "libcrc32c",
 	"ext4",
 }
 

@@ -1,0 +1,131 @@
+// Package volumes opens the appliance's data disks: it unlocks our LUKS2
+// volumes with the secrets the brokers released (luks.go, dm-crypt) and
+// mounts their ext4 filesystems, provisions approved blank disks (GPT,
+// LUKS2, mkfs.ext4), and closes everything again on lockdown.
+package volumes
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/dataembassy/embassy/disks/discover"
+	"github.com/dataembassy/embassy/disks/fs"
+	"github.com/dataembassy/embassy/disks/luks2"
+	"github.com/dataembassy/embassy/disks/provision"
+)
+
+// MountRoot is where data volumes are mounted.
+const MountRoot = "/run/embassy/disks"
+
+// Volume is an unlocked, mounted data disk.
+type Volume struct {
+	Disk       string `json:"disk"`
+	UUID       string `json:"uuid"`
+	Mapping    string `json:"mapping"`
+	MountPoint string `json:"mount_point"`
+}
+
+// Manager keeps track of open volumes.
+type Manager struct {
+	Log  *slog.Logger
+	open []Volume
+}
+
+// PartitionPath names partition idx of a disk device: vda -> vda1,
+// nvme0n1 -> nvme0n1p1.
+func PartitionPath(disk string, idx uint) string {
+	if last := disk[len(disk)-1]; last >= '0' && last <= '9' {
+		return fmt.Sprintf("%sp%d", disk, idx)
+	}
+	return fmt.Sprintf("%s%d", disk, idx)
+}
+
+func mappingName(uuid string) string { return "embassy-" + strings.ReplaceAll(uuid, "-", "")[:12] }
+
+func waitFor(path string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return nil
+		} else if time.Now().After(deadline) {
+			return fmt.Errorf("%s did not appear: %w", path, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Open unlocks and mounts one of our disks.
+func (m *Manager) Open(d discover.Disk, secret []byte) (Volume, error) {
+	part := PartitionPath(d.Path, d.PartitionIndex)
+	if err := waitFor(part, 5*time.Second); err != nil {
+		return Volume{}, err
+	}
+	name := mappingName(d.LUKSUUID)
+	mapper, err := luks2.Unlock(part, secret, name)
+	if err != nil {
+		return Volume{}, err
+	}
+	v := Volume{Disk: d.Name, UUID: d.LUKSUUID, Mapping: name, MountPoint: filepath.Join(MountRoot, d.LUKSUUID)}
+	if err := fs.Mount(mapper, v.MountPoint); err != nil {
+		luks2.Lock(name)
+		return Volume{}, err
+	}
+	m.open = append(m.open, v)
+	m.Log.Info("volume unlocked and mounted", "disk", d.Name, "uuid", d.LUKSUUID, "mount", v.MountPoint)
+	return v, nil
+}
+
+// Provision turns a blank disk into one of ours with the given unlock
+// secret, creates its filesystem, and returns the LUKS UUID. The volume is
+// left closed; Open it once its secret's shares are deposited.
+func (m *Manager) Provision(ctx context.Context, d discover.Disk, secret []byte) (string, error) {
+	if d.Kind != discover.Blank {
+		return "", fmt.Errorf("disk %s is %s, not blank", d.Name, d.Kind)
+	}
+	start := time.Now()
+	res, err := provision.Disk(d.Path, secret)
+	if err != nil {
+		return "", err
+	}
+	m.Log.Info("disk partitioned and formatted", "disk", d.Name, "uuid", res.LUKSUUID, "progress", "1/3")
+	part := PartitionPath(d.Path, 1)
+	if err := waitFor(part, 10*time.Second); err != nil {
+		return "", err
+	}
+	name := mappingName(res.LUKSUUID)
+	mapper, err := luks2.Unlock(part, secret, name)
+	if err != nil {
+		return "", err
+	}
+	defer luks2.Lock(name)
+	m.Log.Info("volume opened for mkfs", "disk", d.Name, "progress", "2/3")
+	if err := fs.MakeExt4(ctx, mapper, "embassy-data"); err != nil {
+		return "", err
+	}
+	m.Log.Info("filesystem created", "disk", d.Name, "uuid", res.LUKSUUID, "progress", "3/3", "elapsed_ms", time.Since(start).Milliseconds())
+	return res.LUKSUUID, nil
+}
+
+// Volumes returns the open volumes.
+func (m *Manager) Volumes() []Volume { return append([]Volume(nil), m.open...) }
+
+// CloseAll unmounts every volume and closes its mapping, dropping the keys
+// from the kernel.
+func (m *Manager) CloseAll() error {
+	var firstErr error
+	for _, v := range m.open {
+		if err := fs.Unmount(v.MountPoint); err != nil && firstErr == nil {
+			firstErr = err
+		}
+		if err := luks2.Lock(v.Mapping); err != nil && firstErr == nil {
+			firstErr = err
+		}
+	}
+	m.open = nil
+	return firstErr
+}
