@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -546,7 +547,17 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 	if perr != nil {
 		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "TLS key: "+perr.Error())
 	}
-	cert, err := b.cfg.ServiceCA.Leaf(r.ID, []string{r.ID + pki.ApplianceDNSSuffix}, tlsPub, b.cfg.CertTTL)
+	names := []string{r.ID + pki.ApplianceDNSSuffix}
+	if len(req.TLSAddresses) > 8 {
+		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "more than 8 TLS addresses")
+	}
+	for _, a := range req.TLSAddresses {
+		if net.ParseIP(a) == nil {
+			return nil, reject(http.StatusBadRequest, ReasonBadRequest, "TLS address "+strconv.Quote(a)+" is not an IP address")
+		}
+		names = append(names, a)
+	}
+	cert, err := b.cfg.ServiceCA.Leaf(r.ID, names, tlsPub, b.cfg.CertTTL)
 	if err != nil {
 		return nil, err
 	}

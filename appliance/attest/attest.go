@@ -182,6 +182,7 @@ type Result struct {
 	Shares        map[string]shamir.Share // by disk id, imported through the TPM
 	Certificate   *tls.Certificate
 	DiskApprovals int
+	ReattestAfter time.Duration
 	Err           error
 }
 
@@ -207,7 +208,7 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 		return res
 	}
 	req := api.AttestRequest{ApplianceID: c.id, Nonce: n.Nonce, Quote: q.GetQuote(), Signature: q.GetRawSig(),
-		PCRs: map[int][]byte{}, EventLog: evlog, TLSPublic: c.tlsPub}
+		PCRs: map[int][]byte{}, EventLog: evlog, TLSPublic: c.tlsPub, TLSAddresses: c.cfg.Ingest.Addresses}
 	for i, v := range q.GetPcrs().GetPcrs() {
 		req.PCRs[int(i)] = v
 	}
@@ -217,6 +218,7 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 		return res
 	}
 	res.ImageVersion, res.DiskApprovals = resp.ImageVersion, resp.DiskApprovals
+	res.ReattestAfter = time.Duration(resp.ReattestAfter) * time.Second
 	if len(resp.Certificate) == 0 {
 		res.Err = fmt.Errorf("broker %s sent no certificate", b.Name)
 		return res

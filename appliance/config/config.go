@@ -39,6 +39,26 @@ type Config struct {
 	Threshold int `json:"threshold"`
 	// Brokers are the n home-state key brokers.
 	Brokers []Broker `json:"brokers"`
+	// Ingest configures the restic REST service.
+	Ingest Ingest `json:"ingest"`
+}
+
+// Ingest is the ingest service's configuration.
+type Ingest struct {
+	// Port the service listens on, on every NIC.
+	Port int `json:"port"`
+	// Addresses clients reach the appliance at (IP addresses), put in the
+	// attested certificate beside the appliance's own name.
+	Addresses []string `json:"addresses"`
+	// Repositories maps each register's repository to its clients
+	// (common names of certificates from the home-state client CA).
+	Repositories map[string]Access `json:"repositories"`
+}
+
+// Access lists a repository's writers (append) and readers.
+type Access struct {
+	Writers []string `json:"writers"`
+	Readers []string `json:"readers"`
 }
 
 // Broker is one key broker and its candidate endpoints (one per network
@@ -62,6 +82,9 @@ func (c *Config) Validate() error {
 	if c.Threshold < 1 || c.Threshold > n {
 		return fmt.Errorf("config: threshold %d must be between 1 and the broker count %d", c.Threshold, n)
 	}
+	if err := c.Ingest.validate(); err != nil {
+		return err
+	}
 	seen := map[string]bool{}
 	for i, b := range c.Brokers {
 		if !brokerName.MatchString(b.Name) {
@@ -77,6 +100,39 @@ func (c *Config) Validate() error {
 		for _, e := range b.Endpoints {
 			if err := checkEndpoint(e); err != nil {
 				return fmt.Errorf("config: broker %s: %w", b.Name, err)
+			}
+		}
+	}
+	return nil
+}
+
+var repoName = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
+
+func (in *Ingest) validate() error {
+	if in.Port < 1 || in.Port > 65535 {
+		return fmt.Errorf("config: ingest port %d out of range", in.Port)
+	}
+	if len(in.Addresses) > 8 {
+		return errors.New("config: at most 8 ingest addresses")
+	}
+	for _, a := range in.Addresses {
+		if net.ParseIP(a) == nil {
+			return fmt.Errorf("config: ingest address %q is not an IP address", a)
+		}
+	}
+	if len(in.Repositories) == 0 {
+		return errors.New("config: no ingest repository")
+	}
+	for name, acc := range in.Repositories {
+		if !repoName.MatchString(name) {
+			return fmt.Errorf("config: repository name %q must be lowercase letters, digits, dots, dashes", name)
+		}
+		if len(acc.Writers)+len(acc.Readers) == 0 {
+			return fmt.Errorf("config: repository %s has no client", name)
+		}
+		for _, c := range append(append([]string{}, acc.Writers...), acc.Readers...) {
+			if c == "" || len(c) > 64 {
+				return fmt.Errorf("config: repository %s: bad client name %q", name, c)
 			}
 		}
 	}

@@ -9,7 +9,8 @@ import (
 const good = `{"threshold":2,"brokers":[
  {"name":"broker-a","endpoints":["https://10.0.2.2:7441","https://10.0.3.2:7441"]},
  {"name":"broker-b","endpoints":["https://10.0.2.2:7442"]},
- {"name":"broker-c","endpoints":["https://[fd00::1]:7443"]}]}`
+ {"name":"broker-c","endpoints":["https://[fd00::1]:7443"]}],
+ "ingest":{"port":8443,"addresses":["127.0.0.1"],"repositories":{"population":{"writers":["population-registry"],"readers":[]}}}}`
 
 func TestParseLocalDefault(t *testing.T) {
 	f, err := os.Open("../../images/local/config.json")
@@ -35,7 +36,7 @@ func TestParse(t *testing.T) {
 		{"unknown field", strings.Replace(good, `"threshold"`, `"debug":true,"threshold"`, 1), "unknown field"},
 		{"threshold zero", strings.Replace(good, `"threshold":2`, `"threshold":0`, 1), "threshold"},
 		{"threshold above n", strings.Replace(good, `"threshold":2`, `"threshold":4`, 1), "threshold"},
-		{"no brokers", `{"threshold":1,"brokers":[]}`, "no brokers"},
+		{"no brokers", `{"threshold":1,"brokers":[],"ingest":{"port":1,"repositories":{"a":{"writers":["w"]}}}}`, "no brokers"},
 		{"duplicate name", strings.Replace(good, `broker-b`, `broker-a`, 1), "used twice"},
 		{"bad name", strings.Replace(good, `broker-b`, `Broker B`, 1), "name"},
 		{"http endpoint", strings.Replace(good, `https://10.0.2.2:7442`, `http://10.0.2.2:7442`, 1), "https"},
@@ -45,6 +46,10 @@ func TestParse(t *testing.T) {
 		{"port out of range", strings.Replace(good, `7442`, `70000`, 1), "port"},
 		{"no endpoints", strings.Replace(good, `["https://10.0.2.2:7442"]`, `[]`, 1), "endpoints"},
 		{"trailing", good + `{}`, "trailing"},
+		{"ingest port", strings.Replace(good, `"port":8443`, `"port":0`, 1), "ingest port"},
+		{"ingest address", strings.Replace(good, `"addresses":["127.0.0.1"]`, `"addresses":["example.com"]`, 1), "not an IP"},
+		{"repository name", strings.Replace(good, `"population":{`, `"Pop/../x":{`, 1), "repository name"},
+		{"repository without clients", strings.Replace(good, `"writers":["population-registry"]`, `"writers":[]`, 1), "no client"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

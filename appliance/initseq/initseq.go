@@ -10,27 +10,34 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	stdlog "log"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/attest"
 	"github.com/dataembassy/embassy/appliance/boot"
 	"github.com/dataembassy/embassy/appliance/config"
+	"github.com/dataembassy/embassy/appliance/ingest"
 	"github.com/dataembassy/embassy/appliance/measuredboot"
 	"github.com/dataembassy/embassy/appliance/netup"
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/appliance/volumes"
-	"github.com/dataembassy/embassy/disks/discover"
 	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/disks/discover"
 	tpmclient "github.com/dataembassy/embassy/tpm/client"
 	"github.com/dataembassy/embassy/tpm/eventlog"
 )
@@ -113,6 +120,20 @@ func Run(log *slog.Logger) {
 		halt(log, "broker client", err)
 	}
 	log.Info(MsgIdentity, "appliance_id", ac.ID())
+	clientCAs, err := loadPool(config.ClientCAPath)
+	if err != nil {
+		halt(log, "client CA bundle", err)
+	}
+	for {
+		serveUntilLockdown(ctx, log, ac, cfg, clientCAs, start)
+	}
+}
+
+// serveUntilLockdown attests, opens the disks and the store, serves ingest
+// and re-attests periodically. It returns after a lockdown order or a
+// failed re-attestation, once serving has stopped, the volumes are closed
+// and the keys dropped.
+func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config, clientCAs *x509.CertPool, start time.Time) {
 	results := attestLoop(ctx, log, ac, cfg)
 	shares := 0
 	for _, r := range results {
@@ -128,17 +149,77 @@ func Run(log *slog.Logger) {
 		specs = append(specs, store.DiskSpec{ID: v.UUID, Root: filepath.Join(v.MountPoint, "store")})
 	}
 	if len(specs) == 0 {
-		halt(log, "open store", errors.New("no data volume is open"))
+		log.Error("no data volume is open; nothing is served", "appliance_id", ac.ID())
+		time.Sleep(30 * time.Second)
+		return
 	}
 	st, err := store.Open(log, specs)
 	if err != nil {
-		halt(log, "open store", err)
+		log.Error("open store", "err", err.Error())
+		vm.CloseAll()
+		return
 	}
 	status, degraded := st.Status()
 	log.Info(MsgStoreOpen, "disks", len(status), "degraded", degraded)
+
+	var cert atomic.Pointer[tls.Certificate]
+	cert.Store(results[0].Certificate)
+	rules := ingest.Rules{}
+	for repo, acc := range cfg.Ingest.Repositories {
+		rules[repo] = ingest.RepoRule{Writers: acc.Writers, Readers: acc.Readers}
+	}
+	srv := &http.Server{
+		Handler: &ingest.Server{Store: st, Auth: rules, ClientCAs: clientCAs, Log: log},
+		TLSConfig: &tls.Config{
+			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cert.Load(), nil },
+			ClientAuth:     tls.RequestClientCert, MinVersion: tls.VersionTLS12,
+		},
+		ReadHeaderTimeout: 30 * time.Second,
+		ErrorLog:          stdlog.New(io.Discard, "", 0),
+	}
+	ln, err := net.Listen("tcp", fmt.Sprintf(":%d", cfg.Ingest.Port))
+	if err != nil {
+		log.Error("ingest listen", "err", err.Error())
+		vm.CloseAll()
+		return
+	}
+	go srv.ServeTLS(ln, "", "")
+	log.Info(MsgServing, "port", cfg.Ingest.Port, "elapsed_ms", time.Since(start).Milliseconds())
 	log.Info("boot sequence complete", "elapsed_ms", time.Since(start).Milliseconds())
-	hold()
+
+	every := results[0].ReattestAfter
+	if every <= 0 {
+		every = 5 * time.Minute
+	}
+	for {
+		time.Sleep(every)
+		round, cancel := context.WithTimeout(ctx, time.Minute)
+		res, err := ac.AttestAll(round, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, cfg.Threshold)
+		cancel()
+		if err != nil {
+			var ld *attest.LockdownError
+			if errors.As(err, &ld) {
+				log.Error(MsgLockdown, "broker", ld.Broker, "reason", ld.Reason)
+			} else {
+				log.Error("re-attestation failed", "err", err.Error())
+			}
+			break
+		}
+		cert.Store(res[0].Certificate)
+		log.Info("re-attested", "brokers", len(res), "image_version", res[0].ImageVersion)
+	}
+	srv.Close()
+	if err := vm.CloseAll(); err != nil {
+		log.Error("closing volumes", "err", err.Error())
+	}
+	log.Warn(MsgStopped, "reason", "lockdown or failed re-attestation; keys dropped, volumes closed")
 }
+
+// More log messages the host side looks for.
+const (
+	MsgServing = "ingest serving"
+	MsgStopped = "stopped serving"
+)
 
 // MsgStoreOpen reports the opened store.
 const MsgStoreOpen = "store open"

@@ -120,6 +120,9 @@ type AttestRequest struct {
 	PCRs        map[int][]byte `json:"pcrs"`
 	EventLog    []byte         `json:"event_log"`
 	TLSPublic   []byte         `json:"tls_public_key"` // PKIX DER of the ephemeral TLS key
+	// TLSAddresses are the IP addresses clients reach the appliance at
+	// (from its measured image config), put in the certificate.
+	TLSAddresses []string `json:"tls_addresses,omitempty"`
 }
 
 // SealedShare is one volume key share sealed to the appliance's EK and PCRs.

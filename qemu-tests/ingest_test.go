@@ -1,0 +1,126 @@
+package qemutests
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/images/build"
+	"github.com/dataembassy/embassy/qemu-tests/vm"
+)
+
+// resticClient holds what the host-side restic needs to reach an
+// appliance's ingest service through a host port forward.
+type resticClient struct {
+	url, caFile, certFile string
+}
+
+func newResticClient(t *testing.T, port int, clientName string) *resticClient {
+	t.Helper()
+	pkiDir := filepath.Join(cacheDir(), "pki")
+	ca, err := pki.LoadIssuer(filepath.Join(pkiDir, "client-ca.pem"), filepath.Join(pkiDir, "client-ca.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := pki.NewKey()
+	leaf, err := ca.Leaf(clientName, nil, &key.PublicKey, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, _ := x509.MarshalPKCS8PrivateKey(key)
+	certFile := filepath.Join(t.TempDir(), "client.pem")
+	os.WriteFile(certFile, append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leaf.Raw}),
+		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})...), 0o600)
+	return &resticClient{url: fmt.Sprintf("rest:https://127.0.0.1:%d/population/", port),
+		caFile: filepath.Join(pkiDir, "broker-ca.pem"), certFile: certFile}
+}
+
+func (r *resticClient) run(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	full := append([]string{"-r", r.url, "--cacert", r.caFile, "--tls-client-cert", r.certFile, "--no-cache"}, args...)
+	cmd := exec.Command("restic", full...)
+	cmd.Env = append(os.Environ(), "RESTIC_PASSWORD=population register key")
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// sourceTree is a real directory tree of about 77 MiB: the network
+// drivers of the Debian kernel the image was built from.
+func sourceTree(t *testing.T) string {
+	t.Helper()
+	m, _ := filepath.Glob(filepath.Join(cacheDir(), "kernel", "*.unpacked", "lib", "modules", "*", "kernel", "drivers", "net"))
+	if len(m) == 0 {
+		t.Fatal("no unpacked kernel in the cache; run make image")
+	}
+	return m[0]
+}
+
+// TestRackAndIngest: a fresh server with blank disks is enrolled, its
+// image and disks approved; it provisions the disks and serves ingest.
+// The home state backs up a real tree with restic over mutual TLS, checks
+// it with --read-data, and after a reboot (no operator action) restores it
+// identically.
+func TestRackAndIngest(t *testing.T) {
+	requireE2E(t)
+	if _, err := exec.LookPath("restic"); err != nil {
+		t.Fatal("restic not installed (make deps installs it)")
+	}
+	dir := imageDir()
+	m := loadImage(t, dir)
+	hb := startHostBrokers(t)
+	port, err := vm.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := bootConfig(t, "rack", dir, m)
+	cfg.StateDir = t.TempDir()
+	cfg.Disks = []string{rawDisk(t, 512<<20), rawDisk(t, 512<<20)}
+	cfg.Forwards = []vm.Forward{{NIC: 0, HostPort: port, GuestPort: 8443}}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+
+	v := startVM(t, cfg)
+	_, id := waitMsg(t, ctx, v, 0, initseq.MsgIdentity)
+	waitMsg(t, ctx, v, 0, initseq.MsgEnrollRequested)
+	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
+	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
+	for _, b := range hb.b {
+		b.ApproveEnrollment(id["appliance_id"].(string))
+		if _, err := b.ApproveManifest(mb, sb); err != nil {
+			t.Fatal(err)
+		}
+		b.ApproveDisks(id["appliance_id"].(string), 2)
+	}
+	waitMsg(t, ctx, v, 0, initseq.MsgServing)
+
+	src := sourceTree(t)
+	rc := newResticClient(t, port, "population-registry")
+	for _, step := range [][]string{{"init"}, {"backup", src}, {"check", "--read-data"}} {
+		start := time.Now()
+		out, err := rc.run(t, step...)
+		if err != nil {
+			t.Fatalf("restic %v: %v\n%s", step, err, out)
+		}
+		t.Logf("restic %v: %.1fs", step[0], time.Since(start).Seconds())
+	}
+	v.Close()
+
+	cfg.Name = "rack-reboot"
+	v2 := startVM(t, cfg)
+	waitMsg(t, ctx, v2, 0, initseq.MsgServing)
+	dst := t.TempDir()
+	if out, err := rc.run(t, "restore", "latest", "--target", dst); err != nil {
+		t.Fatalf("restore after reboot: %v\n%s", err, out)
+	}
+	if out, err := exec.Command("diff", "-r", src, filepath.Join(dst, src)).CombinedOutput(); err != nil {
+		t.Fatalf("restored tree differs: %v\n%s", err, out)
+	}
+}
