@@ -59,7 +59,7 @@ func startHostBrokers(t *testing.T) *hostBrokers {
 		master := make([]byte, 32)
 		rand.Read(master)
 		b, err := broker.New(broker.Config{Name: name, Dir: t.TempDir(), MasterKey: master, ManufacturerCAs: manu,
-			ImageKey: img, ServiceCA: svc, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+			ImageKey: img, ServiceCA: svc, ReattestAfter: 10 * time.Second, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 		if err != nil {
 			t.Fatal(err)
 		}
