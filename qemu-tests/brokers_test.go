@@ -2,6 +2,7 @@ package qemutests
 
 import (
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"fmt"
 	"io"
@@ -22,8 +23,30 @@ import (
 // run in the test process on 127.0.0.1:7441-7443; the guest reaches them
 // through each NIC's gateway (10.0.2.2, 10.0.3.2).
 type hostBrokers struct {
-	b   []*broker.Broker
-	srv []*http.Server
+	t    *testing.T
+	b    []*broker.Broker
+	srv  []*http.Server
+	tlsc []*tls.Config
+}
+
+// stop closes broker i's listener (its state stays).
+func (hb *hostBrokers) stop(i int) {
+	if hb.srv[i] != nil {
+		hb.srv[i].Close()
+		hb.srv[i] = nil
+	}
+}
+
+// serve (re)starts broker i on 127.0.0.1:7441+i.
+func (hb *hostBrokers) serve(i int) {
+	hb.t.Helper()
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", 7441+i))
+	if err != nil {
+		hb.t.Fatalf("broker port: %v", err)
+	}
+	srv := &http.Server{Handler: hb.b[i].ApplianceHandler(), TLSConfig: hb.tlsc[i]}
+	go srv.ServeTLS(ln, "", "")
+	hb.srv[i] = srv
 }
 
 func startHostBrokers(t *testing.T) *hostBrokers {
@@ -44,7 +67,7 @@ func startHostBrokers(t *testing.T) *hostBrokers {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hb := &hostBrokers{}
+	hb := &hostBrokers{t: t}
 	for i := 0; i < 3; i++ {
 		name := fmt.Sprintf("broker-%c", 'a'+i)
 		svc, err := root.NewIntermediate(name+" service CA", 24*time.Hour)
@@ -63,18 +86,14 @@ func startHostBrokers(t *testing.T) *hostBrokers {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", 7441+i))
-		if err != nil {
-			t.Fatalf("broker port: %v", err)
-		}
-		srv := &http.Server{Handler: b.ApplianceHandler(), TLSConfig: b.ApplianceTLSConfig(pki.TLSCertificate(leaf, key))}
-		go srv.ServeTLS(ln, "", "")
 		hb.b = append(hb.b, b)
-		hb.srv = append(hb.srv, srv)
+		hb.srv = append(hb.srv, nil)
+		hb.tlsc = append(hb.tlsc, b.ApplianceTLSConfig(pki.TLSCertificate(leaf, key)))
+		hb.serve(i)
 	}
 	t.Cleanup(func() {
 		for i := range hb.b {
-			hb.srv[i].Close()
+			hb.stop(i)
 			hb.b[i].Close()
 		}
 	})

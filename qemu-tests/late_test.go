@@ -1,0 +1,56 @@
+package qemutests
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/qemu-tests/bootreport"
+)
+
+// TestBrokersLate: a provisioned appliance boots while every broker is
+// down and comes up by itself when they start 20 s later; booted with one
+// broker only (below k=2) it stays locked, says why on the console and
+// serves nothing.
+func TestBrokersLate(t *testing.T) {
+	requireE2E(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	hb := startHostBrokers(t)
+	cfg, _ := provisioned(t, ctx, hb, "late")
+	for i := range hb.b {
+		hb.stop(i)
+	}
+
+	cfg.Name = "late-all-down"
+	v := startVM(t, cfg)
+	waitMsg(t, ctx, v, 0, initseq.MsgIdentity)
+	time.Sleep(20 * time.Second)
+	for i := range hb.b {
+		hb.serve(i)
+	}
+	waitMsg(t, ctx, v, 0, initseq.MsgServing)
+	v.Close()
+
+	// One broker only.
+	for i := 1; i < len(hb.b); i++ {
+		hb.stop(i)
+	}
+	cfg.Name = "late-one-broker"
+	v2 := startVM(t, cfg)
+	_, _, err := v2.WaitFor(ctx, 0, func(s string) bool {
+		return bootreport.JSONMsg(s) == "attestation below threshold; retrying" && strings.Contains(s, "1 of 3 brokers answered, 2 needed")
+	})
+	if err != nil {
+		t.Fatalf("no below-threshold report on the console: %v", err)
+	}
+	for _, l := range v2.Lines() {
+		switch bootreport.JSONMsg(l.Text) {
+		case initseq.MsgAttested, "volume unlocked and mounted", initseq.MsgServing:
+			t.Fatalf("got further than attestation with one broker: %s", l.Text)
+		}
+	}
+	noIngest(t, cfg)
+}
