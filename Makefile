@@ -14,7 +14,7 @@ GO_TEST_TIMEOUT ?= 60m
 DEB_PACKAGES := qemu-system-x86 ovmf swtpm swtpm-tools cryptsetup-bin restic \
 	e2fsprogs kmod cpio zstd tpm2-tools osslsigncode apt dpkg ca-certificates
 
-.PHONY: all deps image verify test unit e2e demo bench-boot bench-store bench-broker fuzz clean
+.PHONY: all deps image bin verify test unit e2e demo bench-boot bench-store bench-broker fuzz clean
 
 all: image
 
@@ -49,8 +49,15 @@ test: image
 	go vet ./...
 	EMBASSY_E2E=1 go test -count=1 -timeout $(GO_TEST_TIMEOUT) ./...
 
-demo: image
-	go run ./cmd/embassy-demo -image $(OUT) -cache $(EMBASSY_CACHE)
+# demo: three brokers, one appliance in QEMU, enroll/approve with
+# embassyctl, a restic backup, a status; runs until Ctrl-C (HOLD=false to
+# stop after the status).
+HOLD ?= true
+demo: image bin
+	go run ./cmd/embassy-demo -image $(OUT) -cache $(EMBASSY_CACHE) -bin $(EMBASSY_CACHE)/bin -hold=$(HOLD)
+
+bin:
+	go build -o $(EMBASSY_CACHE)/bin/ ./cmd/keybroker ./cmd/embassyctl ./cmd/mkimage
 
 # bench-boot: QEMU start to embassy-init's first log line, beside a bare
 # image under the same OVMF + TCG set-up, with the ratio.

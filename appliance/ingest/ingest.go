@@ -165,7 +165,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		status = http.StatusServiceUnavailable
 	}
 	if s.Log != nil {
-		s.Log.Warn("ingest request refused", "method", r.Method, "path", r.URL.Path, "status", status, "err", err.Error())
+		level := slog.LevelWarn
+		if status == http.StatusNotFound {
+			level = slog.LevelDebug // restic probes for objects that do not exist yet
+		}
+		s.Log.Log(r.Context(), level, "ingest request refused", "method", r.Method, "path", r.URL.Path, "status", status, "err", err.Error())
 	}
 	http.Error(w, err.Error(), status)
 }

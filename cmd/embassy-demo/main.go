@@ -1,6 +1,8 @@
-// Command embassy-demo runs the local-default demonstration: it boots the
-// built image once in QEMU (OVMF, a fresh swtpm, two NICs) and prints the
-// host's measured-boot verdict against the signed manifest.
+// Command embassy-demo runs the local-default demonstration (package
+// qemu-tests/demo): three key brokers, one appliance in QEMU with fresh
+// disks, enrollment and approvals with embassyctl, a restic backup of a
+// sample register, and a status; then everything keeps running until
+// Ctrl-C and is cleaned up.
 package main
 
 import (
@@ -10,81 +12,31 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"time"
+	"syscall"
 
-	"github.com/dataembassy/embassy/images/imagekey"
-	"github.com/dataembassy/embassy/qemu-tests/bootreport"
-	"github.com/dataembassy/embassy/qemu-tests/vm"
+	"github.com/dataembassy/embassy/qemu-tests/demo"
 )
 
 func main() {
 	image := flag.String("image", "out", "image folder built by mkimage")
-	cache := flag.String("cache", ".cache", "cache folder (dev keys, swtpm local CA)")
-	pubPath := flag.String("pubkey", "", "image-signing public key (default: the local-default dev key)")
-	timeout := flag.Duration("timeout", 5*time.Minute, "how long to wait for the appliance")
+	cache := flag.String("cache", ".cache", "cache folder (PKI, dev keys, swtpm CA)")
+	bin := flag.String("bin", filepath.Join(".cache", "bin"), "folder with the keybroker and embassyctl binaries")
+	sample := flag.String("sample", "", "folder to back up (default: a subtree of the cached Debian kernel)")
+	hold := flag.Bool("hold", true, "keep everything running until Ctrl-C")
 	flag.Parse()
-	if err := run(*image, *cache, *pubPath, *timeout); err != nil {
+	if *sample == "" {
+		m, _ := filepath.Glob(filepath.Join(*cache, "kernel", "*.unpacked", "lib", "modules", "*", "kernel", "drivers", "net"))
+		if len(m) == 0 {
+			fmt.Fprintln(os.Stderr, "embassy-demo: no sample folder; pass -sample")
+			os.Exit(2)
+		}
+		*sample = m[0]
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := demo.Run(ctx, demo.Options{Image: *image, Cache: *cache, Bin: *bin, Sample: *sample, Out: os.Stdout, Hold: *hold})
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "embassy-demo:", err)
 		os.Exit(1)
 	}
-}
-
-func run(image, cache, pubPath string, timeout time.Duration) error {
-	if pubPath == "" {
-		pubPath = filepath.Join(cache, "keys", "image-signing-dev.key.pub")
-	}
-	pub, err := imagekey.LoadPublic(pubPath)
-	if err != nil {
-		return err
-	}
-	m, err := bootreport.ImageManifest(image, pub)
-	if err != nil {
-		return fmt.Errorf("image manifest: %w", err)
-	}
-	cfg, err := bootreport.BootConfig("demo", image, m)
-	if err != nil {
-		return err
-	}
-	cfg.SwtpmCA = filepath.Join(cache, "swtpm-localca")
-	cfg.LogDir = filepath.Join(image, "demo-logs")
-	start := time.Now()
-	cfg.Stdout = &bootreport.ProgressWriter{Out: os.Stdout, Start: start}
-
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
-	defer stop()
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	fmt.Printf("booting image version %d (%s) in QEMU/OVMF with a fresh swtpm...\n", m.Version, m.Kernel.Package)
-	v, err := vm.Start(ctx, cfg)
-	if err != nil {
-		return err
-	}
-	defer v.Close()
-	ev, err := bootreport.Wait(ctx, v)
-	if err != nil {
-		return err
-	}
-	verdict, err := bootreport.Verify(ev, m.Measurements)
-	if err != nil {
-		return fmt.Errorf("event log does not replay to the TPM's PCRs: %w", err)
-	}
-	fmt.Printf("\nmeasured-boot verdict (event log replayed against PCR0-9 read from the TPM):\n")
-	mark := func(ok bool) string {
-		if ok {
-			return "match"
-		}
-		return "MISMATCH"
-	}
-	fmt.Printf("  PCR4 kernel      %-8s %s\n", mark(verdict.Check.KernelMatch), m.Measurements.KernelQEMUDirect)
-	fmt.Printf("  PCR9 cmdline     %-8s %s\n", mark(verdict.Check.LoadOptionsMatch), m.Measurements.LoadOptions)
-	fmt.Printf("  PCR9 initrd      %-8s %s\n", mark(verdict.Check.InitrdMatch), m.Measurements.Initrd)
-	for _, p := range verdict.Check.Problems {
-		fmt.Printf("  problem: %s\n", p)
-	}
-	fmt.Printf("  console log: %s\n", v.LogPath)
-	if !verdict.Check.OK() {
-		return fmt.Errorf("the booted image does not match manifest version %d", m.Version)
-	}
-	fmt.Printf("PASS: the appliance booted exactly image version %d\n", m.Version)
-	return nil
 }

@@ -68,3 +68,52 @@ func Ensure(dir, name, commonName string) (CA, error) {
 	}
 	return ca, os.Rename(tmp, ca.CertPath)
 }
+
+// EnsureLeaf returns name.pem/name.key under dir: a client certificate for
+// commonName issued by ca, created on first use.
+func EnsureLeaf(dir, name, commonName string, ca CA) (certPath, keyPath string, err error) {
+	certPath, keyPath = filepath.Join(dir, name+".pem"), filepath.Join(dir, name+".key")
+	if _, err := os.Stat(certPath); err == nil {
+		return certPath, keyPath, nil
+	}
+	caCertPEM, err := os.ReadFile(ca.CertPath)
+	if err != nil {
+		return "", "", err
+	}
+	caKeyPEM, err := os.ReadFile(ca.KeyPath)
+	if err != nil {
+		return "", "", err
+	}
+	cb, _ := pem.Decode(caCertPEM)
+	kb, _ := pem.Decode(caKeyPEM)
+	if cb == nil || kb == nil {
+		return "", "", fmt.Errorf("CA %s is not PEM", ca.CertPath)
+	}
+	caCert, err := x509.ParseCertificate(cb.Bytes)
+	if err != nil {
+		return "", "", err
+	}
+	caKey, err := x509.ParsePKCS8PrivateKey(kb.Bytes)
+	if err != nil {
+		return "", "", err
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return "", "", err
+	}
+	serial, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	tmpl := &x509.Certificate{
+		SerialNumber: serial, Subject: pkix.Name{CommonName: commonName},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().AddDate(1, 0, 0),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
+	if err != nil {
+		return "", "", err
+	}
+	keyDER, _ := x509.MarshalPKCS8PrivateKey(key)
+	if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return "", "", err
+	}
+	return certPath, keyPath, os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+}
