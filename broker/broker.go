@@ -701,7 +701,7 @@ func (b *Broker) State() (*api.State, error) {
 				return err
 			}
 			fp := sha256.Sum256(r.EKPublic)
-			a := api.Appliance{ID: r.ID, EKFingerprint: hex.EncodeToString(fp[:]), Activated: r.Activated, Enrolled: r.Enrolled,
+			a := api.Appliance{ID: r.ID, AKPublic: r.AKPublic, EKFingerprint: hex.EncodeToString(fp[:]), Activated: r.Activated, Enrolled: r.Enrolled,
 				Revoked: r.Revoked, Floor: r.Floor, DiskApprovals: r.DiskApprovals, Disks: append([]string{}, r.Disks...),
 				ResetCount: r.ResetCount, RestartCount: r.RestartCount, LastImage: r.LastImage}
 			if r.LastAttest != 0 {
@@ -719,7 +719,7 @@ func (b *Broker) State() (*api.State, error) {
 		return nil, err
 	}
 	for _, m := range ms {
-		st.Manifests = append(st.Manifests, api.ApprovedManifest{Version: m.Version, Kernel: m.Kernel.Version})
+		st.Manifests = append(st.Manifests, api.ApprovedManifest{Version: m.Version, Kernel: m.Kernel.Version, Measurements: m.Measurements})
 	}
 	return st, nil
 }

@@ -15,7 +15,9 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/broker"
+	"github.com/dataembassy/embassy/broker/opclient"
 	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/images/devpki"
 	"github.com/dataembassy/embassy/images/imagekey"
 )
 
@@ -27,6 +29,9 @@ type hostBrokers struct {
 	b    []*broker.Broker
 	srv  []*http.Server
 	tlsc []*tls.Config
+	// ops is an operator client of the brokers' operator APIs
+	// (127.0.0.1:8441-8443), as embassyctl uses them.
+	ops *opclient.Client
 }
 
 // stop closes broker i's listener (its state stays).
@@ -68,6 +73,19 @@ func startHostBrokers(t *testing.T) *hostBrokers {
 		t.Fatal(err)
 	}
 	hb := &hostBrokers{t: t}
+	opCA, err := devpki.Ensure(pkiDir, "operator-ca", "embassy local home-state operator CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	opCert, opKey, err := devpki.EnsureLeaf(pkiDir, "operator", "operator (local default)", opCA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opPool, err := pki.LoadPool(opCA.CertPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var opBrokers []opclient.Broker
 	for i := 0; i < 3; i++ {
 		name := fmt.Sprintf("broker-%c", 'a'+i)
 		svc, err := root.NewIntermediate(name+" service CA", 24*time.Hour)
@@ -90,7 +108,20 @@ func startHostBrokers(t *testing.T) *hostBrokers {
 		hb.srv = append(hb.srv, nil)
 		hb.tlsc = append(hb.tlsc, b.ApplianceTLSConfig(pki.TLSCertificate(leaf, key)))
 		hb.serve(i)
+		opLn, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", 8441+i))
+		if err != nil {
+			t.Fatalf("operator port: %v", err)
+		}
+		opSrv := &http.Server{Handler: b.OperatorHandler(), TLSConfig: broker.OperatorTLSConfig(pki.TLSCertificate(leaf, key), opPool)}
+		go opSrv.ServeTLS(opLn, "", "")
+		t.Cleanup(func() { opSrv.Close() })
+		opBrokers = append(opBrokers, opclient.Broker{Name: name, URL: fmt.Sprintf("https://127.0.0.1:%d", 8441+i)})
 	}
+	cert, err := tls.LoadX509KeyPair(opCert, opKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hb.ops = opclient.New(opBrokers, cert, root.Pool())
 	t.Cleanup(func() {
 		for i := range hb.b {
 			hb.stop(i)

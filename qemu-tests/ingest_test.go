@@ -17,6 +17,15 @@ import (
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
 
+func rootPool(t *testing.T) *x509.CertPool {
+	t.Helper()
+	p, err := pki.LoadPool(filepath.Join(cacheDir(), "pki", "broker-ca.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
 // resticClient holds what the host-side restic needs to reach an
 // appliance's ingest service through a host port forward.
 type resticClient struct {
@@ -110,6 +119,14 @@ func TestRackAndIngest(t *testing.T) {
 			t.Fatalf("restic %v: %v\n%s", step, err, out)
 		}
 		t.Logf("restic %v: %.1fs", step[0], time.Since(start).Seconds())
+	}
+	// The operators' remote attestation check passes.
+	verdict, err := hb.ops.AttestAppliance(ctx, fmt.Sprintf("127.0.0.1:%d", port), rootPool(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !verdict.Pass || verdict.ImageVersion != m.Version || len(verdict.LastAttestation) != 3 {
+		t.Fatalf("remote attestation verdict: %+v", verdict)
 	}
 	v.Close()
 

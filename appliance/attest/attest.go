@@ -397,3 +397,28 @@ func wipe(b []byte) {
 		b[i] = 0
 	}
 }
+
+// Challenge answers an operator's remote attestation check: a fresh quote
+// over ExtraData(nonce, SHA-256 of this appliance's TLS key), the PCR
+// values and the event log.
+func (c *Client) Challenge(nonce []byte) (*api.ChallengeResponse, error) {
+	if len(nonce) < 16 || len(nonce) > 64 {
+		return nil, fmt.Errorf("nonce of %d bytes; want 16 to 64", len(nonce))
+	}
+	evlog, err := c.eventLog()
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.Sum256(c.tlsPub)
+	c.tpmMu.Lock()
+	q, err := c.tpm.Quote(api.ExtraData(nonce, h[:]))
+	c.tpmMu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	resp := &api.ChallengeResponse{ApplianceID: c.id, Quote: q.GetQuote(), Signature: q.GetRawSig(), PCRs: map[int][]byte{}, EventLog: evlog}
+	for i, v := range q.GetPcrs().GetPcrs() {
+		resp.PCRs[int(i)] = v
+	}
+	return resp, nil
+}

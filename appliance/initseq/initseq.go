@@ -168,8 +168,11 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	for repo, acc := range cfg.Ingest.Repositories {
 		rules[repo] = ingest.RepoRule{Writers: acc.Writers, Readers: acc.Readers}
 	}
+	mux := http.NewServeMux()
+	mux.Handle("/", &ingest.Server{Store: st, Auth: rules, ClientCAs: clientCAs, Log: log})
+	mux.HandleFunc(api.PathChallenge, challengeHandler(ac, log))
 	srv := &http.Server{
-		Handler: &ingest.Server{Store: st, Auth: rules, ClientCAs: clientCAs, Log: log},
+		Handler: mux,
 		TLSConfig: &tls.Config{
 			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cert.Load(), nil },
 			ClientAuth:     tls.RequestClientCert, MinVersion: tls.VersionTLS12,
@@ -213,6 +216,32 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 		log.Error("closing volumes", "err", err.Error())
 	}
 	log.Warn(MsgStopped, "reason", "lockdown or failed re-attestation; keys dropped, volumes closed")
+}
+
+// challengeHandler serves operators' remote attestation checks: anyone may
+// ask (the evidence is not secret), one quote at a time.
+func challengeHandler(ac *attest.Client, log *slog.Logger) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			http.Error(w, "use POST", http.StatusMethodNotAllowed)
+			return
+		}
+		var req api.ChallengeRequest
+		dec := json.NewDecoder(io.LimitReader(r.Body, 4096))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			http.Error(w, "bad request: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		resp, err := ac.Challenge(req.Nonce)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		log.Info("remote attestation check answered")
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(resp)
+	}
 }
 
 // More log messages the host side looks for.

@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"regexp"
 	"time"
+
+	"github.com/dataembassy/embassy/images/manifest"
 )
 
 // Appliance API paths.
@@ -164,9 +166,30 @@ type DiskApprovalRequest struct {
 	Count int `json:"count"`
 }
 
+// PathChallenge is the appliance's own endpoint (on its ingest listener)
+// where an operator asks for a fresh quote.
+const PathChallenge = "/_embassy/attest"
+
+// ChallengeRequest carries the operator's nonce.
+type ChallengeRequest struct {
+	Nonce []byte `json:"nonce"`
+}
+
+// ChallengeResponse is the appliance's evidence for an operator: a quote
+// whose extraData is ExtraData(nonce, SHA-256 of the TLS key serving the
+// connection), its PCR values and the event log.
+type ChallengeResponse struct {
+	ApplianceID string         `json:"appliance_id"`
+	Quote       []byte         `json:"quote"`
+	Signature   []byte         `json:"signature"`
+	PCRs        map[int][]byte `json:"pcrs"`
+	EventLog    []byte         `json:"event_log"`
+}
+
 // Appliance is the broker's record of one appliance.
 type Appliance struct {
 	ID              string    `json:"id"`
+	AKPublic        []byte    `json:"ak_public"`
 	EKFingerprint   string    `json:"ek_fingerprint"`
 	Activated       bool      `json:"activated"`
 	Enrolled        bool      `json:"enrolled"`
@@ -182,9 +205,10 @@ type Appliance struct {
 
 // ApprovedManifest is one approved image.
 type ApprovedManifest struct {
-	Version  uint64    `json:"version"`
-	Approved time.Time `json:"approved"`
-	Kernel   string    `json:"kernel"`
+	Version      uint64                `json:"version"`
+	Approved     time.Time             `json:"approved"`
+	Kernel       string                `json:"kernel"`
+	Measurements manifest.Measurements `json:"measurements"`
 }
 
 // State is the operator's view of a broker.

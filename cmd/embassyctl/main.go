@@ -5,6 +5,7 @@
 //	embassyctl [global flags] set-floor <appliance-id> <version>
 //	embassyctl [global flags] approve-disk [-count N] <appliance-id>
 //	embassyctl [global flags] revoke <appliance-id>
+//	embassyctl [global flags] attest <appliance host:port>
 //	embassyctl [global flags] status
 //	embassyctl [global flags] audit show|verify
 //	embassyctl audit verify -file audit.log [-head SEQ:HASH]
@@ -56,7 +57,7 @@ func run(args []string) error {
 	}
 	rest := fs.Args()
 	if len(rest) == 0 {
-		return errors.New("missing command: enroll, approve-image, set-floor, approve-disk, revoke, status, audit")
+		return errors.New("missing command: enroll, approve-image, set-floor, approve-disk, revoke, attest, status, audit")
 	}
 	if rest[0] == "audit" && len(rest) > 1 && rest[1] == "verify" && hasFlag(rest[2:], "file") {
 		return verifyFile(rest[2:], *asJSON)
@@ -139,6 +140,23 @@ func run(args []string) error {
 		}
 		outs, err := c.Revoke(ctx, rest[1])
 		return change("revoke", outs, err)
+	case "attest":
+		if err := need(1, "attest <appliance host:port>"); err != nil {
+			return err
+		}
+		v, err := c.AttestAppliance(ctx, rest[1], roots)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			opclient.PrintJSON(out, v)
+		} else {
+			opclient.PrintVerdict(out, v)
+		}
+		if !v.Pass {
+			return fmt.Errorf("appliance %s failed the attestation check", v.ApplianceID)
+		}
+		return nil
 	case "status":
 		st := c.Status(ctx)
 		if *asJSON {

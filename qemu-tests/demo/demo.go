@@ -245,7 +245,7 @@ func (r *run) run(ctx context.Context) error {
 
 	// 6. Status.
 	r.say("\nstatus:")
-	for _, args := range [][]string{{"status"}, {"audit", "verify"}} {
+	for _, args := range [][]string{{"attest", fmt.Sprintf("127.0.0.1:%d", port)}, {"status"}, {"audit", "verify"}} {
 		out, err := r.ctl(args...)
 		r.say("$ embassyctl %s\n%s", strings.Join(args, " "), strings.TrimRight(out, "\n"))
 		if err != nil {

@@ -1,0 +1,194 @@
+package opclient
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"time"
+
+	pb "github.com/google/go-tpm-tools/proto/tpm"
+
+	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/tpm/eventlog"
+	"github.com/dataembassy/embassy/tpm/server"
+)
+
+// Verdict is the outcome of an operator's remote attestation check.
+type Verdict struct {
+	Pass            bool                 `json:"pass"`
+	ApplianceID     string               `json:"appliance_id"`
+	ImageVersion    uint64               `json:"image_version,omitempty"`
+	KernelMatch     bool                 `json:"kernel_match"`
+	CmdlineMatch    bool                 `json:"cmdline_match"`
+	InitrdMatch     bool                 `json:"initrd_match"`
+	Problems        []string             `json:"problems,omitempty"`
+	ResetCount      uint32               `json:"reset_count"`
+	RestartCount    uint32               `json:"restart_count"`
+	LastAttestation map[string]time.Time `json:"last_attestation"`
+}
+
+// AttestAppliance asks the appliance at addr (host:port of its ingest
+// service) for a fresh quote over a random nonce and verifies it: the TLS
+// certificate chains to the broker CA and names the appliance, the quote is
+// signed by the AK the brokers enrolled and binds the nonce and the TLS key
+// of this very connection, the event log replays to the quoted PCRs and
+// the PCR4/PCR9 events match an approved manifest.
+func (c *Client) AttestAppliance(ctx context.Context, addr string, brokerCAs *x509.CertPool) (*Verdict, error) {
+	nonce := make([]byte, 32)
+	rand.Read(nonce)
+	hc := &http.Client{Timeout: time.Minute, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: brokerCAs}}}
+	body, _ := json.Marshal(api.ChallengeRequest{Nonce: nonce})
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://"+addr+api.PathChallenge, bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("appliance at %s: %w", addr, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("appliance at %s: %s: %s", addr, resp.Status, bytes.TrimSpace(data))
+	}
+	var ch api.ChallengeResponse
+	if err := json.Unmarshal(data, &ch); err != nil {
+		return nil, fmt.Errorf("decode evidence: %w", err)
+	}
+	leaf := resp.TLS.PeerCertificates[0]
+	certID, err := pki.ApplianceIDFromCert(leaf)
+	if err != nil {
+		return nil, err
+	}
+	v := &Verdict{ApplianceID: certID, LastAttestation: map[string]time.Time{}}
+	if ch.ApplianceID != certID {
+		v.Problems = append(v.Problems, fmt.Sprintf("appliance says it is %s but its certificate names %s", ch.ApplianceID, certID))
+		return v, nil
+	}
+	tlsPub, err := x509.MarshalPKIXPublicKey(leaf.PublicKey)
+	if err != nil {
+		return nil, err
+	}
+	tlsHash := sha256.Sum256(tlsPub)
+
+	// What the brokers know: the enrolled AK, approved images, last
+	// attestations.
+	var akPub []byte
+	manifests := map[uint64]api.ApprovedManifest{}
+	for _, st := range c.Status(ctx) {
+		if st.Error != "" {
+			v.Problems = append(v.Problems, "broker "+st.Broker+" unreachable: "+st.Error)
+			continue
+		}
+		for _, m := range st.State.Manifests {
+			manifests[m.Version] = m
+		}
+		for _, a := range st.State.Appliances {
+			if a.ID != certID {
+				continue
+			}
+			if a.Revoked {
+				v.Problems = append(v.Problems, "revoked on broker "+st.Broker)
+			}
+			if akPub == nil {
+				akPub = a.AKPublic
+			} else if !bytes.Equal(akPub, a.AKPublic) {
+				v.Problems = append(v.Problems, "brokers disagree on the appliance's AK")
+			}
+			v.LastAttestation[st.Broker] = a.LastAttestation
+		}
+	}
+	if akPub == nil {
+		v.Problems = append(v.Problems, "no broker knows appliance "+certID)
+		return v, nil
+	}
+	ak, err := server.ParseAK(akPub)
+	if err != nil {
+		return nil, err
+	}
+	q := &pb.Quote{Quote: ch.Quote, RawSig: ch.Signature, Pcrs: &pb.PCRs{Hash: pb.HashAlgo_SHA256, Pcrs: map[uint32][]byte{}}}
+	for i, val := range ch.PCRs {
+		q.Pcrs.Pcrs[uint32(i)] = val
+	}
+	info, err := server.VerifyQuote(ak, q, api.ExtraData(nonce, tlsHash[:]))
+	if err != nil {
+		v.Problems = append(v.Problems, "quote: "+err.Error())
+		return v, nil
+	}
+	v.ResetCount, v.RestartCount = info.ResetCount, info.RestartCount
+	events, err := eventlog.Replay(ch.EventLog, info.PCRs)
+	if err != nil {
+		v.Problems = append(v.Problems, err.Error())
+		return v, nil
+	}
+	versions := make([]uint64, 0, len(manifests))
+	for ver := range manifests {
+		versions = append(versions, ver)
+	}
+	sort.Slice(versions, func(i, j int) bool { return versions[i] > versions[j] })
+	for i, ver := range versions {
+		check := eventlog.CheckBoot(events, manifests[ver].Measurements)
+		if check.OK() || i == len(versions)-1 {
+			v.KernelMatch, v.CmdlineMatch, v.InitrdMatch = check.KernelMatch, check.LoadOptionsMatch, check.InitrdMatch
+			if check.OK() {
+				v.ImageVersion = ver
+				v.Pass = len(v.Problems) == 0
+			} else {
+				v.Problems = append(v.Problems, fmt.Sprintf("matches no approved image (compared with v%d: %v)", versions[0], eventlog.CheckBoot(events, manifests[versions[0]].Measurements).Problems))
+			}
+			break
+		}
+	}
+	if len(versions) == 0 {
+		v.Problems = append(v.Problems, "no approved image")
+	}
+	return v, nil
+}
+
+// PrintVerdict writes a verdict for people.
+func PrintVerdict(w io.Writer, v *Verdict) {
+	status := "PASS"
+	if !v.Pass {
+		status = "FAIL"
+	}
+	mark := func(ok bool) string {
+		if ok {
+			return "match"
+		}
+		return "DIFFERS"
+	}
+	fmt.Fprintf(w, "%s: appliance %s\n", status, v.ApplianceID)
+	if v.ImageVersion != 0 {
+		fmt.Fprintf(w, "  image version   %d\n", v.ImageVersion)
+	}
+	fmt.Fprintf(w, "  kernel (PCR4)   %s\n  cmdline (PCR9)  %s\n  initrd (PCR9)   %s\n", mark(v.KernelMatch), mark(v.CmdlineMatch), mark(v.InitrdMatch))
+	fmt.Fprintf(w, "  TPM resetCount  %d (restartCount %d)\n", v.ResetCount, v.RestartCount)
+	brokers := make([]string, 0, len(v.LastAttestation))
+	for b := range v.LastAttestation {
+		brokers = append(brokers, b)
+	}
+	sort.Strings(brokers)
+	for _, b := range brokers {
+		t := v.LastAttestation[b]
+		ago := "never"
+		if !t.IsZero() {
+			ago = time.Since(t).Round(time.Second).String() + " ago"
+		}
+		fmt.Fprintf(w, "  last attestation with %s: %s\n", b, ago)
+	}
+	for _, p := range v.Problems {
+		fmt.Fprintf(w, "  problem: %s\n", p)
+	}
+}
