@@ -36,7 +36,7 @@ type fixture struct {
 	certs     map[string]tls.Certificate
 }
 
-func clientPEM(t *testing.T, dir, name string, ca *pki.Issuer) (string, tls.Certificate) {
+func clientPEM(t testing.TB, dir, name string, ca *pki.Issuer) (string, tls.Certificate) {
 	t.Helper()
 	key, _ := pki.NewKey()
 	leaf, err := ca.Leaf(name, nil, &key.PublicKey, time.Hour)
@@ -52,7 +52,7 @@ func clientPEM(t *testing.T, dir, name string, ca *pki.Issuer) (string, tls.Cert
 	return p, pki.TLSCertificate(leaf, key)
 }
 
-func start(t *testing.T) *fixture {
+func start(t testing.TB) *fixture {
 	t.Helper()
 	dir := t.TempDir()
 	f := &fixture{certs: map[string]tls.Certificate{}}
@@ -100,7 +100,7 @@ func needRestic(t *testing.T) {
 	}
 }
 
-func (f *fixture) restic(t *testing.T, certPEM string, args ...string) (string, error) {
+func (f *fixture) restic(t testing.TB, certPEM string, args ...string) (string, error) {
 	t.Helper()
 	full := append([]string{"-r", "rest:" + f.url + "/population/", "--cacert", f.serverCA, "--tls-client-cert", certPEM, "--no-cache"}, args...)
 	cmd := exec.Command("restic", full...)
