@@ -110,6 +110,18 @@ func TestIngestBadInput(t *testing.T) {
 			t.Fatalf("got %d, want 413", resp.StatusCode)
 		}
 	})
+	// Health and metrics answer on the same listener.
+	for path, want := range map[string]string{"/_embassy/health": `"degraded":false`, "/_embassy/metrics": "embassy_store_puts_total"} {
+		resp, err := client(nil).Get(base + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || !strings.Contains(string(b), want) {
+			t.Fatalf("%s: %d %s", path, resp.StatusCode, b)
+		}
+	}
 	if out, err := rc.run(t, "check", "--read-data"); err != nil {
 		t.Fatalf("restic check after bad requests: %v\n%s", err, out)
 	}

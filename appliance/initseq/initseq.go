@@ -168,9 +168,33 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	for repo, acc := range cfg.Ingest.Repositories {
 		rules[repo] = ingest.RepoRule{Writers: acc.Writers, Readers: acc.Readers}
 	}
-	mux := http.NewServeMux()
-	mux.Handle("/", &ingest.Server{Store: st, Auth: rules, ClientCAs: clientCAs, Log: log})
-	mux.HandleFunc(api.PathChallenge, challengeHandler(ac, log))
+	// Exact-path dispatch: http.ServeMux would clean "/repo/../x" into a
+	// redirect, and the ingest server must see and refuse such paths.
+	ing := &ingest.Server{Store: st, Auth: rules, ClientCAs: clientCAs, Log: log}
+	own := map[string]http.HandlerFunc{}
+	mux := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if h, ok := own[r.URL.Path]; ok {
+			h(w, r)
+			return
+		}
+		ing.ServeHTTP(w, r)
+	})
+	own[api.PathChallenge] = challengeHandler(ac, log)
+	// Health and metrics carry no data and no secret: disk states and
+	// counters only.
+	own[PathHealth] = func(w http.ResponseWriter, r *http.Request) {
+		disks, degraded := st.Status()
+		w.Header().Set("Content-Type", "application/json")
+		if degraded {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+		json.NewEncoder(w).Encode(map[string]any{"appliance_id": ac.ID(), "degraded": degraded, "disks": disks})
+	}
+	own[PathMetrics] = func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		st.WriteMetrics(w)
+		ing.WriteMetrics(w)
+	}
 	srv := &http.Server{
 		Handler: mux,
 		TLSConfig: &tls.Config{
@@ -243,6 +267,12 @@ func challengeHandler(ac *attest.Client, log *slog.Logger) http.HandlerFunc {
 		json.NewEncoder(w).Encode(resp)
 	}
 }
+
+// Paths of the health and metrics endpoints on the ingest listener.
+const (
+	PathHealth  = "/_embassy/health"
+	PathMetrics = "/_embassy/metrics"
+)
 
 // More log messages the host side looks for.
 const (
