@@ -1,6 +1,7 @@
 package qemutests
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
@@ -19,6 +20,7 @@ import (
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/devpki"
 	"github.com/dataembassy/embassy/images/imagekey"
+	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
 
 // hostBrokers are the three key brokers of the local-default image config,
@@ -61,8 +63,16 @@ func startHostBrokers(t *testing.T) *hostBrokers {
 	if err != nil {
 		t.Fatalf("local broker CA (built with the image): %v", err)
 	}
+	// The manufacturer CA is swtpm's local CA; make sure it exists before
+	// the first VM's swtpm_setup would create it.
+	caDir := filepath.Join(cacheDir(), "swtpm-localca")
+	tpmDir := filepath.Join(t.TempDir(), "tpm")
+	os.MkdirAll(tpmDir, 0o700)
+	if err := vm.SetupTPM(context.Background(), tpmDir, caDir); err != nil {
+		t.Fatal(err)
+	}
 	manu := x509.NewCertPool()
-	pems, _ := filepath.Glob(filepath.Join(cacheDir(), "swtpm-localca", "*.pem"))
+	pems, _ := filepath.Glob(filepath.Join(caDir, "*.pem"))
 	for _, p := range pems {
 		if b, err := os.ReadFile(p); err == nil {
 			manu.AppendCertsFromPEM(b)
