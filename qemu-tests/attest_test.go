@@ -2,7 +2,6 @@ package qemutests
 
 import (
 	"context"
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"testing"
@@ -10,7 +9,6 @@ import (
 
 	"github.com/dataembassy/embassy/appliance/initseq"
 	"github.com/dataembassy/embassy/images/build"
-	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 )
 
 // TestBootEnrollAndAttest boots a fresh server with the brokers up: it
@@ -26,24 +24,9 @@ func TestBootEnrollAndAttest(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
-	waitMsg := func(msg string) map[string]any {
-		t.Helper()
-		_, line, err := v.WaitFor(ctx, 0, func(s string) bool {
-			m := bootreport.JSONMsg(s)
-			return m == msg || m == initseq.MsgHalted
-		})
-		if err != nil {
-			t.Fatalf("waiting for %q: %v", msg, err)
-		}
-		var fields map[string]any
-		json.Unmarshal([]byte(line.Text), &fields)
-		if fields["msg"] == initseq.MsgHalted {
-			t.Fatalf("appliance halted: %s", line.Text)
-		}
-		return fields
-	}
-	id, _ := waitMsg(initseq.MsgIdentity)["appliance_id"].(string)
-	waitMsg(initseq.MsgEnrollRequested)
+	_, idf := waitMsg(t, ctx, v, 0, initseq.MsgIdentity)
+	id, _ := idf["appliance_id"].(string)
+	waitMsg(t, ctx, v, 0, initseq.MsgEnrollRequested)
 	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
 	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
 	for _, b := range hb.b {
@@ -54,7 +37,7 @@ func TestBootEnrollAndAttest(t *testing.T) {
 			t.Fatalf("%s: approve image: %v", b.Name(), err)
 		}
 	}
-	att := waitMsg(initseq.MsgAttested)
+	_, att := waitMsg(t, ctx, v, 0, initseq.MsgAttested)
 	if n, _ := att["brokers"].(float64); n < 2 {
 		t.Fatalf("attested to %v brokers, want at least k=2", att["brokers"])
 	}
