@@ -586,7 +586,7 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 			return nil, err
 		}
 		blob, err := server.Seal(ekPub, share, info.PCRs)
-		wipe(share)
+		clear(share)
 		if err != nil {
 			return nil, err
 		}
@@ -732,10 +732,4 @@ func (b *Broker) Audit() ([]audit.Entry, audit.Head, error) {
 	}
 	head, err := auditHead(b.db)
 	return entries, head, err
-}
-
-func wipe(b []byte) {
-	for i := range b {
-		b[i] = 0
-	}
 }

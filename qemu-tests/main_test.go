@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/images/imagekey"
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
@@ -84,15 +83,7 @@ func loadImage(t testing.TB, dir string) *manifest.Manifest {
 	if err != nil {
 		t.Fatalf("image-signing key: %v (build the image with make image)", err)
 	}
-	mb, err := os.ReadFile(filepath.Join(dir, build.ManifestFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	sb, err := os.ReadFile(filepath.Join(dir, build.SignatureFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := manifest.Verify(mb, sb, pub)
+	m, err := bootreport.ImageManifest(dir, pub)
 	if err != nil {
 		t.Fatalf("manifest: %v", err)
 	}

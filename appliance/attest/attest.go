@@ -243,7 +243,7 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 			return res
 		}
 		sh, err := shamir.Parse(raw)
-		wipe(raw)
+		clear(raw)
 		if err != nil {
 			res.Err = fmt.Errorf("broker %s share %s: %w", b.Name, s.DiskID, err)
 			return res
@@ -270,10 +270,7 @@ func (c *Client) AttestAll(ctx context.Context, bo Backoff, want int) ([]*Result
 	k := want
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	type out struct {
-		res *Result
-	}
-	ch := make(chan out, len(c.cfg.Brokers))
+	ch := make(chan *Result, len(c.cfg.Brokers))
 	for _, b := range c.cfg.Brokers {
 		go func() {
 			delay := bo.Initial
@@ -284,13 +281,13 @@ func (c *Client) AttestAll(ctx context.Context, bo Backoff, want int) ([]*Result
 				// this appliance (it must enroll first) end the retries.
 				final := errors.As(r.Err, &be) && (be.Lockdown || strings.HasPrefix(be.Message, api.ReasonUnknownAppliance))
 				if r.Err == nil || final || ctx.Err() != nil {
-					ch <- out{r}
+					ch <- r
 					return
 				}
 				c.log.Warn("attestation failed, retrying", "broker", b.Name, "err", r.Err, "retry_in", delay)
 				select {
 				case <-ctx.Done():
-					ch <- out{r}
+					ch <- r
 					return
 				case <-time.After(delay):
 				}
@@ -301,18 +298,18 @@ func (c *Client) AttestAll(ctx context.Context, bo Backoff, want int) ([]*Result
 	var ok []*Result
 	last := map[string]error{}
 	for range c.cfg.Brokers {
-		o := <-ch
+		r := <-ch
 		var be *BrokerError
-		if o.res.Err != nil && errors.As(o.res.Err, &be) && be.Lockdown {
+		if r.Err != nil && errors.As(r.Err, &be) && be.Lockdown {
 			return nil, &LockdownError{Broker: be.Broker, Reason: be.Message}
 		}
-		if o.res.Err == nil {
-			ok = append(ok, o.res)
+		if r.Err == nil {
+			ok = append(ok, r)
 			if len(ok) >= k {
 				return ok, nil
 			}
 		} else {
-			last[o.res.Broker] = o.res.Err
+			last[r.Broker] = r.Err
 		}
 	}
 	var errs []string
@@ -390,12 +387,6 @@ func (c *Client) Deposit(ctx context.Context, results []*Result, diskID string, 
 		}
 	}
 	return errors.Join(errs...)
-}
-
-func wipe(b []byte) {
-	for i := range b {
-		b[i] = 0
-	}
 }
 
 // Challenge answers an operator's remote attestation check: a fresh quote

@@ -298,7 +298,7 @@ func openDisks(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *co
 	}
 	defer func() {
 		for _, k := range keys {
-			wipe(k)
+			clear(k)
 		}
 	}()
 	approvals := results[0].DiskApprovals
@@ -341,7 +341,7 @@ func openDisks(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *co
 
 func provisionDisk(ctx context.Context, log *slog.Logger, ac *attest.Client, all []*attest.Result, d discover.Disk, vm *volumes.Manager) {
 	secret := make([]byte, 32)
-	defer wipe(secret)
+	defer clear(secret)
 	if _, err := rand.Read(secret); err != nil {
 		log.Error("random", "err", err.Error())
 		return
@@ -367,12 +367,6 @@ func provisionDisk(ctx context.Context, log *slog.Logger, ac *attest.Client, all
 	nd.Name = d.Name
 	if _, err := vm.Open(*nd, secret); err != nil {
 		log.Error("unlock of new disk failed", "disk", d.Name, "err", err.Error())
-	}
-}
-
-func wipe(b []byte) {
-	for i := range b {
-		b[i] = 0
 	}
 }
 

@@ -410,19 +410,29 @@ func (s *Store) namedDigest(ns, name string) (string, error) {
 	return "", ErrNotFound
 }
 
+// digestFor returns the digest an object's copies must hash to: its name
+// for content-addressed objects, the digest kept in the file name for named
+// ones.
+func (s *Store) digestFor(ns, name string) (string, error) {
+	if hexName.MatchString(name) {
+		return name, nil
+	}
+	dg, err := s.namedDigest(ns, name)
+	if err != nil {
+		return "", fmt.Errorf("%s/%s: %w", ns, name, err)
+	}
+	return dg, nil
+}
+
 // Get returns a verified copy of an object, healing bad or missing copies
 // on the other healthy disks from it.
 func (s *Store) Get(ns, name string) ([]byte, error) {
 	if err := checkName(ns, name); err != nil {
 		return nil, err
 	}
-	digest := name
-	if !hexName.MatchString(name) {
-		dg, err := s.namedDigest(ns, name)
-		if err != nil {
-			return nil, fmt.Errorf("%s/%s: %w", ns, name, err)
-		}
-		digest = dg
+	digest, err := s.digestFor(ns, name)
+	if err != nil {
+		return nil, err
 	}
 	s.gets.Add(1)
 	disks := s.readable()
@@ -488,13 +498,9 @@ func (s *Store) Has(ns, name string) (int64, bool) {
 	if checkName(ns, name) != nil {
 		return 0, false
 	}
-	digest := name
-	if !hexName.MatchString(name) {
-		dg, err := s.namedDigest(ns, name)
-		if err != nil {
-			return 0, false
-		}
-		digest = dg
+	digest, err := s.digestFor(ns, name)
+	if err != nil {
+		return 0, false
 	}
 	for _, d := range s.readable() {
 		if st, err := os.Stat(objectPath(d.root, ns, name, digest)); err == nil {
@@ -606,13 +612,9 @@ func (s *Store) Delete(ns, name string) error {
 	if err := checkName(ns, name); err != nil {
 		return err
 	}
-	digest := name
-	if !hexName.MatchString(name) {
-		dg, err := s.namedDigest(ns, name)
-		if err != nil {
-			return fmt.Errorf("%s/%s: %w", ns, name, err)
-		}
-		digest = dg
+	digest, err := s.digestFor(ns, name)
+	if err != nil {
+		return err
 	}
 	found := false
 	for _, d := range s.writable() {

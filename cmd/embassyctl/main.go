@@ -28,6 +28,7 @@ import (
 	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/broker/opclient"
 	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/images/manifest"
 )
 
 func main() {
@@ -103,11 +104,11 @@ func run(args []string) error {
 		if err := need(1, "approve-image <image folder with manifest.json and manifest.sig>"); err != nil {
 			return err
 		}
-		m, err := os.ReadFile(filepath.Join(rest[1], "manifest.json"))
+		m, err := os.ReadFile(filepath.Join(rest[1], manifest.File))
 		if err != nil {
 			return err
 		}
-		s, err := os.ReadFile(filepath.Join(rest[1], "manifest.sig"))
+		s, err := os.ReadFile(filepath.Join(rest[1], manifest.SignatureFile))
 		if err != nil {
 			return err
 		}

@@ -42,7 +42,7 @@ func afSplit(key []byte, stripes int, h hash.Hash) ([]byte, error) {
 		return nil, fmt.Errorf("AF random stripes: %w", err)
 	}
 	acc := make([]byte, n)
-	defer wipe(acc)
+	defer clear(acc)
 	for i := 0; i < stripes-1; i++ {
 		xorInto(acc, out[i*n:(i+1)*n])
 		diffuse(acc, h)
@@ -65,11 +65,4 @@ func afMerge(material []byte, keySize, stripes int, h hash.Hash) ([]byte, error)
 	}
 	xorInto(acc, material[(stripes-1)*keySize:stripes*keySize])
 	return acc, nil
-}
-
-// wipe zeroes secret material.
-func wipe(b []byte) {
-	for i := range b {
-		b[i] = 0
-	}
 }

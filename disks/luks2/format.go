@@ -115,7 +115,7 @@ func Format(w WriterAt, size uint64, passphrase []byte, o Options) (string, erro
 		if volumeKey, err = randomBytes(VolumeKeySize); err != nil {
 			return "", err
 		}
-		defer wipe(volumeKey)
+		defer clear(volumeKey)
 	}
 	if len(volumeKey) != VolumeKeySize {
 		return "", fmt.Errorf("volume key must be %d bytes", VolumeKeySize)
@@ -127,12 +127,12 @@ func Format(w WriterAt, size uint64, passphrase []byte, o Options) (string, erro
 		return "", err
 	}
 	slotKey := pbkdf2.Key(passphrase, kdfSalt, o.Iterations, VolumeKeySize, sha256.New)
-	defer wipe(slotKey)
+	defer clear(slotKey)
 	material, err := afSplit(volumeKey, Stripes, sha256.New())
 	if err != nil {
 		return "", err
 	}
-	defer wipe(material)
+	defer clear(material)
 	areaOffset := uint64(2 * DefaultHdrSize)
 	areaSize := roundUp(uint64(len(material)), 4096)
 	area := make([]byte, areaSize)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"slices"
 	"sort"
 
 	"golang.org/x/crypto/argon2"
@@ -122,11 +123,11 @@ func (h *Header) openSlot(r io.ReaderAt, id string, passphrase []byte) ([]byte, 
 	if err != nil {
 		return nil, fmt.Errorf("keyslot %s: %w", id, err)
 	}
-	defer wipe(slotKey)
+	defer clear(slotKey)
 	off, _ := parseU64("offset", ks.Area.Offset)
 	n := roundUp(uint64(ks.KeySize*ks.AF.Stripes), SectorSize)
 	material := make([]byte, n)
-	defer wipe(material)
+	defer clear(material)
 	if _, err := r.ReadAt(material, int64(off)); err != nil {
 		return nil, fmt.Errorf("read keyslot %s: %w", id, err)
 	}
@@ -144,40 +145,31 @@ func (h *Header) openSlot(r io.ReaderAt, id string, passphrase []byte) ([]byte, 
 		return nil, err
 	}
 	for _, d := range h.Meta.Digests {
-		if !contains(d.Keyslots, id) {
+		if !slices.Contains(d.Keyslots, id) {
 			continue
 		}
 		if d.Type != "pbkdf2" {
-			wipe(key)
+			clear(key)
 			return nil, fmt.Errorf("%w: digest type %q", ErrUnsupported, d.Type)
 		}
 		dh, err := hashByName(d.Hash)
 		if err != nil {
-			wipe(key)
+			clear(key)
 			return nil, err
 		}
 		salt, err1 := base64.StdEncoding.DecodeString(d.Salt)
 		want, err2 := base64.StdEncoding.DecodeString(d.Digest)
 		if err1 != nil || err2 != nil || len(want) == 0 || len(want) > 64 || d.Iterations < 1 || d.Iterations > 1<<30 {
-			wipe(key)
+			clear(key)
 			return nil, fmt.Errorf("digest of keyslot %s is malformed", id)
 		}
 		got := pbkdf2.Key(key, salt, d.Iterations, len(want), dh)
 		if subtle.ConstantTimeCompare(got, want) == 1 {
 			return key, nil
 		}
-		wipe(key)
+		clear(key)
 		return nil, ErrWrongKey
 	}
-	wipe(key)
+	clear(key)
 	return nil, fmt.Errorf("keyslot %s has no digest", id)
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }

@@ -35,8 +35,8 @@ const (
 	KernelFile    = manifest.ComponentKernel
 	InitramfsFile = manifest.ComponentInitramfs
 	CmdlineFile   = manifest.ComponentCmdline
-	ManifestFile  = "manifest.json"
-	SignatureFile = "manifest.sig"
+	ManifestFile  = manifest.File
+	SignatureFile = manifest.SignatureFile
 )
 
 // DefaultCmdline is the fixed kernel command line of the production image.
@@ -365,12 +365,12 @@ func addProgram(arc *cpioimage.Archive, hostPath, imagePath, alias, etcFile stri
 		return err
 	}
 	for _, lib := range libs {
+		if arc.Has(lib) {
+			continue
+		}
 		b, err := os.ReadFile(lib)
 		if err != nil {
 			return fmt.Errorf("read library: %w", err)
-		}
-		if arc.Has(lib) {
-			continue
 		}
 		if err := arc.File(lib, b, 0o555); err != nil {
 			return err

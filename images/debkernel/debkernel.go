@@ -85,18 +85,15 @@ func (f *Fetcher) Fetch(ctx context.Context) (*Kernel, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create kernel cache: %w", err)
 	}
+	// Reuse the newest cached package (of the pinned name, if any) so that
+	// builds work offline.
+	pattern := "linux-image-*-amd64_*_amd64.deb"
+	if f.Package != "" {
+		pattern = f.Package + "_*_amd64.deb"
+	}
 	deb := ""
-	if f.Package == "" {
-		// Reuse the newest cached package so that builds work offline.
-		matches, _ := filepath.Glob(filepath.Join(dir, "linux-image-*-amd64_*_amd64.deb"))
-		if len(matches) > 0 {
-			deb = matches[len(matches)-1]
-		}
-	} else {
-		matches, _ := filepath.Glob(filepath.Join(dir, f.Package+"_*_amd64.deb"))
-		if len(matches) > 0 {
-			deb = matches[len(matches)-1]
-		}
+	if matches, _ := filepath.Glob(filepath.Join(dir, pattern)); len(matches) > 0 {
+		deb = matches[len(matches)-1]
 	}
 	if deb == "" {
 		pkg, err := f.resolvePackage(ctx)

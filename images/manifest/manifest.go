@@ -25,8 +25,11 @@ const Schema = "embassy-image-manifest/v1"
 // MaxSize bounds a manifest file; anything larger is rejected unread.
 const MaxSize = 64 << 10
 
-// Component names used in Components.
+// File names of an image folder: the manifest, its signature and the
+// components.
 const (
+	File               = "manifest.json"
+	SignatureFile      = "manifest.sig"
 	ComponentKernel    = "vmlinuz"
 	ComponentInitramfs = "initramfs.cpio.zst"
 	ComponentCmdline   = "cmdline"

@@ -75,14 +75,14 @@ func readBounded(path string) ([]byte, error) {
 func Dir(dir string, pub ed25519.PublicKey) *Report {
 	rep := &Report{}
 	add := func(c Check) { rep.Checks = append(rep.Checks, c) }
-	mb, err := readBounded(filepath.Join(dir, "manifest.json"))
+	mb, err := readBounded(filepath.Join(dir, manifest.File))
 	if err != nil {
-		add(Check{Name: "manifest.json", Err: err.Error()})
+		add(Check{Name: manifest.File, Err: err.Error()})
 		return rep
 	}
-	sb, err := readBounded(filepath.Join(dir, "manifest.sig"))
+	sb, err := readBounded(filepath.Join(dir, manifest.SignatureFile))
 	if err != nil {
-		add(Check{Name: "manifest.sig", Err: err.Error()})
+		add(Check{Name: manifest.SignatureFile, Err: err.Error()})
 		return rep
 	}
 	m, err := manifest.Verify(mb, sb, pub)

@@ -74,7 +74,7 @@ func Split(secret []byte, n, k int) ([]Share, error) {
 		shares[i] = Share{X: byte(i + 1), Threshold: byte(k), Y: make([]byte, len(secret))}
 	}
 	coeffs := make([]byte, k)
-	defer wipe(coeffs)
+	defer clear(coeffs)
 	for b, s := range secret {
 		coeffs[0] = s
 		if _, err := rand.Read(coeffs[1:]); err != nil {
@@ -179,10 +179,4 @@ func Parse(b []byte) (Share, error) {
 }
 
 // Wipe zeroes a share's secret material.
-func (s *Share) Wipe() { wipe(s.Y) }
-
-func wipe(b []byte) {
-	for i := range b {
-		b[i] = 0
-	}
-}
+func (s *Share) Wipe() { clear(s.Y) }

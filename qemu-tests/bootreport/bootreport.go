@@ -146,11 +146,11 @@ func Verify(ev *Evidence, m manifest.Measurements) (*Verdict, error) {
 
 // ImageManifest reads and verifies the signed manifest of an image folder.
 func ImageManifest(dir string, pub []byte) (*manifest.Manifest, error) {
-	mb, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
+	mb, err := os.ReadFile(filepath.Join(dir, manifest.File))
 	if err != nil {
 		return nil, err
 	}
-	sb, err := os.ReadFile(filepath.Join(dir, "manifest.sig"))
+	sb, err := os.ReadFile(filepath.Join(dir, manifest.SignatureFile))
 	if err != nil {
 		return nil, err
 	}
@@ -160,7 +160,7 @@ func ImageManifest(dir string, pub []byte) (*manifest.Manifest, error) {
 // BootConfig returns a VM config that boots the image in dir with the
 // memory size its manifest's QEMU measurement assumes.
 func BootConfig(name, dir string, m *manifest.Manifest) (vm.Config, error) {
-	cb, err := os.ReadFile(filepath.Join(dir, "cmdline"))
+	cb, err := os.ReadFile(filepath.Join(dir, manifest.ComponentCmdline))
 	if err != nil {
 		return vm.Config{}, err
 	}
@@ -170,8 +170,8 @@ func BootConfig(name, dir string, m *manifest.Manifest) (vm.Config, error) {
 	}
 	return vm.Config{
 		Name:     name,
-		Kernel:   filepath.Join(dir, "vmlinuz"),
-		Initrd:   filepath.Join(dir, "initramfs.cpio.zst"),
+		Kernel:   filepath.Join(dir, manifest.ComponentKernel),
+		Initrd:   filepath.Join(dir, manifest.ComponentInitramfs),
 		Cmdline:  cmdline,
 		MemoryMB: m.Measurements.QEMUMemoryMiB,
 	}, nil
