@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -362,6 +363,40 @@ func (b *Broker) ApproveDisks(id string, count int) (err error) {
 	return b.update(id, func(r *record) error { r.DiskApprovals += count; return nil })
 }
 
+// SetEndpoints records where the appliance's peers reach it (host:port,
+// one per network path). Brokers hand the list to the other appliances.
+func (b *Broker) SetEndpoints(id string, endpoints []string) (err error) {
+	defer func() { b.record("set-endpoints", id, err, map[string]string{"endpoints": strings.Join(endpoints, ",")}) }()
+	if len(endpoints) > api.MaxEndpoints {
+		return reject(http.StatusBadRequest, ReasonBadRequest, fmt.Sprintf("at most %d endpoints", api.MaxEndpoints))
+	}
+	for _, e := range endpoints {
+		if cerr := api.CheckEndpoint(e); cerr != nil {
+			return reject(http.StatusBadRequest, ReasonBadRequest, cerr.Error())
+		}
+	}
+	return b.update(id, func(r *record) error { r.Endpoints = append([]string(nil), endpoints...); return nil })
+}
+
+// peersOf lists the appliances an appliance replicates with: every other
+// enrolled, activated, unrevoked appliance that has endpoints.
+func (b *Broker) peersOf(id string) ([]api.Peer, error) {
+	var peers []api.Peer
+	err := b.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketAppliances).ForEach(func(_, v []byte) error {
+			var r record
+			if err := jsonUnmarshal(v, &r); err != nil {
+				return err
+			}
+			if r.ID != id && r.Enrolled && r.Activated && !r.Revoked && len(r.Endpoints) > 0 {
+				peers = append(peers, api.Peer{ID: r.ID, Endpoints: r.Endpoints})
+			}
+			return nil
+		})
+	})
+	return peers, err
+}
+
 // Revoke revokes an appliance: it gets nothing more and is told to lock down.
 func (b *Broker) Revoke(id string) (err error) {
 	defer func() { b.record("revoke", id, err, nil) }()
@@ -470,6 +505,11 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 	}()
 	if api.CheckApplianceID(req.ApplianceID) != nil || len(req.Nonce) != 32 || len(req.TLSPublic) == 0 || len(req.TLSPublic) > 4096 {
 		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "appliance id, nonce or TLS key")
+	}
+	if req.Health != nil {
+		if herr := req.Health.Validate(); herr != nil {
+			return nil, reject(http.StatusBadRequest, ReasonBadRequest, herr.Error())
+		}
 	}
 	if rj := b.takeNonce(req.ApplianceID, req.Nonce); rj != nil {
 		return nil, rj
@@ -597,6 +637,14 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 		resp.Shares = append(resp.Shares, api.SealedShare{DiskID: disk, Blob: enc})
 	}
 	resp.DiskApprovals = r.DiskApprovals
+	if resp.Peers, err = b.peersOf(r.ID); err != nil {
+		return nil, err
+	}
+	if req.Health != nil {
+		h := *req.Health
+		h.Reported = b.now().UTC()
+		r.Health = &h
+	}
 	r.SeenQuote, r.ResetCount, r.RestartCount = true, info.ResetCount, info.RestartCount
 	r.LastAttest, r.LastImage = b.now().Unix(), matched.Version
 	entries := []audit.Entry{entry("attest", r.ID, nil, detail)}
@@ -703,7 +751,8 @@ func (b *Broker) State() (*api.State, error) {
 			fp := sha256.Sum256(r.EKPublic)
 			a := api.Appliance{ID: r.ID, AKPublic: r.AKPublic, EKFingerprint: hex.EncodeToString(fp[:]), Activated: r.Activated, Enrolled: r.Enrolled,
 				Revoked: r.Revoked, Floor: r.Floor, DiskApprovals: r.DiskApprovals, Disks: append([]string{}, r.Disks...),
-				ResetCount: r.ResetCount, RestartCount: r.RestartCount, LastImage: r.LastImage}
+				ResetCount: r.ResetCount, RestartCount: r.RestartCount, LastImage: r.LastImage,
+				Endpoints: r.Endpoints, Health: r.Health}
 			if r.LastAttest != 0 {
 				a.LastAttestation = time.Unix(r.LastAttest, 0).UTC()
 			}

@@ -213,6 +213,11 @@ func (b *Broker) OperatorHandler() http.Handler {
 			if err = decode(w, r, &req); err == nil {
 				err = b.ApproveDisks(id, req.Count)
 			}
+		case "endpoints":
+			var req api.EndpointsRequest
+			if err = decode(w, r, &req); err == nil {
+				err = b.SetEndpoints(id, req.Endpoints)
+			}
 		case "revoke":
 			var req struct{}
 			if err = decode(w, r, &req); err == nil {

@@ -11,6 +11,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/audit"
 )
 
@@ -41,6 +42,9 @@ type record struct {
 	SeenQuote     bool     `json:"seen_quote"`
 	LastAttest    int64    `json:"last_attest_unix"`
 	LastImage     uint64   `json:"last_image"`
+	Endpoints     []string `json:"endpoints,omitempty"`
+	// Health is the appliance's last self-report (informational).
+	Health *api.Health `json:"health,omitempty"`
 	// Challenge is the credential-activation secret while enrollment is
 	// pending; cleared once activated.
 	Challenge []byte `json:"challenge,omitempty"`

@@ -21,6 +21,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	pb "github.com/google/go-tpm-tools/proto/tpm"
@@ -56,6 +57,17 @@ type Client struct {
 	eventLog  func() ([]byte, error)
 	log       *slog.Logger
 	transport http.RoundTripper
+	health    atomic.Pointer[func() *api.Health]
+}
+
+// ReportHealth sets what each attestation reports about the appliance's
+// disks and peers (nil: nothing).
+func (c *Client) ReportHealth(fn func() *api.Health) {
+	if fn == nil {
+		c.health.Store(nil)
+		return
+	}
+	c.health.Store(&fn)
 }
 
 // New makes a client. tlsKey is the appliance's ephemeral TLS key whose
@@ -183,6 +195,7 @@ type Result struct {
 	Certificate   *tls.Certificate
 	DiskApprovals int
 	ReattestAfter time.Duration
+	Peers         []api.Peer
 	Err           error
 }
 
@@ -212,6 +225,9 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 	for i, v := range q.GetPcrs().GetPcrs() {
 		req.PCRs[int(i)] = v
 	}
+	if fn := c.health.Load(); fn != nil {
+		req.Health = (*fn)()
+	}
 	var resp api.AttestResponse
 	if err := c.post(ctx, b, api.PathAttest, nil, req, &resp); err != nil {
 		res.Err = err
@@ -219,6 +235,7 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 	}
 	res.ImageVersion, res.DiskApprovals = resp.ImageVersion, resp.DiskApprovals
 	res.ReattestAfter = time.Duration(resp.ReattestAfter) * time.Second
+	res.Peers = resp.Peers
 	if len(resp.Certificate) == 0 {
 		res.Err = fmt.Errorf("broker %s sent no certificate", b.Name)
 		return res
@@ -251,6 +268,41 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 		res.Shares[s.DiskID] = sh
 	}
 	return res
+}
+
+// AgreedPeers returns the peers that at least k brokers list with the same
+// endpoints, in a stable order: no single broker can add a peer. Peers
+// whose entries are malformed are dropped.
+func AgreedPeers(results []*Result, k int) []api.Peer {
+	votes := map[string]int{}
+	byKey := map[string]api.Peer{}
+	for _, r := range results {
+		seen := map[string]bool{}
+		for _, p := range r.Peers {
+			if api.CheckApplianceID(p.ID) != nil || len(p.Endpoints) == 0 || len(p.Endpoints) > api.MaxEndpoints {
+				continue
+			}
+			ok := true
+			for _, e := range p.Endpoints {
+				ok = ok && api.CheckEndpoint(e) == nil
+			}
+			key := p.ID + " " + strings.Join(p.Endpoints, ",")
+			if !ok || seen[key] {
+				continue
+			}
+			seen[key] = true
+			votes[key]++
+			byKey[key] = p
+		}
+	}
+	var out []api.Peer
+	for key, n := range votes {
+		if n >= k {
+			out = append(out, byKey[key])
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
 }
 
 // Backoff bounds the retry delay of AttestAll.

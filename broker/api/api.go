@@ -9,7 +9,9 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"fmt"
+	"net"
 	"regexp"
+	"strconv"
 	"time"
 
 	"github.com/dataembassy/embassy/images/manifest"
@@ -28,7 +30,7 @@ const (
 const (
 	PathEnrollments = "/v1/enrollments" // GET list; POST {id}/approve
 	PathManifests   = "/v1/manifests"   // POST approve
-	PathAppliances  = "/v1/appliances/" // POST {id}/floor, {id}/disks, {id}/revoke
+	PathAppliances  = "/v1/appliances/" // POST {id}/floor, {id}/disks, {id}/revoke, {id}/endpoints
 	PathState       = "/v1/state"       // GET
 	PathAudit       = "/v1/audit"       // GET
 )
@@ -125,7 +127,69 @@ type AttestRequest struct {
 	// TLSAddresses are the IP addresses clients reach the appliance at
 	// (from its measured image config), put in the certificate.
 	TLSAddresses []string `json:"tls_addresses,omitempty"`
+	// Health is the appliance's own report of its disks and replication
+	// peers, shown to operators. It is informational: nothing is released
+	// because of it.
+	Health *Health `json:"health,omitempty"`
 }
+
+// Health is what an appliance reports about itself at each attestation.
+type Health struct {
+	Degraded bool         `json:"degraded"`
+	Disks    []DiskHealth `json:"disks,omitempty"`
+	// BlankDisks are inserted disks waiting for an operator's approve-disk.
+	BlankDisks []DiskHealth `json:"blank_disks,omitempty"`
+	Peers      []PeerHealth `json:"peers,omitempty"`
+	Reported   time.Time    `json:"reported"`
+}
+
+// DiskHealth is one disk of an appliance.
+type DiskHealth struct {
+	Serial     string `json:"serial"`
+	Device     string `json:"device,omitempty"`
+	UUID       string `json:"uuid,omitempty"`
+	State      string `json:"state"`
+	Reason     string `json:"reason,omitempty"`
+	ReadErrors int64  `json:"read_errors"`
+	Healed     int64  `json:"healed"`
+}
+
+// PeerHealth is the replication lag towards one peer.
+type PeerHealth struct {
+	ID             string  `json:"id"`
+	Path           string  `json:"path,omitempty"` // endpoint in use
+	PendingObjects int     `json:"pending_objects"`
+	PendingBytes   int64   `json:"pending_bytes"`
+	OldestSeconds  float64 `json:"oldest_pending_seconds"`
+	LastError      string  `json:"last_error,omitempty"`
+}
+
+// MaxHealthItems bounds each list in a health report.
+const MaxHealthItems = 64
+
+// Validate bounds a health report.
+func (h *Health) Validate() error {
+	if len(h.Disks) > MaxHealthItems || len(h.BlankDisks) > MaxHealthItems || len(h.Peers) > MaxHealthItems {
+		return fmt.Errorf("health report lists more than %d items", MaxHealthItems)
+	}
+	return nil
+}
+
+// Peer is another appliance of the same embassy, as the brokers know it:
+// its identity (the CN of its attested certificate) and the endpoints
+// (host:port, one per path) it is reached at.
+type Peer struct {
+	ID        string   `json:"id"`
+	Endpoints []string `json:"endpoints"`
+}
+
+// EndpointsRequest sets the endpoints peers reach an appliance at.
+type EndpointsRequest struct {
+	Endpoints []string `json:"endpoints"`
+}
+
+// MaxEndpoints bounds an appliance's endpoint list.
+const MaxEndpoints = 8
 
 // SealedShare is one volume key share sealed to the appliance's EK and PCRs.
 type SealedShare struct {
@@ -141,6 +205,8 @@ type AttestResponse struct {
 	CertExpires   time.Time     `json:"cert_expires"`
 	DiskApprovals int           `json:"disk_approvals"`
 	ReattestAfter int           `json:"reattest_after_seconds"`
+	// Peers are the other enrolled, unrevoked appliances with endpoints.
+	Peers []Peer `json:"peers,omitempty"`
 }
 
 // DepositRequest hands the broker its share of a new disk's key. It must
@@ -201,6 +267,8 @@ type Appliance struct {
 	RestartCount    uint32    `json:"restart_count"`
 	LastAttestation time.Time `json:"last_attestation,omitempty"`
 	LastImage       uint64    `json:"last_image_version,omitempty"`
+	Endpoints       []string  `json:"endpoints,omitempty"`
+	Health          *Health   `json:"health,omitempty"`
 }
 
 // ApprovedManifest is one approved image.
@@ -216,4 +284,19 @@ type State struct {
 	Broker     string             `json:"broker"`
 	Appliances []Appliance        `json:"appliances"`
 	Manifests  []ApprovedManifest `json:"manifests"`
+}
+
+// CheckEndpoint validates a peer endpoint: "IP:port".
+func CheckEndpoint(e string) error {
+	host, port, err := net.SplitHostPort(e)
+	if err != nil {
+		return fmt.Errorf("endpoint %q: %w", e, err)
+	}
+	if net.ParseIP(host) == nil {
+		return fmt.Errorf("endpoint %q: host is not an IP address", e)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("endpoint %q: bad port", e)
+	}
+	return nil
 }

@@ -155,6 +155,23 @@ func (c *Client) ApproveDisks(ctx context.Context, id string, count int) ([]Outc
 	return c.each(ctx, http.MethodPost, api.PathAppliances+id+"/disks", api.DiskApprovalRequest{Count: count})
 }
 
+// SetEndpoints records, on every broker, the endpoints (IP:port, one per
+// network path) the appliance's peers replicate to.
+func (c *Client) SetEndpoints(ctx context.Context, id string, endpoints []string) ([]Outcome, error) {
+	if err := api.CheckApplianceID(id); err != nil {
+		return nil, err
+	}
+	if len(endpoints) == 0 || len(endpoints) > api.MaxEndpoints {
+		return nil, fmt.Errorf("give 1 to %d endpoints", api.MaxEndpoints)
+	}
+	for _, e := range endpoints {
+		if err := api.CheckEndpoint(e); err != nil {
+			return nil, err
+		}
+	}
+	return c.each(ctx, http.MethodPost, api.PathAppliances+id+"/endpoints", api.EndpointsRequest{Endpoints: endpoints})
+}
+
 // Revoke revokes an appliance on every broker.
 func (c *Client) Revoke(ctx context.Context, id string) ([]Outcome, error) {
 	if err := api.CheckApplianceID(id); err != nil {

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/dataembassy/embassy/broker/api"
 )
 
 // PrintJSON writes v as indented JSON.
@@ -58,7 +60,43 @@ func PrintStatus(w io.Writer, states []BrokerState) {
 			fmt.Fprintf(tw, "  %s\t%s\t%d\t%d\t%d\t%d\t%s\n", a.ID, state, a.LastImage, a.Floor, len(a.Disks), a.DiskApprovals, last)
 		}
 		tw.Flush()
+		for _, a := range s.State.Appliances {
+			printHealth(w, a)
+		}
 		fmt.Fprintln(w)
+	}
+}
+
+// printHealth writes an appliance's last self-report: disks by serial (for
+// a technician's ticket), blank disks waiting for approval, replication lag
+// per peer.
+func printHealth(w io.Writer, a api.Appliance) {
+	h := a.Health
+	if h == nil {
+		return
+	}
+	state := "healthy"
+	if h.Degraded {
+		state = "DEGRADED"
+	}
+	fmt.Fprintf(w, "  %s: store %s (reported %s ago), endpoints [%s]\n", a.ID, state,
+		time.Since(h.Reported).Round(time.Second), strings.Join(a.Endpoints, ", "))
+	for _, d := range h.Disks {
+		reason := ""
+		if d.Reason != "" {
+			reason = " (" + d.Reason + ")"
+		}
+		fmt.Fprintf(w, "    disk serial %s %s: %s%s, read errors %d, healed %d\n", d.Serial, d.Device, d.State, reason, d.ReadErrors, d.Healed)
+	}
+	for _, d := range h.BlankDisks {
+		fmt.Fprintf(w, "    disk serial %s %s: blank, waiting for approval (embassyctl approve-disk %s)\n", d.Serial, d.Device, a.ID)
+	}
+	for _, p := range h.Peers {
+		errText := ""
+		if p.LastError != "" {
+			errText = ", last error: " + p.LastError
+		}
+		fmt.Fprintf(w, "    peer %s via %s: %d objects / %d bytes behind, oldest %.0fs%s\n", p.ID, p.Path, p.PendingObjects, p.PendingBytes, p.OldestSeconds, errText)
 	}
 }
 

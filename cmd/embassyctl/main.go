@@ -2,6 +2,7 @@
 //
 //	embassyctl [global flags] enroll <appliance-id>
 //	embassyctl [global flags] approve-image <image folder>
+//	embassyctl [global flags] set-endpoints <appliance-id> <ip:port>[,<ip:port>...]
 //	embassyctl [global flags] set-floor <appliance-id> <version>
 //	embassyctl [global flags] approve-disk [-count N] <appliance-id>
 //	embassyctl [global flags] revoke <appliance-id>
@@ -58,7 +59,7 @@ func run(args []string) error {
 	}
 	rest := fs.Args()
 	if len(rest) == 0 {
-		return errors.New("missing command: enroll, approve-image, set-floor, approve-disk, revoke, attest, status, audit")
+		return errors.New("missing command: enroll, approve-image, set-endpoints, set-floor, approve-disk, revoke, attest, status, audit")
 	}
 	if rest[0] == "audit" && len(rest) > 1 && rest[1] == "verify" && hasFlag(rest[2:], "file") {
 		return verifyFile(rest[2:], *asJSON)
@@ -114,6 +115,12 @@ func run(args []string) error {
 		}
 		outs, err := c.ApproveImage(ctx, m, s)
 		return change("approve-image", outs, err)
+	case "set-endpoints":
+		if err := need(2, "set-endpoints <appliance-id> <ip:port>[,<ip:port>...]"); err != nil {
+			return err
+		}
+		outs, err := c.SetEndpoints(ctx, rest[1], strings.Split(rest[2], ","))
+		return change("set-endpoints", outs, err)
 	case "set-floor":
 		if err := need(2, "set-floor <appliance-id> <version>"); err != nil {
 			return err

@@ -1,0 +1,313 @@
+// Package replicate keeps every repository of the appliance on its peers:
+// the other appliances of the embassy, as k brokers list them after
+// attestation. New objects are pushed as soon as they are stored; a
+// periodic anti-entropy pass compares object lists per namespace and fills
+// gaps in both directions. Both ends authenticate with the brokers'
+// attested certificates. Every peer has one endpoint per network path; a
+// failed path is left at once for the next one and probed in the
+// background until it answers again.
+//
+// The wire protocol (HTTPS, on the ingest listener):
+//
+//	GET /_embassy/replica/v1/ping
+//	GET /_embassy/replica/v1/namespaces            -> ["repo/type", ...]
+//	GET /_embassy/replica/v1/list?ns=repo/type     -> [{"name":..,"size":..}]
+//	GET /_embassy/replica/v1/object?ns=..&name=..  -> the object
+//	PUT /_embassy/replica/v1/object?ns=..&name=..  <- the object
+package replicate
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/dataembassy/embassy/appliance/store"
+	"github.com/dataembassy/embassy/broker/pki"
+)
+
+// Paths of the replication protocol.
+const (
+	Prefix         = "/_embassy/replica/v1/"
+	PathPing       = Prefix + "ping"
+	PathNamespaces = Prefix + "namespaces"
+	PathList       = Prefix + "list"
+	PathObject     = Prefix + "object"
+)
+
+// DefaultMaxObject bounds a replicated object (as ingest does).
+const DefaultMaxObject = 160 << 20
+
+// Store is what replication needs of the object store.
+type Store interface {
+	Put(ns, name string, data []byte) ([]string, error)
+	Get(ns, name string) ([]byte, error)
+	Has(ns, name string) (int64, bool)
+	List(ns string) ([]store.ObjectInfo, error)
+	Namespaces() ([]string, error)
+}
+
+// Replicated reports whether a namespace is replicated. Locks are
+// per-appliance and short-lived: restic takes them on the appliance it
+// talks to, so they are not copied.
+func Replicated(ns string) bool {
+	return store.ValidNamespace(ns) == nil && !strings.HasSuffix(ns, "/locks")
+}
+
+// ListEntry is one object of a list answer.
+type ListEntry struct {
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+}
+
+// Server answers peers. Serve it on a listener whose tls.Config requests
+// client certificates; the handler checks them so a refusal is an HTTP
+// answer and a log line rather than a failed handshake.
+type Server struct {
+	Store Store
+	// Roots are the brokers' CA certificates (from the image).
+	Roots *x509.CertPool
+	// Allowed reports whether an attested appliance id is a current peer.
+	Allowed   func(id string) bool
+	Log       *slog.Logger
+	MaxObject int64
+	// Limit bounds concurrent object transfers (default 4).
+	Limit int
+	Now   func() time.Time
+
+	sem                          chan struct{}
+	received, receivedB, refused atomic.Int64
+}
+
+type statusError struct {
+	status int
+	msg    string
+}
+
+func (e *statusError) Error() string { return e.msg }
+
+func refuse(status int, format string, args ...any) error {
+	return &statusError{status, fmt.Sprintf(format, args...)}
+}
+
+// Peer returns the attested appliance id of the connection's client
+// certificate, or an error if it is not a certificate the brokers issued.
+func Peer(r *http.Request, roots *x509.CertPool, now time.Time) (string, error) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		return "", errors.New("no client certificate")
+	}
+	return VerifyAttested(r.TLS.PeerCertificates, roots, now, x509.ExtKeyUsageClientAuth)
+}
+
+// VerifyAttested checks a certificate chain against the brokers' roots and
+// returns the appliance id it was issued to.
+func VerifyAttested(chain []*x509.Certificate, roots *x509.CertPool, now time.Time, usage x509.ExtKeyUsage) (string, error) {
+	if len(chain) == 0 {
+		return "", errors.New("no certificate")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
+		return "", fmt.Errorf("certificate not issued by a broker: %w", err)
+	}
+	id, err := pki.ApplianceIDFromCert(chain[0])
+	if err != nil {
+		return "", err
+	}
+	if chain[0].Subject.CommonName != id {
+		return "", fmt.Errorf("certificate common name %q does not match appliance %s", chain[0].Subject.CommonName, id)
+	}
+	return id, nil
+}
+
+func (s *Server) now() time.Time {
+	if s.Now != nil {
+		return s.Now()
+	}
+	return time.Now()
+}
+
+// ServeHTTP serves the replication protocol.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	err := s.serve(w, r)
+	if err == nil {
+		return
+	}
+	status := http.StatusInternalServerError
+	var se *statusError
+	switch {
+	case errors.As(err, &se):
+		status = se.status
+	case errors.Is(err, store.ErrNotFound):
+		status = http.StatusNotFound
+	case errors.Is(err, store.ErrConflict):
+		status = http.StatusConflict
+	case errors.Is(err, store.ErrInvalidName), errors.Is(err, store.ErrHashMismatch):
+		status = http.StatusBadRequest
+	}
+	if status == http.StatusUnauthorized || status == http.StatusForbidden {
+		s.refused.Add(1)
+		s.Log.Warn("replication peer refused", "remote", r.RemoteAddr, "path", r.URL.Path, "reason", err.Error())
+	} else if status >= 500 || status == http.StatusConflict {
+		s.Log.Error("replication request failed", "remote", r.RemoteAddr, "path", r.URL.Path, "status", status, "err", err.Error())
+	}
+	http.Error(w, err.Error(), status)
+}
+
+func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
+	id, err := Peer(r, s.Roots, s.now())
+	if err != nil {
+		return refuse(http.StatusUnauthorized, "replication needs an attested peer certificate: %v", err)
+	}
+	if s.Allowed == nil || !s.Allowed(id) {
+		return refuse(http.StatusForbidden, "appliance %s is not a peer of this appliance", id)
+	}
+	q := r.URL.Query()
+	switch r.URL.Path {
+	case PathPing:
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	case PathNamespaces:
+		if r.Method != http.MethodGet {
+			return refuse(http.StatusMethodNotAllowed, "use GET")
+		}
+		all, err := s.Store.Namespaces()
+		if err != nil {
+			return err
+		}
+		out := []string{}
+		for _, ns := range all {
+			if Replicated(ns) {
+				out = append(out, ns)
+			}
+		}
+		return writeJSON(w, out)
+	case PathList:
+		ns := q.Get("ns")
+		if !Replicated(ns) {
+			return refuse(http.StatusBadRequest, "namespace %q is not replicated", ns)
+		}
+		objs, err := s.Store.List(ns)
+		if err != nil {
+			return err
+		}
+		out := make([]ListEntry, 0, len(objs))
+		for _, o := range objs {
+			out = append(out, ListEntry{o.Name, o.Size})
+		}
+		return writeJSON(w, out)
+	case PathObject:
+		ns, name := q.Get("ns"), q.Get("name")
+		if !Replicated(ns) {
+			return refuse(http.StatusBadRequest, "namespace %q is not replicated", ns)
+		}
+		switch r.Method {
+		case http.MethodGet:
+			data, err := s.Store.Get(ns, name)
+			if err != nil {
+				return err
+			}
+			w.Header().Set("Content-Type", "application/octet-stream")
+			_, err = w.Write(data)
+			return err
+		case http.MethodPut:
+			return s.put(r, id, ns, name)
+		}
+		return refuse(http.StatusMethodNotAllowed, "use GET or PUT")
+	}
+	return refuse(http.StatusNotFound, "no such replication path")
+}
+
+func (s *Server) put(r *http.Request, peer, ns, name string) error {
+	if s.sem == nil {
+		return errors.New("replication server not initialised; use Init")
+	}
+	select {
+	case s.sem <- struct{}{}:
+		defer func() { <-s.sem }()
+	case <-r.Context().Done():
+		return r.Context().Err()
+	}
+	max := s.MaxObject
+	if max == 0 {
+		max = DefaultMaxObject
+	}
+	if r.ContentLength > max {
+		return refuse(http.StatusRequestEntityTooLarge, "object of %d bytes exceeds %d", r.ContentLength, max)
+	}
+	data, err := io.ReadAll(io.LimitReader(r.Body, max+1))
+	if err != nil {
+		return refuse(http.StatusBadRequest, "read object: %v", err)
+	}
+	if int64(len(data)) > max {
+		return refuse(http.StatusRequestEntityTooLarge, "object exceeds %d bytes", max)
+	}
+	if r.ContentLength >= 0 && int64(len(data)) != r.ContentLength {
+		return refuse(http.StatusBadRequest, "object truncated: %d of %d bytes", len(data), r.ContentLength)
+	}
+	if err := checkContent(name, data); err != nil {
+		return err
+	}
+	if _, err := s.Store.Put(ns, name, data); err != nil {
+		return err
+	}
+	s.received.Add(1)
+	s.receivedB.Add(int64(len(data)))
+	s.Log.Debug("replica stored", "peer", peer, "ns", ns, "name", name, "bytes", len(data))
+	return nil
+}
+
+// Init prepares the server's transfer limit.
+func (s *Server) Init() *Server {
+	limit := s.Limit
+	if limit <= 0 {
+		limit = 4
+	}
+	s.sem = make(chan struct{}, limit)
+	return s
+}
+
+// checkContent verifies a content-addressed object against its name.
+// Named objects ("config") cannot be checked this way; the store refuses a
+// named object that exists with different content.
+func checkContent(name string, data []byte) error {
+	if !contentAddressed.MatchString(name) {
+		return nil
+	}
+	sum := sha256.Sum256(data)
+	if hex.EncodeToString(sum[:]) != name {
+		return refuse(http.StatusBadRequest, "content has SHA-256 %s, not %s", hex.EncodeToString(sum[:]), name)
+	}
+	return nil
+}
+
+var contentAddressed = regexp.MustCompile(`^[0-9a-f]{64}$`)
+
+func writeJSON(w http.ResponseWriter, v any) error {
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(v); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_, err := w.Write(buf.Bytes())
+	return err
+}
+
+// WriteMetrics writes the inbound counters in Prometheus text format.
+func (s *Server) WriteMetrics(w io.Writer) {
+	fmt.Fprintf(w, "# TYPE embassy_replication_received_objects_total counter\nembassy_replication_received_objects_total %d\n", s.received.Load())
+	fmt.Fprintf(w, "# TYPE embassy_replication_received_bytes_total counter\nembassy_replication_received_bytes_total %d\n", s.receivedB.Load())
+	fmt.Fprintf(w, "# TYPE embassy_replication_refused_total counter\nembassy_replication_refused_total %d\n", s.refused.Load())
+}
