@@ -366,7 +366,9 @@ func (b *Broker) ApproveDisks(id string, count int) (err error) {
 // SetEndpoints records where the appliance's peers reach it (host:port,
 // one per network path). Brokers hand the list to the other appliances.
 func (b *Broker) SetEndpoints(id string, endpoints []string) (err error) {
-	defer func() { b.record("set-endpoints", id, err, map[string]string{"endpoints": strings.Join(endpoints, ",")}) }()
+	defer func() {
+		b.record("set-endpoints", id, err, map[string]string{"endpoints": strings.Join(endpoints, ",")})
+	}()
 	if len(endpoints) > api.MaxEndpoints {
 		return reject(http.StatusBadRequest, ReasonBadRequest, fmt.Sprintf("at most %d endpoints", api.MaxEndpoints))
 	}

@@ -559,7 +559,9 @@ func (p *peer) antiEntropy(ctx context.Context) error {
 	}
 	// Data before indexes before snapshots, so a peer never holds a
 	// snapshot whose data it lacks for longer than needed.
-	sort.Slice(names, func(i, j int) bool { return typeRank(names[i]) < typeRank(names[j]) || (typeRank(names[i]) == typeRank(names[j]) && names[i] < names[j]) })
+	sort.Slice(names, func(i, j int) bool {
+		return typeRank(names[i]) < typeRank(names[j]) || (typeRank(names[i]) == typeRank(names[j]) && names[i] < names[j])
+	})
 	queued, pulled := 0, 0
 	for _, ns := range names {
 		mine, err := p.r.store.List(ns)
