@@ -31,6 +31,10 @@ var objectTypes = map[string]bool{"data": true, "keys": true, "locks": true, "sn
 
 var repoName = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
 
+// MsgStored is logged for every acknowledged object (after it is durable on
+// every healthy disk, before the client hears 200).
+const MsgStored = "object stored"
+
 // DefaultMaxObject bounds an upload (restic packs are 4-128 MiB).
 const DefaultMaxObject = 160 << 20
 
@@ -60,6 +64,9 @@ type Server struct {
 	ClientCAs *x509.CertPool
 	Log       *slog.Logger
 	MaxObject int64
+	// OnStored, if set, is told of every object once it is durable (the
+	// replicator queues it for the peers). It must not block.
+	OnStored func(ns, name string, size int64)
 
 	requests, rejected, bytesIn atomic.Int64
 }
@@ -294,6 +301,12 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request, ns, name string) er
 		return err
 	}
 	s.bytesIn.Add(int64(len(data)))
+	if s.Log != nil {
+		s.Log.Info(MsgStored, "ns", ns, "name", name, "bytes", len(data))
+	}
+	if s.OnStored != nil {
+		s.OnStored(ns, name, int64(len(data)))
+	}
 	return nil
 }
 

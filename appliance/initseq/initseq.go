@@ -34,6 +34,7 @@ import (
 	"github.com/dataembassy/embassy/appliance/ingest"
 	"github.com/dataembassy/embassy/appliance/measuredboot"
 	"github.com/dataembassy/embassy/appliance/netup"
+	"github.com/dataembassy/embassy/appliance/replicate"
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/appliance/volumes"
 	"github.com/dataembassy/embassy/broker/api"
@@ -143,13 +144,20 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 		"shares", shares, "disk_approvals", results[0].DiskApprovals, "elapsed_ms", time.Since(start).Milliseconds())
 
 	vm := &volumes.Manager{Log: log}
-	vols := openDisks(ctx, log, ac, cfg, results, vm)
+	old, fresh := openDisks(ctx, log, ac, cfg, results, vm)
+	// Disks provisioned beside existing ones join as syncing and are
+	// resynced once serving; on a first boot they all start empty.
+	initial := old
+	if len(old) == 0 {
+		initial, fresh = fresh, nil
+	}
 	var specs []store.DiskSpec
-	for _, v := range vols {
+	for _, v := range initial {
 		specs = append(specs, store.DiskSpec{ID: v.UUID, Root: filepath.Join(v.MountPoint, "store")})
 	}
 	if len(specs) == 0 {
 		log.Error("no data volume is open; nothing is served", "appliance_id", ac.ID())
+		vm.CloseAll()
 		time.Sleep(30 * time.Second)
 		return
 	}
@@ -162,38 +170,57 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	status, degraded := st.Status()
 	log.Info(MsgStoreOpen, "disks", len(status), "degraded", degraded)
 
+	serveCtx, stopServing := context.WithCancel(ctx)
 	var cert atomic.Pointer[tls.Certificate]
 	cert.Store(results[0].Certificate)
+	_, brokerRoots := ac.Config()
+	rep := replicate.New(serveCtx, st, brokerRoots, cert.Load, log, replicate.Options{AntiEntropyEvery: 30 * time.Second})
+	rep.SetPeers(attest.AgreedPeers(results, cfg.Threshold))
+	repSrv := (&replicate.Server{Store: st, Roots: brokerRoots, Allowed: rep.IsPeer, Log: log}).Init()
+
+	watcher := newDiskWatcher(log, ac, cfg, vm, st, results)
+	ac.ReportHealth(func() *api.Health { return watcher.health(rep.Lag) })
+	for _, v := range fresh {
+		go watcher.addAndResync(serveCtx, v)
+	}
+
 	rules := ingest.Rules{}
 	for repo, acc := range cfg.Ingest.Repositories {
 		rules[repo] = ingest.RepoRule{Writers: acc.Writers, Readers: acc.Readers}
 	}
 	// Exact-path dispatch: http.ServeMux would clean "/repo/../x" into a
 	// redirect, and the ingest server must see and refuse such paths.
-	ing := &ingest.Server{Store: st, Auth: rules, ClientCAs: clientCAs, Log: log}
+	ing := &ingest.Server{Store: st, Auth: rules, ClientCAs: clientCAs, Log: log, OnStored: rep.Stored}
 	own := map[string]http.HandlerFunc{}
 	mux := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if h, ok := own[r.URL.Path]; ok {
 			h(w, r)
 			return
 		}
+		if strings.HasPrefix(r.URL.Path, replicate.Prefix) {
+			repSrv.ServeHTTP(w, r)
+			return
+		}
 		ing.ServeHTTP(w, r)
 	})
 	own[api.PathChallenge] = challengeHandler(ac, log)
-	// Health and metrics carry no data and no secret: disk states and
+	// Health and metrics carry no data and no secret: disk states, lag and
 	// counters only.
 	own[PathHealth] = func(w http.ResponseWriter, r *http.Request) {
-		disks, degraded := st.Status()
+		h := watcher.health(rep.Lag)
 		w.Header().Set("Content-Type", "application/json")
-		if degraded {
+		if h.Degraded {
 			w.WriteHeader(http.StatusServiceUnavailable)
 		}
-		json.NewEncoder(w).Encode(map[string]any{"appliance_id": ac.ID(), "degraded": degraded, "disks": disks})
+		json.NewEncoder(w).Encode(map[string]any{"appliance_id": ac.ID(), "degraded": h.Degraded, "disks": h.Disks,
+			"blank_disks": h.BlankDisks, "peers": h.Peers})
 	}
 	own[PathMetrics] = func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
 		st.WriteMetrics(w)
 		ing.WriteMetrics(w)
+		rep.WriteMetrics(w)
+		repSrv.WriteMetrics(w)
 	}
 	srv := &http.Server{
 		Handler: mux,
@@ -207,11 +234,13 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	ln, err := net.Listen("tcp", fmt.Sprintf(":%d", cfg.Ingest.Port))
 	if err != nil {
 		log.Error("ingest listen", "err", err.Error())
+		stopServing()
 		vm.CloseAll()
 		return
 	}
 	go srv.ServeTLS(ln, "", "")
-	log.Info(MsgServing, "port", cfg.Ingest.Port, "elapsed_ms", time.Since(start).Milliseconds())
+	go watcher.run(serveCtx)
+	log.Info(MsgServing, "port", cfg.Ingest.Port, "peers", len(attest.AgreedPeers(results, cfg.Threshold)), "elapsed_ms", time.Since(start).Milliseconds())
 	log.Info("boot sequence complete", "elapsed_ms", time.Since(start).Milliseconds())
 
 	every := results[0].ReattestAfter
@@ -233,9 +262,13 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 			break
 		}
 		cert.Store(res[0].Certificate)
+		watcher.latest.Store(&res)
+		rep.SetPeers(attest.AgreedPeers(res, cfg.Threshold))
 		log.Info("re-attested", "brokers", len(res), "image_version", res[0].ImageVersion)
 	}
 	srv.Close()
+	stopServing()
+	ac.ReportHealth(nil)
 	if err := vm.CloseAll(); err != nil {
 		log.Error("closing volumes", "err", err.Error())
 	}
@@ -286,11 +319,12 @@ const MsgStoreOpen = "store open"
 // openDisks unlocks our disks with the released secrets and provisions
 // blank disks the operators approved. Foreign and boot disks are reported
 // and left alone.
-func openDisks(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config, results []*attest.Result, vm *volumes.Manager) []volumes.Volume {
+// It returns the volumes that were ours already and those provisioned now.
+func openDisks(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config, results []*attest.Result, vm *volumes.Manager) (old, fresh []volumes.Volume) {
 	disks, err := discover.List("/sys/block", "/dev")
 	if err != nil {
 		log.Error("disk discovery failed", "err", err.Error())
-		return nil
+		return nil, nil
 	}
 	keys, cerr := attest.Combine(results, cfg.Threshold)
 	if cerr != nil {
@@ -301,10 +335,7 @@ func openDisks(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *co
 			clear(k)
 		}
 	}()
-	approvals := results[0].DiskApprovals
-	for _, r := range results {
-		approvals = min(approvals, r.DiskApprovals)
-	}
+	approved := approvals(results)
 	var blank []discover.Disk
 	for _, d := range disks {
 		log.Info("disk", "name", d.Name, "kind", d.Kind, "size", d.Size, "serial", d.Serial, "detail", d.Detail)
@@ -322,52 +353,58 @@ func openDisks(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *co
 			blank = append(blank, d)
 		}
 	}
-	if len(blank) > 0 && approvals == 0 {
+	if len(blank) > 0 && approved == 0 {
 		log.Info("blank disks wait for an operator's approval", "count", len(blank), "appliance_id", ac.ID())
 	}
-	if len(blank) > 0 && approvals > 0 {
+	old = vm.Volumes()
+	if len(blank) > 0 && approved > 0 {
 		// Depositing needs every broker's attested certificate.
 		all, err := ac.AttestAll(ctx, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, len(cfg.Brokers))
 		if err != nil {
 			log.Warn("provisioning needs all brokers", "err", err.Error())
-			return vm.Volumes()
+			return old, nil
 		}
-		for _, d := range blank[:min(len(blank), approvals)] {
-			provisionDisk(ctx, log, ac, all, d, vm)
+		for _, d := range blank[:min(len(blank), approved)] {
+			if v, ok := provisionDisk(ctx, log, ac, all, d, vm); ok {
+				fresh = append(fresh, v)
+			}
 		}
 	}
-	return vm.Volumes()
+	return old, fresh
 }
 
-func provisionDisk(ctx context.Context, log *slog.Logger, ac *attest.Client, all []*attest.Result, d discover.Disk, vm *volumes.Manager) {
+func provisionDisk(ctx context.Context, log *slog.Logger, ac *attest.Client, all []*attest.Result, d discover.Disk, vm *volumes.Manager) (volumes.Volume, bool) {
 	secret := make([]byte, 32)
 	defer clear(secret)
 	if _, err := rand.Read(secret); err != nil {
 		log.Error("random", "err", err.Error())
-		return
+		return volumes.Volume{}, false
 	}
-	log.Info("provisioning disk", "disk", d.Name)
+	log.Info("provisioning disk", "disk", d.Name, "serial", d.Serial)
 	uuid, err := vm.Provision(ctx, d, secret)
 	if err != nil {
 		log.Error("provisioning failed", "disk", d.Name, "err", err.Error())
-		return
+		return volumes.Volume{}, false
 	}
 	if err := ac.Deposit(ctx, all, uuid, secret); err != nil {
 		// Without every share the disk could not be unlocked reliably later:
 		// it is not used.
 		log.Error("share deposit failed; disk not used", "disk", d.Name, "uuid", uuid, "err", err.Error())
-		return
+		return volumes.Volume{}, false
 	}
-	log.Info("disk provisioned, shares deposited", "disk", d.Name, "uuid", uuid)
+	log.Info("disk provisioned, shares deposited", "disk", d.Name, "serial", d.Serial, "uuid", uuid)
 	nd, err := discover.Classify(d.Path)
 	if err != nil || nd.Kind != discover.Ours {
 		log.Error("provisioned disk does not classify as ours", "disk", d.Name)
-		return
+		return volumes.Volume{}, false
 	}
-	nd.Name = d.Name
-	if _, err := vm.Open(*nd, secret); err != nil {
+	nd.Name, nd.Serial = d.Name, d.Serial
+	v, err := vm.Open(*nd, secret)
+	if err != nil {
 		log.Error("unlock of new disk failed", "disk", d.Name, "err", err.Error())
+		return volumes.Volume{}, false
 	}
+	return v, true
 }
 
 // Log messages of the attestation step.

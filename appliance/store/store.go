@@ -659,6 +659,17 @@ func (s *Store) Status() (disks []DiskStatus, degraded bool) {
 	return disks, degraded
 }
 
+// MarkFailed fails a disk from outside (it was pulled out, its device is
+// gone). It reports whether the disk was not failed before.
+func (s *Store) MarkFailed(id, reason string) bool {
+	d := s.find(id)
+	if d == nil || s.stateOf(d) == Failed {
+		return false
+	}
+	s.fail(d, errors.New(reason))
+	return true
+}
+
 // RemoveDisk forgets a failed disk (it was pulled out).
 func (s *Store) RemoveDisk(id string) error {
 	s.mu.Lock()

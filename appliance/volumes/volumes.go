@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/dataembassy/embassy/disks/discover"
@@ -28,11 +29,13 @@ type Volume struct {
 	UUID       string `json:"uuid"`
 	Mapping    string `json:"mapping"`
 	MountPoint string `json:"mount_point"`
+	Serial     string `json:"serial,omitempty"`
 }
 
 // Manager keeps track of open volumes.
 type Manager struct {
 	Log  *slog.Logger
+	mu   sync.Mutex
 	open []Volume
 }
 
@@ -70,12 +73,14 @@ func (m *Manager) Open(d discover.Disk, secret []byte) (Volume, error) {
 	if err != nil {
 		return Volume{}, err
 	}
-	v := Volume{Disk: d.Name, UUID: d.LUKSUUID, Mapping: name, MountPoint: filepath.Join(MountRoot, d.LUKSUUID)}
+	v := Volume{Disk: d.Name, UUID: d.LUKSUUID, Mapping: name, MountPoint: filepath.Join(MountRoot, d.LUKSUUID), Serial: d.Serial}
 	if err := fs.Mount(mapper, v.MountPoint); err != nil {
 		luks2.Lock(name)
 		return Volume{}, err
 	}
+	m.mu.Lock()
 	m.open = append(m.open, v)
+	m.mu.Unlock()
 	m.Log.Info("volume unlocked and mounted", "disk", d.Name, "uuid", d.LUKSUUID, "mount", v.MountPoint)
 	return v, nil
 }
@@ -112,11 +117,40 @@ func (m *Manager) Provision(ctx context.Context, d discover.Disk, secret []byte)
 }
 
 // Volumes returns the open volumes.
-func (m *Manager) Volumes() []Volume { return append([]Volume(nil), m.open...) }
+func (m *Manager) Volumes() []Volume {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return append([]Volume(nil), m.open...)
+}
+
+// Close unmounts one volume (detaching it if its disk is gone) and closes
+// its mapping. The volume is forgotten even if closing fails: its disk is
+// not used again until it is unlocked anew.
+func (m *Manager) Close(uuid string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i, v := range m.open {
+		if v.UUID != uuid {
+			continue
+		}
+		m.open = append(m.open[:i], m.open[i+1:]...)
+		err := fs.Unmount(v.MountPoint)
+		if err != nil {
+			err = fs.Detach(v.MountPoint)
+		}
+		if lerr := luks2.Lock(v.Mapping); lerr != nil && err == nil {
+			err = lerr
+		}
+		return err
+	}
+	return fmt.Errorf("no open volume %s", uuid)
+}
 
 // CloseAll unmounts every volume and closes its mapping, dropping the keys
 // from the kernel.
 func (m *Manager) CloseAll() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	var firstErr error
 	for _, v := range m.open {
 		if err := fs.Unmount(v.MountPoint); err != nil && firstErr == nil {

@@ -44,6 +44,15 @@ func Mount(device, target string) error {
 	return nil
 }
 
+// Detach lazily unmounts target (MNT_DETACH): used when the disk under it
+// is gone and a clean unmount cannot finish.
+func Detach(target string) error {
+	if err := unix.Unmount(target, unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("detach %s: %w", target, err)
+	}
+	return nil
+}
+
 // Unmount unmounts target.
 func Unmount(target string) error {
 	if err := unix.Unmount(target, 0); err != nil {

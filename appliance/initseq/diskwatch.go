@@ -1,0 +1,193 @@
+package initseq
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/dataembassy/embassy/appliance/attest"
+	"github.com/dataembassy/embassy/appliance/config"
+	"github.com/dataembassy/embassy/appliance/store"
+	"github.com/dataembassy/embassy/appliance/volumes"
+	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/disks/discover"
+)
+
+// Log messages of the disk replacement workflow.
+const (
+	MsgDiskFailed  = "disk failed"
+	MsgBlankDisk   = "blank disk waiting for approval"
+	MsgResync      = "resync progress"
+	MsgDiskHealthy = "replacement disk resynced; store healthy"
+)
+
+// diskWatcher keeps the store in step with the hardware while serving: a
+// disk whose device vanished is failed and its volume closed; a blank disk
+// is reported and, once an operator approved it, provisioned, added to the
+// store and resynced.
+type diskWatcher struct {
+	log *slog.Logger
+	ac  *attest.Client
+	cfg *config.Config
+	vm  *volumes.Manager
+	st  *store.Store
+
+	// latest are the last attestation results (disk approvals).
+	latest atomic.Pointer[[]*attest.Result]
+
+	mu        sync.Mutex
+	serials   map[string]volumes.Volume // by LUKS UUID, kept after close
+	blank     []api.DiskHealth
+	announced map[string]bool
+}
+
+func newDiskWatcher(log *slog.Logger, ac *attest.Client, cfg *config.Config, vm *volumes.Manager, st *store.Store, results []*attest.Result) *diskWatcher {
+	w := &diskWatcher{log: log, ac: ac, cfg: cfg, vm: vm, st: st, serials: map[string]volumes.Volume{}, announced: map[string]bool{}}
+	for _, v := range vm.Volumes() {
+		w.serials[v.UUID] = v
+	}
+	w.latest.Store(&results)
+	return w
+}
+
+func (w *diskWatcher) run(ctx context.Context) {
+	t := time.NewTicker(3 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		w.check(ctx)
+	}
+}
+
+func (w *diskWatcher) check(ctx context.Context) {
+	// A pulled disk: its block device is gone.
+	for _, v := range w.vm.Volumes() {
+		if _, err := os.Stat(filepath.Join("/sys/block", v.Disk)); err != nil && w.st.MarkFailed(v.UUID, "disk removed") {
+			w.log.Error(MsgDiskFailed, "serial", v.Serial, "device", v.Disk, "uuid", v.UUID, "reason", "disk removed")
+		}
+	}
+	disks, _ := w.st.Status()
+	for _, d := range disks {
+		if d.State != store.Failed {
+			continue
+		}
+		for _, v := range w.vm.Volumes() {
+			if v.UUID == d.ID {
+				if err := w.vm.Close(v.UUID); err != nil {
+					w.log.Warn("closing failed disk's volume", "serial", v.Serial, "err", err.Error())
+				}
+				w.log.Error(MsgDiskFailed, "serial", v.Serial, "device", v.Disk, "uuid", v.UUID, "reason", d.Reason, "action", "volume closed; replace the disk")
+			}
+		}
+	}
+
+	found, err := discover.List("/sys/block", "/dev")
+	if err != nil {
+		w.log.Warn("disk discovery failed", "err", err.Error())
+		return
+	}
+	var blank []discover.Disk
+	var report []api.DiskHealth
+	for _, d := range found {
+		if d.Kind != discover.Blank {
+			continue
+		}
+		blank = append(blank, d)
+		report = append(report, api.DiskHealth{Serial: d.Serial, Device: d.Name, State: "blank, waiting for approval"})
+		if !w.announced[d.Name+d.Serial] {
+			w.announced[d.Name+d.Serial] = true
+			w.log.Info(MsgBlankDisk, "serial", d.Serial, "device", d.Name, "size", d.Size, "appliance_id", w.ac.ID())
+		}
+	}
+	w.mu.Lock()
+	w.blank = report
+	w.mu.Unlock()
+	if len(blank) == 0 || approvals(*w.latest.Load()) == 0 {
+		return
+	}
+	all, err := w.ac.AttestAll(ctx, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, len(w.cfg.Brokers))
+	if err != nil {
+		w.log.Warn("provisioning needs all brokers", "err", err.Error())
+		return
+	}
+	v, ok := provisionDisk(ctx, w.log, w.ac, all, blank[0], w.vm)
+	w.latest.Store(&all)
+	if !ok {
+		return
+	}
+	w.mu.Lock()
+	w.serials[v.UUID] = v
+	w.mu.Unlock()
+	w.addAndResync(ctx, v)
+}
+
+// addAndResync adds a new volume to the store as syncing, copies every
+// object onto it with progress, and then forgets the failed disks it
+// replaces.
+func (w *diskWatcher) addAndResync(ctx context.Context, v volumes.Volume) {
+	if err := w.st.AddDisk(store.DiskSpec{ID: v.UUID, Root: filepath.Join(v.MountPoint, "store")}); err != nil {
+		w.log.Error("adding disk to the store", "serial", v.Serial, "err", err.Error())
+		return
+	}
+	rep, err := w.st.Resync(ctx, v.UUID, func(p store.Progress) {
+		w.log.Info(MsgResync, "serial", v.Serial, "done", p.Done, "total", p.Total, "bytes", p.Bytes, "elapsed_ms", p.Elapsed.Milliseconds())
+	})
+	if err != nil {
+		w.log.Error("resync failed", "serial", v.Serial, "err", err.Error())
+		return
+	}
+	disks, _ := w.st.Status()
+	for _, d := range disks {
+		if d.State == store.Failed {
+			if err := w.st.RemoveDisk(d.ID); err == nil {
+				w.log.Info("failed disk retired", "serial", w.serialOf(d.ID), "uuid", d.ID)
+			}
+		}
+	}
+	_, degraded := w.st.Status()
+	w.log.Info(MsgDiskHealthy, "serial", v.Serial, "objects", rep.Objects, "copied", rep.Healed, "bytes", rep.Bytes, "degraded", degraded)
+}
+
+func (w *diskWatcher) serialOf(uuid string) string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.serials[uuid].Serial
+}
+
+// health is the appliance's report: disks by serial, blank disks, lag.
+func (w *diskWatcher) health(lag func() []api.PeerHealth) *api.Health {
+	disks, degraded := w.st.Status()
+	h := &api.Health{Degraded: degraded}
+	w.mu.Lock()
+	for _, d := range disks {
+		v := w.serials[d.ID]
+		h.Disks = append(h.Disks, api.DiskHealth{Serial: v.Serial, Device: v.Disk, UUID: d.ID, State: string(d.State), Reason: d.Reason,
+			ReadErrors: d.ReadErrors, Healed: d.Healed})
+	}
+	h.BlankDisks = append(h.BlankDisks, w.blank...)
+	w.mu.Unlock()
+	if lag != nil {
+		h.Peers = lag()
+	}
+	return h
+}
+
+// approvals is the number of disk approvals every broker agrees on.
+func approvals(results []*attest.Result) int {
+	if len(results) == 0 {
+		return 0
+	}
+	n := results[0].DiskApprovals
+	for _, r := range results {
+		n = min(n, r.DiskApprovals)
+	}
+	return n
+}

@@ -1,0 +1,360 @@
+package qemutests
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/appliance/ingest"
+	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/images/build"
+	"github.com/dataembassy/embassy/qemu-tests/bootreport"
+	"github.com/dataembassy/embassy/qemu-tests/vm"
+)
+
+// twin is one appliance of an embassy pair: its VM, its identity and the
+// host ports forwarded to its service port through each NIC.
+type twin struct {
+	name  string
+	cfg   vm.Config
+	v     *vm.VM
+	id    string
+	ports [2]int
+	boots int
+}
+
+// endpoints are where the other appliance reaches this one: through each
+// of its NICs' gateways to the host's loopback forwards.
+func (tw *twin) endpoints() []string {
+	return []string{fmt.Sprintf("10.0.2.2:%d", tw.ports[0]), fmt.Sprintf("10.0.3.2:%d", tw.ports[1])}
+}
+
+// restart boots the same server again (same disks, TPM and VARS).
+func (tw *twin) restart(t *testing.T) {
+	t.Helper()
+	tw.boots++
+	tw.cfg.Name = fmt.Sprintf("%s-boot%d", tw.name, tw.boots)
+	tw.v = startVM(t, tw.cfg)
+}
+
+// startTwins boots two appliances with two blank disks each, enrolls them
+// with the three brokers, approves the image and the disks, records each
+// one's endpoints (the peers list comes from the brokers), and waits until
+// both serve and know each other.
+func startTwins(t *testing.T, ctx context.Context, hb *hostBrokers, diskSize int64) (*twin, *twin) {
+	t.Helper()
+	dir := imageDir()
+	m := loadImage(t, dir)
+	var tws []*twin
+	for _, name := range []string{"twin-a", "twin-b"} {
+		tw := &twin{name: name}
+		for i := range tw.ports {
+			p, err := vm.FreePort()
+			if err != nil {
+				t.Fatal(err)
+			}
+			tw.ports[i] = p
+		}
+		tw.cfg = bootConfig(t, name, dir, m)
+		tw.cfg.StateDir = t.TempDir()
+		tw.cfg.Disks = []string{rawDisk(t, diskSize), rawDisk(t, diskSize)}
+		tw.cfg.Forwards = []vm.Forward{{NIC: 0, HostPort: tw.ports[0], GuestPort: 8443}, {NIC: 1, HostPort: tw.ports[1], GuestPort: 8443}}
+		tw.v = startVM(t, tw.cfg)
+		tws = append(tws, tw)
+	}
+	for _, tw := range tws {
+		_, idf := waitMsg(t, ctx, tw.v, 0, initseq.MsgIdentity)
+		tw.id = idf["appliance_id"].(string)
+		waitMsg(t, ctx, tw.v, 0, initseq.MsgEnrollRequested)
+	}
+	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
+	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
+	for _, b := range hb.b {
+		if _, err := b.ApproveManifest(mb, sb); err != nil {
+			t.Fatal(err)
+		}
+		for _, tw := range tws {
+			if err := b.ApproveEnrollment(tw.id); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.SetEndpoints(tw.id, tw.endpoints()); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.ApproveDisks(tw.id, 2); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, tw := range tws {
+		waitMsg(t, ctx, tw.v, 0, initseq.MsgServing)
+	}
+	for i, tw := range tws {
+		waitPeer(t, ctx, tw, tws[1-i].id)
+	}
+	return tws[0], tws[1]
+}
+
+// waitPeer waits until tw replicates to the appliance peer.
+func waitPeer(t *testing.T, ctx context.Context, tw *twin, peer string) {
+	t.Helper()
+	if _, _, err := tw.v.WaitFor(ctx, 0, func(s string) bool {
+		return bootreport.JSONMsg(s) == "replication peer added" && strings.Contains(s, peer)
+	}); err != nil {
+		t.Fatalf("%s never took %s as a peer: %v", tw.name, peer, err)
+	}
+}
+
+// ingestHTTP is an HTTPS client of the ingest API with a certificate from
+// the home-state client CA.
+func ingestHTTP(t *testing.T, clientName string) *http.Client {
+	t.Helper()
+	rc := newResticClient(t, 1, clientName)
+	cert, err := tls.LoadX509KeyPair(rc.certFile, rc.certFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
+		RootCAs: rootPool(t), Certificates: []tls.Certificate{cert}}}}
+}
+
+// repoObjects lists the population repository on an appliance through
+// its ingest API: "type/name" -> size, plus "config".
+func repoObjects(hc *http.Client, port int) (map[string]int64, error) {
+	out := map[string]int64{}
+	base := fmt.Sprintf("https://127.0.0.1:%d/population/", port)
+	for _, typ := range []string{"keys", "data", "index", "snapshots"} {
+		req, _ := http.NewRequest(http.MethodGet, base+typ+"/", nil)
+		req.Header.Set("Accept", "application/vnd.x.restic.rest.v2")
+		resp, err := hc.Do(req)
+		if err != nil {
+			return nil, err
+		}
+		var list []struct {
+			Name string `json:"name"`
+			Size int64  `json:"size"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&list)
+		resp.Body.Close()
+		if err != nil {
+			return nil, fmt.Errorf("list %s: %s: %w", typ, resp.Status, err)
+		}
+		for _, o := range list {
+			out[typ+"/"+o.Name] = o.Size
+		}
+	}
+	resp, err := hc.Head(base + "config")
+	if err != nil {
+		return nil, err
+	}
+	resp.Body.Close()
+	if resp.StatusCode == http.StatusOK {
+		out["config"] = resp.ContentLength
+	}
+	return out, nil
+}
+
+func diffObjects(a, b map[string]int64) string {
+	var missing []string
+	for k, sz := range a {
+		if got, ok := b[k]; !ok || got != sz {
+			missing = append(missing, k)
+		}
+	}
+	for k := range b {
+		if _, ok := a[k]; !ok {
+			missing = append(missing, "extra "+k)
+		}
+	}
+	sort.Strings(missing)
+	if len(missing) > 5 {
+		missing = append(missing[:5], fmt.Sprintf("... %d more", len(missing)-5))
+	}
+	return strings.Join(missing, ", ")
+}
+
+// waitConverged waits until both appliances hold the same objects, and
+// returns how many.
+func waitConverged(t *testing.T, ctx context.Context, hc *http.Client, a, b *twin) int {
+	t.Helper()
+	start := time.Now()
+	last := ""
+	for {
+		oa, errA := repoObjects(hc, a.ports[0])
+		ob, errB := repoObjects(hc, b.ports[0])
+		if errA == nil && errB == nil {
+			last = diffObjects(oa, ob)
+			if last == "" && len(oa) > 0 {
+				t.Logf("%s and %s converged: %d objects in %.1fs", a.name, b.name, len(oa), time.Since(start).Seconds())
+				return len(oa)
+			}
+		} else {
+			last = fmt.Sprint(errA, errB)
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s and %s never converged; last difference: %s", a.name, b.name, last)
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+// health reads an appliance's health endpoint.
+func health(hc *http.Client, port int) (*api.Health, error) {
+	resp, err := hc.Get(fmt.Sprintf("https://127.0.0.1:%d%s", port, initseq.PathHealth))
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var h api.Health
+	if err := json.NewDecoder(resp.Body).Decode(&h); err != nil {
+		return nil, err
+	}
+	return &h, nil
+}
+
+// waitZeroLag waits until tw has nothing pending for any peer.
+func waitZeroLag(t *testing.T, ctx context.Context, hc *http.Client, tw *twin) {
+	t.Helper()
+	for {
+		h, err := health(hc, tw.ports[0])
+		if err == nil && len(h.Peers) > 0 {
+			zero := true
+			for _, p := range h.Peers {
+				zero = zero && p.PendingObjects == 0
+			}
+			if zero {
+				return
+			}
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s: replication lag never reached zero (%+v, %v)", tw.name, h, err)
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+// storedObjects returns the objects tw's console says it acknowledged.
+func storedObjects(tw *twin) map[string]bool {
+	out := map[string]bool{}
+	for _, l := range tw.v.Lines() {
+		if bootreport.JSONMsg(l.Text) != ingest.MsgStored {
+			continue
+		}
+		var f struct {
+			NS   string `json:"ns"`
+			Name string `json:"name"`
+		}
+		if json.Unmarshal([]byte(l.Text), &f) == nil {
+			out[f.NS+"/"+f.Name] = true
+		}
+	}
+	return out
+}
+
+// verifyObject reads an object back through ingest and checks its hash.
+func verifyObject(hc *http.Client, port int, nsName string) error {
+	repo, rest, _ := strings.Cut(nsName, "/")
+	typ, name, _ := strings.Cut(rest, "/")
+	u := fmt.Sprintf("https://127.0.0.1:%d/%s/%s/%s", port, repo, typ, name)
+	if typ == "config" {
+		u = fmt.Sprintf("https://127.0.0.1:%d/%s/config", port, repo)
+	}
+	resp, err := hc.Get(u)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s", nsName, resp.Status)
+	}
+	h := sha256.New()
+	if _, err := io.Copy(h, resp.Body); err != nil {
+		return err
+	}
+	if typ != "config" && hex.EncodeToString(h.Sum(nil)) != name {
+		return fmt.Errorf("%s: content does not match its name", nsName)
+	}
+	return nil
+}
+
+// backgroundBackup runs a restic backup and reports its result on done.
+func backgroundBackup(t *testing.T, rc *resticClient, src string) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		out, err := rc.run(t, "backup", src)
+		if err != nil {
+			err = fmt.Errorf("%v\n%s", err, out)
+		}
+		done <- err
+	}()
+	return done
+}
+
+// mustRestic runs restic and fails the test on error.
+func mustRestic(t *testing.T, rc *resticClient, args ...string) string {
+	t.Helper()
+	start := time.Now()
+	out, err := rc.run(t, args...)
+	if err != nil {
+		t.Fatalf("restic %v: %v\n%s", args, err, out)
+	}
+	t.Logf("restic %s: %.1fs", args[0], time.Since(start).Seconds())
+	return out
+}
+
+// sameTree fails the test unless restored/src equals src.
+func sameTree(t *testing.T, src, restored string) {
+	t.Helper()
+	if out, err := exec.Command("diff", "-r", src, filepath.Join(restored, src)).CombinedOutput(); err != nil {
+		t.Fatalf("restored tree differs: %v\n%s", err, out)
+	}
+}
+
+// TestTwinReplication: a backup into A is on B (check --read-data and a
+// restore from B), and a backup into B shows up on A.
+func TestTwinReplication(t *testing.T) {
+	requireE2E(t)
+	hb := startHostBrokers(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	a, b := startTwins(t, ctx, hb, 384<<20)
+	hc := ingestHTTP(t, "home-state-auditor")
+
+	src := sourceTree(t)
+	ra := newResticClient(t, a.ports[0], "population-registry")
+	rb := newResticClient(t, b.ports[0], "population-registry")
+	mustRestic(t, ra, "init")
+	mustRestic(t, ra, "backup", src)
+	waitConverged(t, ctx, hc, a, b)
+	mustRestic(t, rb, "check", "--read-data")
+	dst := t.TempDir()
+	mustRestic(t, rb, "restore", "latest", "--target", dst)
+	sameTree(t, src, dst)
+
+	// The other way: a second snapshot taken into B reaches A.
+	second := filepath.Join(filepath.Dir(src), "block")
+	mustRestic(t, rb, "backup", second)
+	waitConverged(t, ctx, hc, a, b)
+	out := mustRestic(t, ra, "snapshots", "--json")
+	var snaps []json.RawMessage
+	if err := json.Unmarshal([]byte(out), &snaps); err != nil || len(snaps) != 2 {
+		t.Fatalf("snapshots on A: %v %s", err, out)
+	}
+	mustRestic(t, ra, "check")
+	waitZeroLag(t, ctx, hc, a)
+	waitZeroLag(t, ctx, hc, b)
+}
