@@ -2,24 +2,30 @@ package qemutests
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
+	"log"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/ingest"
 	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/replicate"
 	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
@@ -357,4 +363,177 @@ func TestTwinReplication(t *testing.T) {
 	mustRestic(t, ra, "check")
 	waitZeroLag(t, ctx, hc, a)
 	waitZeroLag(t, ctx, hc, b)
+}
+
+// randomTree writes n files of size bytes of random data (incompressible,
+// never deduplicated).
+func randomTree(t *testing.T, n int, size int) string {
+	t.Helper()
+	dir := t.TempDir()
+	buf := make([]byte, size)
+	for i := 0; i < n; i++ {
+		rand.Read(buf)
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("register-%03d.bin", i)), buf, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// applianceHealth returns what the brokers last heard from an appliance.
+func applianceHealth(ctx context.Context, hb *hostBrokers, id string) *api.Health {
+	for _, s := range hb.ops.Status(ctx) {
+		if s.State == nil {
+			continue
+		}
+		for _, a := range s.State.Appliances {
+			if a.ID == id && a.Health != nil {
+				return a.Health
+			}
+		}
+	}
+	return nil
+}
+
+// TestPeerDownCatchUp: B is off while 200 MiB are backed up into A; A
+// reports the lag; B, started again, catches up to zero lag with no
+// operator action.
+func TestPeerDownCatchUp(t *testing.T) {
+	requireE2E(t)
+	hb := startHostBrokers(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	a, b := startTwins(t, ctx, hb, 512<<20)
+	hc := ingestHTTP(t, "home-state-auditor")
+	ra := newResticClient(t, a.ports[0], "population-registry")
+	mustRestic(t, ra, "init")
+	waitConverged(t, ctx, hc, a, b)
+
+	b.v.Close()
+	src := randomTree(t, 25, 8<<20)
+	mustRestic(t, ra, "backup", src)
+	var lag api.PeerHealth
+	for {
+		if h, err := health(hc, a.ports[0]); err == nil && len(h.Peers) == 1 && h.Peers[0].PendingBytes >= 200<<20 {
+			lag = h.Peers[0]
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("A never reported its lag to B")
+		case <-time.After(time.Second):
+		}
+	}
+	t.Logf("lag while B is down: %d objects, %d bytes, oldest %.0fs", lag.PendingObjects, lag.PendingBytes, lag.OldestSeconds)
+	// Operators see it too, with the next attestation.
+	for {
+		if h := applianceHealth(ctx, hb, a.id); h != nil && len(h.Peers) == 1 && h.Peers[0].ID == b.id && h.Peers[0].PendingObjects > 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("embassyctl status never showed A's lag")
+		case <-time.After(time.Second):
+		}
+	}
+
+	start := time.Now()
+	b.restart(t)
+	waitMsg(t, ctx, b.v, 0, initseq.MsgServing)
+	waitConverged(t, ctx, hc, a, b)
+	waitZeroLag(t, ctx, hc, a)
+	t.Logf("B caught up %d MiB in %.1fs after its restart", lag.PendingBytes>>20, time.Since(start).Seconds())
+	rb := newResticClient(t, b.ports[0], "population-registry")
+	mustRestic(t, rb, "check", "--read-data")
+}
+
+// TestImpostorPeer: a host process with a self-signed certificate that
+// claims B's identity sits at B's first endpoint and asks A for data. A
+// refuses it as a client and never sends it anything as a server;
+// replication to the real B goes on over B's other endpoint.
+func TestImpostorPeer(t *testing.T) {
+	requireE2E(t)
+	hb := startHostBrokers(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	a, b := startTwins(t, ctx, hb, 384<<20)
+	hc := ingestHTTP(t, "home-state-auditor")
+
+	// The impostor: self-signed, with B's appliance name.
+	self, err := pki.NewRootCA(b.id, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := pki.NewKey()
+	leaf, _ := self.Leaf(b.id, []string{b.id + pki.ApplianceDNSSuffix, "127.0.0.1"}, &key.PublicKey, time.Hour)
+	impostorCert := pki.TLSCertificate(leaf, key, self.Cert)
+	var handshakes, requests atomic.Int64
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			requests.Add(1)
+			io.Copy(io.Discard, r.Body)
+		}),
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{impostorCert}, ClientAuth: tls.RequestClientCert},
+		ConnState: func(_ net.Conn, s http.ConnState) {
+			if s == http.StateNew {
+				handshakes.Add(1)
+			}
+		},
+		ErrorLog: log.New(io.Discard, "", 0),
+	}
+	go srv.ServeTLS(ln, "", "")
+	defer srv.Close()
+	impostorPort := ln.Addr().(*net.TCPAddr).Port
+
+	// Someone re-points B's first endpoint at the impostor.
+	for _, br := range hb.b {
+		if err := br.SetEndpoints(b.id, []string{fmt.Sprintf("10.0.2.2:%d", impostorPort), b.endpoints()[1]}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := a.v.WaitFor(ctx, 0, func(s string) bool {
+		return bootreport.JSONMsg(s) == "replication peer added" && strings.Contains(s, fmt.Sprint(impostorPort))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ra := newResticClient(t, a.ports[0], "population-registry")
+	mustRestic(t, ra, "init")
+	mustRestic(t, ra, "backup", sourceTree(t))
+	waitConverged(t, ctx, hc, a, b)
+	if handshakes.Load() == 0 {
+		t.Fatal("A never tried the impostor's endpoint; the test proves nothing")
+	}
+	if n := requests.Load(); n != 0 {
+		t.Fatalf("the impostor received %d requests", n)
+	}
+
+	// The impostor as a client of A's replication service.
+	cl := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
+		InsecureSkipVerify: true, Certificates: []tls.Certificate{impostorCert}}}}
+	objs, _ := repoObjects(hc, a.ports[0])
+	var someData string
+	for k := range objs {
+		if strings.HasPrefix(k, "data/") {
+			someData = strings.TrimPrefix(k, "data/")
+		}
+	}
+	for _, target := range []string{replicate.PathNamespaces, replicate.PathList + "?ns=population/data",
+		replicate.PathObject + "?ns=population/data&name=" + someData} {
+		resp, err := cl.Get(fmt.Sprintf("https://127.0.0.1:%d%s", a.ports[0], target))
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized || strings.Contains(string(body), someData[:16]) || strings.Contains(string(body), "population/") {
+			t.Fatalf("%s: impostor got %s: %.200s", target, resp.Status, body)
+		}
+	}
+	if _, _, err := a.v.WaitFor(ctx, 0, func(s string) bool { return bootreport.JSONMsg(s) == "replication peer refused" }); err != nil {
+		t.Fatal(err)
+	}
 }
