@@ -119,10 +119,18 @@ func (w *diskWatcher) check(ctx context.Context) {
 		return
 	}
 	v, ok := provisionDisk(ctx, w.log, w.ac, all, blank[0], w.vm)
-	w.latest.Store(&all)
 	if !ok {
 		return
 	}
+	// The deposit used one approval on every broker; until the next
+	// attestation says so, count it here.
+	used := make([]*attest.Result, len(all))
+	for i, r := range all {
+		c := *r
+		c.DiskApprovals--
+		used[i] = &c
+	}
+	w.latest.Store(&used)
 	w.mu.Lock()
 	w.serials[v.UUID] = v
 	w.mu.Unlock()
@@ -154,6 +162,10 @@ func (w *diskWatcher) addAndResync(ctx context.Context, v volumes.Volume) {
 	}
 	_, degraded := w.st.Status()
 	w.log.Info(MsgDiskHealthy, "serial", v.Serial, "objects", rep.Objects, "copied", rep.Healed, "bytes", rep.Bytes, "degraded", degraded)
+	// Read every copy back once, the new disk's included.
+	if _, err := w.st.Scrub(ctx, nil); err != nil {
+		w.log.Error("scrub after resync", "err", err.Error())
+	}
 }
 
 func (w *diskWatcher) serialOf(uuid string) string {

@@ -1,0 +1,128 @@
+package qemutests
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/appliance/ingest"
+	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/qemu-tests/bootreport"
+)
+
+// waitStored waits until tw's console shows n more acknowledged objects
+// of a namespace suffix, counting from console line from.
+func waitStored(t *testing.T, ctx context.Context, tw *twin, from, n int, nsSuffix string) int {
+	t.Helper()
+	seen := 0
+	i, _, err := tw.v.WaitFor(ctx, from, func(s string) bool {
+		if bootreport.JSONMsg(s) == ingest.MsgStored && strings.Contains(s, nsSuffix+`"`) {
+			seen++
+		}
+		return seen >= n
+	})
+	if err != nil {
+		t.Fatalf("waiting for %d stored objects: %v", n, err)
+	}
+	return i
+}
+
+// waitHealth polls an appliance's health endpoint until ok accepts it.
+func waitHealth(t *testing.T, ctx context.Context, hcPort func() (*api.Health, error), what string, ok func(*api.Health) bool) *api.Health {
+	t.Helper()
+	var last *api.Health
+	for {
+		h, err := hcPort()
+		if err == nil {
+			last = h
+			if ok(h) {
+				return h
+			}
+		}
+		select {
+		case <-ctx.Done():
+			b, _ := json.Marshal(last)
+			t.Fatalf("%s: never; last health %s", what, b)
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+func diskBySerial(h *api.Health, serial string) *api.DiskHealth {
+	for i := range h.Disks {
+		if h.Disks[i].Serial == serial {
+			return &h.Disks[i]
+		}
+	}
+	return nil
+}
+
+// TestDiskFailureAndReplacement: a disk of A is pulled during ingest;
+// ingest goes on, A reports itself degraded with the disk's serial (on its
+// health endpoint and in the brokers' status); a blank disk is inserted,
+// reported, approved, provisioned, resynced and scrubbed, and A is healthy
+// again with every object verified on both disks.
+func TestDiskFailureAndReplacement(t *testing.T) {
+	requireE2E(t)
+	hb := startHostBrokers(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	a, b := startTwins(t, ctx, hb, 384<<20)
+	hc := ingestHTTP(t, "home-state-auditor")
+	ra := newResticClient(t, a.ports[0], "population-registry")
+	mustRestic(t, ra, "init")
+
+	from := len(a.v.Lines())
+	done := backgroundBackup(t, ra, randomTree(t, 12, 8<<20))
+	waitStored(t, ctx, a, from, 2, "/data")
+	if err := a.v.RemoveDisk(1); err != nil {
+		t.Fatal(err)
+	}
+	_, failed := waitMsg(t, ctx, a.v, from, initseq.MsgDiskFailed)
+	if failed["serial"] != "EMBASSY0001" {
+		t.Fatalf("failed disk reported as %v", failed)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("backup with a disk pulled: %v", err)
+	}
+	aHealth := func() (*api.Health, error) { return health(hc, a.ports[0]) }
+	waitHealth(t, ctx, aHealth, "degraded with the pulled disk's serial", func(h *api.Health) bool {
+		d := diskBySerial(h, "EMBASSY0001")
+		return h.Degraded && d != nil && d.State == "failed"
+	})
+	// The technician's ticket comes from embassyctl status.
+	waitHealth(t, ctx, func() (*api.Health, error) { return applianceHealth(ctx, hb, a.id), nil }, "brokers' status shows the failed disk",
+		func(h *api.Health) bool {
+			d := h != nil && diskBySerial(h, "EMBASSY0001") != nil
+			return d && h.Degraded && diskBySerial(h, "EMBASSY0001").State == "failed"
+		})
+
+	// A blank disk goes in; the appliance waits for an operator.
+	if _, err := a.v.AddDisk(rawDisk(t, 384<<20)); err != nil {
+		t.Fatal(err)
+	}
+	_, blank := waitMsg(t, ctx, a.v, from, initseq.MsgBlankDisk)
+	if blank["serial"] != "EMBASSY0002" {
+		t.Fatalf("blank disk reported as %v", blank)
+	}
+	waitHealth(t, ctx, func() (*api.Health, error) { return applianceHealth(ctx, hb, a.id), nil }, "brokers' status shows the blank disk",
+		func(h *api.Health) bool { return h != nil && len(h.BlankDisks) == 1 && h.BlankDisks[0].Serial == "EMBASSY0002" })
+	outs, err := hb.ops.ApproveDisks(ctx, a.id, 1)
+	if err != nil {
+		t.Fatalf("approve-disk: %v %+v", err, outs)
+	}
+	i, _ := waitMsg(t, ctx, a.v, from, initseq.MsgDiskHealthy)
+	_, scrub := waitMsg(t, ctx, a.v, i, "scrub finished")
+	if scrub["unrecoverable"] != float64(0) || scrub["copies"] != 2*scrub["objects"].(float64) || scrub["objects"].(float64) < 10 {
+		t.Fatalf("scrub after resync: %v", scrub)
+	}
+	h := waitHealth(t, ctx, aHealth, "healthy again", func(h *api.Health) bool {
+		return !h.Degraded && len(h.Disks) == 2 && diskBySerial(h, "EMBASSY0002") != nil && diskBySerial(h, "EMBASSY0002").State == "healthy"
+	})
+	t.Logf("after replacement: %+v", h.Disks)
+	mustRestic(t, ra, "check", "--read-data")
+	waitConverged(t, ctx, hc, a, b)
+}
