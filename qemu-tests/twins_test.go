@@ -64,6 +64,7 @@ func startTwins(t *testing.T, ctx context.Context, hb *hostBrokers, diskSize int
 	t.Helper()
 	dir := imageDir()
 	m := loadImage(t, dir)
+	base := bootConfig(t, "twin", dir, m) // once: it empties the test's log folder
 	var tws []*twin
 	for _, name := range []string{"twin-a", "twin-b"} {
 		tw := &twin{name: name}
@@ -74,7 +75,8 @@ func startTwins(t *testing.T, ctx context.Context, hb *hostBrokers, diskSize int
 			}
 			tw.ports[i] = p
 		}
-		tw.cfg = bootConfig(t, name, dir, m)
+		tw.cfg = base
+		tw.cfg.Name = name
 		tw.cfg.StateDir = t.TempDir()
 		tw.cfg.Disks = []string{rawDisk(t, diskSize), rawDisk(t, diskSize)}
 		tw.cfg.Forwards = []vm.Forward{{NIC: 0, HostPort: tw.ports[0], GuestPort: 8443}, {NIC: 1, HostPort: tw.ports[1], GuestPort: 8443}}
