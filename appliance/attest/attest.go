@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"sort"
 	"strings"
@@ -58,6 +59,7 @@ type Client struct {
 	log       *slog.Logger
 	transport http.RoundTripper
 	health    atomic.Pointer[func() *api.Health]
+	lastGood  sync.Map // broker name -> index of the endpoint that answered last
 }
 
 // ReportHealth sets what each attestation reports about the appliance's
@@ -111,7 +113,28 @@ func (c *Client) httpClient(cert *tls.Certificate) *http.Client {
 	if cert != nil {
 		tc.Certificates = []tls.Certificate{*cert}
 	}
-	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: tc, DisableKeepAlives: true}}
+	// A short dial timeout: an endpoint behind a NIC whose link is down
+	// must fail fast so the broker's next endpoint is tried in time.
+	d := &net.Dialer{Timeout: 3 * time.Second}
+	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: tc, DisableKeepAlives: true,
+		DialContext: d.DialContext, TLSHandshakeTimeout: 5 * time.Second}}
+}
+
+// endpointOrder lists broker b's endpoints, the one that answered last
+// first.
+func (c *Client) endpointOrder(b config.Broker) []int {
+	order := make([]int, 0, len(b.Endpoints))
+	first := 0
+	if v, ok := c.lastGood.Load(b.Name); ok && v.(int) < len(b.Endpoints) {
+		first = v.(int)
+	}
+	order = append(order, first)
+	for i := range b.Endpoints {
+		if i != first {
+			order = append(order, i)
+		}
+	}
+	return order
 }
 
 // post sends req to each endpoint of broker b in turn until one answers.
@@ -122,7 +145,8 @@ func (c *Client) post(ctx context.Context, b config.Broker, path string, cert *t
 	}
 	hc := c.httpClient(cert)
 	var lastErr error
-	for _, ep := range b.Endpoints {
+	for _, i := range c.endpointOrder(b) {
+		ep := b.Endpoints[i]
 		hr, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimSuffix(ep, "/")+path, bytes.NewReader(body))
 		if err != nil {
 			return err
@@ -139,6 +163,7 @@ func (c *Client) post(ctx context.Context, b config.Broker, path string, cert *t
 			lastErr = fmt.Errorf("broker %s at %s: %w", b.Name, ep, err)
 			continue
 		}
+		c.lastGood.Store(b.Name, i)
 		if r.StatusCode != http.StatusOK {
 			var e api.Error
 			json.Unmarshal(data, &e)
