@@ -54,8 +54,13 @@ func newResticClient(t *testing.T, port int, clientName string) *resticClient {
 
 func (r *resticClient) run(t *testing.T, args ...string) (string, error) {
 	t.Helper()
+	return r.runContext(context.Background(), args...)
+}
+
+// runContext runs restic until it ends or ctx is cancelled (killed).
+func (r *resticClient) runContext(ctx context.Context, args ...string) (string, error) {
 	full := append([]string{"-r", r.url, "--cacert", r.caFile, "--tls-client-cert", r.certFile, "--no-cache"}, args...)
-	cmd := exec.Command("restic", full...)
+	cmd := exec.CommandContext(ctx, "restic", full...)
 	cmd.Env = append(os.Environ(), "RESTIC_PASSWORD=population register key")
 	out, err := cmd.CombinedOutput()
 	return string(out), err

@@ -134,7 +134,6 @@ func pipe(c, u net.Conn) {
 	}
 }
 
-
 // waitPath waits until tw replicates to its peer over endpoint want.
 func waitPath(t *testing.T, ctx context.Context, tw *twin, port int, want string) {
 	t.Helper()

@@ -300,10 +300,17 @@ func verifyObject(hc *http.Client, port int, nsName string) error {
 }
 
 // backgroundBackup runs a restic backup and reports its result on done.
+// The backup is killed when the test ends.
 func backgroundBackup(t *testing.T, rc *resticClient, src string) <-chan error {
+	ctx, cancel := context.WithCancel(context.Background())
+	return backgroundBackupContext(t, ctx, cancel, rc, src)
+}
+
+func backgroundBackupContext(t *testing.T, ctx context.Context, cancel context.CancelFunc, rc *resticClient, src string) <-chan error {
+	t.Cleanup(cancel)
 	done := make(chan error, 1)
 	go func() {
-		out, err := rc.run(t, "backup", src)
+		out, err := rc.runContext(ctx, "backup", src)
 		if err != nil {
 			err = fmt.Errorf("%v\n%s", err, out)
 		}

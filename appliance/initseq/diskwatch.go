@@ -137,6 +137,27 @@ func (w *diskWatcher) check(ctx context.Context) {
 	w.addAndResync(ctx, v)
 }
 
+// scrubLoop reads back every copy of every object, first after a short
+// delay (so a reboot after a media problem finds it soon) and then
+// periodically. Bad copies are rewritten from a good one (the new copy is
+// written to new blocks), or fetched from a peer when no local copy is good.
+func (w *diskWatcher) scrubLoop(ctx context.Context, first, every time.Duration) {
+	wait := first
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		wait = every
+		if _, err := w.st.Scrub(ctx, func(p store.Progress) {
+			w.log.Info("scrub progress", "done", p.Done, "total", p.Total, "bytes", p.Bytes)
+		}); err != nil && ctx.Err() == nil {
+			w.log.Error("scrub", "err", err.Error())
+		}
+	}
+}
+
 // addAndResync adds a new volume to the store as syncing, copies every
 // object onto it with progress, and then forgets the failed disks it
 // replaces.

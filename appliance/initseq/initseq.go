@@ -176,6 +176,11 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	_, brokerRoots := ac.Config()
 	rep := replicate.New(serveCtx, st, brokerRoots, cert.Load, log, replicate.Options{AntiEntropyEvery: 30 * time.Second})
 	rep.SetPeers(attest.AgreedPeers(results, cfg.Threshold))
+	st.SetFallback(func(ns, name string) ([]byte, error) {
+		fctx, cancel := context.WithTimeout(serveCtx, 2*time.Minute)
+		defer cancel()
+		return rep.Fetch(fctx, ns, name)
+	})
 	repSrv := (&replicate.Server{Store: st, Roots: brokerRoots, Allowed: rep.IsPeer, Log: log}).Init()
 
 	watcher := newDiskWatcher(log, ac, cfg, vm, st, results)
@@ -240,6 +245,7 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	}
 	go srv.ServeTLS(ln, "", "")
 	go watcher.run(serveCtx)
+	go watcher.scrubLoop(serveCtx, 20*time.Second, 6*time.Hour)
 	log.Info(MsgServing, "port", cfg.Ingest.Port, "peers", len(attest.AgreedPeers(results, cfg.Threshold)), "elapsed_ms", time.Since(start).Milliseconds())
 	log.Info("boot sequence complete", "elapsed_ms", time.Since(start).Milliseconds())
 

@@ -757,3 +757,30 @@ func (r *Replicator) WriteMetrics(w io.Writer) {
 		}
 	}
 }
+
+// Fetch gets an object from the first peer that has a copy that verifies
+// (content-addressed objects are checked against their name; the store
+// checks named ones against the digest it recorded).
+func (r *Replicator) Fetch(ctx context.Context, ns, name string) ([]byte, error) {
+	r.mu.Lock()
+	peers := make([]*peer, 0, len(r.peers))
+	for _, p := range r.peers {
+		peers = append(peers, p)
+	}
+	r.mu.Unlock()
+	if len(peers) == 0 {
+		return nil, errors.New("no peer to fetch from")
+	}
+	var errs []error
+	for _, p := range peers {
+		data, err := p.fetch(ctx, ns, name)
+		if err == nil {
+			err = checkContent(name, data)
+		}
+		if err == nil {
+			return data, nil
+		}
+		errs = append(errs, fmt.Errorf("peer %s: %w", p.id, err))
+	}
+	return nil, errors.Join(errs...)
+}

@@ -14,6 +14,9 @@ func (s *Store) WriteMetrics(w io.Writer) {
 	fmt.Fprintln(w, "# HELP embassy_store_gets_total Verified object reads.")
 	fmt.Fprintln(w, "# TYPE embassy_store_gets_total counter")
 	fmt.Fprintf(w, "embassy_store_gets_total %d\n", s.gets.Load())
+	fmt.Fprintln(w, "# HELP embassy_store_peer_healed_total Objects whose every local copy failed, fetched from a peer.")
+	fmt.Fprintln(w, "# TYPE embassy_store_peer_healed_total counter")
+	fmt.Fprintf(w, "embassy_store_peer_healed_total %d\n", s.peerHealed.Load())
 	fmt.Fprintln(w, "# HELP embassy_store_degraded 1 when a disk is not healthy.")
 	fmt.Fprintln(w, "# TYPE embassy_store_degraded gauge")
 	deg := 0

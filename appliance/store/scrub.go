@@ -108,6 +108,10 @@ func (s *Store) Scrub(ctx context.Context, progress func(Progress)) (*ScrubRepor
 		}
 		switch {
 		case good == nil:
+			if _, err := s.fromFallback(o.ns, o.name, o.digest, bad); err == nil {
+				rep.Healed += len(bad)
+				break
+			}
 			rep.Unrecoverable++
 			s.log.Error("object has no good copy", "ns", o.ns, "name", o.name)
 		case len(bad) > 0:

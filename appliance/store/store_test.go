@@ -310,3 +310,58 @@ func mustGet(t *testing.T, s *Store, name string) []byte {
 	}
 	return b
 }
+
+// TestEveryCopyBadFetchedFromPeer: when no local copy verifies, the
+// fallback (a peer) supplies the object; it is checked and rewritten on
+// every disk. A fallback with wrong content heals nothing.
+func TestEveryCopyBadFetchedFromPeer(t *testing.T) {
+	cases := []struct {
+		name    string
+		peer    func(good []byte) ([]byte, error)
+		healed  bool
+		wantErr error
+	}{
+		{"peer has it", func(good []byte) ([]byte, error) { return good, nil }, true, nil},
+		{"peer sends other bytes", func(good []byte) ([]byte, error) { return []byte("forged"), nil }, false, ErrCorrupt},
+		{"peer unreachable", func(good []byte) ([]byte, error) { return nil, errors.New("no path") }, false, ErrCorrupt},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			s, roots := newStore(t, 2)
+			name, data := object(t, 10000)
+			if _, err := s.Put(ns, name, data); err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range roots {
+				os.WriteFile(copyOn(r, name), []byte("rotten"), 0o600)
+			}
+			s.SetFallback(func(gotNS, gotName string) ([]byte, error) {
+				if gotNS != ns || gotName != name {
+					t.Errorf("fallback asked for %s/%s", gotNS, gotName)
+				}
+				return tc.peer(data)
+			})
+			got, err := s.Get(ns, name)
+			if !errors.Is(err, tc.wantErr) || (err == nil && !bytes.Equal(got, data)) {
+				t.Fatalf("Get: %v", err)
+			}
+			for _, r := range roots {
+				b, _ := os.ReadFile(copyOn(r, name))
+				if bytes.Equal(b, data) != tc.healed {
+					t.Fatalf("copy on %s healed=%v, want %v", r, !tc.healed, tc.healed)
+				}
+			}
+			// The scrubber takes the same way out.
+			for _, r := range roots {
+				os.WriteFile(copyOn(r, name), []byte("rotten again"), 0o600)
+			}
+			rep, err := s.Scrub(context.Background(), nil)
+			if tc.healed && (err != nil || rep.Healed != 2 || rep.Unrecoverable != 0) {
+				t.Fatalf("scrub: %+v %v", rep, err)
+			}
+			if !tc.healed && (rep.Unrecoverable != 1 || !errors.Is(err, ErrCorrupt)) {
+				t.Fatalf("scrub: %+v %v", rep, err)
+			}
+		})
+	}
+}

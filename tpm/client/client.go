@@ -61,12 +61,24 @@ func Open(rw io.ReadWriter, ekType EKType) (*Attester, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load %s EK: %w", ekType, err)
 	}
-	ak, err := tpmclient.NewCachedKey(rw, tpm2.HandleEndorsement, tpmclient.AKTemplateECC(), AKHandle)
+	ak, err := tpmclient.NewCachedKey(rw, tpm2.HandleEndorsement, akTemplate(), AKHandle)
 	if err != nil {
 		ek.Close()
 		return nil, fmt.Errorf("create AK: %w", err)
 	}
 	return &Attester{rw: rw, ekType: ekType, ek: ek, ak: ak}, nil
+}
+
+// akTemplate is go-tpm-tools' ECC AK template with noDA set. The AK is
+// used with an empty password at every attestation; without noDA, each
+// power cut (an unorderly TPM shutdown) counts as a failed authorization,
+// and after a few the TPM's dictionary-attack lockout refuses every quote,
+// so a server would stop attesting after repeated power losses. The AK is
+// a restricted signing key: noDA does not make it sign anything else.
+func akTemplate() tpm2.Public {
+	t := tpmclient.AKTemplateECC()
+	t.Attributes |= tpm2.FlagNoDA
+	return t
 }
 
 // Close flushes the keys from the TPM.
