@@ -48,6 +48,10 @@ type Config struct {
 	// LogDir receives <Name>.serial.log; empty means the state folder.
 	LogDir   string
 	Disks    []string // raw disk image paths, attached as virtio-blk vd0, vd1, ...
+	// ReadErrors puts disk i behind QEMU's blkdebug driver, which fails
+	// with EIO every read that covers one of the given byte offsets, as a
+	// medium with unreadable sectors would.
+	ReadErrors map[int][]int64
 	NICs     int      // default 2
 	Forwards []Forward
 	MemoryMB int // default 1024
@@ -214,8 +218,16 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 		args = append(args, "-device", fmt.Sprintf("pcie-root-port,id=%s,chassis=%d,slot=%d", rootPort(i), 10+i, i))
 	}
 	for i, d := range cfg.Disks {
+		drive := fmt.Sprintf("if=none,id=drive%d,format=raw,file=%s", i, d)
+		if offs := cfg.ReadErrors[i]; len(offs) > 0 {
+			conf := filepath.Join(v.tempDir, fmt.Sprintf("blkdebug%d.conf", i))
+			if err := os.WriteFile(conf, []byte(BlkdebugReadErrors(offs)), 0o644); err != nil {
+				return nil, err
+			}
+			drive = fmt.Sprintf("if=none,id=drive%d,format=raw,file.driver=blkdebug,file.config=%s,file.image.driver=file,file.image.filename=%s", i, conf, d)
+		}
 		args = append(args,
-			"-drive", fmt.Sprintf("if=none,id=drive%d,format=raw,file=%s", i, d),
+			"-drive", drive,
 			"-device", fmt.Sprintf("virtio-blk-pci,drive=drive%d,id=%s,serial=EMBASSY%04d,bus=%s", i, DiskID(i), i, rootPort(i)))
 	}
 	v.nextDisk = len(cfg.Disks)
@@ -304,6 +316,16 @@ func (v *VM) WaitFor(ctx context.Context, from int, match func(string) bool) (in
 func (v *VM) SetLink(nic int, up bool) error {
 	_, err := v.QMP.Execute("set_link", map[string]any{"name": NICName(nic), "up": up})
 	return err
+}
+
+// BlkdebugReadErrors is a blkdebug configuration that fails reads (EIO)
+// covering any of the byte offsets.
+func BlkdebugReadErrors(offsets []int64) string {
+	var b strings.Builder
+	for _, off := range offsets {
+		fmt.Fprintf(&b, "[inject-error]\nevent = \"read_aio\"\niotype = \"read\"\nerrno = \"5\"\nsector = \"%d\"\n\n", off/512)
+	}
+	return b.String()
 }
 
 // SpareDiskSlots is how many disks can be hot-added.
