@@ -272,20 +272,20 @@ func (s *Store) Put(ns, name string, data []byte) ([]string, error) {
 	return written, nil
 }
 
-// hasCopy reports whether root already holds a good copy of the object.
+// hasCopy reports whether root already holds a good copy of the object. A
+// copy that cannot be read (a media error) is not good: the caller writes
+// a new one, to new blocks. Only a disk whose objects folder is gone is an
+// error.
 func hasCopy(root, ns, name, digest string, data []byte) (bool, error) {
 	existing, err := os.ReadFile(objectPath(root, ns, name, digest))
 	if err == nil {
 		// A damaged copy of the same object is replaced by the caller.
 		return bytes.Equal(existing, data) || digestOf(existing) == digest, nil
 	}
-	if errors.Is(err, fs.ErrNotExist) {
-		if _, serr := os.Stat(filepath.Join(root, "objects")); serr != nil {
-			return false, serr
-		}
-		return false, nil
+	if _, serr := os.Stat(filepath.Join(root, "objects")); serr != nil {
+		return false, serr
 	}
-	return false, err
+	return false, nil
 }
 
 // stageCopy writes data to a synced temp file on root.
