@@ -66,12 +66,7 @@ func diskBySerial(h *api.Health, serial string) *api.DiskHealth {
 // reported, approved, provisioned, resynced and scrubbed, and A is healthy
 // again with every object verified on both disks.
 func TestDiskFailureAndReplacement(t *testing.T) {
-	requireE2E(t)
-	hb := startHostBrokers(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	a, b := startTwins(t, ctx, hb, 384<<20)
-	hc := ingestHTTP(t, "home-state-auditor")
+	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute, 384<<20)
 	ra := newResticClient(t, a.ports[0], "population-registry")
 	mustRestic(t, ra, "init")
 
@@ -130,16 +125,11 @@ func TestDiskFailureAndReplacement(t *testing.T) {
 }
 
 // TestPowerLossDuringIngest: A's QEMU is killed with SIGKILL three times
-// during a backup, after 1, 2 and 3 acknowledged data packs. After each
+// during a backup, after 1, 3 and 5 acknowledged data packs. After each
 // reboot every object A acknowledged is there and verifies, restic check
 // passes after restic unlock, and B converges to A.
 func TestPowerLossDuringIngest(t *testing.T) {
-	requireE2E(t)
-	hb := startHostBrokers(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
-	defer cancel()
-	a, b := startTwins(t, ctx, hb, 512<<20)
-	hc := ingestHTTP(t, "home-state-auditor")
+	ctx, _, a, b, hc := twinDrill(t, 20*time.Minute, 512<<20)
 	ra := newResticClient(t, a.ports[0], "population-registry")
 	mustRestic(t, ra, "init")
 	acked := map[string]bool{}

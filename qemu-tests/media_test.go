@@ -2,7 +2,6 @@ package qemutests
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -97,13 +96,8 @@ func placeObject(t *testing.T, hw *http.Client, a *twin) (string, [2]int64) {
 // copy nothing read; the health report counts the errors per disk. With
 // both copies unreadable, the object is fetched from B and rewritten.
 func TestMediaErrorsHealed(t *testing.T) {
-	requireE2E(t)
-	hb := startHostBrokers(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	a, b := startTwins(t, ctx, hb, 256<<20)
+	ctx, _, a, b, hc := twinDrill(t, 15*time.Minute, 256<<20)
 	hw := ingestHTTP(t, "population-registry")
-	hc := ingestHTTP(t, "home-state-auditor")
 
 	readPath, offRead := placeObject(t, hw, a)   // bad on disk 0, found by a read
 	scrubPath, offScrub := placeObject(t, hw, a) // bad on disk 1, found by the scrub

@@ -147,12 +147,7 @@ func waitPath(t *testing.T, ctx context.Context, tw *twin, port int, want string
 // B goes on over A's second NIC, and once the link is back the first path
 // is used again. Then the same with B's first NIC.
 func TestNICFailover(t *testing.T) {
-	requireE2E(t)
-	hb := startHostBrokers(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
-	defer cancel()
-	a, b := startTwins(t, ctx, hb, 512<<20)
-	hc := ingestHTTP(t, "home-state-auditor")
+	ctx, _, a, b, hc := twinDrill(t, 20*time.Minute, 512<<20)
 	proxy := newFailoverProxy(t, a.ports[0], a.ports[1])
 	ra := newResticClient(t, proxy.port(), "population-registry")
 	mustRestic(t, ra, "init")

@@ -115,6 +115,19 @@ func startTwins(t *testing.T, ctx context.Context, hb *hostBrokers, diskSize int
 	return tws[0], tws[1]
 }
 
+// twinDrill is the set-up of every twin test: the three host brokers and
+// two enrolled, serving appliances that know each other, a context that
+// bounds the test, and an ingest client with a reader's certificate.
+func twinDrill(t *testing.T, timeout time.Duration, diskSize int64) (context.Context, *hostBrokers, *twin, *twin, *http.Client) {
+	t.Helper()
+	requireE2E(t)
+	hb := startHostBrokers(t)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	t.Cleanup(cancel)
+	a, b := startTwins(t, ctx, hb, diskSize)
+	return ctx, hb, a, b, ingestHTTP(t, "home-state-auditor")
+}
+
 // waitPeer waits until tw replicates to the appliance peer.
 func waitPeer(t *testing.T, ctx context.Context, tw *twin, peer string) {
 	t.Helper()
@@ -236,23 +249,15 @@ func health(hc *http.Client, port int) (*api.Health, error) {
 // waitZeroLag waits until tw has nothing pending for any peer.
 func waitZeroLag(t *testing.T, ctx context.Context, hc *http.Client, tw *twin) {
 	t.Helper()
-	for {
-		h, err := health(hc, tw.ports[0])
-		if err == nil && len(h.Peers) > 0 {
-			zero := true
+	waitHealth(t, ctx, func() (*api.Health, error) { return health(hc, tw.ports[0]) }, tw.name+": replication lag zero",
+		func(h *api.Health) bool {
 			for _, p := range h.Peers {
-				zero = zero && p.PendingObjects == 0
+				if p.PendingObjects != 0 {
+					return false
+				}
 			}
-			if zero {
-				return
-			}
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("%s: replication lag never reached zero (%+v, %v)", tw.name, h, err)
-		case <-time.After(2 * time.Second):
-		}
-	}
+			return len(h.Peers) > 0
+		})
 }
 
 // storedObjects returns the objects tw's console says it acknowledged.
@@ -342,12 +347,7 @@ func sameTree(t *testing.T, src, restored string) {
 // TestTwinReplication: a backup into A is on B (check --read-data and a
 // restore from B), and a backup into B shows up on A.
 func TestTwinReplication(t *testing.T) {
-	requireE2E(t)
-	hb := startHostBrokers(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	a, b := startTwins(t, ctx, hb, 384<<20)
-	hc := ingestHTTP(t, "home-state-auditor")
+	ctx, _, a, b, hc := twinDrill(t, 15*time.Minute, 384<<20)
 
 	src := sourceTree(t)
 	ra := newResticClient(t, a.ports[0], "population-registry")
@@ -408,12 +408,7 @@ func applianceHealth(ctx context.Context, hb *hostBrokers, id string) *api.Healt
 // reports the lag; B, started again, catches up to zero lag with no
 // operator action.
 func TestPeerDownCatchUp(t *testing.T) {
-	requireE2E(t)
-	hb := startHostBrokers(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	a, b := startTwins(t, ctx, hb, 512<<20)
-	hc := ingestHTTP(t, "home-state-auditor")
+	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute, 512<<20)
 	ra := newResticClient(t, a.ports[0], "population-registry")
 	mustRestic(t, ra, "init")
 	waitConverged(t, ctx, hc, a, b)
@@ -421,30 +416,15 @@ func TestPeerDownCatchUp(t *testing.T) {
 	b.v.Close()
 	src := randomTree(t, 25, 8<<20)
 	mustRestic(t, ra, "backup", src)
-	var lag api.PeerHealth
-	for {
-		if h, err := health(hc, a.ports[0]); err == nil && len(h.Peers) == 1 && h.Peers[0].PendingBytes >= 200<<20 {
-			lag = h.Peers[0]
-			break
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatal("A never reported its lag to B")
-		case <-time.After(time.Second):
-		}
-	}
+	h := waitHealth(t, ctx, func() (*api.Health, error) { return health(hc, a.ports[0]) }, "A reports its lag to B",
+		func(h *api.Health) bool { return len(h.Peers) == 1 && h.Peers[0].PendingBytes >= 200<<20 })
+	lag := h.Peers[0]
 	t.Logf("lag while B is down: %d objects, %d bytes, oldest %.0fs", lag.PendingObjects, lag.PendingBytes, lag.OldestSeconds)
 	// Operators see it too, with the next attestation.
-	for {
-		if h := applianceHealth(ctx, hb, a.id); h != nil && len(h.Peers) == 1 && h.Peers[0].ID == b.id && h.Peers[0].PendingObjects > 0 {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatal("embassyctl status never showed A's lag")
-		case <-time.After(time.Second):
-		}
-	}
+	waitHealth(t, ctx, func() (*api.Health, error) { return applianceHealth(ctx, hb, a.id), nil }, "embassyctl status shows A's lag",
+		func(h *api.Health) bool {
+			return h != nil && len(h.Peers) == 1 && h.Peers[0].ID == b.id && h.Peers[0].PendingObjects > 0
+		})
 
 	start := time.Now()
 	b.restart(t)
@@ -461,12 +441,7 @@ func TestPeerDownCatchUp(t *testing.T) {
 // refuses it as a client and never sends it anything as a server;
 // replication to the real B goes on over B's other endpoint.
 func TestImpostorPeer(t *testing.T) {
-	requireE2E(t)
-	hb := startHostBrokers(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	a, b := startTwins(t, ctx, hb, 384<<20)
-	hc := ingestHTTP(t, "home-state-auditor")
+	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute, 384<<20)
 
 	// The impostor: self-signed, with B's appliance name.
 	self, err := pki.NewRootCA(b.id, time.Hour)

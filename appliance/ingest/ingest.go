@@ -9,11 +9,8 @@ package ingest
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"crypto/x509"
-	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -23,6 +20,7 @@ import (
 	"strings"
 	"sync/atomic"
 
+	"github.com/dataembassy/embassy/appliance/objectio"
 	"github.com/dataembassy/embassy/appliance/store"
 )
 
@@ -73,15 +71,8 @@ type Server struct {
 
 const mimeV2 = "application/vnd.x.restic.rest.v2"
 
-type httpError struct {
-	status int
-	msg    string
-}
-
-func (e *httpError) Error() string { return e.msg }
-
 func fail(status int, format string, args ...any) error {
-	return &httpError{status: status, msg: fmt.Sprintf(format, args...)}
+	return objectio.Fail(status, format, args...)
 }
 
 // route splits /<repo>/<type>/<name> (name optional), or /<repo>/config,
@@ -155,22 +146,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.rejected.Add(1)
-	status := http.StatusInternalServerError
-	var he *httpError
-	switch {
-	case errors.As(err, &he):
-		status = he.status
-	case errors.Is(err, store.ErrNotFound):
-		status = http.StatusNotFound
-	case errors.Is(err, store.ErrHashMismatch):
-		status = http.StatusBadRequest
-	case errors.Is(err, store.ErrConflict):
-		status = http.StatusForbidden
-	case errors.Is(err, store.ErrInvalidName):
-		status = http.StatusBadRequest
-	case errors.Is(err, store.ErrNoHealthyDisk), errors.Is(err, store.ErrCorrupt):
-		status = http.StatusServiceUnavailable
-	}
+	status := objectio.Status(err, http.StatusForbidden)
 	if s.Log != nil {
 		level := slog.LevelWarn
 		if status == http.StatusNotFound {
@@ -278,24 +254,12 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request, ns, name string) er
 	if max == 0 {
 		max = DefaultMaxObject
 	}
-	if r.ContentLength > max {
-		return fail(http.StatusRequestEntityTooLarge, "object of %d bytes exceeds %d", r.ContentLength, max)
-	}
-	data, err := io.ReadAll(io.LimitReader(r.Body, max+1))
+	data, err := objectio.ReadBody(r, max)
 	if err != nil {
-		return fail(http.StatusBadRequest, "read upload: %v", err)
+		return err
 	}
-	if int64(len(data)) > max {
-		return fail(http.StatusRequestEntityTooLarge, "object exceeds %d bytes", max)
-	}
-	if r.ContentLength >= 0 && int64(len(data)) != r.ContentLength {
-		return fail(http.StatusBadRequest, "upload truncated: %d of %d bytes", len(data), r.ContentLength)
-	}
-	if name != "config" {
-		sum := sha256.Sum256(data)
-		if got := hex.EncodeToString(sum[:]); got != name {
-			return fail(http.StatusBadRequest, "content has SHA-256 %s, not %s", got, name)
-		}
+	if err := objectio.CheckContent(name, data); err != nil {
+		return err
 	}
 	if _, err := s.Store.Put(ns, name, data); err != nil {
 		return err

@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/dataembassy/embassy/appliance/objectio"
 	"github.com/dataembassy/embassy/broker/api"
 )
 
@@ -582,7 +583,7 @@ func (p *peer) antiEntropy(ctx context.Context) error {
 			if _, ok := have[o.Name]; !ok {
 				p.enqueue(ns, o.Name, o.Size, time.Now())
 				queued++
-			} else if !contentAddressed.MatchString(o.Name) {
+			} else if !objectio.ContentAddressed(o.Name) {
 				if err := p.compareNamed(ctx, ns, o.Name); err != nil {
 					p.r.log.Error("replicas differ", "peer", p.id, "ns", ns, "name", o.Name, "err", err.Error())
 				}
@@ -636,7 +637,7 @@ func (p *peer) pull(ctx context.Context, ns, name string) error {
 	if err != nil {
 		return err
 	}
-	if err := checkContent(name, data); err != nil {
+	if err := objectio.CheckContent(name, data); err != nil {
 		return err
 	}
 	if _, err := p.r.store.Put(ns, name, data); err != nil {
@@ -775,7 +776,7 @@ func (r *Replicator) Fetch(ctx context.Context, ns, name string) ([]byte, error)
 	for _, p := range peers {
 		data, err := p.fetch(ctx, ns, name)
 		if err == nil {
-			err = checkContent(name, data)
+			err = objectio.CheckContent(name, data)
 		}
 		if err == nil {
 			return data, nil

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/dataembassy/embassy/appliance/objectio"
 	"github.com/dataembassy/embassy/broker/api"
 )
 
@@ -42,7 +43,7 @@ func FuzzServeRequest(f *testing.F) {
 			objs, _ := n.store.List(ns)
 			for _, o := range objs {
 				data, err := n.store.Get(ns, o.Name)
-				if err != nil || checkContent(o.Name, data) != nil {
+				if err != nil || objectio.CheckContent(o.Name, data) != nil {
 					t.Fatalf("stored %s/%s that does not verify: %v", ns, o.Name, err)
 				}
 			}

@@ -18,20 +18,18 @@ package replicate
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"crypto/x509"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
-	"regexp"
 	"strings"
 	"sync/atomic"
 	"time"
 
+	"github.com/dataembassy/embassy/appliance/objectio"
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/broker/pki"
 )
@@ -89,15 +87,8 @@ type Server struct {
 	received, receivedB, refused atomic.Int64
 }
 
-type statusError struct {
-	status int
-	msg    string
-}
-
-func (e *statusError) Error() string { return e.msg }
-
 func refuse(status int, format string, args ...any) error {
-	return &statusError{status, fmt.Sprintf(format, args...)}
+	return objectio.Fail(status, format, args...)
 }
 
 // Peer returns the attested appliance id of the connection's client
@@ -145,18 +136,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err == nil {
 		return
 	}
-	status := http.StatusInternalServerError
-	var se *statusError
-	switch {
-	case errors.As(err, &se):
-		status = se.status
-	case errors.Is(err, store.ErrNotFound):
-		status = http.StatusNotFound
-	case errors.Is(err, store.ErrConflict):
-		status = http.StatusConflict
-	case errors.Is(err, store.ErrInvalidName), errors.Is(err, store.ErrHashMismatch):
-		status = http.StatusBadRequest
-	}
+	status := objectio.Status(err, http.StatusConflict)
 	if status == http.StatusUnauthorized || status == http.StatusForbidden {
 		s.refused.Add(1)
 		s.Log.Warn("replication peer refused", "remote", r.RemoteAddr, "path", r.URL.Path, "reason", err.Error())
@@ -244,20 +224,11 @@ func (s *Server) put(r *http.Request, peer, ns, name string) error {
 	if max == 0 {
 		max = DefaultMaxObject
 	}
-	if r.ContentLength > max {
-		return refuse(http.StatusRequestEntityTooLarge, "object of %d bytes exceeds %d", r.ContentLength, max)
-	}
-	data, err := io.ReadAll(io.LimitReader(r.Body, max+1))
+	data, err := objectio.ReadBody(r, max)
 	if err != nil {
-		return refuse(http.StatusBadRequest, "read object: %v", err)
+		return err
 	}
-	if int64(len(data)) > max {
-		return refuse(http.StatusRequestEntityTooLarge, "object exceeds %d bytes", max)
-	}
-	if r.ContentLength >= 0 && int64(len(data)) != r.ContentLength {
-		return refuse(http.StatusBadRequest, "object truncated: %d of %d bytes", len(data), r.ContentLength)
-	}
-	if err := checkContent(name, data); err != nil {
+	if err := objectio.CheckContent(name, data); err != nil {
 		return err
 	}
 	if _, err := s.Store.Put(ns, name, data); err != nil {
@@ -278,22 +249,6 @@ func (s *Server) Init() *Server {
 	s.sem = make(chan struct{}, limit)
 	return s
 }
-
-// checkContent verifies a content-addressed object against its name.
-// Named objects ("config") cannot be checked this way; the store refuses a
-// named object that exists with different content.
-func checkContent(name string, data []byte) error {
-	if !contentAddressed.MatchString(name) {
-		return nil
-	}
-	sum := sha256.Sum256(data)
-	if hex.EncodeToString(sum[:]) != name {
-		return refuse(http.StatusBadRequest, "content has SHA-256 %s, not %s", hex.EncodeToString(sum[:]), name)
-	}
-	return nil
-}
-
-var contentAddressed = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
 func writeJSON(w http.ResponseWriter, v any) error {
 	var buf bytes.Buffer

@@ -46,15 +46,15 @@ type Config struct {
 	// "server". Empty means a fresh temp folder removed at Close.
 	StateDir string
 	// LogDir receives <Name>.serial.log; empty means the state folder.
-	LogDir   string
-	Disks    []string // raw disk image paths, attached as virtio-blk vd0, vd1, ...
+	LogDir string
+	Disks  []string // raw disk image paths, attached as virtio-blk vd0, vd1, ...
 	// ReadErrors puts disk i behind QEMU's blkdebug driver, which fails
 	// with EIO every read that covers one of the given byte offsets, as a
 	// medium with unreadable sectors would.
 	ReadErrors map[int][]int64
-	NICs     int      // default 2
-	Forwards []Forward
-	MemoryMB int // default 1024
+	NICs       int // default 2
+	Forwards   []Forward
+	MemoryMB   int // default 1024
 	// SwtpmCA is the folder of the local CA that signs EK certificates;
 	// shared by all VMs so a verifier can trust one manufacturer CA.
 	SwtpmCA  string
