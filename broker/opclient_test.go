@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/opclient"
 	"github.com/dataembassy/embassy/tpm/client"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
@@ -46,6 +47,18 @@ func TestOperatorClient(t *testing.T) {
 	if _, err := oc.ApproveDisks(ctx, id, 2); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := oc.SetEndpoints(ctx, id, []string{"10.0.2.2:9443", "10.0.3.2:9444"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := oc.SetEndpoints(ctx, id, []string{"example.org:1"}); err == nil {
+		t.Fatal("an endpoint that is not IP:port was accepted")
+	}
+	a.c.ReportHealth(func() *api.Health {
+		return &api.Health{Degraded: true,
+			Disks:      []api.DiskHealth{{Serial: "SN-OK", State: "healthy"}, {Serial: "SN-DEAD", Device: "vdb", State: "failed", Reason: "disk removed"}},
+			BlankDisks: []api.DiskHealth{{Serial: "SN-NEW", Device: "vdc"}},
+			Peers:      []api.PeerHealth{{ID: strings.Repeat("b", 32), Path: "10.0.3.2:9444", PendingObjects: 3, PendingBytes: 12 << 20, OldestSeconds: 42}}}
+	})
 	if _, err := a.c.AttestAll(ctxTimeout(t, time.Minute), fastRetry, 2); err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +73,9 @@ func TestOperatorClient(t *testing.T) {
 	st := oc.Status(ctx)
 	var out bytes.Buffer
 	opclient.PrintStatus(&out, st)
-	for _, want := range []string{"broker-a: approved images [1]", id, "enrolled", "ago"} {
+	for _, want := range []string{"broker-a: approved images [1]", id, "enrolled", "ago", "store DEGRADED", "10.0.2.2:9443, 10.0.3.2:9444",
+		"disk serial SN-DEAD vdb: failed (disk removed)", "disk serial SN-NEW vdc: blank, waiting for approval",
+		"via 10.0.3.2:9444: 3 objects / 12582912 bytes behind, oldest 42s"} {
 		if !strings.Contains(out.String(), want) {
 			t.Fatalf("status lacks %q:\n%s", want, out.String())
 		}
