@@ -70,10 +70,12 @@ func (w *diskWatcher) run(ctx context.Context) {
 func (w *diskWatcher) check(ctx context.Context) {
 	// A pulled disk: its block device is gone.
 	for _, v := range w.vm.Volumes() {
-		if _, err := os.Stat(filepath.Join("/sys/block", v.Disk)); err != nil && w.st.MarkFailed(v.UUID, "disk removed") {
-			w.log.Error(MsgDiskFailed, "serial", v.Serial, "device", v.Disk, "uuid", v.UUID, "reason", "disk removed")
+		if _, err := os.Stat(filepath.Join("/sys/block", v.Disk)); err != nil {
+			w.st.MarkFailed(v.UUID, "disk removed")
 		}
 	}
+	// A failed disk (pulled, or failed by the store on an I/O error): its
+	// volume is closed once, and it is reported by serial for the ticket.
 	disks, _ := w.st.Status()
 	for _, d := range disks {
 		if d.State != store.Failed {
@@ -81,10 +83,15 @@ func (w *diskWatcher) check(ctx context.Context) {
 		}
 		for _, v := range w.vm.Volumes() {
 			if v.UUID == d.ID {
+				action := "volume closed; replace the disk"
 				if err := w.vm.Close(v.UUID); err != nil {
-					w.log.Warn("closing failed disk's volume", "serial", v.Serial, "err", err.Error())
+					// A filesystem whose disk vanished stays busy until it is
+					// released; it is detached and its mapping goes at the
+					// next lockdown or reboot.
+					w.log.Warn("closing the failed disk's volume", "serial", v.Serial, "err", err.Error())
+					action = "volume detached; replace the disk"
 				}
-				w.log.Error(MsgDiskFailed, "serial", v.Serial, "device", v.Disk, "uuid", v.UUID, "reason", d.Reason, "action", "volume closed; replace the disk")
+				w.log.Error(MsgDiskFailed, "serial", v.Serial, "device", v.Disk, "uuid", v.UUID, "reason", d.Reason, "action", action)
 			}
 		}
 	}
