@@ -96,6 +96,8 @@ func (w *diskWatcher) check(ctx context.Context) {
 		}
 	}
 
+	w.vm.ReleaseStale() // fails quietly while the detached filesystem is busy
+
 	found, err := discover.List("/sys/block", "/dev")
 	if err != nil {
 		w.log.Warn("disk discovery failed", "err", err.Error())

@@ -37,6 +37,9 @@ type Manager struct {
 	Log  *slog.Logger
 	mu   sync.Mutex
 	open []Volume
+	// stale are mappings of closed volumes that were still busy (their
+	// disk vanished under a mounted filesystem); CloseAll tries again.
+	stale []string
 }
 
 // PartitionPath names partition idx of a disk device: vda -> vda1,
@@ -138,8 +141,11 @@ func (m *Manager) Close(uuid string) error {
 		if err != nil {
 			err = fs.Detach(v.MountPoint)
 		}
-		if lerr := luks2.Lock(v.Mapping); lerr != nil && err == nil {
-			err = lerr
+		if lerr := luks2.Lock(v.Mapping); lerr != nil {
+			m.stale = append(m.stale, v.Mapping)
+			if err == nil {
+				err = lerr
+			}
 		}
 		return err
 	}
@@ -161,5 +167,33 @@ func (m *Manager) CloseAll() error {
 		}
 	}
 	m.open = nil
+	if err := m.closeStale(); err != nil && firstErr == nil {
+		firstErr = err
+	}
+	return firstErr
+}
+
+// ReleaseStale retries closing the mappings of failed disks that were
+// still busy, so their keys leave the kernel as soon as possible.
+func (m *Manager) ReleaseStale() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.closeStale()
+}
+
+func (m *Manager) closeStale() error {
+	var still []string
+	var firstErr error
+	for _, name := range m.stale {
+		if err := luks2.Lock(name); err != nil {
+			still = append(still, name)
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		m.Log.Info("mapping of a failed disk closed", "mapping", name)
+	}
+	m.stale = still
 	return firstErr
 }
