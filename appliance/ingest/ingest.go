@@ -33,9 +33,6 @@ var repoName = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
 // every healthy disk, before the client hears 200).
 const MsgStored = "object stored"
 
-// DefaultMaxObject bounds an upload (restic packs are 4-128 MiB).
-const DefaultMaxObject = 160 << 20
-
 // Store is what the server needs of the object store.
 type Store interface {
 	Put(ns, name string, data []byte) ([]string, error)
@@ -250,15 +247,8 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request, ns, name string) er
 }
 
 func (s *Server) put(w http.ResponseWriter, r *http.Request, ns, name string) error {
-	max := s.MaxObject
-	if max == 0 {
-		max = DefaultMaxObject
-	}
-	data, err := objectio.ReadBody(r, max)
+	data, err := objectio.ReadObject(r, name, s.MaxObject)
 	if err != nil {
-		return err
-	}
-	if err := objectio.CheckContent(name, data); err != nil {
 		return err
 	}
 	if _, err := s.Store.Put(ns, name, data); err != nil {

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -41,8 +42,13 @@ type diskWatcher struct {
 
 	mu        sync.Mutex
 	serials   map[string]volumes.Volume // by LUKS UUID, kept after close
-	blank     []api.DiskHealth
+	blank     []api.DiskHealth          // reported
 	announced map[string]bool
+
+	// Owned by the watcher's loop: the block devices last probed and the
+	// blank disks among them.
+	devices    string
+	blankFound []discover.Disk
 }
 
 func newDiskWatcher(log *slog.Logger, ac *attest.Client, cfg *config.Config, vm *volumes.Manager, st *store.Store, results []*attest.Result) *diskWatcher {
@@ -98,30 +104,12 @@ func (w *diskWatcher) check(ctx context.Context) {
 
 	w.vm.ReleaseStale() // fails quietly while the detached filesystem is busy
 
-	found, err := discover.List("/sys/block", "/dev")
-	if err != nil {
-		w.log.Warn("disk discovery failed", "err", err.Error())
+	blank, ok := w.blankDisks()
+	if !ok || len(blank) == 0 || approvals(*w.latest.Load()) == 0 {
 		return
 	}
-	var blank []discover.Disk
-	var report []api.DiskHealth
-	for _, d := range found {
-		if d.Kind != discover.Blank {
-			continue
-		}
-		blank = append(blank, d)
-		report = append(report, api.DiskHealth{Serial: d.Serial, Device: d.Name, State: "blank, waiting for approval"})
-		if !w.announced[d.Name+d.Serial] {
-			w.announced[d.Name+d.Serial] = true
-			w.log.Info(MsgBlankDisk, "serial", d.Serial, "device", d.Name, "size", d.Size, "appliance_id", w.ac.ID())
-		}
-	}
-	w.mu.Lock()
-	w.blank = report
-	w.mu.Unlock()
-	if len(blank) == 0 || approvals(*w.latest.Load()) == 0 {
-		return
-	}
+	// Whatever comes of it, the disk is classified anew next time.
+	w.devices = ""
 	all, err := w.ac.AttestAll(ctx, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, len(w.cfg.Brokers))
 	if err != nil {
 		w.log.Warn("provisioning needs all brokers", "err", err.Error())
@@ -165,6 +153,46 @@ func (w *diskWatcher) scrubLoop(ctx context.Context, first, every time.Duration)
 			w.log.Error("scrub", "err", err.Error())
 		}
 	}
+}
+
+// blankDisks returns the blank disks. Disks are probed again only when the
+// kernel's set of block devices changed (or after a provisioning attempt),
+// not on every pass: the data disks are not read for nothing.
+func (w *diskWatcher) blankDisks() ([]discover.Disk, bool) {
+	ents, err := os.ReadDir("/sys/block")
+	if err != nil {
+		w.log.Warn("disk discovery failed", "err", err.Error())
+		return nil, false
+	}
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	if devices := strings.Join(names, " "); devices != w.devices {
+		found, err := discover.List("/sys/block", "/dev")
+		if err != nil {
+			w.log.Warn("disk discovery failed", "err", err.Error())
+			return nil, false
+		}
+		w.devices = devices
+		w.blankFound = w.blankFound[:0]
+		var report []api.DiskHealth
+		for _, d := range found {
+			if d.Kind != discover.Blank {
+				continue
+			}
+			w.blankFound = append(w.blankFound, d)
+			report = append(report, api.DiskHealth{Serial: d.Serial, Device: d.Name, State: "blank, waiting for approval"})
+			if !w.announced[d.Name+d.Serial] {
+				w.announced[d.Name+d.Serial] = true
+				w.log.Info(MsgBlankDisk, "serial", d.Serial, "device", d.Name, "size", d.Size, "appliance_id", w.ac.ID())
+			}
+		}
+		w.mu.Lock()
+		w.blank = report
+		w.mu.Unlock()
+	}
+	return w.blankFound, true
 }
 
 // addAndResync adds a new volume to the store as syncing, copies every

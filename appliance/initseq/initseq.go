@@ -175,7 +175,8 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	cert.Store(results[0].Certificate)
 	_, brokerRoots := ac.Config()
 	rep := replicate.New(serveCtx, st, brokerRoots, cert.Load, log, replicate.Options{AntiEntropyEvery: 30 * time.Second})
-	rep.SetPeers(attest.AgreedPeers(results, cfg.Threshold))
+	peers := attest.AgreedPeers(results, cfg.Threshold)
+	rep.SetPeers(peers)
 	st.SetFallback(func(ns, name string) ([]byte, error) {
 		fctx, cancel := context.WithTimeout(serveCtx, 2*time.Minute)
 		defer cancel()
@@ -246,7 +247,7 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	go srv.ServeTLS(ln, "", "")
 	go watcher.run(serveCtx)
 	go watcher.scrubLoop(serveCtx, 20*time.Second, 6*time.Hour)
-	log.Info(MsgServing, "port", cfg.Ingest.Port, "peers", len(attest.AgreedPeers(results, cfg.Threshold)), "elapsed_ms", time.Since(start).Milliseconds())
+	log.Info(MsgServing, "port", cfg.Ingest.Port, "peers", len(peers), "elapsed_ms", time.Since(start).Milliseconds())
 	log.Info("boot sequence complete", "elapsed_ms", time.Since(start).Milliseconds())
 
 	every := results[0].ReattestAfter

@@ -23,21 +23,38 @@ type Error struct {
 
 func (e *Error) Error() string { return e.Msg }
 
-// ReadBody reads a request body of at most max bytes; a body longer than
-// max or shorter than its Content-Length is refused.
-func ReadBody(r *http.Request, max int64) ([]byte, error) {
+// DefaultMaxObject bounds an object (restic packs are 4-128 MiB).
+const DefaultMaxObject = 160 << 20
+
+// ReadObject reads an uploaded object of at most max bytes
+// (DefaultMaxObject when max is 0) and checks a content-addressed name
+// against it. A body longer than max or shorter than its Content-Length is
+// refused.
+func ReadObject(r *http.Request, name string, max int64) ([]byte, error) {
+	if max == 0 {
+		max = DefaultMaxObject
+	}
 	if r.ContentLength > max {
 		return nil, &Error{http.StatusRequestEntityTooLarge, fmt.Sprintf("object of %d bytes exceeds %d", r.ContentLength, max)}
 	}
-	data, err := io.ReadAll(io.LimitReader(r.Body, max+1))
+	data, err := ReadLimited(r.Body, max)
+	if err != nil {
+		return nil, err
+	}
+	if r.ContentLength >= 0 && int64(len(data)) != r.ContentLength {
+		return nil, &Error{http.StatusBadRequest, fmt.Sprintf("upload truncated: %d of %d bytes", len(data), r.ContentLength)}
+	}
+	return data, CheckContent(name, data)
+}
+
+// ReadLimited reads all of body, refusing more than max bytes.
+func ReadLimited(body io.Reader, max int64) ([]byte, error) {
+	data, err := io.ReadAll(io.LimitReader(body, max+1))
 	if err != nil {
 		return nil, &Error{http.StatusBadRequest, fmt.Sprintf("read upload: %v", err)}
 	}
 	if int64(len(data)) > max {
 		return nil, &Error{http.StatusRequestEntityTooLarge, fmt.Sprintf("object exceeds %d bytes", max)}
-	}
-	if r.ContentLength >= 0 && int64(len(data)) != r.ContentLength {
-		return nil, &Error{http.StatusBadRequest, fmt.Sprintf("upload truncated: %d of %d bytes", len(data), r.ContentLength)}
 	}
 	return data, nil
 }

@@ -13,7 +13,9 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -145,15 +147,19 @@ func (r *Replicator) SetPeers(peers []api.Peer) {
 }
 
 func sameEndpoints(p *peer, eps []string) bool {
-	if len(p.paths) != len(eps) {
-		return false
+	return slices.EqualFunc(p.paths, eps, func(pa *path, e string) bool { return pa.endpoint == e })
+}
+
+// peerList returns the current peers, by id.
+func (r *Replicator) peerList() []*peer {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	peers := make([]*peer, 0, len(r.peers))
+	for _, p := range r.peers {
+		peers = append(peers, p)
 	}
-	for i, e := range eps {
-		if p.paths[i].endpoint != e {
-			return false
-		}
-	}
-	return true
+	sort.Slice(peers, func(i, j int) bool { return peers[i].id < peers[j].id })
+	return peers
 }
 
 // IsPeer reports whether id is a current peer (the server's Allowed).
@@ -224,13 +230,7 @@ func (r *Replicator) Stored(ns, name string, size int64) {
 	if !Replicated(ns) {
 		return
 	}
-	r.mu.Lock()
-	peers := make([]*peer, 0, len(r.peers))
-	for _, p := range r.peers {
-		peers = append(peers, p)
-	}
-	r.mu.Unlock()
-	for _, p := range peers {
+	for _, p := range r.peerList() {
 		p.enqueue(ns, name, size, time.Now())
 	}
 }
@@ -379,10 +379,11 @@ func (p *peer) push(ctx context.Context, it *item) error {
 // next at once when a path fails. A failed path is marked down and left to
 // the prober.
 func (p *peer) do(ctx context.Context, method, target string, body []byte) (*http.Response, error) {
+	if len(p.paths) == 0 {
+		return nil, errors.New("no path to the peer")
+	}
 	var errs []error
-	tried := 0
-	for _, pa := range p.order2() {
-		tried++
+	for _, pa := range p.pathsToTry() {
 		resp, err := pa.send(ctx, p.r.opts, method, target, body)
 		if err == nil {
 			return resp, nil
@@ -395,15 +396,12 @@ func (p *peer) do(ctx context.Context, method, target string, body []byte) (*htt
 		}
 		errs = append(errs, fmt.Errorf("%s: %w", pa.endpoint, err))
 	}
-	if tried == 0 {
-		return nil, errors.New("no path to the peer")
-	}
 	return nil, errors.Join(errs...)
 }
 
-// order2 lists the paths to try: those up first, in configured order, then
+// pathsToTry lists the paths: those up first, in configured order, then
 // those down (a path may come back before the prober notices).
-func (p *peer) order2() []*path {
+func (p *peer) pathsToTry() []*path {
 	var up, down []*path
 	for _, pa := range p.paths {
 		if pa.up.Load() {
@@ -605,39 +603,45 @@ func (p *peer) antiEntropy(ctx context.Context) error {
 
 func typeRank(ns string) int {
 	for i, t := range []string{"/config", "/keys", "/data", "/index", "/snapshots"} {
-		if len(ns) >= len(t) && ns[len(ns)-len(t):] == t {
+		if strings.HasSuffix(ns, t) {
 			return i
 		}
 	}
 	return 9
 }
 
-func (p *peer) fetch(ctx context.Context, ns, name string) ([]byte, error) {
-	resp, err := p.do(ctx, http.MethodGet, PathObject+"?"+url.Values{"ns": {ns}, "name": {name}}.Encode(), nil)
+// get sends a GET over the peer's paths and returns the body of a 200.
+func (p *peer) get(ctx context.Context, target string) (io.ReadCloser, error) {
+	resp, err := p.do(ctx, http.MethodGet, target, nil)
 	if err != nil {
 		return nil, err
 	}
-	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		resp.Body.Close()
 		return nil, fmt.Errorf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg))
 	}
-	data, err := io.ReadAll(io.LimitReader(resp.Body, DefaultMaxObject+1))
+	return resp.Body, nil
+}
+
+// fetch gets an object from the peer; a content-addressed one is checked
+// against its name.
+func (p *peer) fetch(ctx context.Context, ns, name string) ([]byte, error) {
+	body, err := p.get(ctx, PathObject+"?"+url.Values{"ns": {ns}, "name": {name}}.Encode())
 	if err != nil {
 		return nil, err
 	}
-	if len(data) > DefaultMaxObject {
-		return nil, errors.New("object too large")
+	defer body.Close()
+	data, err := objectio.ReadLimited(body, objectio.DefaultMaxObject)
+	if err != nil {
+		return nil, err
 	}
-	return data, nil
+	return data, objectio.CheckContent(name, data)
 }
 
 func (p *peer) pull(ctx context.Context, ns, name string) error {
 	data, err := p.fetch(ctx, ns, name)
 	if err != nil {
-		return err
-	}
-	if err := objectio.CheckContent(name, data); err != nil {
 		return err
 	}
 	if _, err := p.r.store.Put(ns, name, data); err != nil {
@@ -664,32 +668,22 @@ func (p *peer) compareNamed(ctx context.Context, ns, name string) error {
 }
 
 func (p *peer) getJSON(ctx context.Context, target string, v any) error {
-	resp, err := p.do(ctx, http.MethodGet, target, nil)
+	body, err := p.get(ctx, target)
 	if err != nil {
 		return err
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
-		return fmt.Errorf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg))
-	}
-	return json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(v)
+	defer body.Close()
+	return json.NewDecoder(io.LimitReader(body, 64<<20)).Decode(v)
 }
 
 // Lag reports, per peer, what is waiting to be replicated.
 func (r *Replicator) Lag() []api.PeerHealth {
-	r.mu.Lock()
-	peers := make([]*peer, 0, len(r.peers))
-	for _, p := range r.peers {
-		peers = append(peers, p)
-	}
-	r.mu.Unlock()
-	sort.Slice(peers, func(i, j int) bool { return peers[i].id < peers[j].id })
+	peers := r.peerList()
 	out := make([]api.PeerHealth, 0, len(peers))
 	now := time.Now()
 	for _, p := range peers {
 		h := api.PeerHealth{ID: p.id}
-		for _, pa := range p.order2() {
+		for _, pa := range p.paths {
 			if pa.up.Load() {
 				h.Path = pa.endpoint
 				break
@@ -725,13 +719,7 @@ func (r *Replicator) WriteMetrics(w io.Writer) {
 	for _, h := range lag {
 		fmt.Fprintf(w, "embassy_replication_oldest_pending_seconds{peer=%q} %.3f\n", h.ID, h.OldestSeconds)
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	ids := make([]string, 0, len(r.peers))
-	for id := range r.peers {
-		ids = append(ids, id)
-	}
-	sort.Strings(ids)
+	peers := r.peerList()
 	for _, m := range []struct {
 		name string
 		get  func(*peer) int64
@@ -743,18 +731,18 @@ func (r *Replicator) WriteMetrics(w io.Writer) {
 		{"embassy_replication_conflicts_total", func(p *peer) int64 { return p.conflicts.Load() }},
 	} {
 		fmt.Fprintf(w, "# TYPE %s counter\n", m.name)
-		for _, id := range ids {
-			fmt.Fprintf(w, "%s{peer=%q} %d\n", m.name, id, m.get(r.peers[id]))
+		for _, p := range peers {
+			fmt.Fprintf(w, "%s{peer=%q} %d\n", m.name, p.id, m.get(p))
 		}
 	}
 	fmt.Fprintln(w, "# TYPE embassy_replication_path_up gauge")
-	for _, id := range ids {
-		for _, pa := range r.peers[id].paths {
+	for _, p := range peers {
+		for _, pa := range p.paths {
 			up := 0
 			if pa.up.Load() {
 				up = 1
 			}
-			fmt.Fprintf(w, "embassy_replication_path_up{peer=%q,endpoint=%q} %d\n", id, pa.endpoint, up)
+			fmt.Fprintf(w, "embassy_replication_path_up{peer=%q,endpoint=%q} %d\n", p.id, pa.endpoint, up)
 		}
 	}
 }
@@ -763,21 +751,13 @@ func (r *Replicator) WriteMetrics(w io.Writer) {
 // (content-addressed objects are checked against their name; the store
 // checks named ones against the digest it recorded).
 func (r *Replicator) Fetch(ctx context.Context, ns, name string) ([]byte, error) {
-	r.mu.Lock()
-	peers := make([]*peer, 0, len(r.peers))
-	for _, p := range r.peers {
-		peers = append(peers, p)
-	}
-	r.mu.Unlock()
+	peers := r.peerList()
 	if len(peers) == 0 {
 		return nil, errors.New("no peer to fetch from")
 	}
 	var errs []error
 	for _, p := range peers {
 		data, err := p.fetch(ctx, ns, name)
-		if err == nil {
-			err = objectio.CheckContent(name, data)
-		}
 		if err == nil {
 			return data, nil
 		}

@@ -43,9 +43,6 @@ const (
 	PathObject     = Prefix + "object"
 )
 
-// DefaultMaxObject bounds a replicated object (as ingest does).
-const DefaultMaxObject = 160 << 20
-
 // Store is what replication needs of the object store.
 type Store interface {
 	Put(ns, name string, data []byte) ([]string, error)
@@ -220,15 +217,8 @@ func (s *Server) put(r *http.Request, peer, ns, name string) error {
 	case <-r.Context().Done():
 		return r.Context().Err()
 	}
-	max := s.MaxObject
-	if max == 0 {
-		max = DefaultMaxObject
-	}
-	data, err := objectio.ReadBody(r, max)
+	data, err := objectio.ReadObject(r, name, s.MaxObject)
 	if err != nil {
-		return err
-	}
-	if err := objectio.CheckContent(name, data); err != nil {
 		return err
 	}
 	if _, err := s.Store.Put(ns, name, data); err != nil {

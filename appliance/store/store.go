@@ -699,14 +699,11 @@ func (s *Store) Status() (disks []DiskStatus, degraded bool) {
 }
 
 // MarkFailed fails a disk from outside (it was pulled out, its device is
-// gone). It reports whether the disk was not failed before.
-func (s *Store) MarkFailed(id, reason string) bool {
-	d := s.find(id)
-	if d == nil || s.stateOf(d) == Failed {
-		return false
+// gone). A disk that failed already keeps its first reason.
+func (s *Store) MarkFailed(id, reason string) {
+	if d := s.find(id); d != nil {
+		s.fail(d, errors.New(reason))
 	}
-	s.fail(d, errors.New(reason))
-	return true
 }
 
 // RemoveDisk forgets a failed disk (it was pulled out).
