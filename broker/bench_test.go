@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/broker/api"
-	"github.com/dataembassy/embassy/tpm/client"
+	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
 )
 
@@ -33,7 +33,7 @@ func BenchmarkAttestRoundTrips(b *testing.B) {
 	e.stop(0)
 	e.start(0)
 	d := tpmtest.NewBootDigests("image-1")
-	a := e.boot(1, d, client.EKRSA)
+	a := e.boot(1, d, attester.EKRSA)
 	defer a.shutdown()
 	provision(b, e, a, d)
 

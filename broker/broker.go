@@ -32,13 +32,13 @@ import (
 	bolt "go.etcd.io/bbolt"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/keys/shamir"
+	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/eventlog"
-	"github.com/dataembassy/embassy/tpm/server"
+	"github.com/dataembassy/embassy/tpm/verifier"
 )
 
 // Reasons a request is refused; each appears verbatim in the audit log.
@@ -258,16 +258,16 @@ func (b *Broker) Enroll(req *api.EnrollRequest) (_ *api.EnrollChallenge, err err
 	if perr != nil {
 		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "EK public key: "+perr.Error())
 	}
-	if _, err := server.VerifyEKCert(req.EKCert, ekPub, b.cfg.ManufacturerCAs, nil); err != nil {
+	if _, err := verifier.VerifyEKCert(req.EKCert, ekPub, b.cfg.ManufacturerCAs, nil); err != nil {
 		return nil, reject(http.StatusForbidden, ReasonEKCert, err.Error())
 	}
-	ak, aerr := server.ParseAK(req.AKPublic)
+	ak, aerr := verifier.ParseAK(req.AKPublic)
 	if aerr != nil {
 		return nil, reject(http.StatusForbidden, ReasonAK, aerr.Error())
 	}
 	secret := make([]byte, 32)
 	rand.Read(secret)
-	blob, enc, merr := server.MakeCredential(ekPub, ak, secret)
+	blob, enc, merr := verifier.MakeCredential(ekPub, ak, secret)
 	if merr != nil {
 		return nil, merr
 	}
@@ -528,7 +528,7 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 	case !r.Enrolled:
 		return nil, reject(http.StatusForbidden, ReasonNotEnrolled, "")
 	}
-	ak, err := server.ParseAK(r.AKPublic)
+	ak, err := verifier.ParseAK(r.AKPublic)
 	if err != nil {
 		return nil, err
 	}
@@ -540,11 +540,11 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 		q.Pcrs.Pcrs[uint32(i)] = v
 	}
 	tlsHash := sha256.Sum256(req.TLSPublic)
-	info, qerr := server.VerifyQuote(ak, q, api.ExtraData(req.Nonce, tlsHash[:]))
+	info, qerr := verifier.VerifyQuote(ak, q, api.ExtraData(req.Nonce, tlsHash[:]))
 	switch {
-	case errors.Is(qerr, server.ErrPCRDigest):
+	case errors.Is(qerr, verifier.ErrPCRDigest):
 		return nil, reject(http.StatusForbidden, ReasonPCRDigest, qerr.Error())
-	case errors.Is(qerr, server.ErrExtraData):
+	case errors.Is(qerr, verifier.ErrExtraData):
 		return nil, reject(http.StatusForbidden, ReasonBinding, "")
 	case qerr != nil:
 		return nil, reject(http.StatusForbidden, ReasonQuote, qerr.Error())
@@ -627,7 +627,7 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 		if err != nil {
 			return nil, err
 		}
-		blob, err := server.Seal(ekPub, share, info.PCRs)
+		blob, err := verifier.Seal(ekPub, share, info.PCRs)
 		clear(share)
 		if err != nil {
 			return nil, err

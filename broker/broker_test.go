@@ -23,9 +23,9 @@ import (
 
 	"github.com/dataembassy/embassy/appliance/attest"
 	"github.com/dataembassy/embassy/broker"
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/audit"
-	"github.com/dataembassy/embassy/tpm/client"
+	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
 )
 
@@ -54,7 +54,7 @@ func provision(t testing.TB, e *env, a *appliance, d tpmtest.BootDigests) []byte
 func TestFullFlowThreeBrokersK2(t *testing.T) {
 	e := newEnv(t, 3, 2)
 	d := tpmtest.NewBootDigests("image-1")
-	a := e.boot(1, d, client.EKRSA)
+	a := e.boot(1, d, attester.EKRSA)
 	defer a.shutdown()
 	secret := provision(t, e, a, d)
 
@@ -161,7 +161,7 @@ func expectRefused(t *testing.T, e *env, i int, resp *api.AttestResponse, err er
 func TestNegativeMatrix(t *testing.T) {
 	e := newEnv(t, 3, 2)
 	d := tpmtest.NewBootDigests("image-1")
-	a := e.boot(1, d, client.EKRSA)
+	a := e.boot(1, d, attester.EKRSA)
 	provision(t, e, a, d)
 	a.reboot(t, d) // resetCount now above the manufactured TPM's
 
@@ -190,7 +190,7 @@ func TestNegativeMatrix(t *testing.T) {
 	t.Run("PCR9 extended after the quote", func(t *testing.T) {
 		resp, err := rawAttest(t, e, a, 0, func(r *api.AttestRequest) {
 			tpm2.PCRExtend(a.sim, 9, tpm2.AlgSHA256, make([]byte, 32), "")
-			now, _ := client.QuotePCRsRead(a.sim)
+			now, _ := attester.QuotePCRsRead(a.sim)
 			r.PCRs = now
 		})
 		expectRefused(t, e, 0, resp, err, broker.ReasonPCRDigest)
@@ -240,7 +240,7 @@ func TestNegativeMatrix(t *testing.T) {
 	t.Run("AK never activated", func(t *testing.T) {
 		// The same machine's ECC EK: another identity, enrolled but never
 		// activated.
-		b, err := client.Open(a.sim, client.EKECC)
+		b, err := attester.Open(a.sim, attester.EKECC)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -284,7 +284,7 @@ func TestNegativeMatrix(t *testing.T) {
 	id := a.c.ID()
 	a.shutdown()
 	t.Run("quote from another TPM", func(t *testing.T) {
-		b := e.boot(2, d, client.EKRSA)
+		b := e.boot(2, d, attester.EKRSA)
 		defer b.shutdown()
 		// A release captured in transit does not import on another TPM.
 		if _, err := b.tpm.Import(&blob); err == nil {
@@ -303,7 +303,7 @@ func TestNegativeMatrix(t *testing.T) {
 	// process gives the same keys but reset and restart counts below what
 	// the brokers have seen. (The in-process simulator keeps its counters
 	// across re-opens, so the rolled-back TPM runs in a child process.)
-	c := e.boot(1, d, client.EKRSA)
+	c := e.boot(1, d, attester.EKRSA)
 	defer c.shutdown()
 	t.Run("TPM state rollback", func(t *testing.T) {
 		var n api.NonceResponse
@@ -353,7 +353,7 @@ func rsaOrECKey() ([]byte, error) {
 func TestAuditTamperingDetected(t *testing.T) {
 	e := newEnv(t, 1, 1)
 	d := tpmtest.NewBootDigests("image-1")
-	a := e.boot(1, d, client.EKRSA)
+	a := e.boot(1, d, attester.EKRSA)
 	defer a.shutdown()
 	e.enroll(a)
 	e.approveImage(1, d)
@@ -435,7 +435,7 @@ func rollbackChild(arg string) {
 	}
 	defer sim.Close()
 	log := tpmtest.MeasuredBoot(t, sim, tpmtest.NewBootDigests(in.Image))
-	a, err := client.Open(sim, client.EKRSA)
+	a, err := attester.Open(sim, attester.EKRSA)
 	if err != nil {
 		os.Exit(1)
 	}

@@ -23,11 +23,11 @@ import (
 	"github.com/dataembassy/embassy/appliance/attest"
 	"github.com/dataembassy/embassy/appliance/config"
 	"github.com/dataembassy/embassy/broker"
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/manifest"
-	"github.com/dataembassy/embassy/tpm/client"
+	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
 
 	"github.com/google/go-tpm-tools/simulator"
@@ -257,7 +257,7 @@ func (e *env) lastAudit(i int, event string) audit.Entry {
 // appliance is a simulated server: a TPM simulator with a measured boot.
 type appliance struct {
 	sim    *simulator.Simulator
-	tpm    *client.Attester
+	tpm    *attester.Attester
 	log    []byte
 	tlsKey *ecdsa.PrivateKey
 	c      *attest.Client
@@ -265,12 +265,12 @@ type appliance struct {
 
 // boot powers on the machine with TPM seed, measures image d and makes
 // its broker client.
-func (e *env) boot(seed int64, d tpmtest.BootDigests, ekType client.EKType) *appliance {
+func (e *env) boot(seed int64, d tpmtest.BootDigests, ekType attester.EKType) *appliance {
 	e.t.Helper()
 	a := &appliance{sim: tpmtest.NewSimulator(e.t, e.manu, seed)}
 	a.log = tpmtest.MeasuredBoot(e.t, a.sim, d)
 	var err error
-	if a.tpm, err = client.Open(a.sim, ekType); err != nil {
+	if a.tpm, err = attester.Open(a.sim, ekType); err != nil {
 		e.t.Fatal(err)
 	}
 	a.tlsKey, _ = pki.NewKey()
@@ -291,7 +291,7 @@ func (a *appliance) reboot(t testing.TB, d tpmtest.BootDigests) {
 	}
 	a.log = tpmtest.MeasuredBoot(t, a.sim, d)
 	var err error
-	if a.tpm, err = client.Open(a.sim, client.EKRSA); err != nil {
+	if a.tpm, err = attester.Open(a.sim, attester.EKRSA); err != nil {
 		t.Fatal(err)
 	}
 	// The broker client must use the new key handles.

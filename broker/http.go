@@ -13,9 +13,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 // decode reads one JSON object of at most api.MaxBody bytes, rejecting

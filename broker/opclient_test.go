@@ -7,9 +7,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/opclient"
-	"github.com/dataembassy/embassy/tpm/client"
+	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
 )
 
@@ -25,7 +25,7 @@ func TestOperatorClient(t *testing.T) {
 	ctx := context.Background()
 
 	d := tpmtest.NewBootDigests("image-1")
-	a := e.boot(1, d, client.EKRSA)
+	a := e.boot(1, d, attester.EKRSA)
 	defer a.shutdown()
 	if err := a.c.Enroll(ctx); err != nil {
 		t.Fatal(err)

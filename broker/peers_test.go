@@ -5,8 +5,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/broker/api"
-	"github.com/dataembassy/embassy/tpm/client"
+	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
 )
 
@@ -16,13 +16,13 @@ import (
 func TestPeersAndHealth(t *testing.T) {
 	e := newEnv(t, 3, 2)
 	d := tpmtest.NewBootDigests("image-1")
-	first := e.boot(1, d, client.EKRSA)
+	first := e.boot(1, d, attester.EKRSA)
 	e.enroll(first)
 	e.approveImage(1, d)
 	firstID := first.c.ID()
 	first.shutdown()
 
-	second := e.boot(2, d, client.EKRSA)
+	second := e.boot(2, d, attester.EKRSA)
 	defer second.shutdown()
 	e.enroll(second)
 	for i := range e.brokers {

@@ -11,8 +11,8 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/audit"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 // Buckets of the broker database.

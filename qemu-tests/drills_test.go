@@ -9,7 +9,7 @@ import (
 
 	"github.com/dataembassy/embassy/appliance/ingest"
 	"github.com/dataembassy/embassy/appliance/initseq"
-	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 )
 

@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/store"
-	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 )
 

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 // failoverProxy stands in for the home state's multipath client: restic

@@ -24,9 +24,9 @@ import (
 	"github.com/dataembassy/embassy/appliance/ingest"
 	"github.com/dataembassy/embassy/appliance/initseq"
 	"github.com/dataembassy/embassy/appliance/replicate"
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/build"
+	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )

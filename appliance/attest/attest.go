@@ -29,9 +29,9 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/dataembassy/embassy/appliance/config"
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/keys/shamir"
-	"github.com/dataembassy/embassy/tpm/client"
+	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/tpm/attester"
 )
 
 // TPM is what the client needs of the appliance's TPM.
@@ -44,7 +44,7 @@ type TPM interface {
 	Import(blob *pb.ImportBlob) ([]byte, error)
 }
 
-var _ TPM = (*client.Attester)(nil)
+var _ TPM = (*attester.Attester)(nil)
 
 // Client talks to the brokers of an image config.
 type Client struct {

@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 func TestAgreedPeers(t *testing.T) {

@@ -14,8 +14,8 @@ import (
 	"github.com/dataembassy/embassy/appliance/config"
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/appliance/volumes"
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/disks/discover"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 // Log messages of the disk replacement workflow.

@@ -37,9 +37,9 @@ import (
 	"github.com/dataembassy/embassy/appliance/replicate"
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/appliance/volumes"
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/disks/discover"
-	tpmclient "github.com/dataembassy/embassy/tpm/client"
+	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/eventlog"
 )
 
@@ -108,7 +108,7 @@ func Run(log *slog.Logger) {
 	if err != nil {
 		halt(log, "broker CA bundle", err)
 	}
-	att, err := tpmclient.Open(tpm, tpmclient.EKRSA)
+	att, err := attester.Open(tpm, attester.EKRSA)
 	if err != nil {
 		halt(log, "TPM keys", err)
 	}

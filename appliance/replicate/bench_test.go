@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/store"
-	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 // timedStore records when each object arrived.

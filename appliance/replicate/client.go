@@ -21,7 +21,7 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/objectio"
-	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 // Options bound the replicator's work. Zero values take the defaults.

@@ -8,7 +8,7 @@ import (
 	"testing"
 
 	"github.com/dataembassy/embassy/appliance/objectio"
-	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 // FuzzServeRequest sends arbitrary methods, paths, queries and bodies as

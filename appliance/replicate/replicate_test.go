@@ -21,8 +21,8 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/store"
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 // testPKI is a broker root with a service CA, as keybroker init makes.

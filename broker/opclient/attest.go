@@ -16,10 +16,10 @@ import (
 
 	pb "github.com/google/go-tpm-tools/proto/tpm"
 
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/eventlog"
-	"github.com/dataembassy/embassy/tpm/server"
+	"github.com/dataembassy/embassy/tpm/verifier"
 )
 
 // Verdict is the outcome of an operator's remote attestation check.
@@ -114,7 +114,7 @@ func (c *Client) AttestAppliance(ctx context.Context, addr string, brokerCAs *x5
 		v.Problems = append(v.Problems, "no broker knows appliance "+certID)
 		return v, nil
 	}
-	ak, err := server.ParseAK(akPub)
+	ak, err := verifier.ParseAK(akPub)
 	if err != nil {
 		return nil, err
 	}
@@ -122,7 +122,7 @@ func (c *Client) AttestAppliance(ctx context.Context, addr string, brokerCAs *x5
 	for i, val := range ch.PCRs {
 		q.Pcrs.Pcrs[uint32(i)] = val
 	}
-	info, err := server.VerifyQuote(ak, q, api.ExtraData(nonce, tlsHash[:]))
+	info, err := verifier.VerifyQuote(ak, q, api.ExtraData(nonce, tlsHash[:]))
 	if err != nil {
 		v.Problems = append(v.Problems, "quote: "+err.Error())
 		return v, nil

@@ -19,8 +19,8 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/broker"
-	"github.com/dataembassy/embassy/broker/api"
 	"github.com/dataembassy/embassy/broker/audit"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 // Broker names a broker's operator endpoint.

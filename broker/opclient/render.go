@@ -8,7 +8,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/dataembassy/embassy/broker/api"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 // PrintJSON writes v as indented JSON.

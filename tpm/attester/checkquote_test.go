@@ -1,4 +1,4 @@
-package client_test
+package attester_test
 
 import (
 	"crypto/sha256"
@@ -10,7 +10,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/dataembassy/embassy/tpm/client"
+	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
 )
 
@@ -23,7 +23,7 @@ func TestTPM2CheckquoteAcceptsOurQuote(t *testing.T) {
 	}
 	sim := tpmtest.NewSimulator(t, nil, 7)
 	tpmtest.MeasuredBoot(t, sim, tpmtest.NewBootDigests("interop"))
-	a, err := client.Open(sim, client.EKECC)
+	a, err := attester.Open(sim, attester.EKECC)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,9 +1,9 @@
-// Package client is the appliance side of the attestation protocol: it
+// Package attester is the appliance side of the attestation protocol: it
 // holds the TPM's endorsement key (EK) and an attestation key (AK), answers
 // the broker's credential-activation challenge, quotes PCRs 0-9 over
 // caller-supplied extraData, and imports secrets sealed to the EK and a PCR
-// policy. The verifier side is package server.
-package client
+// policy. The verifier side is package tpm/verifier.
+package attester
 
 import (
 	"crypto"

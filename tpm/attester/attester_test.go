@@ -1,4 +1,4 @@
-package client_test
+package attester_test
 
 import (
 	"bytes"
@@ -9,30 +9,30 @@ import (
 
 	"github.com/google/go-tpm/legacy/tpm2"
 
-	"github.com/dataembassy/embassy/tpm/client"
-	"github.com/dataembassy/embassy/tpm/server"
+	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
+	"github.com/dataembassy/embassy/tpm/verifier"
 )
 
 // TestProtocol runs both sides against a real TPM simulator for each EK
 // type: EK certificate, credential activation, quote, sealed import.
 func TestProtocol(t *testing.T) {
 	ca := tpmtest.NewCA(t, "Test TPM Manufacturer")
-	for _, ekType := range []client.EKType{client.EKRSA, client.EKECC} {
+	for _, ekType := range []attester.EKType{attester.EKRSA, attester.EKECC} {
 		t.Run(string(ekType), func(t *testing.T) {
 			sim := tpmtest.NewSimulator(t, ca, 1)
-			a, err := client.Open(sim, ekType)
+			a, err := attester.Open(sim, ekType)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer a.Close()
 
 			// EK certificate chains to the manufacturer CA.
-			if _, err := server.VerifyEKCert(a.EKCertDER(), a.EKPublic(), ca.Pool(), nil); err != nil {
+			if _, err := verifier.VerifyEKCert(a.EKCertDER(), a.EKPublic(), ca.Pool(), nil); err != nil {
 				t.Fatal(err)
 			}
 			other := tpmtest.NewCA(t, "Other Manufacturer")
-			if _, err := server.VerifyEKCert(a.EKCertDER(), a.EKPublic(), other.Pool(), nil); !errors.Is(err, server.ErrEKCert) {
+			if _, err := verifier.VerifyEKCert(a.EKCertDER(), a.EKPublic(), other.Pool(), nil); !errors.Is(err, verifier.ErrEKCert) {
 				t.Fatalf("EK cert from an untrusted CA: %v", err)
 			}
 
@@ -41,13 +41,13 @@ func TestProtocol(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			ak, err := server.ParseAK(akPub)
+			ak, err := verifier.ParseAK(akPub)
 			if err != nil {
 				t.Fatal(err)
 			}
 			secret := make([]byte, 32)
 			rand.Read(secret)
-			blob, enc, err := server.MakeCredential(a.EKPublic(), ak, secret)
+			blob, enc, err := verifier.MakeCredential(a.EKPublic(), ak, secret)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -65,7 +65,7 @@ func TestProtocol(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			info, err := server.VerifyQuote(ak, q, extra[:])
+			info, err := verifier.VerifyQuote(ak, q, extra[:])
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -73,14 +73,14 @@ func TestProtocol(t *testing.T) {
 				t.Fatalf("quote info %+v", info)
 			}
 			wrong := sha256.Sum256([]byte("other nonce"))
-			if _, err := server.VerifyQuote(ak, q, wrong[:]); !errors.Is(err, server.ErrExtraData) {
+			if _, err := verifier.VerifyQuote(ak, q, wrong[:]); !errors.Is(err, verifier.ErrExtraData) {
 				t.Fatalf("wrong extraData: %v", err)
 			}
 
 			// Sealed import to EK + PCRs.
 			key := make([]byte, 32)
 			rand.Read(key)
-			sealed, err := server.Seal(a.EKPublic(), key, info.PCRs)
+			sealed, err := verifier.Seal(a.EKPublic(), key, info.PCRs)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -105,7 +105,7 @@ func TestProtocol(t *testing.T) {
 func TestCapturedBlobUselessOnAnotherTPM(t *testing.T) {
 	ca := tpmtest.NewCA(t, "m")
 	simA := tpmtest.NewSimulator(t, ca, 1)
-	a, err := client.Open(simA, client.EKRSA)
+	a, err := attester.Open(simA, attester.EKRSA)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,22 +114,22 @@ func TestCapturedBlobUselessOnAnotherTPM(t *testing.T) {
 		t.Fatal(err)
 	}
 	akPub, _ := a.AKPublic()
-	ak, _ := server.ParseAK(akPub)
-	info, err := server.VerifyQuote(ak, q, make([]byte, 32))
+	ak, _ := verifier.ParseAK(akPub)
+	info, err := verifier.VerifyQuote(ak, q, make([]byte, 32))
 	if err != nil {
 		t.Fatal(err)
 	}
-	sealed, err := server.Seal(a.EKPublic(), []byte("volume key share"), info.PCRs)
+	sealed, err := verifier.Seal(a.EKPublic(), []byte("volume key share"), info.PCRs)
 	if err != nil {
 		t.Fatal(err)
 	}
-	blob, enc, _ := server.MakeCredential(a.EKPublic(), ak, []byte("0123456789abcdef"))
+	blob, enc, _ := verifier.MakeCredential(a.EKPublic(), ak, []byte("0123456789abcdef"))
 	a.Close()
 	simA.Close()
 
 	// TPM B: another machine (another seed, so another EK).
 	simB := tpmtest.NewSimulator(t, ca, 2)
-	b, err := client.Open(simB, client.EKRSA)
+	b, err := attester.Open(simB, attester.EKRSA)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,14 +146,14 @@ func TestCapturedBlobUselessOnAnotherTPM(t *testing.T) {
 func TestParseAKRejectsNonAK(t *testing.T) {
 	ca := tpmtest.NewCA(t, "m")
 	sim := tpmtest.NewSimulator(t, ca, 3)
-	a, err := client.Open(sim, client.EKECC)
+	a, err := attester.Open(sim, attester.EKECC)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer a.Close()
 	// The EK is a decryption key, not a restricted signing key.
 	for _, bad := range [][]byte{nil, []byte("junk")} {
-		if _, err := server.ParseAK(bad); !errors.Is(err, server.ErrAKPublic) {
+		if _, err := verifier.ParseAK(bad); !errors.Is(err, verifier.ErrAKPublic) {
 			t.Errorf("ParseAK(%q): %v", bad, err)
 		}
 	}

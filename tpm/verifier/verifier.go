@@ -1,9 +1,9 @@
-// Package server is the verifier side of the attestation protocol, run by
+// Package verifier is the verifier side of the attestation protocol, run by
 // the home-state key brokers: EK certificate checks, the AK's name and
 // credential-activation challenge (MakeCredential), quote verification with
 // the TPM clock, and sealing secrets to an EK plus a PCR policy. Event-log
 // replay and manifest comparison are in package tpm/eventlog.
-package server
+package verifier
 
 import (
 	"bytes"
