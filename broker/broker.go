@@ -37,6 +37,7 @@ import (
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/keys/shamir"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/protocol/identity"
 	"github.com/dataembassy/embassy/tpm/eventlog"
 	"github.com/dataembassy/embassy/tpm/verifier"
 )
@@ -589,7 +590,7 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 	if perr != nil {
 		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "TLS key: "+perr.Error())
 	}
-	names := []string{r.ID + pki.ApplianceDNSSuffix}
+	names := []string{r.ID + identity.DNSSuffix}
 	if len(req.TLSAddresses) > 8 {
 		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "more than 8 TLS addresses")
 	}

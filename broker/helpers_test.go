@@ -5,8 +5,9 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 
-	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/google/go-tpm-tools/simulator"
+
+	"github.com/dataembassy/embassy/broker/pki"
 )
 
 func simulatorWithSeed(seed int64) (*simulator.Simulator, error) {

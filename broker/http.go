@@ -14,8 +14,8 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/broker/audit"
-	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/protocol/identity"
 )
 
 // decode reads one JSON object of at most api.MaxBody bytes, rejecting
@@ -136,13 +136,13 @@ func (b *Broker) attestedClient(r *http.Request) (string, error) {
 	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
 		return "", reject(http.StatusUnauthorized, "attested client certificate required", "")
 	}
-	leaf := r.TLS.PeerCertificates[0]
 	pool := x509.NewCertPool()
 	pool.AddCert(b.cfg.ServiceCA.Cert)
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: b.now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+	id, err := identity.Verify(r.TLS.PeerCertificates, pool, b.now(), x509.ExtKeyUsageClientAuth)
+	if err != nil {
 		return "", reject(http.StatusUnauthorized, "attested client certificate required", err.Error())
 	}
-	return pki.ApplianceIDFromCert(leaf)
+	return id, nil
 }
 
 // OperatorHandler serves the operator API. The TLS layer (OperatorTLSConfig)

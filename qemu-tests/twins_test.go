@@ -27,6 +27,7 @@ import (
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/protocol/identity"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
@@ -449,7 +450,7 @@ func TestImpostorPeer(t *testing.T) {
 		t.Fatal(err)
 	}
 	key, _ := pki.NewKey()
-	leaf, _ := self.Leaf(b.id, []string{b.id + pki.ApplianceDNSSuffix, "127.0.0.1"}, &key.PublicKey, time.Hour)
+	leaf, _ := self.Leaf(b.id, []string{b.id + identity.DNSSuffix, "127.0.0.1"}, &key.PublicKey, time.Hour)
 	impostorCert := pki.TLSCertificate(leaf, key, self.Cert)
 	var handshakes, requests atomic.Int64
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -22,6 +22,7 @@ import (
 
 	"github.com/dataembassy/embassy/appliance/objectio"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/protocol/identity"
 )
 
 // Options bound the replicator's work. Zero values take the defaults.
@@ -205,7 +206,7 @@ func (r *Replicator) transport(id, endpoint string) *http.Transport {
 			// the address it is reached at (a forward or a NAT).
 			InsecureSkipVerify: true,
 			VerifyConnection: func(cs tls.ConnectionState) error {
-				got, err := VerifyAttested(cs.PeerCertificates, r.roots, time.Now(), x509.ExtKeyUsageServerAuth)
+				got, err := identity.Verify(cs.PeerCertificates, r.roots, time.Now(), x509.ExtKeyUsageServerAuth)
 				if err != nil {
 					return err
 				}

@@ -23,6 +23,7 @@ import (
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/protocol/identity"
 )
 
 // testPKI is a broker root with a service CA, as keybroker init makes.
@@ -44,7 +45,7 @@ func newPKI(t testing.TB) *testPKI {
 
 func (p *testPKI) attested(t testing.TB, id string) *tls.Certificate {
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	leaf, err := p.svc.Leaf(id, []string{id + pki.ApplianceDNSSuffix, "127.0.0.1"}, key.Public(), time.Hour)
+	leaf, err := p.svc.Leaf(id, []string{id + identity.DNSSuffix, "127.0.0.1"}, key.Public(), time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -219,7 +220,7 @@ func TestRefusedPeers(t *testing.T) {
 
 	selfSigned, _ := pki.NewRootCA(b, time.Hour)
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	forgedLeaf, _ := selfSigned.Leaf(b, []string{b + pki.ApplianceDNSSuffix}, key.Public(), time.Hour)
+	forgedLeaf, _ := selfSigned.Leaf(b, []string{b + identity.DNSSuffix}, key.Public(), time.Hour)
 	forged := pki.TLSCertificate(forgedLeaf, key, selfSigned.Cert)
 	other := newPKI(t)
 	cases := []struct {

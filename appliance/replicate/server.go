@@ -31,7 +31,7 @@ import (
 
 	"github.com/dataembassy/embassy/appliance/objectio"
 	"github.com/dataembassy/embassy/appliance/store"
-	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/protocol/identity"
 )
 
 // Paths of the replication protocol.
@@ -91,33 +91,10 @@ func refuse(status int, format string, args ...any) error {
 // Peer returns the attested appliance id of the connection's client
 // certificate, or an error if it is not a certificate the brokers issued.
 func Peer(r *http.Request, roots *x509.CertPool, now time.Time) (string, error) {
-	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
-		return "", errors.New("no client certificate")
+	if r.TLS == nil {
+		return "", identity.ErrNoCertificate
 	}
-	return VerifyAttested(r.TLS.PeerCertificates, roots, now, x509.ExtKeyUsageClientAuth)
-}
-
-// VerifyAttested checks a certificate chain against the brokers' roots and
-// returns the appliance id it was issued to.
-func VerifyAttested(chain []*x509.Certificate, roots *x509.CertPool, now time.Time, usage x509.ExtKeyUsage) (string, error) {
-	if len(chain) == 0 {
-		return "", errors.New("no certificate")
-	}
-	inter := x509.NewCertPool()
-	for _, c := range chain[1:] {
-		inter.AddCert(c)
-	}
-	if _, err := chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
-		return "", fmt.Errorf("certificate not issued by a broker: %w", err)
-	}
-	id, err := pki.ApplianceIDFromCert(chain[0])
-	if err != nil {
-		return "", err
-	}
-	if chain[0].Subject.CommonName != id {
-		return "", fmt.Errorf("certificate common name %q does not match appliance %s", chain[0].Subject.CommonName, id)
-	}
-	return id, nil
+	return identity.Verify(r.TLS.PeerCertificates, roots, now, x509.ExtKeyUsageClientAuth)
 }
 
 func (s *Server) now() time.Time {

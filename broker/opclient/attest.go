@@ -16,8 +16,8 @@ import (
 
 	pb "github.com/google/go-tpm-tools/proto/tpm"
 
-	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/protocol/identity"
 	"github.com/dataembassy/embassy/tpm/eventlog"
 	"github.com/dataembassy/embassy/tpm/verifier"
 )
@@ -68,9 +68,9 @@ func (c *Client) AttestAppliance(ctx context.Context, addr string, brokerCAs *x5
 		return nil, fmt.Errorf("decode evidence: %w", err)
 	}
 	leaf := resp.TLS.PeerCertificates[0]
-	certID, err := pki.ApplianceIDFromCert(leaf)
+	certID, err := identity.Verify(resp.TLS.PeerCertificates, brokerCAs, time.Now(), x509.ExtKeyUsageServerAuth)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("appliance at %s: %w", addr, err)
 	}
 	v := &Verdict{ApplianceID: certID, LastAttestation: map[string]time.Time{}}
 	if ch.ApplianceID != certID {

@@ -14,18 +14,12 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"math/big"
 	"net"
 	"os"
-	"strings"
 	"time"
 )
-
-// ApplianceDNSSuffix names attested appliances in their certificates:
-// <appliance id>.appliance.embassy.
-const ApplianceDNSSuffix = ".appliance.embassy"
 
 // Issuer is a CA certificate and its key.
 type Issuer struct {
@@ -126,17 +120,6 @@ func TLSCertificate(leaf *x509.Certificate, key crypto.Signer, chain ...*x509.Ce
 		c.Certificate = append(c.Certificate, ch.Raw)
 	}
 	return c
-}
-
-// ApplianceIDFromCert returns the appliance id an attested certificate was
-// issued to.
-func ApplianceIDFromCert(c *x509.Certificate) (string, error) {
-	for _, n := range c.DNSNames {
-		if id, ok := strings.CutSuffix(n, ApplianceDNSSuffix); ok {
-			return id, nil
-		}
-	}
-	return "", errors.New("certificate names no appliance")
 }
 
 // WritePEM writes a certificate and optionally its key.
