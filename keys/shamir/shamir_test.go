@@ -3,6 +3,7 @@ package shamir
 import (
 	"bytes"
 	"crypto/rand"
+	"math"
 	"math/bits"
 	"testing"
 	"testing/quick"
@@ -182,4 +183,54 @@ func FuzzParse(f *testing.F) {
 		}
 		Combine([]Share{sh})
 	})
+}
+
+// Any k-1 shares are uniformly distributed whatever the secret, which holds
+// only if the polynomial's coefficients are fresh and random: the same
+// secret split many times must give k-1 share bytes that cover every value
+// (tuple of values) evenly. A constant or reused coefficient makes each
+// share of a fixed secret constant and fails the chi-square bound by far.
+func TestCoefficientsAreRandom(t *testing.T) {
+	tests := []struct {
+		name   string
+		k, n   int
+		splits int // each split yields MaxSecret samples
+	}{
+		{"2-of-3: one share", 2, 3, 16},
+		{"3-of-5: two shares", 3, 5, 64},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			secret := bytes.Repeat([]byte{0x42}, MaxSecret)
+			cells := 1 << (8 * (tc.k - 1))
+			counts := make([]int, cells)
+			samples := 0
+			for range tc.splits {
+				shares, err := Split(secret, tc.n, tc.k)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for b := range secret {
+					cell := 0
+					for _, s := range shares[:tc.k-1] {
+						cell = cell<<8 | int(s.Y[b])
+					}
+					counts[cell]++
+					samples++
+				}
+			}
+			// Chi-square against the uniform distribution; the bound is the
+			// mean plus 6 standard deviations (false alarm < 1e-8).
+			expect := float64(samples) / float64(cells)
+			chi := 0.0
+			for _, c := range counts {
+				d := float64(c) - expect
+				chi += d * d / expect
+			}
+			df := float64(cells - 1)
+			if bound := df + 6*math.Sqrt(2*df); chi > bound {
+				t.Fatalf("k-1 shares of a fixed secret are not uniform: chi-square %.0f > %.0f (df %.0f)", chi, bound, df)
+			}
+		})
+	}
 }
