@@ -360,7 +360,7 @@ func TestAuditTamperingDetected(t *testing.T) {
 	if _, err := a.c.AttestAll(ctxTimeout(t, time.Minute), fastRetry, 1); err != nil {
 		t.Fatal(err)
 	}
-	var ar broker.AuditResponse
+	var ar audit.Response
 	if err := e.op(0, http.MethodGet, api.PathAudit, nil, &ar); err != nil {
 		t.Fatal(err)
 	}

@@ -241,7 +241,7 @@ func (e *env) approveImage(version uint64, d tpmtest.BootDigests) {
 // lastAudit returns broker i's newest audit entry for an event.
 func (e *env) lastAudit(i int, event string) audit.Entry {
 	e.t.Helper()
-	var ar broker.AuditResponse
+	var ar audit.Response
 	if err := e.op(i, http.MethodGet, api.PathAudit, nil, &ar); err != nil {
 		e.t.Fatal(err)
 	}

@@ -163,7 +163,7 @@ func (b *Broker) OperatorHandler() http.Handler {
 			writeErr(w, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, AuditResponse{Entries: entries, Head: head})
+		writeJSON(w, http.StatusOK, audit.Response{Entries: entries, Head: head})
 	})
 	mux.HandleFunc(api.PathManifests, func(w http.ResponseWriter, r *http.Request) {
 		var req api.ApproveManifestRequest
@@ -243,12 +243,6 @@ func requireClientCert(h http.Handler) http.Handler {
 		}
 		h.ServeHTTP(w, r)
 	})
-}
-
-// AuditResponse carries the log and the broker's recorded head.
-type AuditResponse struct {
-	Entries []audit.Entry `json:"entries"`
-	Head    audit.Head    `json:"head"`
 }
 
 // OperatorTLSConfig requires operator client certificates from operatorCAs.

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/broker/opclient"
+	"github.com/dataembassy/embassy/operator/opclient"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"

@@ -27,7 +27,7 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/broker/audit"
-	"github.com/dataembassy/embassy/broker/opclient"
+	"github.com/dataembassy/embassy/operator/opclient"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/manifest"
 )

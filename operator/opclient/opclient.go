@@ -18,7 +18,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/dataembassy/embassy/broker"
 	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/protocol/api"
 )
@@ -215,7 +214,7 @@ type AuditLog struct {
 func (c *Client) Audit(ctx context.Context) []AuditLog {
 	var out []AuditLog
 	for _, b := range c.Brokers {
-		var ar broker.AuditResponse
+		var ar audit.Response
 		if err := c.do(ctx, b, http.MethodGet, api.PathAudit, nil, &ar); err != nil {
 			out = append(out, AuditLog{Broker: b.Name, Error: err.Error()})
 			continue
