@@ -152,6 +152,9 @@ func expectRefused(t *testing.T, e *env, i int, resp *api.AttestResponse, err er
 	if !strings.HasPrefix(err.Error(), reason) {
 		t.Fatalf("refused with %q, want %q", err, reason)
 	}
+	if want := (&broker.Rejection{Reason: reason}).Code(); codeOf(err) != want || want == api.CodeInternal {
+		t.Fatalf("refused with code %q, want %q", codeOf(err), want)
+	}
 	ent := e.lastAudit(i, "attest")
 	if ent.Result != "fail" || ent.Reason != reason {
 		t.Fatalf("audit entry %+v, want reason %q", ent, reason)

@@ -35,7 +35,7 @@ func (b *Broker) Enroll(req *api.EnrollRequest) (_ *api.EnrollChallenge, err err
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if old, lerr := b.load(id); lerr == nil && old.Enrolled && !old.Revoked {
-		return nil, reject(http.StatusConflict, "appliance already enrolled", id)
+		return nil, reject(http.StatusConflict, ReasonAlreadyEnrolled, id)
 	}
 	r := &record{ID: id, EKPublic: req.EKPublic, EKCert: req.EKCert, AKPublic: req.AKPublic, Challenge: secret}
 	if err := b.save(r); err != nil {

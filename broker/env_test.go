@@ -198,12 +198,26 @@ func do(hc *http.Client, method, url string, body, out any) error {
 	if resp.StatusCode != http.StatusOK {
 		var ae api.Error
 		json.Unmarshal(data, &ae)
-		return errors.New(ae.Error)
+		return &apiError{body: ae}
 	}
 	if out != nil {
 		return json.Unmarshal(data, out)
 	}
 	return nil
+}
+
+// apiError is a broker's error answer; its text is the answer's text.
+type apiError struct{ body api.Error }
+
+func (e *apiError) Error() string { return e.body.Error }
+
+// codeOf returns the code of a broker's error answer ("" for none).
+func codeOf(err error) api.Code {
+	var ae *apiError
+	if errors.As(err, &ae) {
+		return ae.body.Code
+	}
+	return ""
 }
 
 func (e *env) opAll(method, path string, body any) {

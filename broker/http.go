@@ -48,10 +48,10 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 func writeErr(w http.ResponseWriter, err error) {
 	var rj *Rejection
 	if errors.As(err, &rj) {
-		writeJSON(w, rj.Status, api.Error{Error: rj.Error(), Lockdown: rj.Lockdown})
+		writeJSON(w, rj.Status, api.Error{Code: rj.Code(), Error: rj.Error(), Lockdown: rj.Lockdown})
 		return
 	}
-	writeJSON(w, http.StatusInternalServerError, api.Error{Error: "internal error: " + err.Error()})
+	writeJSON(w, http.StatusInternalServerError, api.Error{Code: api.CodeInternal, Error: "internal error: " + err.Error()})
 }
 
 // ApplianceHandler serves the appliance API. Deposits must carry a client
@@ -134,13 +134,13 @@ func (b *Broker) ApplianceHandler() http.Handler {
 // issued by this broker's service CA.
 func (b *Broker) attestedClient(r *http.Request) (string, error) {
 	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
-		return "", reject(http.StatusUnauthorized, "attested client certificate required", "")
+		return "", reject(http.StatusUnauthorized, ReasonNotAttested, "")
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(b.cfg.ServiceCA.Cert)
 	id, err := identity.Verify(r.TLS.PeerCertificates, pool, b.now(), x509.ExtKeyUsageClientAuth)
 	if err != nil {
-		return "", reject(http.StatusUnauthorized, "attested client certificate required", err.Error())
+		return "", reject(http.StatusUnauthorized, ReasonNotAttested, err.Error())
 	}
 	return id, nil
 }
@@ -238,7 +238,7 @@ func (b *Broker) OperatorHandler() http.Handler {
 func requireClientCert(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
-			writeJSON(w, http.StatusUnauthorized, api.Error{Error: "operator client certificate required"})
+			writeErr(w, reject(http.StatusUnauthorized, ReasonNoOperatorCert, ""))
 			return
 		}
 		h.ServeHTTP(w, r)

@@ -35,7 +35,7 @@ func (b *Broker) Nonce(id string) (*api.NonceResponse, error) {
 			}
 		}
 		if len(b.nonces) >= maxNonces {
-			return nil, reject(http.StatusServiceUnavailable, "too many outstanding nonces", "")
+			return nil, reject(http.StatusServiceUnavailable, ReasonTooManyNonces, "")
 		}
 	}
 	b.nonces[hex.EncodeToString(n)] = nonceRecord{appliance: id, expires: exp}

@@ -36,7 +36,7 @@ func (b *Broker) ApproveManifest(manifestBytes, sig []byte) (_ *manifest.Manifes
 		if found, err := getJSON(tx, bucketManifests, key, &old); err != nil {
 			return err
 		} else if found && string(old.Manifest) != string(manifestBytes) {
-			return reject(http.StatusConflict, "another manifest with this version is approved", "")
+			return reject(http.StatusConflict, ReasonManifestConflict, "")
 		}
 		return putJSON(tx, bucketManifests, key, manifestRecord{Manifest: manifestBytes, Signature: sig, Approved: b.now().Unix()})
 	})

@@ -73,7 +73,7 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 		return nil, err
 	}
 	if r.Revoked {
-		return nil, &Rejection{Reason: ReasonRevoked, Status: http.StatusForbidden, Lockdown: true}
+		return nil, revoked()
 	}
 	for _, disk := range r.Disks {
 		share, err := b.loadShare(r.ID, disk)

@@ -46,7 +46,7 @@ func (b *Broker) Deposit(applianceID string, req *api.DepositRequest) (err error
 	}
 	switch {
 	case r.Revoked:
-		return &Rejection{Reason: ReasonRevoked, Status: http.StatusForbidden, Lockdown: true}
+		return revoked()
 	case !r.Enrolled:
 		return reject(http.StatusForbidden, ReasonNotEnrolled, "")
 	case r.DiskApprovals < 1:

@@ -86,7 +86,7 @@ func (b *Broker) verify(req *api.AttestRequest, detail map[string]string) (*veri
 	}
 	switch {
 	case r.Revoked:
-		return nil, &Rejection{Reason: ReasonRevoked, Status: http.StatusForbidden, Lockdown: true}
+		return nil, revoked()
 	case !r.Activated:
 		return nil, reject(http.StatusForbidden, ReasonNotActivated, "")
 	case !r.Enrolled:

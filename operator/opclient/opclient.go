@@ -91,7 +91,7 @@ func (c *Client) do(ctx context.Context, b Broker, method, path string, in, out 
 		if e.Error == "" {
 			e.Error = resp.Status
 		}
-		return fmt.Errorf("broker %s: %s", b.Name, e.Error)
+		return &BrokerError{Broker: b.Name, Status: resp.StatusCode, Code: e.Code, Message: e.Error}
 	}
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {
@@ -101,11 +101,23 @@ func (c *Client) do(ctx context.Context, b Broker, method, path string, in, out 
 	return nil
 }
 
+// BrokerError is a broker's refusal: its HTTP status, its machine-readable
+// code (branch on it with errors.As, never on the text) and its text.
+type BrokerError struct {
+	Broker  string
+	Status  int
+	Code    api.Code
+	Message string
+}
+
+func (e *BrokerError) Error() string { return fmt.Sprintf("broker %s: %s", e.Broker, e.Message) }
+
 // Outcome is one broker's answer to a change.
 type Outcome struct {
-	Broker string `json:"broker"`
-	OK     bool   `json:"ok"`
-	Error  string `json:"error,omitempty"`
+	Broker string   `json:"broker"`
+	OK     bool     `json:"ok"`
+	Code   api.Code `json:"code,omitempty"`
+	Error  string   `json:"error,omitempty"`
 }
 
 // each sends the same change to every broker and collects the outcomes;
@@ -118,6 +130,10 @@ func (c *Client) each(ctx context.Context, method, path string, in any) ([]Outco
 		o := Outcome{Broker: b.Name, OK: err == nil}
 		if err != nil {
 			o.Error = err.Error()
+			var be *BrokerError
+			if errors.As(err, &be) {
+				o.Code = be.Code
+			}
 			errs = append(errs, err)
 		}
 		out = append(out, o)
