@@ -14,6 +14,7 @@ import (
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/eventlog"
+	"github.com/dataembassy/embassy/tpm/pcrs"
 	"github.com/dataembassy/embassy/tpm/verifier"
 )
 
@@ -96,13 +97,12 @@ func (b *Broker) verify(req *api.AttestRequest, detail map[string]string) (*veri
 	if err != nil {
 		return nil, err
 	}
-	q := &pb.Quote{Quote: req.Quote, RawSig: req.Signature, Pcrs: &pb.PCRs{Hash: pb.HashAlgo_SHA256, Pcrs: map[uint32][]byte{}}}
-	for i, v := range req.PCRs {
+	for i := range req.PCRs {
 		if i < 0 || i > 23 {
 			return nil, reject(http.StatusBadRequest, ReasonBadRequest, "PCR index")
 		}
-		q.Pcrs.Pcrs[uint32(i)] = v
 	}
+	q := &pb.Quote{Quote: req.Quote, RawSig: req.Signature, Pcrs: pcrs.Proto(req.PCRs)}
 	tlsHash := sha256.Sum256(req.TLSPublic)
 	info, qerr := verifier.VerifyQuote(ak, q, api.ExtraData(req.Nonce, tlsHash[:]))
 	switch {
