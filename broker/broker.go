@@ -5,7 +5,13 @@
 // volume key sealed to the appliance's EK and PCRs, with a short-lived TLS
 // certificate for the appliance's attested key. State lives in bbolt, shares
 // are encrypted at rest under the broker master key, and every decision is
-// appended to a hash-chained audit log. HTTP is in http.go.
+// appended to a hash-chained audit log.
+//
+// Files: reasons.go (refusals and their codes), enroll.go, operator.go
+// (operator changes and reads), nonce.go, verify.go and release.go (an
+// attestation's checks, then what it releases), shares.go (deposits),
+// store.go (database and shares at rest), http.go (both HTTPS APIs),
+// metrics.go (Prometheus metrics, served on the operator API).
 package broker
 
 import (
@@ -57,6 +63,8 @@ type Broker struct {
 	manifestMu sync.Mutex
 	manifests  []*manifest.Manifest // verified, newest first; nil: reload
 	nonces     map[string]nonceRecord
+
+	metrics *metrics
 }
 
 // New opens the broker's state in cfg.Dir.
@@ -101,7 +109,9 @@ func New(cfg Config) (*Broker, error) {
 	if now == nil {
 		now = time.Now
 	}
-	return &Broker{cfg: cfg, db: db, audit: log, sealer: s, now: now, nonces: map[string]nonceRecord{}}, nil
+	b := &Broker{cfg: cfg, db: db, audit: log, sealer: s, now: now, nonces: map[string]nonceRecord{}}
+	b.metrics = newMetrics(b.outstandingNonces)
+	return b, nil
 }
 
 // Close closes the database and the audit log.
@@ -127,6 +137,7 @@ func (b *Broker) commit(r *record, entries ...audit.Entry) error {
 	if err != nil {
 		return err
 	}
+	b.metrics.auditAppends.Add(float64(len(entries)))
 	for _, e := range entries {
 		b.cfg.Log.Info("audit", "event", e.Event, "appliance", e.Appliance, "result", e.Result, "reason", e.Reason)
 	}

@@ -59,7 +59,8 @@ func writeErr(w http.ResponseWriter, err error) {
 // with ApplianceTLSConfig and again here).
 func (b *Broker) ApplianceHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc(api.PathEnroll, func(w http.ResponseWriter, r *http.Request) {
+	handle := b.timedRoutes(mux)
+	handle(api.PathEnroll, func(w http.ResponseWriter, r *http.Request) {
 		var req api.EnrollRequest
 		if err := decode(w, r, &req); err != nil {
 			writeErr(w, err)
@@ -72,7 +73,7 @@ func (b *Broker) ApplianceHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, ch)
 	})
-	mux.HandleFunc(api.PathActivate, func(w http.ResponseWriter, r *http.Request) {
+	handle(api.PathActivate, func(w http.ResponseWriter, r *http.Request) {
 		var req api.ActivateRequest
 		if err := decode(w, r, &req); err != nil {
 			writeErr(w, err)
@@ -84,7 +85,7 @@ func (b *Broker) ApplianceHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, struct{}{})
 	})
-	mux.HandleFunc(api.PathNonce, func(w http.ResponseWriter, r *http.Request) {
+	handle(api.PathNonce, func(w http.ResponseWriter, r *http.Request) {
 		var req api.NonceRequest
 		if err := decode(w, r, &req); err != nil {
 			writeErr(w, err)
@@ -97,7 +98,7 @@ func (b *Broker) ApplianceHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, n)
 	})
-	mux.HandleFunc(api.PathAttest, func(w http.ResponseWriter, r *http.Request) {
+	handle(api.PathAttest, func(w http.ResponseWriter, r *http.Request) {
 		var req api.AttestRequest
 		if err := decode(w, r, &req); err != nil {
 			writeErr(w, err)
@@ -110,7 +111,7 @@ func (b *Broker) ApplianceHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, resp)
 	})
-	mux.HandleFunc(api.PathDeposit, func(w http.ResponseWriter, r *http.Request) {
+	handle(api.PathDeposit, func(w http.ResponseWriter, r *http.Request) {
 		id, err := b.attestedClient(r)
 		if err != nil {
 			writeErr(w, err)
@@ -130,6 +131,12 @@ func (b *Broker) ApplianceHandler() http.Handler {
 	return mux
 }
 
+// timedRoutes returns a function that adds a route to mux, timing its
+// requests under the route's pattern.
+func (b *Broker) timedRoutes(mux *http.ServeMux) func(route string, h http.HandlerFunc) {
+	return func(route string, h http.HandlerFunc) { mux.Handle(route, b.metrics.timed(route, h)) }
+}
+
 // attestedClient returns the appliance id of a verified client certificate
 // issued by this broker's service CA.
 func (b *Broker) attestedClient(r *http.Request) (string, error) {
@@ -145,11 +152,14 @@ func (b *Broker) attestedClient(r *http.Request) (string, error) {
 	return id, nil
 }
 
-// OperatorHandler serves the operator API. The TLS layer (OperatorTLSConfig)
-// admits only clients with a certificate from the home-state operator CA.
+// OperatorHandler serves the operator API and the broker's Prometheus
+// metrics (api.PathMetrics). The TLS layer (OperatorTLSConfig) admits only
+// clients with a certificate from the home-state operator CA.
 func (b *Broker) OperatorHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc(api.PathState, func(w http.ResponseWriter, r *http.Request) {
+	handle := b.timedRoutes(mux)
+	mux.Handle(api.PathMetrics, b.metrics.handler())
+	handle(api.PathState, func(w http.ResponseWriter, r *http.Request) {
 		st, err := b.State()
 		if err != nil {
 			writeErr(w, err)
@@ -157,7 +167,7 @@ func (b *Broker) OperatorHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, st)
 	})
-	mux.HandleFunc(api.PathAudit, func(w http.ResponseWriter, r *http.Request) {
+	handle(api.PathAudit, func(w http.ResponseWriter, r *http.Request) {
 		entries, head, err := b.Audit()
 		if err != nil {
 			writeErr(w, err)
@@ -165,7 +175,7 @@ func (b *Broker) OperatorHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, audit.Response{Entries: entries, Head: head})
 	})
-	mux.HandleFunc(api.PathManifests, func(w http.ResponseWriter, r *http.Request) {
+	handle(api.PathManifests, func(w http.ResponseWriter, r *http.Request) {
 		var req api.ApproveManifestRequest
 		if err := decode(w, r, &req); err != nil {
 			writeErr(w, err)
@@ -178,7 +188,7 @@ func (b *Broker) OperatorHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, api.ApprovedManifest{Version: m.Version, Kernel: m.Kernel.Version, Approved: time.Now().UTC()})
 	})
-	mux.HandleFunc(api.PathEnrollments+"/", func(w http.ResponseWriter, r *http.Request) {
+	handle(api.PathEnrollments+"/", func(w http.ResponseWriter, r *http.Request) {
 		id, action, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, api.PathEnrollments+"/"), "/")
 		if action != "approve" || api.CheckApplianceID(id) != nil {
 			writeErr(w, reject(http.StatusNotFound, ReasonBadRequest, "use /v1/enrollments/<appliance id>/approve"))
@@ -195,7 +205,7 @@ func (b *Broker) OperatorHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, struct{}{})
 	})
-	mux.HandleFunc(api.PathAppliances, func(w http.ResponseWriter, r *http.Request) {
+	handle(api.PathAppliances, func(w http.ResponseWriter, r *http.Request) {
 		id, action, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, api.PathAppliances), "/")
 		if api.CheckApplianceID(id) != nil {
 			writeErr(w, reject(http.StatusNotFound, ReasonBadRequest, "bad appliance id"))

@@ -57,3 +57,10 @@ func (b *Broker) takeNonce(id string, n []byte) *Rejection {
 	}
 	return nil
 }
+
+// outstandingNonces is the size of the nonce cache.
+func (b *Broker) outstandingNonces() int {
+	b.nonceM.Lock()
+	defer b.nonceM.Unlock()
+	return len(b.nonces)
+}

@@ -21,6 +21,7 @@ import (
 func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err error) {
 	detail := map[string]string{}
 	defer func() {
+		b.metrics.attested(err)
 		if err != nil {
 			b.record("attest", req.ApplianceID, err, detail)
 		}
@@ -118,6 +119,7 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 	if err := b.commit(r, entries...); err != nil {
 		return nil, err
 	}
+	b.metrics.released.Add(float64(len(resp.Shares)))
 	return resp, nil
 }
 

@@ -16,6 +16,7 @@ const (
 	PathAppliances  = "/v1/appliances/" // POST {id}/floor, {id}/disks, {id}/revoke, {id}/endpoints
 	PathState       = "/v1/state"       // GET
 	PathAudit       = "/v1/audit"       // GET
+	PathMetrics     = "/metrics"        // GET, Prometheus exposition format
 )
 
 // EndpointsRequest sets the endpoints peers reach an appliance at.
