@@ -39,6 +39,24 @@ func decode(w http.ResponseWriter, r *http.Request, v any) error {
 	return nil
 }
 
+// post answers a POST whose JSON body decodes into a Req with what fn
+// returns, or with the refusal.
+func post[Req any](fn func(*http.Request, *Req) (any, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var req Req
+		if err := decode(w, r, &req); err != nil {
+			writeErr(w, err)
+			return
+		}
+		resp, err := fn(r, &req)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, resp)
+	}
+}
+
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
@@ -60,73 +78,29 @@ func writeErr(w http.ResponseWriter, err error) {
 func (b *Broker) ApplianceHandler() http.Handler {
 	mux := http.NewServeMux()
 	handle := b.timedRoutes(mux)
-	handle(api.PathEnroll, func(w http.ResponseWriter, r *http.Request) {
-		var req api.EnrollRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		ch, err := b.Enroll(&req)
-		if err != nil {
-			writeErr(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, ch)
-	})
-	handle(api.PathActivate, func(w http.ResponseWriter, r *http.Request) {
-		var req api.ActivateRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		if err := b.Activate(&req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, struct{}{})
-	})
-	handle(api.PathNonce, func(w http.ResponseWriter, r *http.Request) {
-		var req api.NonceRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		n, err := b.Nonce(req.ApplianceID)
-		if err != nil {
-			writeErr(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, n)
-	})
-	handle(api.PathAttest, func(w http.ResponseWriter, r *http.Request) {
-		var req api.AttestRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		resp, err := b.Attest(&req)
-		if err != nil {
-			writeErr(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, resp)
-	})
+	handle(api.PathEnroll, post(func(_ *http.Request, req *api.EnrollRequest) (any, error) {
+		return b.Enroll(req)
+	}))
+	handle(api.PathActivate, post(func(_ *http.Request, req *api.ActivateRequest) (any, error) {
+		return struct{}{}, b.Activate(req)
+	}))
+	handle(api.PathNonce, post(func(_ *http.Request, req *api.NonceRequest) (any, error) {
+		return b.Nonce(req.ApplianceID)
+	}))
+	handle(api.PathAttest, post(func(_ *http.Request, req *api.AttestRequest) (any, error) {
+		return b.Attest(req)
+	}))
 	handle(api.PathDeposit, func(w http.ResponseWriter, r *http.Request) {
+		// The client's attested certificate is checked before the body is
+		// read.
 		id, err := b.attestedClient(r)
 		if err != nil {
 			writeErr(w, err)
 			return
 		}
-		var req api.DepositRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		if err := b.Deposit(id, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, struct{}{})
+		post(func(_ *http.Request, req *api.DepositRequest) (any, error) {
+			return struct{}{}, b.Deposit(id, req)
+		})(w, r)
 	})
 	return mux
 }
@@ -175,19 +149,13 @@ func (b *Broker) OperatorHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, audit.Response{Entries: entries, Head: head})
 	})
-	handle(api.PathManifests, func(w http.ResponseWriter, r *http.Request) {
-		var req api.ApproveManifestRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
+	handle(api.PathManifests, post(func(_ *http.Request, req *api.ApproveManifestRequest) (any, error) {
 		m, err := b.ApproveManifest(req.Manifest, req.Signature)
 		if err != nil {
-			writeErr(w, err)
-			return
+			return nil, err
 		}
-		writeJSON(w, http.StatusOK, api.ApprovedManifest{Version: m.Version, Kernel: m.Kernel.Version, Approved: time.Now().UTC()})
-	})
+		return api.ApprovedManifest{Version: m.Version, Kernel: m.Kernel.Version, Approved: time.Now().UTC()}, nil
+	}))
 	handle(api.PathEnrollments+"/", func(w http.ResponseWriter, r *http.Request) {
 		id, action, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, api.PathEnrollments+"/"), "/")
 		if action != "approve" || api.CheckApplianceID(id) != nil {

@@ -1,7 +1,9 @@
 // Package opclient is the operator's client of the key brokers' operator
 // API (mutual TLS with a home-state operator certificate), used by
 // embassyctl. Every change is sent to every broker, since each broker
-// decides on its own; reads are per broker.
+// decides on its own; reads are per broker. AttestAppliance (attest.go)
+// checks an appliance's quote directly; render.go prints answers for
+// people. It speaks only protocol/ and never links the broker server.
 package opclient
 
 import (
