@@ -152,6 +152,9 @@ func expectRefused(t *testing.T, e *env, i int, resp *api.AttestResponse, err er
 	if !strings.HasPrefix(err.Error(), reason) {
 		t.Fatalf("refused with %q, want %q", err, reason)
 	}
+	if want := (&broker.Rejection{Reason: reason}).Code(); codeOf(err) != want || want == api.CodeInternal {
+		t.Fatalf("refused with code %q, want %q", codeOf(err), want)
+	}
 	ent := e.lastAudit(i, "attest")
 	if ent.Result != "fail" || ent.Reason != reason {
 		t.Fatalf("audit entry %+v, want reason %q", ent, reason)
@@ -360,7 +363,7 @@ func TestAuditTamperingDetected(t *testing.T) {
 	if _, err := a.c.AttestAll(ctxTimeout(t, time.Minute), fastRetry, 1); err != nil {
 		t.Fatal(err)
 	}
-	var ar broker.AuditResponse
+	var ar audit.Response
 	if err := e.op(0, http.MethodGet, api.PathAudit, nil, &ar); err != nil {
 		t.Fatal(err)
 	}

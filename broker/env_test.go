@@ -198,12 +198,26 @@ func do(hc *http.Client, method, url string, body, out any) error {
 	if resp.StatusCode != http.StatusOK {
 		var ae api.Error
 		json.Unmarshal(data, &ae)
-		return errors.New(ae.Error)
+		return &apiError{body: ae}
 	}
 	if out != nil {
 		return json.Unmarshal(data, out)
 	}
 	return nil
+}
+
+// apiError is a broker's error answer; its text is the answer's text.
+type apiError struct{ body api.Error }
+
+func (e *apiError) Error() string { return e.body.Error }
+
+// codeOf returns the code of a broker's error answer ("" for none).
+func codeOf(err error) api.Code {
+	var ae *apiError
+	if errors.As(err, &ae) {
+		return ae.body.Code
+	}
+	return ""
 }
 
 func (e *env) opAll(method, path string, body any) {
@@ -241,7 +255,7 @@ func (e *env) approveImage(version uint64, d tpmtest.BootDigests) {
 // lastAudit returns broker i's newest audit entry for an event.
 func (e *env) lastAudit(i int, event string) audit.Entry {
 	e.t.Helper()
-	var ar broker.AuditResponse
+	var ar audit.Response
 	if err := e.op(i, http.MethodGet, api.PathAudit, nil, &ar); err != nil {
 		e.t.Fatal(err)
 	}

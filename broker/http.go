@@ -39,6 +39,24 @@ func decode(w http.ResponseWriter, r *http.Request, v any) error {
 	return nil
 }
 
+// post answers a POST whose JSON body decodes into a Req with what fn
+// returns, or with the refusal.
+func post[Req any](fn func(*http.Request, *Req) (any, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var req Req
+		if err := decode(w, r, &req); err != nil {
+			writeErr(w, err)
+			return
+		}
+		resp, err := fn(r, &req)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, resp)
+	}
+}
+
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
@@ -48,10 +66,10 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 func writeErr(w http.ResponseWriter, err error) {
 	var rj *Rejection
 	if errors.As(err, &rj) {
-		writeJSON(w, rj.Status, api.Error{Error: rj.Error(), Lockdown: rj.Lockdown})
+		writeJSON(w, rj.Status, api.Error{Code: rj.Code(), Error: rj.Error(), Lockdown: rj.Lockdown})
 		return
 	}
-	writeJSON(w, http.StatusInternalServerError, api.Error{Error: "internal error: " + err.Error()})
+	writeJSON(w, http.StatusInternalServerError, api.Error{Code: api.CodeInternal, Error: "internal error: " + err.Error()})
 }
 
 // ApplianceHandler serves the appliance API. Deposits must carry a client
@@ -59,97 +77,63 @@ func writeErr(w http.ResponseWriter, err error) {
 // with ApplianceTLSConfig and again here).
 func (b *Broker) ApplianceHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc(api.PathEnroll, func(w http.ResponseWriter, r *http.Request) {
-		var req api.EnrollRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		ch, err := b.Enroll(&req)
-		if err != nil {
-			writeErr(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, ch)
-	})
-	mux.HandleFunc(api.PathActivate, func(w http.ResponseWriter, r *http.Request) {
-		var req api.ActivateRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		if err := b.Activate(&req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, struct{}{})
-	})
-	mux.HandleFunc(api.PathNonce, func(w http.ResponseWriter, r *http.Request) {
-		var req api.NonceRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		n, err := b.Nonce(req.ApplianceID)
-		if err != nil {
-			writeErr(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, n)
-	})
-	mux.HandleFunc(api.PathAttest, func(w http.ResponseWriter, r *http.Request) {
-		var req api.AttestRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		resp, err := b.Attest(&req)
-		if err != nil {
-			writeErr(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, resp)
-	})
-	mux.HandleFunc(api.PathDeposit, func(w http.ResponseWriter, r *http.Request) {
+	handle := b.timedRoutes(mux)
+	handle(api.PathEnroll, post(func(_ *http.Request, req *api.EnrollRequest) (any, error) {
+		return b.Enroll(req)
+	}))
+	handle(api.PathActivate, post(func(_ *http.Request, req *api.ActivateRequest) (any, error) {
+		return struct{}{}, b.Activate(req)
+	}))
+	handle(api.PathNonce, post(func(_ *http.Request, req *api.NonceRequest) (any, error) {
+		return b.Nonce(req.ApplianceID)
+	}))
+	handle(api.PathAttest, post(func(_ *http.Request, req *api.AttestRequest) (any, error) {
+		return b.Attest(req)
+	}))
+	handle(api.PathDeposit, func(w http.ResponseWriter, r *http.Request) {
+		// The client's attested certificate is checked before the body is
+		// read.
 		id, err := b.attestedClient(r)
 		if err != nil {
 			writeErr(w, err)
 			return
 		}
-		var req api.DepositRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		if err := b.Deposit(id, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, struct{}{})
+		post(func(_ *http.Request, req *api.DepositRequest) (any, error) {
+			return struct{}{}, b.Deposit(id, req)
+		})(w, r)
 	})
 	return mux
+}
+
+// timedRoutes returns a function that adds a route to mux, timing its
+// requests under the route's pattern.
+func (b *Broker) timedRoutes(mux *http.ServeMux) func(route string, h http.HandlerFunc) {
+	return func(route string, h http.HandlerFunc) { mux.Handle(route, b.metrics.timed(route, h)) }
 }
 
 // attestedClient returns the appliance id of a verified client certificate
 // issued by this broker's service CA.
 func (b *Broker) attestedClient(r *http.Request) (string, error) {
 	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
-		return "", reject(http.StatusUnauthorized, "attested client certificate required", "")
+		return "", reject(http.StatusUnauthorized, ReasonNotAttested, "")
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(b.cfg.ServiceCA.Cert)
 	id, err := identity.Verify(r.TLS.PeerCertificates, pool, b.now(), x509.ExtKeyUsageClientAuth)
 	if err != nil {
-		return "", reject(http.StatusUnauthorized, "attested client certificate required", err.Error())
+		return "", reject(http.StatusUnauthorized, ReasonNotAttested, err.Error())
 	}
 	return id, nil
 }
 
-// OperatorHandler serves the operator API. The TLS layer (OperatorTLSConfig)
-// admits only clients with a certificate from the home-state operator CA.
+// OperatorHandler serves the operator API and the broker's Prometheus
+// metrics (api.PathMetrics). The TLS layer (OperatorTLSConfig) admits only
+// clients with a certificate from the home-state operator CA.
 func (b *Broker) OperatorHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc(api.PathState, func(w http.ResponseWriter, r *http.Request) {
+	handle := b.timedRoutes(mux)
+	mux.Handle(api.PathMetrics, b.metrics.handler())
+	handle(api.PathState, func(w http.ResponseWriter, r *http.Request) {
 		st, err := b.State()
 		if err != nil {
 			writeErr(w, err)
@@ -157,28 +141,22 @@ func (b *Broker) OperatorHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, st)
 	})
-	mux.HandleFunc(api.PathAudit, func(w http.ResponseWriter, r *http.Request) {
+	handle(api.PathAudit, func(w http.ResponseWriter, r *http.Request) {
 		entries, head, err := b.Audit()
 		if err != nil {
 			writeErr(w, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, AuditResponse{Entries: entries, Head: head})
+		writeJSON(w, http.StatusOK, audit.Response{Entries: entries, Head: head})
 	})
-	mux.HandleFunc(api.PathManifests, func(w http.ResponseWriter, r *http.Request) {
-		var req api.ApproveManifestRequest
-		if err := decode(w, r, &req); err != nil {
-			writeErr(w, err)
-			return
-		}
+	handle(api.PathManifests, post(func(_ *http.Request, req *api.ApproveManifestRequest) (any, error) {
 		m, err := b.ApproveManifest(req.Manifest, req.Signature)
 		if err != nil {
-			writeErr(w, err)
-			return
+			return nil, err
 		}
-		writeJSON(w, http.StatusOK, api.ApprovedManifest{Version: m.Version, Kernel: m.Kernel.Version, Approved: time.Now().UTC()})
-	})
-	mux.HandleFunc(api.PathEnrollments+"/", func(w http.ResponseWriter, r *http.Request) {
+		return api.ApprovedManifest{Version: m.Version, Kernel: m.Kernel.Version, Approved: time.Now().UTC()}, nil
+	}))
+	handle(api.PathEnrollments+"/", func(w http.ResponseWriter, r *http.Request) {
 		id, action, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, api.PathEnrollments+"/"), "/")
 		if action != "approve" || api.CheckApplianceID(id) != nil {
 			writeErr(w, reject(http.StatusNotFound, ReasonBadRequest, "use /v1/enrollments/<appliance id>/approve"))
@@ -195,7 +173,7 @@ func (b *Broker) OperatorHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, struct{}{})
 	})
-	mux.HandleFunc(api.PathAppliances, func(w http.ResponseWriter, r *http.Request) {
+	handle(api.PathAppliances, func(w http.ResponseWriter, r *http.Request) {
 		id, action, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, api.PathAppliances), "/")
 		if api.CheckApplianceID(id) != nil {
 			writeErr(w, reject(http.StatusNotFound, ReasonBadRequest, "bad appliance id"))
@@ -238,17 +216,11 @@ func (b *Broker) OperatorHandler() http.Handler {
 func requireClientCert(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
-			writeJSON(w, http.StatusUnauthorized, api.Error{Error: "operator client certificate required"})
+			writeErr(w, reject(http.StatusUnauthorized, ReasonNoOperatorCert, ""))
 			return
 		}
 		h.ServeHTTP(w, r)
 	})
-}
-
-// AuditResponse carries the log and the broker's recorded head.
-type AuditResponse struct {
-	Entries []audit.Entry `json:"entries"`
-	Head    audit.Head    `json:"head"`
 }
 
 // OperatorTLSConfig requires operator client certificates from operatorCAs.

@@ -3,11 +3,12 @@ package broker_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/broker/opclient"
+	"github.com/dataembassy/embassy/operator/opclient"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
@@ -38,8 +39,13 @@ func TestOperatorClient(t *testing.T) {
 	if _, err := oc.ApproveImage(ctx, m, s); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := oc.ApproveImage(ctx, m, append([]byte(nil), s[:10]...)); err == nil {
+	outs, err := oc.ApproveImage(ctx, m, append([]byte(nil), s[:10]...))
+	if err == nil {
 		t.Fatal("a damaged signature was approved")
+	}
+	var be *opclient.BrokerError
+	if !errors.As(err, &be) || be.Code != api.CodeManifestSignature || outs[0].Code != api.CodeManifestSignature {
+		t.Fatalf("damaged signature refused with %v, outcomes %+v", err, outs)
 	}
 	if _, err := oc.SetFloor(ctx, id, 1); err != nil {
 		t.Fatal(err)

@@ -145,3 +145,5 @@ func (s *sealer) open(sealed, aad []byte) ([]byte, error) {
 	}
 	return out, nil
 }
+
+func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

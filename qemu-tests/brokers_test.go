@@ -16,10 +16,10 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/broker"
-	"github.com/dataembassy/embassy/broker/opclient"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/devpki"
 	"github.com/dataembassy/embassy/images/imagekey"
+	"github.com/dataembassy/embassy/operator/opclient"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
 

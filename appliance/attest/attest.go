@@ -96,18 +96,6 @@ func (c *Client) ID() string { return c.id }
 // TLSPublicKey returns the PKIX DER of the ephemeral TLS key.
 func (c *Client) TLSPublicKey() []byte { return c.tlsPub }
 
-// BrokerError is a broker's refusal.
-type BrokerError struct {
-	Broker   string
-	Status   int
-	Message  string
-	Lockdown bool
-}
-
-func (e *BrokerError) Error() string {
-	return fmt.Sprintf("broker %s: %d %s", e.Broker, e.Status, e.Message)
-}
-
 func (c *Client) httpClient(cert *tls.Certificate) *http.Client {
 	tc := &tls.Config{RootCAs: c.roots, MinVersion: tls.VersionTLS13}
 	if cert != nil {
@@ -167,7 +155,7 @@ func (c *Client) post(ctx context.Context, b config.Broker, path string, cert *t
 		if r.StatusCode != http.StatusOK {
 			var e api.Error
 			json.Unmarshal(data, &e)
-			return &BrokerError{Broker: b.Name, Status: r.StatusCode, Message: e.Error, Lockdown: e.Lockdown}
+			return &BrokerError{Broker: b.Name, Status: r.StatusCode, Code: e.Code, Message: e.Error, Lockdown: e.Lockdown}
 		}
 		if err := json.Unmarshal(data, resp); err != nil {
 			return fmt.Errorf("broker %s: decode answer: %w", b.Name, err)
@@ -356,7 +344,7 @@ func (c *Client) AttestAll(ctx context.Context, bo Backoff, want int) ([]*Result
 				var be *BrokerError
 				// Success, a lockdown order, or a broker that does not know
 				// this appliance (it must enroll first) end the retries.
-				final := errors.As(r.Err, &be) && (be.Lockdown || strings.HasPrefix(be.Message, api.ReasonUnknownAppliance))
+				final := errors.As(r.Err, &be) && (be.Lockdown || be.Code == api.CodeUnknownAppliance)
 				if r.Err == nil || final || ctx.Err() != nil {
 					ch <- r
 					return
@@ -389,12 +377,12 @@ func (c *Client) AttestAll(ctx context.Context, bo Backoff, want int) ([]*Result
 			last[r.Broker] = r.Err
 		}
 	}
-	var errs []string
+	var errs brokerErrors
 	for b, e := range last {
-		errs = append(errs, fmt.Sprintf("%s: %v", b, e))
+		errs = append(errs, fmt.Errorf("%s: %w", b, e))
 	}
-	sort.Strings(errs)
-	return ok, fmt.Errorf("%w: %d of %d brokers answered, %d needed: %s", ErrBelowThreshold, len(ok), len(c.cfg.Brokers), k, strings.Join(errs, "; "))
+	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
+	return ok, fmt.Errorf("%w: %d of %d brokers answered, %d needed: %w", ErrBelowThreshold, len(ok), len(c.cfg.Brokers), k, errs)
 }
 
 // ErrBelowThreshold means fewer than k brokers released their shares.

@@ -439,7 +439,7 @@ func attestLoop(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *c
 		switch {
 		case errors.As(err, &ld):
 			log.Error(MsgLockdown, "broker", ld.Broker, "reason", ld.Reason)
-		case !enrollAsked && strings.Contains(err.Error(), api.ReasonUnknownAppliance):
+		case !enrollAsked && attest.IsUnknownAppliance(err):
 			if eerr := ac.Enroll(ctx); eerr != nil {
 				log.Warn("enrollment request incomplete", "err", eerr.Error())
 			} else {

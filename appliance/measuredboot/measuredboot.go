@@ -10,8 +10,9 @@ import (
 	"time"
 
 	"github.com/google/go-tpm-tools/client"
-	"github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpmutil"
+
+	"github.com/dataembassy/embassy/tpm/pcrs"
 )
 
 // Paths of the kernel's TPM interfaces.
@@ -19,9 +20,6 @@ const (
 	EventLogPath = "/sys/kernel/security/tpm0/binary_bios_measurements"
 	TPMPath      = "/dev/tpmrm0"
 )
-
-// PCRs are the PCR indices an appliance reports and quotes.
-var PCRs = []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
 
 // Evidence is an unverified measured-boot report.
 type Evidence struct {
@@ -45,18 +43,18 @@ func OpenTPM(timeout time.Duration) (io.ReadWriteCloser, error) {
 	}
 }
 
-// ReadPCRs reads the SHA-256 values of PCRs 0-9.
+// ReadPCRs reads the values of the quoted PCRs (package tpm/pcrs).
 func ReadPCRs(rw io.ReadWriter) (map[int][]byte, error) {
-	pcrs, err := client.ReadPCRs(rw, tpm2.PCRSelection{Hash: tpm2.AlgSHA256, PCRs: PCRs})
+	values, err := client.ReadPCRs(rw, pcrs.Selection())
 	if err != nil {
 		return nil, fmt.Errorf("read PCRs: %w", err)
 	}
 	out := map[int][]byte{}
-	for i, v := range pcrs.GetPcrs() {
+	for i, v := range values.GetPcrs() {
 		out[int(i)] = v
 	}
-	if len(out) != len(PCRs) {
-		return nil, fmt.Errorf("TPM returned %d of %d PCRs", len(out), len(PCRs))
+	if len(out) != pcrs.Count {
+		return nil, fmt.Errorf("TPM returned %d of %d PCRs", len(out), pcrs.Count)
 	}
 	return out, nil
 }
@@ -67,9 +65,9 @@ func Collect(rw io.ReadWriter) (*Evidence, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read event log: %w", err)
 	}
-	pcrs, err := ReadPCRs(rw)
+	values, err := ReadPCRs(rw)
 	if err != nil {
 		return nil, err
 	}
-	return &Evidence{EventLog: log, PCRs: pcrs}, nil
+	return &Evidence{EventLog: log, PCRs: values}, nil
 }

@@ -39,6 +39,13 @@ type Head struct {
 	Hash string `json:"hash"`
 }
 
+// Response is the operator API's answer at api.PathAudit: the log and the
+// head the broker recorded separately, so a reader can Verify the chain.
+type Response struct {
+	Entries []Entry `json:"entries"`
+	Head    Head    `json:"head"`
+}
+
 // genesis is the "previous hash" of the first entry.
 var genesis = hex.EncodeToString(make([]byte, 32))
 

@@ -27,9 +27,9 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/broker/audit"
-	"github.com/dataembassy/embassy/broker/opclient"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/operator/opclient"
 )
 
 func main() {

@@ -19,9 +19,9 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/initseq"
-	"github.com/dataembassy/embassy/broker/opclient"
 	"github.com/dataembassy/embassy/images/devpki"
 	"github.com/dataembassy/embassy/images/imagekey"
+	"github.com/dataembassy/embassy/operator/opclient"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )

@@ -1,8 +1,8 @@
 // Package attester is the appliance side of the attestation protocol: it
 // holds the TPM's endorsement key (EK) and an attestation key (AK), answers
-// the broker's credential-activation challenge, quotes PCRs 0-9 over
-// caller-supplied extraData, and imports secrets sealed to the EK and a PCR
-// policy. The verifier side is package tpm/verifier.
+// the broker's credential-activation challenge, quotes the PCRs of package
+// tpm/pcrs over caller-supplied extraData, and imports secrets sealed to the
+// EK and a PCR policy. The verifier side is package tpm/verifier.
 package attester
 
 import (
@@ -16,6 +16,8 @@ import (
 	pb "github.com/google/go-tpm-tools/proto/tpm"
 	"github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpmutil"
+
+	"github.com/dataembassy/embassy/tpm/pcrs"
 )
 
 // EKType selects the endorsement key algorithm.
@@ -30,9 +32,6 @@ const (
 // AKHandle is the persistent handle the AK is kept at, so that it is the
 // same key on every boot.
 const AKHandle = tpmutil.Handle(0x81010010)
-
-// QuotePCRs are the PCRs quoted: 0-9 of the SHA-256 bank.
-var QuotePCRs = tpm2.PCRSelection{Hash: tpm2.AlgSHA256, PCRs: []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}}
 
 // Attester wraps a TPM's EK and AK.
 type Attester struct {
@@ -135,7 +134,7 @@ func (a *Attester) Quote(extraData []byte) (*pb.Quote, error) {
 	if len(extraData) > 64 {
 		return nil, errors.New("extraData longer than 64 bytes")
 	}
-	q, err := a.ak.Quote(QuotePCRs, extraData)
+	q, err := a.ak.Quote(pcrs.Selection(), extraData)
 	if err != nil {
 		return nil, fmt.Errorf("quote: %w", err)
 	}
@@ -155,7 +154,7 @@ func (a *Attester) Import(blob *pb.ImportBlob) ([]byte, error) {
 // QuotePCRsRead reads the current values of the quoted PCRs, as an
 // attestation request carries them.
 func QuotePCRsRead(rw io.ReadWriter) (map[int][]byte, error) {
-	pcrs, err := tpmclient.ReadPCRs(rw, QuotePCRs)
+	pcrs, err := tpmclient.ReadPCRs(rw, pcrs.Selection())
 	if err != nil {
 		return nil, err
 	}

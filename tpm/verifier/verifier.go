@@ -14,12 +14,15 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
 
 	pb "github.com/google/go-tpm-tools/proto/tpm"
 	tpmquote "github.com/google/go-tpm-tools/quote"
 	tpmserver "github.com/google/go-tpm-tools/server"
 	"github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/legacy/tpm2/credactivation"
+
+	"github.com/dataembassy/embassy/tpm/pcrs"
 )
 
 // Errors callers branch on.
@@ -123,8 +126,8 @@ type QuoteInfo struct {
 	Clock        uint64
 }
 
-// VerifyQuote checks, in this order, that the quote covers PCRs 0-9 of the
-// SHA-256 bank, that the PCR values carried with it hash to the quoted PCR
+// VerifyQuote checks, in this order, that the quote covers the PCRs of
+// package tpm/pcrs (0-9 of the SHA-256 bank), that the PCR values carried with it hash to the quoted PCR
 // digest (ErrPCRDigest), that the AK signed it (ErrQuote) and that its
 // extraData equals extraData (ErrExtraData). It returns the PCR values and
 // the TPM clock state.
@@ -140,11 +143,11 @@ func VerifyQuote(ak *AK, q *pb.Quote, extraData []byte) (*QuoteInfo, error) {
 		return nil, fmt.Errorf("%w: not a TPM-generated quote", ErrQuote)
 	}
 	sel := att.AttestedQuoteInfo.PCRSelection
-	if sel.Hash != tpm2.AlgSHA256 || len(sel.PCRs) != 10 {
-		return nil, fmt.Errorf("%w: quote covers %v, want SHA-256 PCRs 0-9", ErrQuote, sel)
+	if sel.Hash != pcrs.Hash || !slices.Equal(sel.PCRs, pcrs.Indexes()) {
+		return nil, fmt.Errorf("%w: quote covers %v, want %s", ErrQuote, sel, pcrs.Description)
 	}
-	if q.GetPcrs().GetHash() != pb.HashAlgo_SHA256 || len(q.GetPcrs().GetPcrs()) != 10 {
-		return nil, fmt.Errorf("%w: want the 10 SHA-256 PCR values 0-9", ErrPCRDigest)
+	if q.GetPcrs().GetHash() != pcrs.ProtoHash || len(q.GetPcrs().GetPcrs()) != pcrs.Count {
+		return nil, fmt.Errorf("%w: want the %d values of %s", ErrPCRDigest, pcrs.Count, pcrs.Description)
 	}
 	info := &QuoteInfo{
 		PCRs:         map[int][]byte{},
@@ -177,13 +180,9 @@ func VerifyQuote(ak *AK, q *pb.Quote, extraData []byte) (*QuoteInfo, error) {
 }
 
 // Seal encrypts secret to ekPub so that the TPM holding that EK releases it
-// only while PCRs 0-9 hold exactly pcrs.
-func Seal(ekPub crypto.PublicKey, secret []byte, pcrs map[int][]byte) (*pb.ImportBlob, error) {
-	p := &pb.PCRs{Hash: pb.HashAlgo_SHA256, Pcrs: map[uint32][]byte{}}
-	for i, v := range pcrs {
-		p.Pcrs[uint32(i)] = v
-	}
-	blob, err := tpmserver.CreateImportBlob(ekPub, secret, p)
+// only while the PCRs of package tpm/pcrs hold exactly values.
+func Seal(ekPub crypto.PublicKey, secret []byte, values map[int][]byte) (*pb.ImportBlob, error) {
+	blob, err := tpmserver.CreateImportBlob(ekPub, secret, pcrs.Proto(values))
 	if err != nil {
 		return nil, fmt.Errorf("seal to EK: %w", err)
 	}

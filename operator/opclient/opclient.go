@@ -1,7 +1,9 @@
 // Package opclient is the operator's client of the key brokers' operator
 // API (mutual TLS with a home-state operator certificate), used by
 // embassyctl. Every change is sent to every broker, since each broker
-// decides on its own; reads are per broker.
+// decides on its own; reads are per broker. AttestAppliance (attest.go)
+// checks an appliance's quote directly; render.go prints answers for
+// people. It speaks only protocol/ and never links the broker server.
 package opclient
 
 import (
@@ -18,7 +20,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/dataembassy/embassy/broker"
 	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/protocol/api"
 )
@@ -92,7 +93,7 @@ func (c *Client) do(ctx context.Context, b Broker, method, path string, in, out 
 		if e.Error == "" {
 			e.Error = resp.Status
 		}
-		return fmt.Errorf("broker %s: %s", b.Name, e.Error)
+		return &BrokerError{Broker: b.Name, Status: resp.StatusCode, Code: e.Code, Message: e.Error}
 	}
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {
@@ -102,11 +103,23 @@ func (c *Client) do(ctx context.Context, b Broker, method, path string, in, out 
 	return nil
 }
 
+// BrokerError is a broker's refusal: its HTTP status, its machine-readable
+// code (branch on it with errors.As, never on the text) and its text.
+type BrokerError struct {
+	Broker  string
+	Status  int
+	Code    api.Code
+	Message string
+}
+
+func (e *BrokerError) Error() string { return fmt.Sprintf("broker %s: %s", e.Broker, e.Message) }
+
 // Outcome is one broker's answer to a change.
 type Outcome struct {
-	Broker string `json:"broker"`
-	OK     bool   `json:"ok"`
-	Error  string `json:"error,omitempty"`
+	Broker string   `json:"broker"`
+	OK     bool     `json:"ok"`
+	Code   api.Code `json:"code,omitempty"`
+	Error  string   `json:"error,omitempty"`
 }
 
 // each sends the same change to every broker and collects the outcomes;
@@ -119,6 +132,10 @@ func (c *Client) each(ctx context.Context, method, path string, in any) ([]Outco
 		o := Outcome{Broker: b.Name, OK: err == nil}
 		if err != nil {
 			o.Error = err.Error()
+			var be *BrokerError
+			if errors.As(err, &be) {
+				o.Code = be.Code
+			}
 			errs = append(errs, err)
 		}
 		out = append(out, o)
@@ -215,7 +232,7 @@ type AuditLog struct {
 func (c *Client) Audit(ctx context.Context) []AuditLog {
 	var out []AuditLog
 	for _, b := range c.Brokers {
-		var ar broker.AuditResponse
+		var ar audit.Response
 		if err := c.do(ctx, b, http.MethodGet, api.PathAudit, nil, &ar); err != nil {
 			out = append(out, AuditLog{Broker: b.Name, Error: err.Error()})
 			continue

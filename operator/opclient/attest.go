@@ -19,6 +19,7 @@ import (
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/protocol/identity"
 	"github.com/dataembassy/embassy/tpm/eventlog"
+	"github.com/dataembassy/embassy/tpm/pcrs"
 	"github.com/dataembassy/embassy/tpm/verifier"
 )
 
@@ -118,10 +119,7 @@ func (c *Client) AttestAppliance(ctx context.Context, addr string, brokerCAs *x5
 	if err != nil {
 		return nil, err
 	}
-	q := &pb.Quote{Quote: ch.Quote, RawSig: ch.Signature, Pcrs: &pb.PCRs{Hash: pb.HashAlgo_SHA256, Pcrs: map[uint32][]byte{}}}
-	for i, val := range ch.PCRs {
-		q.Pcrs.Pcrs[uint32(i)] = val
-	}
+	q := &pb.Quote{Quote: ch.Quote, RawSig: ch.Signature, Pcrs: pcrs.Proto(ch.PCRs)}
 	info, err := verifier.VerifyQuote(ak, q, api.ExtraData(nonce, tlsHash[:]))
 	if err != nil {
 		v.Problems = append(v.Problems, "quote: "+err.Error())

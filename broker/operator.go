@@ -1,0 +1,132 @@
+package broker
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/dataembassy/embassy/broker/audit"
+	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/protocol/api"
+)
+
+// ApproveManifest approves an image after verifying its signature.
+func (b *Broker) ApproveManifest(manifestBytes, sig []byte) (_ *manifest.Manifest, err error) {
+	var m *manifest.Manifest
+	defer func() {
+		d := map[string]string{}
+		if m != nil {
+			d["version"] = strconv.FormatUint(m.Version, 10)
+		}
+		b.record("approve-image", "", err, d)
+	}()
+	m, verr := manifest.Verify(manifestBytes, sig, b.cfg.ImageKey)
+	if verr != nil {
+		return nil, reject(http.StatusForbidden, ReasonManifestSig, verr.Error())
+	}
+	key := []byte(fmt.Sprintf("%020d", m.Version))
+	err = b.db.Update(func(tx *bolt.Tx) error {
+		var old manifestRecord
+		if found, err := getJSON(tx, bucketManifests, key, &old); err != nil {
+			return err
+		} else if found && string(old.Manifest) != string(manifestBytes) {
+			return reject(http.StatusConflict, ReasonManifestConflict, "")
+		}
+		return putJSON(tx, bucketManifests, key, manifestRecord{Manifest: manifestBytes, Signature: sig, Approved: b.now().Unix()})
+	})
+	b.manifestMu.Lock()
+	b.manifests = nil
+	b.manifestMu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// SetFloor sets the minimum image version an appliance may boot.
+func (b *Broker) SetFloor(id string, version uint64) (err error) {
+	defer func() { b.record("set-floor", id, err, map[string]string{"version": strconv.FormatUint(version, 10)}) }()
+	return b.update(id, func(r *record) error { r.Floor = version; return nil })
+}
+
+// ApproveDisks lets an appliance deposit shares for count new disks.
+func (b *Broker) ApproveDisks(id string, count int) (err error) {
+	defer func() { b.record("approve-disk", id, err, map[string]string{"count": strconv.Itoa(count)}) }()
+	if count < 1 || count > 64 {
+		return reject(http.StatusBadRequest, ReasonBadRequest, "count must be 1 to 64")
+	}
+	return b.update(id, func(r *record) error { r.DiskApprovals += count; return nil })
+}
+
+// SetEndpoints records where the appliance's peers reach it (host:port,
+// one per network path). Brokers hand the list to the other appliances.
+func (b *Broker) SetEndpoints(id string, endpoints []string) (err error) {
+	defer func() {
+		b.record("set-endpoints", id, err, map[string]string{"endpoints": strings.Join(endpoints, ",")})
+	}()
+	if len(endpoints) > api.MaxEndpoints {
+		return reject(http.StatusBadRequest, ReasonBadRequest, fmt.Sprintf("at most %d endpoints", api.MaxEndpoints))
+	}
+	for _, e := range endpoints {
+		if cerr := api.CheckEndpoint(e); cerr != nil {
+			return reject(http.StatusBadRequest, ReasonBadRequest, cerr.Error())
+		}
+	}
+	return b.update(id, func(r *record) error { r.Endpoints = append([]string(nil), endpoints...); return nil })
+}
+
+// Revoke revokes an appliance: it gets nothing more and is told to lock down.
+func (b *Broker) Revoke(id string) (err error) {
+	defer func() { b.record("revoke", id, err, nil) }()
+	return b.update(id, func(r *record) error { r.Revoked = true; return nil })
+}
+
+// State lists appliances and approved manifests.
+func (b *Broker) State() (*api.State, error) {
+	st := &api.State{Broker: b.cfg.Name}
+	err := b.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketAppliances).ForEach(func(_, v []byte) error {
+			var r record
+			if err := jsonUnmarshal(v, &r); err != nil {
+				return err
+			}
+			fp := sha256.Sum256(r.EKPublic)
+			a := api.Appliance{ID: r.ID, AKPublic: r.AKPublic, EKFingerprint: hex.EncodeToString(fp[:]), Activated: r.Activated, Enrolled: r.Enrolled,
+				Revoked: r.Revoked, Floor: r.Floor, DiskApprovals: r.DiskApprovals, Disks: append([]string{}, r.Disks...),
+				ResetCount: r.ResetCount, RestartCount: r.RestartCount, LastImage: r.LastImage,
+				Endpoints: r.Endpoints, Health: r.Health}
+			if r.LastAttest != 0 {
+				a.LastAttestation = time.Unix(r.LastAttest, 0).UTC()
+			}
+			st.Appliances = append(st.Appliances, a)
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	ms, err := b.approvedManifests()
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range ms {
+		st.Manifests = append(st.Manifests, api.ApprovedManifest{Version: m.Version, Kernel: m.Kernel.Version, Measurements: m.Measurements})
+	}
+	return st, nil
+}
+
+// Audit returns the audit log and the head the broker recorded.
+func (b *Broker) Audit() ([]audit.Entry, audit.Head, error) {
+	entries, err := b.audit.Entries()
+	if err != nil {
+		return nil, audit.Head{}, err
+	}
+	head, err := auditHead(b.db)
+	return entries, head, err
+}

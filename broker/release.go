@@ -1,0 +1,143 @@
+package broker
+
+import (
+	"crypto/x509"
+	"net"
+	"net/http"
+	"strconv"
+
+	bolt "go.etcd.io/bbolt"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/dataembassy/embassy/broker/audit"
+	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/protocol/identity"
+	"github.com/dataembassy/embassy/tpm/verifier"
+)
+
+// Attest verifies an appliance's evidence and, if everything holds,
+// releases its shares sealed to its EK and the quoted PCRs, and a TLS
+// certificate for the key bound in the quote.
+func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err error) {
+	detail := map[string]string{}
+	defer func() {
+		b.metrics.attested(err)
+		if err != nil {
+			b.record("attest", req.ApplianceID, err, detail)
+		}
+	}()
+	v, err := b.verify(req, detail)
+	if err != nil {
+		return nil, err
+	}
+	return b.release(req, v, detail)
+}
+
+// release answers a verified attestation: a certificate for the TLS key
+// bound in the quote, and every deposited share sealed to the appliance's
+// EK and the quoted PCRs. The anti-rollback counters and the audit entries
+// are durable before anything is returned.
+func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]string) (*api.AttestResponse, error) {
+	r, info, matched := v.rec, v.quote, v.image
+	tlsPub, perr := x509.ParsePKIXPublicKey(req.TLSPublic)
+	if perr != nil {
+		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "TLS key: "+perr.Error())
+	}
+	names := []string{r.ID + identity.DNSSuffix}
+	if len(req.TLSAddresses) > 8 {
+		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "more than 8 TLS addresses")
+	}
+	for _, a := range req.TLSAddresses {
+		if net.ParseIP(a) == nil {
+			return nil, reject(http.StatusBadRequest, ReasonBadRequest, "TLS address "+strconv.Quote(a)+" is not an IP address")
+		}
+		names = append(names, a)
+	}
+	cert, err := b.cfg.ServiceCA.Leaf(r.ID, names, tlsPub, b.cfg.CertTTL)
+	if err != nil {
+		return nil, err
+	}
+	ekPub, err := x509.ParsePKIXPublicKey(r.EKPublic)
+	if err != nil {
+		return nil, err
+	}
+	resp := &api.AttestResponse{
+		ImageVersion:  matched.Version,
+		Certificate:   [][]byte{cert.Raw, b.cfg.ServiceCA.Cert.Raw},
+		CertExpires:   cert.NotAfter,
+		ReattestAfter: int(b.cfg.ReattestAfter.Seconds()),
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	r, err = b.load(req.ApplianceID)
+	if err != nil {
+		return nil, err
+	}
+	if r.Revoked {
+		return nil, revoked()
+	}
+	for _, disk := range r.Disks {
+		share, err := b.loadShare(r.ID, disk)
+		if err != nil {
+			return nil, err
+		}
+		blob, err := verifier.Seal(ekPub, share, info.PCRs)
+		clear(share)
+		if err != nil {
+			return nil, err
+		}
+		enc, err := proto.Marshal(blob)
+		if err != nil {
+			return nil, err
+		}
+		resp.Shares = append(resp.Shares, api.SealedShare{DiskID: disk, Blob: enc})
+	}
+	resp.DiskApprovals = r.DiskApprovals
+	if resp.Peers, err = b.peersOf(r.ID); err != nil {
+		return nil, err
+	}
+	if req.Health != nil {
+		h := *req.Health
+		h.Reported = b.now().UTC()
+		r.Health = &h
+	}
+	r.SeenQuote, r.ResetCount, r.RestartCount = true, info.ResetCount, info.RestartCount
+	r.LastAttest, r.LastImage = b.now().Unix(), matched.Version
+	entries := []audit.Entry{entry("attest", r.ID, nil, detail)}
+	if len(resp.Shares) > 0 {
+		disks := ""
+		for i, s := range resp.Shares {
+			if i > 0 {
+				disks += ","
+			}
+			disks += s.DiskID
+		}
+		entries = append(entries, entry("release", r.ID, nil, map[string]string{"disks": disks, "image_version": detail["image_version"]}))
+	}
+	// The record (anti-rollback counters) and the audit entries are durable
+	// before anything is released.
+	if err := b.commit(r, entries...); err != nil {
+		return nil, err
+	}
+	b.metrics.released.Add(float64(len(resp.Shares)))
+	return resp, nil
+}
+
+// peersOf lists the appliances an appliance replicates with: every other
+// enrolled, activated, unrevoked appliance that has endpoints.
+func (b *Broker) peersOf(id string) ([]api.Peer, error) {
+	var peers []api.Peer
+	err := b.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketAppliances).ForEach(func(_, v []byte) error {
+			var r record
+			if err := jsonUnmarshal(v, &r); err != nil {
+				return err
+			}
+			if r.ID != id && r.Enrolled && r.Activated && !r.Revoked && len(r.Endpoints) > 0 {
+				peers = append(peers, api.Peer{ID: r.ID, Endpoints: r.Endpoints})
+			}
+			return nil
+		})
+	})
+	return peers, err
+}

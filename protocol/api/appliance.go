@@ -1,0 +1,96 @@
+package api
+
+import (
+	"time"
+)
+
+// Appliance API paths.
+const (
+	PathEnroll   = "/v1/appliance/enroll"
+	PathActivate = "/v1/appliance/activate"
+	PathNonce    = "/v1/appliance/nonce"
+	PathAttest   = "/v1/appliance/attest"
+	PathDeposit  = "/v1/appliance/deposit"
+)
+
+// EnrollRequest is sent by an appliance at home, before shipping.
+type EnrollRequest struct {
+	EKPublic []byte `json:"ek_public"` // PKIX DER
+	EKCert   []byte `json:"ek_cert"`   // DER, from the TPM's NV RAM
+	AKPublic []byte `json:"ak_public"` // TPMT_PUBLIC
+}
+
+// EnrollChallenge asks the appliance's TPM to prove the AK sits beside the EK.
+type EnrollChallenge struct {
+	ApplianceID     string `json:"appliance_id"`
+	CredentialBlob  []byte `json:"credential_blob"`
+	EncryptedSecret []byte `json:"encrypted_secret"`
+}
+
+// ActivateRequest answers the challenge.
+type ActivateRequest struct {
+	ApplianceID string `json:"appliance_id"`
+	Secret      []byte `json:"secret"`
+}
+
+// NonceRequest asks for a single-use nonce.
+type NonceRequest struct {
+	ApplianceID string `json:"appliance_id"`
+}
+
+// NonceResponse carries the nonce.
+type NonceResponse struct {
+	Nonce   []byte    `json:"nonce"`
+	Expires time.Time `json:"expires"`
+}
+
+// AttestRequest is the appliance's evidence.
+type AttestRequest struct {
+	ApplianceID string         `json:"appliance_id"`
+	Nonce       []byte         `json:"nonce"`
+	Quote       []byte         `json:"quote"`     // TPMS_ATTEST
+	Signature   []byte         `json:"signature"` // TPMT_SIGNATURE
+	PCRs        map[int][]byte `json:"pcrs"`
+	EventLog    []byte         `json:"event_log"`
+	TLSPublic   []byte         `json:"tls_public_key"` // PKIX DER of the ephemeral TLS key
+	// TLSAddresses are the IP addresses clients reach the appliance at
+	// (from its measured image config), put in the certificate.
+	TLSAddresses []string `json:"tls_addresses,omitempty"`
+	// Health is the appliance's own report of its disks and replication
+	// peers, shown to operators. It is informational: nothing is released
+	// because of it.
+	Health *Health `json:"health,omitempty"`
+}
+
+// Peer is another appliance of the same embassy, as the brokers know it:
+// its identity (the CN of its attested certificate) and the endpoints
+// (host:port, one per path) it is reached at.
+type Peer struct {
+	ID        string   `json:"id"`
+	Endpoints []string `json:"endpoints"`
+}
+
+// SealedShare is one volume key share sealed to the appliance's EK and PCRs.
+type SealedShare struct {
+	DiskID string `json:"disk_id"`
+	Blob   []byte `json:"blob"` // go-tpm-tools ImportBlob, protobuf
+}
+
+// AttestResponse releases the shares and the attested TLS certificate.
+type AttestResponse struct {
+	ImageVersion  uint64        `json:"image_version"`
+	Shares        []SealedShare `json:"shares"`
+	Certificate   [][]byte      `json:"certificate"` // DER chain: leaf, service CA
+	CertExpires   time.Time     `json:"cert_expires"`
+	DiskApprovals int           `json:"disk_approvals"`
+	ReattestAfter int           `json:"reattest_after_seconds"`
+	// Peers are the other enrolled, unrevoked appliances with endpoints.
+	Peers []Peer `json:"peers,omitempty"`
+}
+
+// DepositRequest hands the broker its share of a new disk's key. It must
+// come over mutual TLS with the appliance's attested certificate.
+type DepositRequest struct {
+	DiskID string `json:"disk_id"`
+	Share  []byte `json:"share"` // shamir encoding
+}

@@ -1,0 +1,93 @@
+package api
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/dataembassy/embassy/images/manifest"
+)
+
+// Operator API paths.
+const (
+	PathEnrollments = "/v1/enrollments" // GET list; POST {id}/approve
+	PathManifests   = "/v1/manifests"   // POST approve
+	PathAppliances  = "/v1/appliances/" // POST {id}/floor, {id}/disks, {id}/revoke, {id}/endpoints
+	PathState       = "/v1/state"       // GET
+	PathAudit       = "/v1/audit"       // GET
+	PathMetrics     = "/metrics"        // GET, Prometheus exposition format
+)
+
+// EndpointsRequest sets the endpoints peers reach an appliance at.
+type EndpointsRequest struct {
+	Endpoints []string `json:"endpoints"`
+}
+
+// MaxEndpoints bounds an appliance's endpoint list.
+const MaxEndpoints = 8
+
+// ApproveManifestRequest approves a signed image manifest.
+type ApproveManifestRequest struct {
+	Manifest  []byte `json:"manifest"`
+	Signature []byte `json:"signature"`
+}
+
+// FloorRequest sets an appliance's minimum image version.
+type FloorRequest struct {
+	Version uint64 `json:"version"`
+}
+
+// DiskApprovalRequest approves provisioning of new disks.
+type DiskApprovalRequest struct {
+	Count int `json:"count"`
+}
+
+// Appliance is the broker's record of one appliance.
+type Appliance struct {
+	ID              string    `json:"id"`
+	AKPublic        []byte    `json:"ak_public"`
+	EKFingerprint   string    `json:"ek_fingerprint"`
+	Activated       bool      `json:"activated"`
+	Enrolled        bool      `json:"enrolled"`
+	Revoked         bool      `json:"revoked"`
+	Floor           uint64    `json:"floor"`
+	DiskApprovals   int       `json:"disk_approvals"`
+	Disks           []string  `json:"disks"`
+	ResetCount      uint32    `json:"reset_count"`
+	RestartCount    uint32    `json:"restart_count"`
+	LastAttestation time.Time `json:"last_attestation,omitempty"`
+	LastImage       uint64    `json:"last_image_version,omitempty"`
+	Endpoints       []string  `json:"endpoints,omitempty"`
+	Health          *Health   `json:"health,omitempty"`
+}
+
+// ApprovedManifest is one approved image.
+type ApprovedManifest struct {
+	Version      uint64                `json:"version"`
+	Approved     time.Time             `json:"approved"`
+	Kernel       string                `json:"kernel"`
+	Measurements manifest.Measurements `json:"measurements"`
+}
+
+// State is the operator's view of a broker.
+type State struct {
+	Broker     string             `json:"broker"`
+	Appliances []Appliance        `json:"appliances"`
+	Manifests  []ApprovedManifest `json:"manifests"`
+}
+
+// CheckEndpoint validates a peer endpoint: "IP:port".
+func CheckEndpoint(e string) error {
+	host, port, err := net.SplitHostPort(e)
+	if err != nil {
+		return fmt.Errorf("endpoint %q: %w", e, err)
+	}
+	if net.ParseIP(host) == nil {
+		return fmt.Errorf("endpoint %q: host is not an IP address", e)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("endpoint %q: bad port", e)
+	}
+	return nil
+}

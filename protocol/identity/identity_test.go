@@ -1,0 +1,148 @@
+package identity_test
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"math/big"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/protocol/identity"
+)
+
+// ca is a test certificate authority minted with crypto/x509 alone.
+type ca struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+func newKey(t *testing.T) *ecdsa.PrivateKey {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// mint signs tmpl for pub with signer's key (tmpl itself and key when
+// signer is nil: a self-signed root), valid for an hour.
+func mint(t *testing.T, tmpl *x509.Certificate, signer *ca, pub, key any) *x509.Certificate {
+	t.Helper()
+	sn, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl.SerialNumber = sn
+	tmpl.NotBefore = time.Now().Add(-time.Minute)
+	tmpl.NotAfter = time.Now().Add(time.Hour)
+	issuer := tmpl
+	if signer != nil {
+		issuer, key = signer.cert, signer.key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer, pub, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func newCA(t *testing.T, name string, parent *ca) *ca {
+	t.Helper()
+	k := newKey(t)
+	tmpl := &x509.Certificate{Subject: pkix.Name{CommonName: name}, IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}
+	return &ca{cert: mint(t, tmpl, parent, &k.PublicKey, k), key: k}
+}
+
+func (c *ca) pool() *x509.CertPool {
+	p := x509.NewCertPool()
+	p.AddCert(c.cert)
+	return p
+}
+
+// leaf issues an end-entity certificate with both client and server usage
+// unless usages is given.
+func (c *ca) leaf(t *testing.T, cn string, dns []string, usages ...x509.ExtKeyUsage) *x509.Certificate {
+	t.Helper()
+	if usages == nil {
+		usages = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	}
+	return mint(t, &x509.Certificate{Subject: pkix.Name{CommonName: cn}, DNSNames: dns, ExtKeyUsage: usages,
+		KeyUsage: x509.KeyUsageDigitalSignature}, c, &newKey(t).PublicKey, nil)
+}
+
+func TestVerify(t *testing.T) {
+	id := strings.Repeat("a", 32)
+	other := strings.Repeat("b", 32)
+	root := newCA(t, "broker root", nil)
+	svc := newCA(t, "broker-a service CA", root)
+	stranger := newCA(t, "someone else's root", nil)
+	strangerSvc := newCA(t, "someone else's service CA", stranger)
+	now := time.Now()
+
+	good := svc.leaf(t, id, []string{identity.DNSName(id), "10.0.2.15"})
+	tests := []struct {
+		name  string
+		chain []*x509.Certificate
+		roots *x509.CertPool
+		usage x509.ExtKeyUsage
+		want  string
+		err   error
+	}{
+		{"valid chain, client", []*x509.Certificate{good, svc.cert}, root.pool(), x509.ExtKeyUsageClientAuth, id, nil},
+		{"valid chain, server", []*x509.Certificate{good, svc.cert}, root.pool(), x509.ExtKeyUsageServerAuth, id, nil},
+		{"wrong root", []*x509.Certificate{strangerSvc.leaf(t, id, []string{identity.DNSName(id)}), strangerSvc.cert},
+			root.pool(), x509.ExtKeyUsageClientAuth, "", identity.ErrNotAttested},
+		{"our intermediate, other root", []*x509.Certificate{good, svc.cert}, stranger.pool(), x509.ExtKeyUsageClientAuth, "", identity.ErrNotAttested},
+		{"missing intermediate", []*x509.Certificate{good}, root.pool(), x509.ExtKeyUsageClientAuth, "", identity.ErrNotAttested},
+		{"server-only certificate used as client", []*x509.Certificate{
+			svc.leaf(t, id, []string{identity.DNSName(id)}, x509.ExtKeyUsageServerAuth), svc.cert},
+			root.pool(), x509.ExtKeyUsageClientAuth, "", identity.ErrNotAttested},
+		{"client-only certificate used as server", []*x509.Certificate{
+			svc.leaf(t, id, []string{identity.DNSName(id)}, x509.ExtKeyUsageClientAuth), svc.cert},
+			root.pool(), x509.ExtKeyUsageServerAuth, "", identity.ErrNotAttested},
+		{"client-only certificate used as client", []*x509.Certificate{
+			svc.leaf(t, id, []string{identity.DNSName(id)}, x509.ExtKeyUsageClientAuth), svc.cert},
+			root.pool(), x509.ExtKeyUsageClientAuth, id, nil},
+		{"common name differs", []*x509.Certificate{svc.leaf(t, other, []string{identity.DNSName(id)}), svc.cert},
+			root.pool(), x509.ExtKeyUsageClientAuth, "", identity.ErrNoAppliance},
+		{"no appliance DNS name", []*x509.Certificate{svc.leaf(t, id, []string{"10.0.2.15", id + ".example.org"}), svc.cert},
+			root.pool(), x509.ExtKeyUsageClientAuth, "", identity.ErrNoAppliance},
+		{"two appliance names", []*x509.Certificate{svc.leaf(t, id, []string{identity.DNSName(id), identity.DNSName(other)}), svc.cert},
+			root.pool(), x509.ExtKeyUsageClientAuth, "", identity.ErrNoAppliance},
+		{"same appliance named twice", []*x509.Certificate{svc.leaf(t, id, []string{identity.DNSName(id), identity.DNSName(id)}), svc.cert},
+			root.pool(), x509.ExtKeyUsageClientAuth, id, nil},
+		{"empty chain", nil, root.pool(), x509.ExtKeyUsageClientAuth, "", identity.ErrNoCertificate},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := identity.Verify(tc.chain, tc.roots, now, tc.usage)
+			if tc.err == nil && err != nil {
+				t.Fatalf("Verify: %v", err)
+			}
+			if tc.err != nil && !errors.Is(err, tc.err) {
+				t.Fatalf("Verify error %v, want %v", err, tc.err)
+			}
+			if got != tc.want {
+				t.Fatalf("Verify named %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestVerifyExpired(t *testing.T) {
+	id := strings.Repeat("c", 32)
+	root := newCA(t, "broker root", nil)
+	svc := newCA(t, "service CA", root)
+	chain := []*x509.Certificate{svc.leaf(t, id, []string{identity.DNSName(id)}), svc.cert}
+	if _, err := identity.Verify(chain, root.pool(), time.Now().Add(2*time.Hour), x509.ExtKeyUsageClientAuth); !errors.Is(err, identity.ErrNotAttested) {
+		t.Fatalf("expired certificate: %v", err)
+	}
+}
