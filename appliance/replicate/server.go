@@ -21,15 +21,14 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
-	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
-	"strings"
-	"sync/atomic"
+	"sync"
 	"time"
 
+	"github.com/dataembassy/embassy/appliance/httperr"
 	"github.com/dataembassy/embassy/appliance/objectio"
+	"github.com/dataembassy/embassy/appliance/objref"
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/protocol/identity"
 )
@@ -56,7 +55,8 @@ type Store interface {
 // per-appliance and short-lived: restic takes them on the appliance it
 // talks to, so they are not copied.
 func Replicated(ns string) bool {
-	return store.ValidNamespace(ns) == nil && !strings.HasSuffix(ns, "/locks")
+	_, typ, err := objref.ParseNamespace(ns)
+	return err == nil && typ != objref.TypeLocks
 }
 
 // ListEntry is one object of a list answer.
@@ -80,12 +80,13 @@ type Server struct {
 	Limit int
 	Now   func() time.Time
 
-	sem                          chan struct{}
-	received, receivedB, refused atomic.Int64
+	sem         chan struct{}
+	metricsOnce sync.Once
+	metrics     *serverMetrics
 }
 
 func refuse(status int, format string, args ...any) error {
-	return objectio.Fail(status, format, args...)
+	return httperr.New(status, format, args...)
 }
 
 // Peer returns the attested appliance id of the connection's client
@@ -110,9 +111,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err == nil {
 		return
 	}
-	status := objectio.Status(err, http.StatusConflict)
+	status := httperr.Status(err, http.StatusConflict)
 	if status == http.StatusUnauthorized || status == http.StatusForbidden {
-		s.refused.Add(1)
+		s.counters().refused.Inc()
 		s.Log.Warn("replication peer refused", "remote", r.RemoteAddr, "path", r.URL.Path, "reason", err.Error())
 	} else if status >= 500 || status == http.StatusConflict {
 		s.Log.Error("replication request failed", "remote", r.RemoteAddr, "path", r.URL.Path, "status", status, "err", err.Error())
@@ -201,8 +202,9 @@ func (s *Server) put(r *http.Request, peer, ns, name string) error {
 	if _, err := s.Store.Put(ns, name, data); err != nil {
 		return err
 	}
-	s.received.Add(1)
-	s.receivedB.Add(int64(len(data)))
+	m := s.counters()
+	m.received.Inc()
+	m.receivedBytes.Add(float64(len(data)))
 	s.Log.Debug("replica stored", "peer", peer, "ns", ns, "name", name, "bytes", len(data))
 	return nil
 }
@@ -225,11 +227,4 @@ func writeJSON(w http.ResponseWriter, v any) error {
 	w.Header().Set("Content-Type", "application/json")
 	_, err := w.Write(buf.Bytes())
 	return err
-}
-
-// WriteMetrics writes the inbound counters in Prometheus text format.
-func (s *Server) WriteMetrics(w io.Writer) {
-	fmt.Fprintf(w, "# TYPE embassy_replication_received_objects_total counter\nembassy_replication_received_objects_total %d\n", s.received.Load())
-	fmt.Fprintf(w, "# TYPE embassy_replication_received_bytes_total counter\nembassy_replication_received_bytes_total %d\n", s.receivedB.Load())
-	fmt.Fprintf(w, "# TYPE embassy_replication_refused_total counter\nembassy_replication_refused_total %d\n", s.refused.Load())
 }
