@@ -1,28 +1,15 @@
 package replicate
 
 import (
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/dataembassy/embassy/protocol/api"
 )
-
-// scrape registers collectors in a fresh registry and returns the text a
-// Prometheus scrape reads.
-func scrape(t testing.TB, cs ...prometheus.Collector) string {
-	t.Helper()
-	reg := prometheus.NewPedanticRegistry()
-	reg.MustRegister(cs...)
-	rec := httptest.NewRecorder()
-	promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.PanicOnError}).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-	return rec.Body.String()
-}
 
 // TestMetrics: the counters on both ends after a replicated object, the
 // lag and path gauges, and a removed peer's series gone.

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dataembassy/embassy/appliance/metricstest"
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/protocol/api"
@@ -158,7 +159,7 @@ func TestPushOnStore(t *testing.T) {
 		}
 	}
 	waitFor(t, "zero lag", 5*time.Second, func() bool { return a.rep.Lag()[0].PendingObjects == 0 })
-	m := scrape(t, a.rep.Collectors()...)
+	m := metricstest.Scrape(t, a.rep.Collectors()...)
 	if !strings.Contains(m, fmt.Sprintf("embassy_replication_sent_objects_total{peer=%q} 20", b.id)) {
 		t.Fatalf("metrics:\n%s", m)
 	}
@@ -198,7 +199,7 @@ func TestNamedConflictLeftAlone(t *testing.T) {
 	a.rep.SetPeers([]api.Peer{{ID: b.id, Endpoints: []string{b.addr}}})
 	b.rep.SetPeers([]api.Peer{{ID: a.id, Endpoints: []string{a.addr}}})
 	waitFor(t, "conflict counted", 10*time.Second, func() bool {
-		m := scrape(t, a.rep.Collectors()...)
+		m := metricstest.Scrape(t, a.rep.Collectors()...)
 		return strings.Contains(m, fmt.Sprintf("embassy_replication_conflicts_total{peer=%q} 1", b.id))
 	})
 	got, _ := b.store.Get("reg/config", "config")
@@ -264,7 +265,7 @@ func TestRefusedPeers(t *testing.T) {
 			}
 		})
 	}
-	m := scrape(t, a.srv.Collectors()...)
+	m := metricstest.Scrape(t, a.srv.Collectors()...)
 	if !strings.Contains(m, "embassy_replication_refused_total 12") {
 		t.Fatalf("refusals not counted:\n%s", m)
 	}

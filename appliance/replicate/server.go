@@ -168,6 +168,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
 		if !Replicated(ns) {
 			return refuse(http.StatusBadRequest, "namespace %q is not replicated", ns)
 		}
+		if _, err := objref.Parse(ns, name); err != nil {
+			return err
+		}
 		switch r.Method {
 		case http.MethodGet:
 			data, err := s.Store.Get(ns, name)

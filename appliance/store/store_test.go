@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/dataembassy/embassy/appliance/metricstest"
 	"github.com/dataembassy/embassy/appliance/objref"
 	"golang.org/x/sys/unix"
 )
@@ -178,7 +179,7 @@ func TestBitrotHealedByReadAndScrub(t *testing.T) {
 	if degraded || disks[0].ReadErrors == 0 || disks[0].Healed == 0 {
 		t.Fatalf("status %+v degraded=%v", disks, degraded)
 	}
-	m := scrape(t, s.Collectors()...)
+	m := metricstest.Scrape(t, s.Collectors()...)
 	if !strings.Contains(m, `embassy_store_disk_healed_total{disk="a"}`) {
 		t.Fatalf("metrics:\n%s", m)
 	}
