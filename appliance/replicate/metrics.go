@@ -91,20 +91,17 @@ type serverMetrics struct {
 	received, receivedBytes, refused prometheus.Counter
 }
 
-// counters returns the server's metrics, made on first use.
-func (s *Server) counters() *serverMetrics {
-	s.metricsOnce.Do(func() {
-		s.metrics = &serverMetrics{
-			received:      prometheus.NewCounter(prometheus.CounterOpts{Name: "embassy_replication_received_objects_total", Help: "Objects stored from peers."}),
-			receivedBytes: prometheus.NewCounter(prometheus.CounterOpts{Name: "embassy_replication_received_bytes_total", Help: "Bytes of objects stored from peers."}),
-			refused:       prometheus.NewCounter(prometheus.CounterOpts{Name: "embassy_replication_refused_total", Help: "Requests refused: no attested certificate, or not a peer."}),
-		}
-	})
-	return s.metrics
+func newServerMetrics() *serverMetrics {
+	return &serverMetrics{
+		received:      prometheus.NewCounter(prometheus.CounterOpts{Name: "embassy_replication_received_objects_total", Help: "Objects stored from peers."}),
+		receivedBytes: prometheus.NewCounter(prometheus.CounterOpts{Name: "embassy_replication_received_bytes_total", Help: "Bytes of objects stored from peers."}),
+		refused:       prometheus.NewCounter(prometheus.CounterOpts{Name: "embassy_replication_refused_total", Help: "Requests refused: no attested certificate, or not a peer."}),
+	}
 }
 
-// Collectors returns the server's metrics, for a registry of the caller's.
+// Collectors returns the server's metrics (after Init), for a registry of
+// the caller's.
 func (s *Server) Collectors() []prometheus.Collector {
-	m := s.counters()
+	m := s.metrics
 	return []prometheus.Collector{m.received, m.receivedBytes, m.refused}
 }

@@ -23,7 +23,6 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/httperr"
@@ -80,9 +79,8 @@ type Server struct {
 	Limit int
 	Now   func() time.Time
 
-	sem         chan struct{}
-	metricsOnce sync.Once
-	metrics     *serverMetrics
+	sem     chan struct{}
+	metrics *serverMetrics
 }
 
 func refuse(status int, format string, args ...any) error {
@@ -113,7 +111,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	status := httperr.Status(err, http.StatusConflict)
 	if status == http.StatusUnauthorized || status == http.StatusForbidden {
-		s.counters().refused.Inc()
+		s.metrics.refused.Inc()
 		s.Log.Warn("replication peer refused", "remote", r.RemoteAddr, "path", r.URL.Path, "reason", err.Error())
 	} else if status >= 500 || status == http.StatusConflict {
 		s.Log.Error("replication request failed", "remote", r.RemoteAddr, "path", r.URL.Path, "status", status, "err", err.Error())
@@ -122,6 +120,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
+	if s.sem == nil {
+		return errors.New("replication server not initialised; use Init")
+	}
 	id, err := Peer(r, s.Roots, s.now())
 	if err != nil {
 		return refuse(http.StatusUnauthorized, "replication needs an attested peer certificate: %v", err)
@@ -189,9 +190,6 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) put(r *http.Request, peer, ns, name string) error {
-	if s.sem == nil {
-		return errors.New("replication server not initialised; use Init")
-	}
 	select {
 	case s.sem <- struct{}{}:
 		defer func() { <-s.sem }()
@@ -205,15 +203,15 @@ func (s *Server) put(r *http.Request, peer, ns, name string) error {
 	if _, err := s.Store.Put(ns, name, data); err != nil {
 		return err
 	}
-	m := s.counters()
-	m.received.Inc()
-	m.receivedBytes.Add(float64(len(data)))
+	s.metrics.received.Inc()
+	s.metrics.receivedBytes.Add(float64(len(data)))
 	s.Log.Debug("replica stored", "peer", peer, "ns", ns, "name", name, "bytes", len(data))
 	return nil
 }
 
-// Init prepares the server's transfer limit.
+// Init prepares the server's transfer limit and metrics.
 func (s *Server) Init() *Server {
+	s.metrics = newServerMetrics()
 	limit := s.Limit
 	if limit <= 0 {
 		limit = 4
