@@ -16,6 +16,8 @@ import (
 	"net/url"
 	"regexp"
 	"strconv"
+
+	"github.com/dataembassy/embassy/appliance/objref"
 )
 
 // Paths inside the image.
@@ -106,8 +108,6 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-var repoName = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
-
 func (in *Ingest) validate() error {
 	if in.Port < 1 || in.Port > 65535 {
 		return fmt.Errorf("config: ingest port %d out of range", in.Port)
@@ -124,8 +124,8 @@ func (in *Ingest) validate() error {
 		return errors.New("config: no ingest repository")
 	}
 	for name, acc := range in.Repositories {
-		if !repoName.MatchString(name) {
-			return fmt.Errorf("config: repository name %q must be lowercase letters, digits, dots, dashes", name)
+		if err := objref.CheckRepo(name); err != nil {
+			return fmt.Errorf("config: repository name %q must be lowercase letters, digits, dots, dashes: %w", name, err)
 		}
 		if len(acc.Writers)+len(acc.Readers) == 0 {
 			return fmt.Errorf("config: repository %s has no client", name)

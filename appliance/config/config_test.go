@@ -49,6 +49,9 @@ func TestParse(t *testing.T) {
 		{"ingest port", strings.Replace(good, `"port":8443`, `"port":0`, 1), "ingest port"},
 		{"ingest address", strings.Replace(good, `"addresses":["127.0.0.1"]`, `"addresses":["example.com"]`, 1), "not an IP"},
 		{"repository name", strings.Replace(good, `"population":{`, `"Pop/../x":{`, 1), "repository name"},
+		{"repository name with dot dot", strings.Replace(good, `"population":{`, `"pop..x":{`, 1), "repository name"},
+		{"repository name too long", strings.Replace(good, `"population":{`, `"`+strings.Repeat("p", 65)+`":{`, 1), "repository name"},
+		{"empty repository name", strings.Replace(good, `"population":{`, `"":{`, 1), "repository name"},
 		{"repository without clients", strings.Replace(good, `"writers":["population-registry"]`, `"writers":[]`, 1), "no client"},
 	}
 	for _, c := range cases {

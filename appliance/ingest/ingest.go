@@ -11,23 +11,18 @@ import (
 	"bytes"
 	"crypto/x509"
 	"encoding/json"
-	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
-	"regexp"
 	"strconv"
 	"strings"
-	"sync/atomic"
+	"sync"
 
+	"github.com/dataembassy/embassy/appliance/httperr"
 	"github.com/dataembassy/embassy/appliance/objectio"
+	"github.com/dataembassy/embassy/appliance/objref"
 	"github.com/dataembassy/embassy/appliance/store"
+	"github.com/prometheus/client_golang/prometheus"
 )
-
-// Object types of a restic repository.
-var objectTypes = map[string]bool{"data": true, "keys": true, "locks": true, "snapshots": true, "index": true}
-
-var repoName = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
 
 // MsgStored is logged for every acknowledged object (after it is durable on
 // every healthy disk, before the client hears 200).
@@ -63,19 +58,28 @@ type Server struct {
 	// replicator queues it for the peers). It must not block.
 	OnStored func(ns, name string, size int64)
 
-	requests, rejected, bytesIn atomic.Int64
+	metricsOnce sync.Once
+	metrics     *metrics
 }
 
 const mimeV2 = "application/vnd.x.restic.rest.v2"
 
 func fail(status int, format string, args ...any) error {
-	return objectio.Fail(status, format, args...)
+	return httperr.New(status, format, args...)
 }
 
 // route splits /<repo>/<type>/<name> (name optional), or /<repo>/config,
 // or /<repo>/ (repository root).
 type route struct {
 	repo, typ, name string
+}
+
+// ref is the object a route names.
+func (rt route) ref() objref.Ref {
+	if rt.typ == objref.TypeConfig {
+		return objref.Ref{Repo: rt.repo, Type: objref.TypeConfig, Name: objref.ConfigName}
+	}
+	return objref.Ref{Repo: rt.repo, Type: rt.typ, Name: rt.name}
 }
 
 func parse(path string) (route, error) {
@@ -88,27 +92,28 @@ func parse(path string) (route, error) {
 			return route{}, fail(http.StatusBadRequest, "path traversal in %q", path)
 		}
 	}
-	if len(parts) == 0 || !repoName.MatchString(parts[0]) {
+	if len(parts) == 0 || objref.CheckRepo(parts[0]) != nil {
 		return route{}, fail(http.StatusNotFound, "no repository in %q", path)
 	}
 	r := route{repo: parts[0]}
 	switch {
 	case len(parts) == 1 || (len(parts) == 2 && parts[1] == ""):
 		return r, nil
-	case len(parts) == 2 && parts[1] == "config":
-		r.typ = "config"
+	case len(parts) == 2 && parts[1] == objref.TypeConfig:
+		r.typ = objref.TypeConfig
 		return r, nil
 	case len(parts) == 2 || (len(parts) == 3 && parts[2] == ""):
 		r.typ = parts[1]
 	case len(parts) == 3:
 		r.typ, r.name = parts[1], parts[2]
-		if len(r.name) != 64 || strings.Trim(r.name, "0123456789abcdef") != "" {
+		if !objref.ContentAddressed(r.name) {
 			return route{}, fail(http.StatusBadRequest, "object name %q is not a SHA-256", r.name)
 		}
 	default:
 		return route{}, fail(http.StatusNotFound, "no such path %q", path)
 	}
-	if !objectTypes[r.typ] {
+	// The config is reached at /<repo>/config only.
+	if r.typ == objref.TypeConfig || objref.CheckType(r.typ) != nil {
 		return route{}, fail(http.StatusNotFound, "unknown object type %q", r.typ)
 	}
 	return r, nil
@@ -137,13 +142,15 @@ func (s *Server) ClientName(r *http.Request) (string, error) {
 
 // ServeHTTP implements the restic REST protocol.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s.requests.Add(1)
+	m := s.counters()
+	m.requests.Inc()
+	defer prometheus.NewTimer(m.duration).ObserveDuration()
 	err := s.serve(w, r)
 	if err == nil {
 		return
 	}
-	s.rejected.Add(1)
-	status := objectio.Status(err, http.StatusForbidden)
+	m.rejected.Inc()
+	status := httperr.Status(err, http.StatusForbidden)
 	if s.Log != nil {
 		level := slog.LevelWarn
 		if status == http.StatusNotFound {
@@ -165,7 +172,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
 	}
 	// Readers take and release locks too (restic locks a repository to read
 	// it); everything else that changes the repository needs a writer.
-	write := (r.Method == http.MethodPost || r.Method == http.MethodDelete) && rt.typ != "locks"
+	write := (r.Method == http.MethodPost || r.Method == http.MethodDelete) && rt.typ != objref.TypeLocks
 	if !s.Auth.Allowed(client, rt.repo, write) {
 		return fail(http.StatusForbidden, "client %q may not %s repository %q", client, map[bool]string{false: "read", true: "append to"}[write], rt.repo)
 	}
@@ -179,16 +186,14 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
 			return fail(http.StatusForbidden, "append-only: a repository cannot be deleted")
 		}
 		return fail(http.StatusMethodNotAllowed, "%s on a repository root", r.Method)
-	case rt.name == "" && rt.typ != "config":
+	case rt.name == "" && rt.typ != objref.TypeConfig:
 		if r.Method != http.MethodGet {
 			return fail(http.StatusMethodNotAllowed, "%s on a list", r.Method)
 		}
 		return s.list(w, r, rt)
 	}
-	ns, name := rt.repo+"/"+rt.typ, rt.name
-	if rt.typ == "config" {
-		ns, name = rt.repo+"/config", "config"
-	}
+	ref := rt.ref()
+	ns, name := ref.Namespace(), ref.Name
 	switch r.Method {
 	case http.MethodHead:
 		size, ok := s.Store.Has(ns, name)
@@ -202,7 +207,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
 	case http.MethodPost:
 		return s.put(w, r, ns, name)
 	case http.MethodDelete:
-		if rt.typ != "locks" {
+		if rt.typ != objref.TypeLocks {
 			return fail(http.StatusForbidden, "append-only: only locks can be deleted")
 		}
 		return s.Store.Delete(ns, name)
@@ -211,7 +216,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) list(w http.ResponseWriter, r *http.Request, rt route) error {
-	objs, err := s.Store.List(rt.repo + "/" + rt.typ)
+	objs, err := s.Store.List(objref.Namespace(rt.repo, rt.typ))
 	if err != nil {
 		return err
 	}
@@ -254,7 +259,7 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request, ns, name string) er
 	if _, err := s.Store.Put(ns, name, data); err != nil {
 		return err
 	}
-	s.bytesIn.Add(int64(len(data)))
+	s.counters().bytesIn.Add(float64(len(data)))
 	if s.Log != nil {
 		s.Log.Info(MsgStored, "ns", ns, "name", name, "bytes", len(data))
 	}
@@ -262,14 +267,4 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request, ns, name string) er
 		s.OnStored(ns, name, int64(len(data)))
 	}
 	return nil
-}
-
-// WriteMetrics writes the server's counters in Prometheus text format.
-func (s *Server) WriteMetrics(w io.Writer) {
-	fmt.Fprintln(w, "# TYPE embassy_ingest_requests_total counter")
-	fmt.Fprintf(w, "embassy_ingest_requests_total %d\n", s.requests.Load())
-	fmt.Fprintln(w, "# TYPE embassy_ingest_rejected_total counter")
-	fmt.Fprintf(w, "embassy_ingest_rejected_total %d\n", s.rejected.Load())
-	fmt.Fprintln(w, "# TYPE embassy_ingest_bytes_total counter")
-	fmt.Fprintf(w, "embassy_ingest_bytes_total %d\n", s.bytesIn.Load())
 }

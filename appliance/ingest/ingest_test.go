@@ -34,6 +34,7 @@ type fixture struct {
 	otherPEM  string // from a foreign CA
 	srvCAPool *x509.CertPool
 	certs     map[string]tls.Certificate
+	srv       *ingest.Server
 }
 
 func clientPEM(t testing.TB, dir, name string, ca *pki.Issuer) (string, tls.Certificate) {
@@ -81,6 +82,7 @@ func start(t testing.TB) *fixture {
 	}
 	srv := &ingest.Server{Store: st, ClientCAs: clientCA.Pool(), MaxObject: 32 << 20,
 		Auth: ingest.Rules{"population": {Writers: []string{"population-registry"}, Readers: []string{"auditor"}}}}
+	f.srv = srv
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -41,6 +41,9 @@ import (
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/eventlog"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // Log messages the host side (tests, demo) looks for.
@@ -221,13 +224,11 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 		json.NewEncoder(w).Encode(map[string]any{"appliance_id": ac.ID(), "degraded": h.Degraded, "disks": h.Disks,
 			"blank_disks": h.BlankDisks, "peers": h.Peers})
 	}
-	own[PathMetrics] = func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		st.WriteMetrics(w)
-		ing.WriteMetrics(w)
-		rep.WriteMetrics(w)
-		repSrv.WriteMetrics(w)
+	metrics := prometheus.NewRegistry()
+	for _, cs := range [][]prometheus.Collector{st.Collectors(), ing.Collectors(), rep.Collectors(), repSrv.Collectors()} {
+		metrics.MustRegister(cs...)
 	}
+	own[PathMetrics] = promhttp.HandlerFor(metrics, promhttp.HandlerOpts{}).ServeHTTP
 	srv := &http.Server{
 		Handler: mux,
 		TLSConfig: &tls.Config{

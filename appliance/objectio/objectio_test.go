@@ -1,4 +1,4 @@
-package objectio
+package objectio_test
 
 import (
 	"crypto/sha256"
@@ -8,6 +8,10 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/dataembassy/embassy/appliance/httperr"
+	"github.com/dataembassy/embassy/appliance/objectio"
+	"github.com/dataembassy/embassy/appliance/objref"
 )
 
 func TestReadBodyAndCheckContent(t *testing.T) {
@@ -17,25 +21,25 @@ func TestReadBodyAndCheckContent(t *testing.T) {
 		name, objName, body string
 		contentLength       int64
 		status              int
+		err                 error
 	}{
-		{"good", good, "payload", 7, 0},
-		{"named object", "config", "anything", 8, 0},
-		{"too large by header", good, "payload", 100, http.StatusRequestEntityTooLarge},
-		{"too large by body", good, strings.Repeat("x", 20), -1, http.StatusRequestEntityTooLarge},
-		{"truncated", good, "pay", 7, http.StatusBadRequest},
-		{"wrong hash", strings.Repeat("0", 64), "payload", 7, http.StatusBadRequest},
+		{"good", good, "payload", 7, 0, nil},
+		{"named object", "config", "anything", 8, 0, nil},
+		{"too large by header", good, "payload", 100, http.StatusRequestEntityTooLarge, objectio.ErrTooLarge},
+		{"too large by body", good, strings.Repeat("x", 20), -1, http.StatusRequestEntityTooLarge, objectio.ErrTooLarge},
+		{"truncated", good, "pay", 7, http.StatusBadRequest, objectio.ErrTruncated},
+		{"wrong hash", strings.Repeat("0", 64), "payload", 7, http.StatusBadRequest, objref.ErrHashMismatch},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			r := httptest.NewRequest(http.MethodPut, "/", strings.NewReader(tc.body))
 			r.ContentLength = tc.contentLength
-			_, err := ReadObject(r, tc.objName, 16)
-			var oe *Error
+			_, err := objectio.ReadObject(r, tc.objName, 16)
 			switch {
 			case tc.status == 0 && err != nil:
 				t.Fatalf("refused: %v", err)
-			case tc.status != 0 && (!errors.As(err, &oe) || oe.Status != tc.status):
-				t.Fatalf("got %v, want status %d", err, tc.status)
+			case tc.status != 0 && (!errors.Is(err, tc.err) || httperr.Status(err, http.StatusConflict) != tc.status):
+				t.Fatalf("got %v, want %v and status %d", err, tc.err, tc.status)
 			}
 		})
 	}

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/dataembassy/embassy/appliance/objectio"
+	"github.com/dataembassy/embassy/appliance/objref"
 	"github.com/dataembassy/embassy/protocol/api"
 )
 
@@ -43,7 +43,7 @@ func FuzzServeRequest(f *testing.F) {
 			objs, _ := n.store.List(ns)
 			for _, o := range objs {
 				data, err := n.store.Get(ns, o.Name)
-				if err != nil || objectio.CheckContent(o.Name, data) != nil {
+				if err != nil || objref.CheckContent(o.Name, data) != nil {
 					t.Fatalf("stored %s/%s that does not verify: %v", ns, o.Name, err)
 				}
 			}

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dataembassy/embassy/appliance/metricstest"
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/protocol/api"
@@ -158,10 +159,9 @@ func TestPushOnStore(t *testing.T) {
 		}
 	}
 	waitFor(t, "zero lag", 5*time.Second, func() bool { return a.rep.Lag()[0].PendingObjects == 0 })
-	var m bytes.Buffer
-	a.rep.WriteMetrics(&m)
-	if !strings.Contains(m.String(), fmt.Sprintf("embassy_replication_sent_objects_total{peer=%q} 20", b.id)) {
-		t.Fatalf("metrics:\n%s", m.String())
+	m := metricstest.Scrape(t, a.rep.Collectors()...)
+	if !strings.Contains(m, fmt.Sprintf("embassy_replication_sent_objects_total{peer=%q} 20", b.id)) {
+		t.Fatalf("metrics:\n%s", m)
 	}
 }
 
@@ -199,9 +199,8 @@ func TestNamedConflictLeftAlone(t *testing.T) {
 	a.rep.SetPeers([]api.Peer{{ID: b.id, Endpoints: []string{b.addr}}})
 	b.rep.SetPeers([]api.Peer{{ID: a.id, Endpoints: []string{a.addr}}})
 	waitFor(t, "conflict counted", 10*time.Second, func() bool {
-		var m bytes.Buffer
-		a.rep.WriteMetrics(&m)
-		return strings.Contains(m.String(), fmt.Sprintf("embassy_replication_conflicts_total{peer=%q} 1", b.id))
+		m := metricstest.Scrape(t, a.rep.Collectors()...)
+		return strings.Contains(m, fmt.Sprintf("embassy_replication_conflicts_total{peer=%q} 1", b.id))
 	})
 	got, _ := b.store.Get("reg/config", "config")
 	if string(got) != "two" {
@@ -266,10 +265,9 @@ func TestRefusedPeers(t *testing.T) {
 			}
 		})
 	}
-	var m bytes.Buffer
-	a.srv.WriteMetrics(&m)
-	if !strings.Contains(m.String(), "embassy_replication_refused_total 12") {
-		t.Fatalf("refusals not counted:\n%s", m.String())
+	m := metricstest.Scrape(t, a.srv.Collectors()...)
+	if !strings.Contains(m, "embassy_replication_refused_total 12") {
+		t.Fatalf("refusals not counted:\n%s", m)
 	}
 }
 

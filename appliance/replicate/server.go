@@ -21,15 +21,13 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
-	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
-	"strings"
-	"sync/atomic"
 	"time"
 
+	"github.com/dataembassy/embassy/appliance/httperr"
 	"github.com/dataembassy/embassy/appliance/objectio"
+	"github.com/dataembassy/embassy/appliance/objref"
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/protocol/identity"
 )
@@ -56,7 +54,8 @@ type Store interface {
 // per-appliance and short-lived: restic takes them on the appliance it
 // talks to, so they are not copied.
 func Replicated(ns string) bool {
-	return store.ValidNamespace(ns) == nil && !strings.HasSuffix(ns, "/locks")
+	_, typ, err := objref.ParseNamespace(ns)
+	return err == nil && typ != objref.TypeLocks
 }
 
 // ListEntry is one object of a list answer.
@@ -80,12 +79,12 @@ type Server struct {
 	Limit int
 	Now   func() time.Time
 
-	sem                          chan struct{}
-	received, receivedB, refused atomic.Int64
+	sem     chan struct{}
+	metrics *serverMetrics
 }
 
 func refuse(status int, format string, args ...any) error {
-	return objectio.Fail(status, format, args...)
+	return httperr.New(status, format, args...)
 }
 
 // Peer returns the attested appliance id of the connection's client
@@ -110,9 +109,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err == nil {
 		return
 	}
-	status := objectio.Status(err, http.StatusConflict)
+	status := httperr.Status(err, http.StatusConflict)
 	if status == http.StatusUnauthorized || status == http.StatusForbidden {
-		s.refused.Add(1)
+		s.metrics.refused.Inc()
 		s.Log.Warn("replication peer refused", "remote", r.RemoteAddr, "path", r.URL.Path, "reason", err.Error())
 	} else if status >= 500 || status == http.StatusConflict {
 		s.Log.Error("replication request failed", "remote", r.RemoteAddr, "path", r.URL.Path, "status", status, "err", err.Error())
@@ -121,6 +120,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
+	if s.sem == nil {
+		return errors.New("replication server not initialised; use Init")
+	}
 	id, err := Peer(r, s.Roots, s.now())
 	if err != nil {
 		return refuse(http.StatusUnauthorized, "replication needs an attested peer certificate: %v", err)
@@ -167,6 +169,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
 		if !Replicated(ns) {
 			return refuse(http.StatusBadRequest, "namespace %q is not replicated", ns)
 		}
+		if _, err := objref.Parse(ns, name); err != nil {
+			return err
+		}
 		switch r.Method {
 		case http.MethodGet:
 			data, err := s.Store.Get(ns, name)
@@ -185,9 +190,6 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) put(r *http.Request, peer, ns, name string) error {
-	if s.sem == nil {
-		return errors.New("replication server not initialised; use Init")
-	}
 	select {
 	case s.sem <- struct{}{}:
 		defer func() { <-s.sem }()
@@ -201,14 +203,15 @@ func (s *Server) put(r *http.Request, peer, ns, name string) error {
 	if _, err := s.Store.Put(ns, name, data); err != nil {
 		return err
 	}
-	s.received.Add(1)
-	s.receivedB.Add(int64(len(data)))
+	s.metrics.received.Inc()
+	s.metrics.receivedBytes.Add(float64(len(data)))
 	s.Log.Debug("replica stored", "peer", peer, "ns", ns, "name", name, "bytes", len(data))
 	return nil
 }
 
-// Init prepares the server's transfer limit.
+// Init prepares the server's transfer limit and metrics.
 func (s *Server) Init() *Server {
+	s.metrics = newServerMetrics()
 	limit := s.Limit
 	if limit <= 0 {
 		limit = 4
@@ -225,11 +228,4 @@ func writeJSON(w http.ResponseWriter, v any) error {
 	w.Header().Set("Content-Type", "application/json")
 	_, err := w.Write(buf.Bytes())
 	return err
-}
-
-// WriteMetrics writes the inbound counters in Prometheus text format.
-func (s *Server) WriteMetrics(w io.Writer) {
-	fmt.Fprintf(w, "# TYPE embassy_replication_received_objects_total counter\nembassy_replication_received_objects_total %d\n", s.received.Load())
-	fmt.Fprintf(w, "# TYPE embassy_replication_received_bytes_total counter\nembassy_replication_received_bytes_total %d\n", s.receivedB.Load())
-	fmt.Fprintf(w, "# TYPE embassy_replication_refused_total counter\nembassy_replication_refused_total %d\n", s.refused.Load())
 }

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/dataembassy/embassy/appliance/objref"
 )
 
 const (
@@ -91,7 +93,7 @@ func BenchmarkPut(b *testing.B) {
 	total := float64(benchObjects*benchObjectSize) / (1 << 20)
 	names := make([]string, len(objs)) // object names come with the request
 	for i, d := range objs {
-		names[i] = digestOf(d)
+		names[i] = objref.Digest(d)
 	}
 	var ratios, storeRates, plainRates []float64
 	for n := 0; n < b.N; n++ {
@@ -132,7 +134,7 @@ func BenchmarkResync(b *testing.B) {
 		for r := 0; r < benchRounds; r++ {
 			s, roots := newStore(b, 1)
 			for _, d := range objs {
-				if _, err := s.Put(ns, digestOf(d), d); err != nil {
+				if _, err := s.Put(ns, objref.Digest(d), d); err != nil {
 					b.Fatal(err)
 				}
 			}

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/dataembassy/embassy/appliance/objref"
 )
 
 // crashChildEnv makes the test binary act as the writer that gets killed.
@@ -43,7 +45,7 @@ func crashChild(roots []string) {
 		n, _ := rand.Int(rand.Reader, big.NewInt(64<<10))
 		b := make([]byte, n.Int64()+1)
 		rand.Read(b)
-		name := digestOf(b)
+		name := objref.Digest(b)
 		disks, err := s.Put(ns, name, b)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "put:", err)
@@ -102,7 +104,7 @@ func TestCrashSafety(t *testing.T) {
 				if err != nil {
 					t.Fatalf("round %d: acknowledged %s missing on disk %d: %v", round, name, idx, err)
 				}
-				if digestOf(b) != name {
+				if objref.Digest(b) != name {
 					t.Fatalf("round %d: acknowledged %s does not verify on disk %d", round, name, idx)
 				}
 			}
@@ -114,7 +116,7 @@ func TestCrashSafety(t *testing.T) {
 					return err
 				}
 				b, rerr := os.ReadFile(p)
-				if rerr != nil || digestOf(b) != e.Name() {
+				if rerr != nil || objref.Digest(b) != e.Name() {
 					t.Fatalf("round %d: visible object %s is partial or corrupt", round, p)
 				}
 				return nil

@@ -1,46 +1,55 @@
 package store
 
-import (
-	"fmt"
-	"io"
+import "github.com/prometheus/client_golang/prometheus"
+
+// metrics are the store's counters.
+type metrics struct {
+	puts, gets, peerHealed prometheus.Counter
+}
+
+func newMetrics() metrics {
+	return metrics{
+		puts:       prometheus.NewCounter(prometheus.CounterOpts{Name: "embassy_store_puts_total", Help: "Objects acknowledged."}),
+		gets:       prometheus.NewCounter(prometheus.CounterOpts{Name: "embassy_store_gets_total", Help: "Verified object reads."}),
+		peerHealed: prometheus.NewCounter(prometheus.CounterOpts{Name: "embassy_store_peer_healed_total", Help: "Objects whose every local copy failed, fetched from a peer."}),
+	}
+}
+
+var (
+	degradedDesc   = prometheus.NewDesc("embassy_store_degraded", "1 when a disk is not healthy.", nil, nil)
+	diskHealthy    = prometheus.NewDesc("embassy_store_disk_healthy", "1 when the disk is healthy.", []string{"disk", "state"}, nil)
+	diskReadErrors = prometheus.NewDesc("embassy_store_disk_read_errors_total", "Failed or unverifiable reads per disk.", []string{"disk"}, nil)
+	diskHealed     = prometheus.NewDesc("embassy_store_disk_healed_total", "Copies rewritten from a good copy per disk.", []string{"disk"}, nil)
 )
 
-// WriteMetrics writes the store's metrics in the Prometheus text format.
-func (s *Store) WriteMetrics(w io.Writer) {
-	disks, degraded := s.Status()
-	fmt.Fprintln(w, "# HELP embassy_store_puts_total Objects acknowledged.")
-	fmt.Fprintln(w, "# TYPE embassy_store_puts_total counter")
-	fmt.Fprintf(w, "embassy_store_puts_total %d\n", s.puts.Load())
-	fmt.Fprintln(w, "# HELP embassy_store_gets_total Verified object reads.")
-	fmt.Fprintln(w, "# TYPE embassy_store_gets_total counter")
-	fmt.Fprintf(w, "embassy_store_gets_total %d\n", s.gets.Load())
-	fmt.Fprintln(w, "# HELP embassy_store_peer_healed_total Objects whose every local copy failed, fetched from a peer.")
-	fmt.Fprintln(w, "# TYPE embassy_store_peer_healed_total counter")
-	fmt.Fprintf(w, "embassy_store_peer_healed_total %d\n", s.peerHealed.Load())
-	fmt.Fprintln(w, "# HELP embassy_store_degraded 1 when a disk is not healthy.")
-	fmt.Fprintln(w, "# TYPE embassy_store_degraded gauge")
-	deg := 0
-	if degraded {
-		deg = 1
+// Collectors returns the store's metrics, for a registry of the caller's.
+func (s *Store) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{s.metrics.puts, s.metrics.gets, s.metrics.peerHealed, disksCollector{s}}
+}
+
+// disksCollector reports the disks as they are at the scrape: disks come
+// and go (pulled out, replaced), and their counters live with them.
+type disksCollector struct{ s *Store }
+
+func (c disksCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{degradedDesc, diskHealthy, diskReadErrors, diskHealed} {
+		ch <- d
 	}
-	fmt.Fprintf(w, "embassy_store_degraded %d\n", deg)
-	fmt.Fprintln(w, "# HELP embassy_store_disk_healthy 1 when the disk is healthy.")
-	fmt.Fprintln(w, "# TYPE embassy_store_disk_healthy gauge")
+}
+
+func (c disksCollector) Collect(ch chan<- prometheus.Metric) {
+	disks, degraded := c.s.Status()
+	ch <- prometheus.MustNewConstMetric(degradedDesc, prometheus.GaugeValue, boolValue(degraded))
 	for _, d := range disks {
-		h := 0
-		if d.State == Healthy {
-			h = 1
-		}
-		fmt.Fprintf(w, "embassy_store_disk_healthy{disk=%q,state=%q} %d\n", d.ID, d.State, h)
+		ch <- prometheus.MustNewConstMetric(diskHealthy, prometheus.GaugeValue, boolValue(d.State == Healthy), d.ID, string(d.State))
+		ch <- prometheus.MustNewConstMetric(diskReadErrors, prometheus.CounterValue, float64(d.ReadErrors), d.ID)
+		ch <- prometheus.MustNewConstMetric(diskHealed, prometheus.CounterValue, float64(d.Healed), d.ID)
 	}
-	fmt.Fprintln(w, "# HELP embassy_store_disk_read_errors_total Failed or unverifiable reads per disk.")
-	fmt.Fprintln(w, "# TYPE embassy_store_disk_read_errors_total counter")
-	for _, d := range disks {
-		fmt.Fprintf(w, "embassy_store_disk_read_errors_total{disk=%q} %d\n", d.ID, d.ReadErrors)
+}
+
+func boolValue(b bool) float64 {
+	if b {
+		return 1
 	}
-	fmt.Fprintln(w, "# HELP embassy_store_disk_healed_total Copies rewritten from a good copy per disk.")
-	fmt.Fprintln(w, "# TYPE embassy_store_disk_healed_total counter")
-	for _, d := range disks {
-		fmt.Fprintf(w, "embassy_store_disk_healed_total{disk=%q} %d\n", d.ID, d.Healed)
-	}
+	return 0
 }

@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/dataembassy/embassy/appliance/objref"
 	"golang.org/x/sys/unix"
 )
 
@@ -97,7 +98,7 @@ func (s *Store) Scrub(ctx context.Context, progress func(Progress)) (*ScrubRepor
 				continue
 			}
 			rep.Bytes += int64(len(data))
-			if digestOf(data) != o.digest {
+			if objref.Digest(data) != o.digest {
 				d.readErrors.Add(1)
 				bad = append(bad, d)
 				continue
@@ -231,7 +232,7 @@ func (s *Store) Resync(ctx context.Context, id string, progress func(Progress)) 
 
 // resyncOne copies one object onto target unless a good copy is there.
 func (s *Store) resyncOne(target *disk, o objectRef) (bool, int64, error) {
-	if data, err := os.ReadFile(objectPath(target.root, o.ns, o.name, o.digest)); err == nil && digestOf(data) == o.digest {
+	if data, err := os.ReadFile(objectPath(target.root, o.ns, o.name, o.digest)); err == nil && objref.Digest(data) == o.digest {
 		return false, 0, nil
 	}
 	// Stream a copy from the first healthy disk through the hash; only a

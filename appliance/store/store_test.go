@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/dataembassy/embassy/appliance/metricstest"
+	"github.com/dataembassy/embassy/appliance/objref"
 	"golang.org/x/sys/unix"
 )
 
@@ -39,7 +41,7 @@ func object(t testing.TB, size int) (string, []byte) {
 	t.Helper()
 	b := make([]byte, size)
 	rand.Read(b)
-	return digestOf(b), b
+	return objref.Digest(b), b
 }
 
 func copyOn(root, name string) string { return objectPath(root, ns, name, name) }
@@ -139,10 +141,10 @@ func TestBitrotHealedByReadAndScrub(t *testing.T) {
 	// A read served by a bad first copy heals it.
 	flip(copyOn(roots[0], names[0]))
 	got, err := s.Get(ns, names[0])
-	if err != nil || digestOf(got) != names[0] {
+	if err != nil || objref.Digest(got) != names[0] {
 		t.Fatalf("read with one bad copy: %v", err)
 	}
-	if b, _ := os.ReadFile(copyOn(roots[0], names[0])); digestOf(b) != names[0] {
+	if b, _ := os.ReadFile(copyOn(roots[0], names[0])); objref.Digest(b) != names[0] {
 		t.Fatal("bad copy not healed by the read")
 	}
 	// The scrubber finds and heals bad copies on either disk, and missing ones.
@@ -159,7 +161,7 @@ func TestBitrotHealedByReadAndScrub(t *testing.T) {
 	}
 	for _, n := range names {
 		for _, r := range roots {
-			if b, err := os.ReadFile(copyOn(r, n)); err != nil || digestOf(b) != n {
+			if b, err := os.ReadFile(copyOn(r, n)); err != nil || objref.Digest(b) != n {
 				t.Fatalf("copy of %s on %s still bad", n, r)
 			}
 		}
@@ -177,10 +179,9 @@ func TestBitrotHealedByReadAndScrub(t *testing.T) {
 	if degraded || disks[0].ReadErrors == 0 || disks[0].Healed == 0 {
 		t.Fatalf("status %+v degraded=%v", disks, degraded)
 	}
-	var m bytes.Buffer
-	s.WriteMetrics(&m)
-	if !strings.Contains(m.String(), `embassy_store_disk_healed_total{disk="a"}`) {
-		t.Fatalf("metrics:\n%s", m.String())
+	m := metricstest.Scrape(t, s.Collectors()...)
+	if !strings.Contains(m, `embassy_store_disk_healed_total{disk="a"}`) {
+		t.Fatalf("metrics:\n%s", m)
 	}
 }
 
@@ -294,7 +295,7 @@ func TestResync(t *testing.T) {
 	}
 	for _, n := range names {
 		for _, r := range []string{roots[0], newRoot} {
-			if b, err := os.ReadFile(copyOn(r, n)); err != nil || digestOf(b) != n {
+			if b, err := os.ReadFile(copyOn(r, n)); err != nil || objref.Digest(b) != n {
 				t.Fatalf("%s missing or bad on %s after resync", n, r)
 			}
 		}
