@@ -64,7 +64,7 @@ func TestFullFlowThreeBrokersK2(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	keys, err := attest.Combine(results, 2)
+	keys, err := attest.Round(results).Keys(2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +94,7 @@ func TestFullFlowThreeBrokersK2(t *testing.T) {
 	if err != nil {
 		t.Fatalf("one broker down: %v", err)
 	}
-	keys, _ = attest.Combine(results, 2)
+	keys, _ = attest.Round(results).Keys(2)
 	if !bytes.Equal(keys["disk-1"], secret) {
 		t.Fatal("one broker down: wrong key")
 	}
@@ -105,7 +105,7 @@ func TestFullFlowThreeBrokersK2(t *testing.T) {
 	if !errors.Is(err, attest.ErrBelowThreshold) || !strings.Contains(err.Error(), "1 of 3 brokers answered, 2 needed") {
 		t.Fatalf("two brokers down: %v", err)
 	}
-	if keys, _ := attest.Combine(results, 2); len(keys) != 0 {
+	if keys, _ := attest.Round(results).Keys(2); len(keys) != 0 {
 		t.Fatal("a key was recombined from one share")
 	}
 }

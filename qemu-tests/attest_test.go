@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/images/build"
 )
 
@@ -24,9 +24,9 @@ func TestBootEnrollAndAttest(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
-	_, idf := waitMsg(t, ctx, v, 0, initseq.MsgIdentity)
+	_, idf := waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
 	id, _ := idf["appliance_id"].(string)
-	waitMsg(t, ctx, v, 0, initseq.MsgEnrollRequested)
+	waitMsg(t, ctx, v, 0, logmsg.MsgEnrollRequested)
 	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
 	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
 	for _, b := range hb.b {
@@ -37,7 +37,7 @@ func TestBootEnrollAndAttest(t *testing.T) {
 			t.Fatalf("%s: approve image: %v", b.Name(), err)
 		}
 	}
-	_, att := waitMsg(t, ctx, v, 0, initseq.MsgAttested)
+	_, att := waitMsg(t, ctx, v, 0, logmsg.MsgAttested)
 	if n, _ := att["brokers"].(float64); n < 2 {
 		t.Fatalf("attested to %v brokers, want at least k=2", att["brokers"])
 	}

@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/broker/pki"
 )
 
@@ -32,7 +32,7 @@ func TestIngestBadInput(t *testing.T) {
 	cfg, _ := provisioned(t, ctx, hb, "badinput")
 	cfg.Name = "badinput-boot"
 	v := startVM(t, cfg)
-	waitMsg(t, ctx, v, 0, initseq.MsgServing)
+	waitMsg(t, ctx, v, 0, logmsg.MsgServing)
 	port := cfg.Forwards[0].HostPort
 
 	rc := newResticClient(t, port, "population-registry")

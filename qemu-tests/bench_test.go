@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/initramfs/cpioimage"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
@@ -75,7 +75,7 @@ func BenchmarkBoot(b *testing.B) {
 		}
 		cfg.SwtpmCA = filepath.Join(cacheDir(), "swtpm-localca")
 		cfg.LogDir = b.TempDir()
-		appliance += timeToLine(b, cfg, func(s string) bool { return bootreport.JSONMsg(s) == initseq.MsgStarting })
+		appliance += timeToLine(b, cfg, func(s string) bool { return bootreport.JSONMsg(s) == logmsg.MsgStarting })
 
 		cfg.Initrd = bare
 		cfg.LogDir = b.TempDir()

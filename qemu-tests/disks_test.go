@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
@@ -20,14 +20,14 @@ func waitMsg(t *testing.T, ctx context.Context, v *vm.VM, from int, msg string) 
 	t.Helper()
 	i, line, err := v.WaitFor(ctx, from, func(s string) bool {
 		m := bootreport.JSONMsg(s)
-		return m == msg || m == initseq.MsgHalted
+		return m == msg || m == logmsg.MsgHalted
 	})
 	if err != nil {
 		t.Fatalf("waiting for %q: %v", msg, err)
 	}
 	var fields map[string]any
 	json.Unmarshal([]byte(line.Text), &fields)
-	if fields["msg"] == initseq.MsgHalted {
+	if fields["msg"] == logmsg.MsgHalted {
 		t.Fatalf("appliance halted: %s", line.Text)
 	}
 	return i, fields
@@ -50,9 +50,9 @@ func TestProvisionThenUnlock(t *testing.T) {
 	defer cancel()
 
 	v := startVM(t, cfg)
-	_, id := waitMsg(t, ctx, v, 0, initseq.MsgIdentity)
+	_, id := waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
 	appliance := id["appliance_id"].(string)
-	waitMsg(t, ctx, v, 0, initseq.MsgEnrollRequested)
+	waitMsg(t, ctx, v, 0, logmsg.MsgEnrollRequested)
 	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
 	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
 	for _, b := range hb.b {
@@ -66,7 +66,7 @@ func TestProvisionThenUnlock(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	_, st := waitMsg(t, ctx, v, 0, initseq.MsgStoreOpen)
+	_, st := waitMsg(t, ctx, v, 0, logmsg.MsgStoreOpen)
 	if n, _ := st["disks"].(float64); n != 2 || st["degraded"] != false {
 		t.Fatalf("first boot store: %v", st)
 	}
@@ -81,11 +81,11 @@ func TestProvisionThenUnlock(t *testing.T) {
 	// Power on again: attest, get the shares, unlock, no operator action.
 	cfg.Name = "disks-reboot"
 	v2 := startVM(t, cfg)
-	_, att := waitMsg(t, ctx, v2, 0, initseq.MsgAttested)
+	_, att := waitMsg(t, ctx, v2, 0, logmsg.MsgAttested)
 	if n, _ := att["shares"].(float64); n < 4 {
 		t.Fatalf("second boot got %v shares, want 2 disks x k=2", att["shares"])
 	}
-	_, st = waitMsg(t, ctx, v2, 0, initseq.MsgStoreOpen)
+	_, st = waitMsg(t, ctx, v2, 0, logmsg.MsgStoreOpen)
 	if n, _ := st["disks"].(float64); n != 2 || st["degraded"] != false {
 		t.Fatalf("second boot store: %v", st)
 	}

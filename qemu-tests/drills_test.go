@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/ingest"
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 )
@@ -76,7 +76,7 @@ func TestDiskFailureAndReplacement(t *testing.T) {
 	if err := a.v.RemoveDisk(1); err != nil {
 		t.Fatal(err)
 	}
-	_, failed := waitMsg(t, ctx, a.v, from, initseq.MsgDiskFailed)
+	_, failed := waitMsg(t, ctx, a.v, from, logmsg.MsgDiskFailed)
 	if failed["serial"] != "EMBASSY0001" {
 		t.Fatalf("failed disk reported as %v", failed)
 	}
@@ -99,7 +99,7 @@ func TestDiskFailureAndReplacement(t *testing.T) {
 	if _, err := a.v.AddDisk(rawDisk(t, 384<<20)); err != nil {
 		t.Fatal(err)
 	}
-	_, blank := waitMsg(t, ctx, a.v, from, initseq.MsgBlankDisk)
+	_, blank := waitMsg(t, ctx, a.v, from, logmsg.MsgBlankDisk)
 	if blank["serial"] != "EMBASSY0002" {
 		t.Fatalf("blank disk reported as %v", blank)
 	}
@@ -111,7 +111,7 @@ func TestDiskFailureAndReplacement(t *testing.T) {
 	if err != nil {
 		t.Fatalf("approve-disk: %v %+v", err, outs)
 	}
-	i, _ := waitMsg(t, ctx, a.v, from, initseq.MsgDiskHealthy)
+	i, _ := waitMsg(t, ctx, a.v, from, logmsg.MsgDiskHealthy)
 	_, scrub := waitMsg(t, ctx, a.v, i, "scrub finished")
 	if scrub["unrecoverable"] != float64(0) || scrub["copies"] != 2*scrub["objects"].(float64) || scrub["objects"].(float64) < 10 {
 		t.Fatalf("scrub after resync: %v", scrub)
@@ -153,7 +153,7 @@ func TestPowerLossDuringIngest(t *testing.T) {
 		}
 		a.v.Close()
 		a.restart(t)
-		waitMsg(t, ctx, a.v, 0, initseq.MsgServing)
+		waitMsg(t, ctx, a.v, 0, logmsg.MsgServing)
 		for k := range acked {
 			if err := verifyObject(hc, a.ports[0], k); err != nil {
 				t.Fatalf("round %d: acknowledged object lost or damaged after the power cut: %v", round, err)

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
@@ -102,8 +102,8 @@ func TestRackAndIngest(t *testing.T) {
 	defer cancel()
 
 	v := startVM(t, cfg)
-	_, id := waitMsg(t, ctx, v, 0, initseq.MsgIdentity)
-	waitMsg(t, ctx, v, 0, initseq.MsgEnrollRequested)
+	_, id := waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
+	waitMsg(t, ctx, v, 0, logmsg.MsgEnrollRequested)
 	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
 	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
 	for _, b := range hb.b {
@@ -113,7 +113,7 @@ func TestRackAndIngest(t *testing.T) {
 		}
 		b.ApproveDisks(id["appliance_id"].(string), 2)
 	}
-	waitMsg(t, ctx, v, 0, initseq.MsgServing)
+	waitMsg(t, ctx, v, 0, logmsg.MsgServing)
 
 	src := sourceTree(t)
 	rc := newResticClient(t, port, "population-registry")
@@ -137,7 +137,7 @@ func TestRackAndIngest(t *testing.T) {
 
 	cfg.Name = "rack-reboot"
 	v2 := startVM(t, cfg)
-	waitMsg(t, ctx, v2, 0, initseq.MsgServing)
+	waitMsg(t, ctx, v2, 0, logmsg.MsgServing)
 	dst := t.TempDir()
 	if out, err := rc.run(t, "restore", "latest", "--target", dst); err != nil {
 		t.Fatalf("restore after reboot: %v\n%s", err, out)

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 )
 
@@ -26,12 +26,12 @@ func TestBrokersLate(t *testing.T) {
 
 	cfg.Name = "late-all-down"
 	v := startVM(t, cfg)
-	waitMsg(t, ctx, v, 0, initseq.MsgIdentity)
+	waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
 	time.Sleep(20 * time.Second)
 	for i := range hb.b {
 		hb.serve(i)
 	}
-	waitMsg(t, ctx, v, 0, initseq.MsgServing)
+	waitMsg(t, ctx, v, 0, logmsg.MsgServing)
 	v.Close()
 
 	// One broker only.
@@ -48,7 +48,7 @@ func TestBrokersLate(t *testing.T) {
 	}
 	for _, l := range v2.Lines() {
 		switch bootreport.JSONMsg(l.Text) {
-		case initseq.MsgAttested, "volume unlocked and mounted", initseq.MsgServing:
+		case logmsg.MsgAttested, "volume unlocked and mounted", logmsg.MsgServing:
 			t.Fatalf("got further than attestation with one broker: %s", l.Text)
 		}
 	}

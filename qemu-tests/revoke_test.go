@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 )
 
@@ -20,17 +20,17 @@ func TestRevokedAppliance(t *testing.T) {
 	cfg, id := provisioned(t, ctx, hb, "revoke")
 	cfg.Name = "revoke-boot"
 	v := startVM(t, cfg)
-	i, _ := waitMsg(t, ctx, v, 0, initseq.MsgServing)
+	i, _ := waitMsg(t, ctx, v, 0, logmsg.MsgServing)
 	for _, b := range hb.b {
 		if err := b.Revoke(id); err != nil {
 			t.Fatal(err)
 		}
 	}
-	j, ld := waitMsg(t, ctx, v, i, initseq.MsgLockdown)
+	j, ld := waitMsg(t, ctx, v, i, logmsg.MsgLockdown)
 	if ld["reason"] != "appliance revoked" {
 		t.Fatalf("lockdown reason %v", ld["reason"])
 	}
-	_, stopped := waitMsg(t, ctx, v, j, initseq.MsgStopped)
+	_, stopped := waitMsg(t, ctx, v, j, logmsg.MsgStopped)
 	for _, l := range v.Lines()[j:] {
 		if bootreport.JSONMsg(l.Text) == "closing volumes" {
 			t.Fatalf("volumes did not close cleanly: %s", l.Text)

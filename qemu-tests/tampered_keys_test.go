@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/broker"
 	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
@@ -35,9 +35,9 @@ func provisioned(t *testing.T, ctx context.Context, hb *hostBrokers, name string
 	cfg.Disks = []string{rawDisk(t, 256<<20), rawDisk(t, 256<<20)}
 	cfg.Forwards = []vm.Forward{{NIC: 0, HostPort: port, GuestPort: 8443}}
 	v := startVM(t, cfg)
-	_, idf := waitMsg(t, ctx, v, 0, initseq.MsgIdentity)
+	_, idf := waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
 	id := idf["appliance_id"].(string)
-	waitMsg(t, ctx, v, 0, initseq.MsgEnrollRequested)
+	waitMsg(t, ctx, v, 0, logmsg.MsgEnrollRequested)
 	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
 	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
 	for _, b := range hb.b {
@@ -47,7 +47,7 @@ func provisioned(t *testing.T, ctx context.Context, hb *hostBrokers, name string
 		}
 		b.ApproveDisks(id, 2)
 	}
-	waitMsg(t, ctx, v, 0, initseq.MsgServing)
+	waitMsg(t, ctx, v, 0, logmsg.MsgServing)
 	v.Close()
 	return cfg, id
 }
@@ -109,7 +109,7 @@ func TestTamperedImageGetsNoKeys(t *testing.T) {
 			c.Name, c.Kernel, c.Initrd, c.Cmdline = bc.Name, bc.Kernel, bc.Initrd, bc.Cmdline
 			c.LogDir = filepath.Join(repoRoot, "out", "test-logs", t.Name())
 			v := startVM(t, c)
-			waitMsg(t, ctx, v, 0, initseq.MsgIdentity)
+			waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
 			// Give every broker time to refuse at least once.
 			deadline := time.Now().Add(2 * time.Minute)
 			for {
@@ -136,7 +136,7 @@ func TestTamperedImageGetsNoKeys(t *testing.T) {
 			}
 			for _, l := range v.Lines() {
 				switch bootreport.JSONMsg(l.Text) {
-				case initseq.MsgAttested, "volume unlocked and mounted", initseq.MsgServing:
+				case logmsg.MsgAttested, "volume unlocked and mounted", logmsg.MsgServing:
 					t.Fatalf("tampered image got further than attestation: %s", l.Text)
 				}
 			}

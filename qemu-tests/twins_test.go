@@ -22,7 +22,8 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/ingest"
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
+	"github.com/dataembassy/embassy/appliance/node"
 	"github.com/dataembassy/embassy/appliance/replicate"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/build"
@@ -85,9 +86,9 @@ func startTwins(t *testing.T, ctx context.Context, hb *hostBrokers, diskSize int
 		tws = append(tws, tw)
 	}
 	for _, tw := range tws {
-		_, idf := waitMsg(t, ctx, tw.v, 0, initseq.MsgIdentity)
+		_, idf := waitMsg(t, ctx, tw.v, 0, logmsg.MsgIdentity)
 		tw.id = idf["appliance_id"].(string)
-		waitMsg(t, ctx, tw.v, 0, initseq.MsgEnrollRequested)
+		waitMsg(t, ctx, tw.v, 0, logmsg.MsgEnrollRequested)
 	}
 	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
 	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
@@ -108,7 +109,7 @@ func startTwins(t *testing.T, ctx context.Context, hb *hostBrokers, diskSize int
 		}
 	}
 	for _, tw := range tws {
-		waitMsg(t, ctx, tw.v, 0, initseq.MsgServing)
+		waitMsg(t, ctx, tw.v, 0, logmsg.MsgServing)
 	}
 	for i, tw := range tws {
 		waitPeer(t, ctx, tw, tws[1-i].id)
@@ -235,7 +236,7 @@ func waitConverged(t *testing.T, ctx context.Context, hc *http.Client, a, b *twi
 
 // health reads an appliance's health endpoint.
 func health(hc *http.Client, port int) (*api.Health, error) {
-	resp, err := hc.Get(fmt.Sprintf("https://127.0.0.1:%d%s", port, initseq.PathHealth))
+	resp, err := hc.Get(fmt.Sprintf("https://127.0.0.1:%d%s", port, node.PathHealth))
 	if err != nil {
 		return nil, err
 	}
@@ -429,7 +430,7 @@ func TestPeerDownCatchUp(t *testing.T) {
 
 	start := time.Now()
 	b.restart(t)
-	waitMsg(t, ctx, b.v, 0, initseq.MsgServing)
+	waitMsg(t, ctx, b.v, 0, logmsg.MsgServing)
 	waitConverged(t, ctx, hc, a, b)
 	waitZeroLag(t, ctx, hc, a)
 	t.Logf("B caught up %d MiB in %.1fs after its restart", lag.PendingBytes>>20, time.Since(start).Seconds())

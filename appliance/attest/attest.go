@@ -283,41 +283,6 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 	return res
 }
 
-// AgreedPeers returns the peers that at least k brokers list with the same
-// endpoints, in a stable order: no single broker can add a peer. Peers
-// whose entries are malformed are dropped.
-func AgreedPeers(results []*Result, k int) []api.Peer {
-	votes := map[string]int{}
-	byKey := map[string]api.Peer{}
-	for _, r := range results {
-		seen := map[string]bool{}
-		for _, p := range r.Peers {
-			if api.CheckApplianceID(p.ID) != nil || len(p.Endpoints) == 0 || len(p.Endpoints) > api.MaxEndpoints {
-				continue
-			}
-			ok := true
-			for _, e := range p.Endpoints {
-				ok = ok && api.CheckEndpoint(e) == nil
-			}
-			key := p.ID + " " + strings.Join(p.Endpoints, ",")
-			if !ok || seen[key] {
-				continue
-			}
-			seen[key] = true
-			votes[key]++
-			byKey[key] = p
-		}
-	}
-	var out []api.Peer
-	for key, n := range votes {
-		if n >= k {
-			out = append(out, byKey[key])
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
-	return out
-}
-
 // Backoff bounds the retry delay of AttestAll.
 type Backoff struct {
 	Initial, Max time.Duration
@@ -393,32 +358,6 @@ type LockdownError struct{ Broker, Reason string }
 
 func (e *LockdownError) Error() string {
 	return fmt.Sprintf("lockdown ordered by broker %s: %s", e.Broker, e.Reason)
-}
-
-// Combine recombines each disk's unlock secret from the results. A disk
-// with fewer than k shares is left out and reported.
-func Combine(results []*Result, k int) (map[string][]byte, error) {
-	byDisk := map[string][]shamir.Share{}
-	for _, r := range results {
-		for d, s := range r.Shares {
-			byDisk[d] = append(byDisk[d], s)
-		}
-	}
-	keys := map[string][]byte{}
-	var errs []error
-	for d, shares := range byDisk {
-		if len(shares) < k {
-			errs = append(errs, fmt.Errorf("disk %s: %d shares, %d needed", d, len(shares), k))
-			continue
-		}
-		secret, err := shamir.Combine(shares)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("disk %s: %w", d, err))
-			continue
-		}
-		keys[d] = secret
-	}
-	return keys, errors.Join(errs...)
 }
 
 // Deposit splits a new disk's unlock secret k-of-n and hands each broker

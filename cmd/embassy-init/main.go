@@ -1,7 +1,8 @@
 // Command embassy-init is PID 1 of the appliance image: it runs the boot
 // sequence of package initseq (pseudo-filesystems, kernel modules,
-// measured-boot evidence, network, attestation to the key brokers) and logs
-// every step as structured JSON on the serial console.
+// measured-boot evidence, network, attestation to the key brokers, disks,
+// then serving through package node until a lockdown) and logs every step
+// as structured JSON on the serial console.
 package main
 
 import (

@@ -20,7 +20,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/images/verify"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
@@ -67,12 +67,12 @@ func JSONMsg(line string) string {
 func Wait(ctx context.Context, v *vm.VM) (*Evidence, error) {
 	i, line, err := v.WaitFor(ctx, 0, func(s string) bool {
 		m := JSONMsg(s)
-		return m == initseq.MsgEvidence || m == initseq.MsgHalted
+		return m == logmsg.MsgEvidence || m == logmsg.MsgHalted
 	})
 	if err != nil {
 		return nil, fmt.Errorf("wait for measured-boot evidence: %w", err)
 	}
-	if JSONMsg(line.Text) == initseq.MsgHalted {
+	if JSONMsg(line.Text) == logmsg.MsgHalted {
 		return nil, fmt.Errorf("appliance halted: %s", line.Text)
 	}
 	var head evidenceLine
@@ -85,7 +85,7 @@ func Wait(ctx context.Context, v *vm.VM) (*Evidence, error) {
 	var enc strings.Builder
 	next := i + 1
 	for seq := 0; seq < head.Chunks; seq++ {
-		j, l, err := v.WaitFor(ctx, next, func(s string) bool { return JSONMsg(s) == initseq.MsgEventLogChunk })
+		j, l, err := v.WaitFor(ctx, next, func(s string) bool { return JSONMsg(s) == logmsg.MsgEventLogChunk })
 		if err != nil {
 			return nil, fmt.Errorf("wait for event-log chunk %d: %w", seq, err)
 		}
@@ -197,7 +197,7 @@ func (p *ProgressWriter) Write(b []byte) (int, error) {
 		p.buf = p.buf[i+1:]
 		msg := JSONMsg(line)
 		switch {
-		case msg == initseq.MsgEventLogChunk:
+		case msg == logmsg.MsgEventLogChunk:
 		case msg != "":
 			fmt.Fprintf(p.Out, "  +%5.1fs appliance: %s\n", time.Since(p.Start).Seconds(), msg)
 		case strings.HasPrefix(line, "EFI stub: "):

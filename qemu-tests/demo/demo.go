@@ -18,7 +18,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/initseq"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/images/devpki"
 	"github.com/dataembassy/embassy/images/imagekey"
 	"github.com/dataembassy/embassy/operator/opclient"
@@ -202,11 +202,11 @@ func (r *run) run(ctx context.Context) error {
 	if !verdict.Check.OK() {
 		return fmt.Errorf("the booted image does not match manifest v%d: %v", m.Version, verdict.Check.Problems)
 	}
-	id, err := waitField(ctx, v, initseq.MsgIdentity, "appliance_id")
+	id, err := waitField(ctx, v, logmsg.MsgIdentity, "appliance_id")
 	if err != nil {
 		return err
 	}
-	if _, err := waitField(ctx, v, initseq.MsgEnrollRequested, "appliance_id"); err != nil {
+	if _, err := waitField(ctx, v, logmsg.MsgEnrollRequested, "appliance_id"); err != nil {
 		return err
 	}
 
@@ -219,7 +219,7 @@ func (r *run) run(ctx context.Context) error {
 			return fmt.Errorf("embassyctl %s: %w", args[0], err)
 		}
 	}
-	if _, err := waitField(ctx, v, initseq.MsgServing, "port"); err != nil {
+	if _, err := waitField(ctx, v, logmsg.MsgServing, "port"); err != nil {
 		return err
 	}
 
@@ -254,7 +254,7 @@ func (r *run) run(ctx context.Context) error {
 	}
 	for _, l := range v.Lines() {
 		switch bootreport.JSONMsg(l.Text) {
-		case "disk", initseq.MsgStoreOpen, "volume unlocked and mounted":
+		case "disk", logmsg.MsgStoreOpen, "volume unlocked and mounted":
 			r.say("appliance: %s", l.Text)
 		}
 	}
@@ -270,14 +270,14 @@ func (r *run) run(ctx context.Context) error {
 func waitField(ctx context.Context, v *vm.VM, msg, field string) (string, error) {
 	_, line, err := v.WaitFor(ctx, 0, func(s string) bool {
 		m := bootreport.JSONMsg(s)
-		return m == msg || m == initseq.MsgHalted
+		return m == msg || m == logmsg.MsgHalted
 	})
 	if err != nil {
 		return "", fmt.Errorf("waiting for %q: %w", msg, err)
 	}
 	var f map[string]any
 	json.Unmarshal([]byte(line.Text), &f)
-	if f["msg"] == initseq.MsgHalted {
+	if f["msg"] == logmsg.MsgHalted {
 		return "", fmt.Errorf("appliance halted: %s", line.Text)
 	}
 	return fmt.Sprint(f[field]), nil

@@ -1,0 +1,92 @@
+package attest
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+
+	"github.com/dataembassy/embassy/keys/shamir"
+	"github.com/dataembassy/embassy/protocol/api"
+)
+
+// Round is one round of broker answers: the results AttestAll returned.
+// What the appliance may do is decided over the round, never by a single
+// broker: a disk key needs k shares, a peer k votes, a disk approval every
+// answering broker's count.
+type Round []*Result
+
+// Keys recombines each disk's unlock secret from the round. A disk with
+// fewer than k shares is left out and reported. The caller wipes the keys
+// after use.
+func (r Round) Keys(k int) (map[string][]byte, error) {
+	byDisk := map[string][]shamir.Share{}
+	for _, res := range r {
+		for d, s := range res.Shares {
+			byDisk[d] = append(byDisk[d], s)
+		}
+	}
+	keys := map[string][]byte{}
+	var errs []error
+	for d, shares := range byDisk {
+		if len(shares) < k {
+			errs = append(errs, fmt.Errorf("disk %s: %d shares, %d needed", d, len(shares), k))
+			continue
+		}
+		secret, err := shamir.Combine(shares)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("disk %s: %w", d, err))
+			continue
+		}
+		keys[d] = secret
+	}
+	return keys, errors.Join(errs...)
+}
+
+// Peers returns the peers that at least k brokers list with the same
+// endpoints, in a stable order: no single broker can add a peer. Peers
+// whose entries are malformed are dropped.
+func (r Round) Peers(k int) []api.Peer {
+	votes := map[string]int{}
+	byKey := map[string]api.Peer{}
+	for _, res := range r {
+		seen := map[string]bool{}
+		for _, p := range res.Peers {
+			if api.CheckApplianceID(p.ID) != nil || len(p.Endpoints) == 0 || len(p.Endpoints) > api.MaxEndpoints {
+				continue
+			}
+			ok := true
+			for _, e := range p.Endpoints {
+				ok = ok && api.CheckEndpoint(e) == nil
+			}
+			key := p.ID + " " + strings.Join(p.Endpoints, ",")
+			if !ok || seen[key] {
+				continue
+			}
+			seen[key] = true
+			votes[key]++
+			byKey[key] = p
+		}
+	}
+	var out []api.Peer
+	for key, n := range votes {
+		if n >= k {
+			out = append(out, byKey[key])
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// DiskApprovals is the number of disk approvals every broker of the round
+// agrees on: the smallest count (0 for an empty round).
+func (r Round) DiskApprovals() int {
+	if len(r) == 0 {
+		return 0
+	}
+	n := r[0].DiskApprovals
+	for _, res := range r {
+		n = min(n, res.DiskApprovals)
+	}
+	return n
+}

@@ -1,0 +1,98 @@
+package attest
+
+import (
+	"bytes"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/dataembassy/embassy/keys/shamir"
+	"github.com/dataembassy/embassy/protocol/api"
+)
+
+func TestRoundPeers(t *testing.T) {
+	b := strings.Repeat("b", 32)
+	c := strings.Repeat("c", 32)
+	good := api.Peer{ID: b, Endpoints: []string{"10.0.2.2:9001", "10.0.3.2:9002"}}
+	moved := api.Peer{ID: b, Endpoints: []string{"192.0.2.9:9001"}}
+	rogue := api.Peer{ID: c, Endpoints: []string{"10.0.2.2:9999"}}
+	bad := api.Peer{ID: "not-an-id", Endpoints: []string{"10.0.2.2:1"}}
+	badEndpoint := api.Peer{ID: c, Endpoints: []string{"host.example:1"}}
+	res := func(peers ...api.Peer) *Result { return &Result{Peers: peers} }
+	cases := []struct {
+		name    string
+		results Round
+		k       int
+		want    string
+	}{
+		{"all agree", []*Result{res(good), res(good), res(good)}, 2, b},
+		{"one broker adds a peer", []*Result{res(good, rogue), res(good), res(good)}, 2, b},
+		{"endpoints differ", []*Result{res(good), res(moved), res(good)}, 2, b},
+		{"no majority", []*Result{res(good), res(moved), res()}, 2, ""},
+		{"listed twice by one broker", []*Result{res(rogue, rogue), res()}, 2, ""},
+		{"malformed", []*Result{res(bad, badEndpoint), res(bad, badEndpoint)}, 2, ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var ids []string
+			for _, p := range tc.results.Peers(tc.k) {
+				ids = append(ids, p.ID)
+			}
+			if got := strings.Join(ids, ","); got != tc.want {
+				t.Fatalf("got %q, want %q (%s)", got, tc.want, fmt.Sprint(tc.results))
+			}
+		})
+	}
+}
+
+func TestRoundDiskApprovals(t *testing.T) {
+	res := func(n int) *Result { return &Result{DiskApprovals: n} }
+	cases := []struct {
+		name  string
+		round Round
+		want  int
+	}{
+		{"empty round", nil, 0},
+		{"all agree", Round{res(2), res(2)}, 2},
+		{"the smallest count wins", Round{res(3), res(1), res(2)}, 1},
+		{"one broker approved nothing", Round{res(1), res(0)}, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := tc.round.DiskApprovals(); got != tc.want {
+				t.Fatalf("got %d, want %d", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestRoundKeys(t *testing.T) {
+	secret := bytes.Repeat([]byte{7}, 32)
+	shares, err := shamir.Split(secret, 3, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := func(byDisk map[string]shamir.Share) *Result { return &Result{Shares: byDisk} }
+	cases := []struct {
+		name    string
+		round   Round
+		wantKey bool
+		wantErr bool
+	}{
+		{"k shares", Round{res(map[string]shamir.Share{"d": shares[0]}), res(map[string]shamir.Share{"d": shares[2]})}, true, false},
+		{"fewer than k shares", Round{res(map[string]shamir.Share{"d": shares[1]}), res(nil)}, false, true},
+		{"no shares", Round{res(nil), res(nil)}, false, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			keys, err := tc.round.Keys(2)
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err %v, want error %v", err, tc.wantErr)
+			}
+			k, ok := keys["d"]
+			if ok != tc.wantKey || (ok && !bytes.Equal(k, secret)) {
+				t.Fatalf("keys %x, want the secret: %v", keys, tc.wantKey)
+			}
+		})
+	}
+}

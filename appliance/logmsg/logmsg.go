@@ -1,0 +1,41 @@
+// Package logmsg is the vocabulary of the appliance's console log: the
+// messages of embassy-init's JSON log lines that the host side (the QEMU
+// tests, the boot report and the demo) waits for. It imports nothing, so
+// the host side can name the messages without linking PID 1.
+package logmsg
+
+// Boot: start, measured-boot evidence, a fatal error.
+const (
+	MsgStarting      = "embassy-init starting"
+	MsgEvidence      = "measured boot evidence"
+	MsgEventLogChunk = "event log chunk"
+	MsgHalted        = "halted"
+)
+
+// ChunkSize is how many base64 characters of the event log go in one log line.
+const ChunkSize = 3000
+
+// Attestation to the brokers.
+const (
+	MsgIdentity        = "appliance identity"
+	MsgEnrollRequested = "enrollment requested"
+	MsgAttested        = "attested"
+	MsgLockdown        = "lockdown"
+)
+
+// MsgStoreOpen reports the opened store.
+const MsgStoreOpen = "store open"
+
+// Serving, and its end after a lockdown or a failed re-attestation.
+const (
+	MsgServing = "ingest serving"
+	MsgStopped = "stopped serving"
+)
+
+// The disk replacement workflow.
+const (
+	MsgDiskFailed  = "disk failed"
+	MsgBlankDisk   = "blank disk waiting for approval"
+	MsgResync      = "resync progress"
+	MsgDiskHealthy = "replacement disk resynced; store healthy"
+)

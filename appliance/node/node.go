@@ -1,0 +1,251 @@
+// Package node is the appliance's serving node: the TLS listener on the
+// ingest port, the exact-path dispatch of its requests (the node's own
+// endpoints, replication, else the restic REST ingest), health, metrics,
+// operators' remote attestation checks, and the periodic re-attestation
+// that keeps it serving. It serves until a broker orders a lockdown or a
+// re-attestation fails, then stops.
+package node
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	stdlog "log"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/dataembassy/embassy/appliance/attest"
+	"github.com/dataembassy/embassy/appliance/logmsg"
+	"github.com/dataembassy/embassy/appliance/replicate"
+	"github.com/dataembassy/embassy/protocol/api"
+)
+
+// Paths of the health and metrics endpoints on the ingest listener.
+const (
+	PathHealth  = "/_embassy/health"
+	PathMetrics = "/_embassy/metrics"
+)
+
+// Attester attests the appliance to its brokers and answers operators'
+// remote attestation checks.
+type Attester interface {
+	ID() string
+	AttestAll(ctx context.Context, bo attest.Backoff, want int) ([]*attest.Result, error)
+	Challenge(nonce []byte) (*api.ChallengeResponse, error)
+}
+
+// HealthSource reports the appliance's disks, blank disks and replication
+// peers.
+type HealthSource interface {
+	Health() *api.Health
+}
+
+// HealthFunc adapts a function to a HealthSource.
+type HealthFunc func() *api.Health
+
+// Health calls f.
+func (f HealthFunc) Health() *api.Health { return f() }
+
+// Deps are what a node serves and whom it asks.
+type Deps struct {
+	Log      *slog.Logger
+	Attester Attester
+	Health   HealthSource
+	// Ingest serves every path that is neither the node's own nor under
+	// replicate.Prefix; Replication serves replicate.Prefix; Metrics serves
+	// PathMetrics.
+	Ingest, Replication, Metrics http.Handler
+	// Cert holds the certificate served, the one the brokers issued; the
+	// node replaces it after each re-attestation.
+	Cert *atomic.Pointer[tls.Certificate]
+	// Port is the ingest port, opened on every address.
+	Port int
+	// Threshold is how many brokers must answer a re-attestation (k).
+	Threshold int
+	// ReattestEvery is the brokers' re-attestation interval (5 minutes if
+	// not positive).
+	ReattestEvery time.Duration
+	// Reattested is called with each successful re-attestation's round.
+	Reattested func(attest.Round)
+}
+
+// Node serves the appliance's ingest port.
+type Node struct {
+	d   Deps
+	own map[string]http.HandlerFunc
+	srv *http.Server
+	ln  net.Listener
+}
+
+// New makes a node; it serves nothing until Listen or Run.
+func New(d Deps) *Node {
+	n := &Node{d: d}
+	n.own = map[string]http.HandlerFunc{
+		api.PathChallenge: n.challenge,
+		// Health and metrics carry no data and no secret: disk states, lag
+		// and counters only.
+		PathHealth:  n.health,
+		PathMetrics: d.Metrics.ServeHTTP,
+	}
+	n.srv = &http.Server{
+		Handler: n.Handler(),
+		TLSConfig: &tls.Config{
+			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return d.Cert.Load(), nil },
+			ClientAuth:     tls.RequestClientCert, MinVersion: tls.VersionTLS12,
+		},
+		ReadHeaderTimeout: 30 * time.Second,
+		ErrorLog:          stdlog.New(io.Discard, "", 0),
+	}
+	return n
+}
+
+// Handler dispatches on the exact request path: http.ServeMux would clean
+// "/repo/../x" into a redirect, and the ingest server must see and refuse
+// such paths.
+func (n *Node) Handler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if h, ok := n.own[r.URL.Path]; ok {
+			h(w, r)
+			return
+		}
+		if strings.HasPrefix(r.URL.Path, replicate.Prefix) {
+			n.d.Replication.ServeHTTP(w, r)
+			return
+		}
+		n.d.Ingest.ServeHTTP(w, r)
+	})
+}
+
+// Health is the JSON answer of PathHealth.
+type Health struct {
+	ApplianceID string           `json:"appliance_id"`
+	Degraded    bool             `json:"degraded"`
+	Disks       []api.DiskHealth `json:"disks"`
+	BlankDisks  []api.DiskHealth `json:"blank_disks"`
+	Peers       []api.PeerHealth `json:"peers"`
+}
+
+// health answers 503 while the store is degraded, so a load balancer or
+// monitor notices without parsing the body.
+func (n *Node) health(w http.ResponseWriter, r *http.Request) {
+	h := n.d.Health.Health()
+	w.Header().Set("Content-Type", "application/json")
+	if h.Degraded {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	json.NewEncoder(w).Encode(Health{ApplianceID: n.d.Attester.ID(), Degraded: h.Degraded, Disks: h.Disks,
+		BlankDisks: h.BlankDisks, Peers: h.Peers})
+}
+
+// challenge serves operators' remote attestation checks: anyone may ask
+// (the evidence is not secret), one quote at a time.
+func (n *Node) challenge(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost {
+		http.Error(w, "use POST", http.StatusMethodNotAllowed)
+		return
+	}
+	var req api.ChallengeRequest
+	dec := json.NewDecoder(io.LimitReader(r.Body, 4096))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		http.Error(w, "bad request: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	resp, err := n.d.Attester.Challenge(req.Nonce)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	n.d.Log.Info("remote attestation check answered")
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(resp)
+}
+
+// Listen opens the ingest port and starts serving on it.
+func (n *Node) Listen() error {
+	ln, err := net.Listen("tcp", fmt.Sprintf(":%d", n.d.Port))
+	if err != nil {
+		return err
+	}
+	n.ln = ln
+	go n.srv.ServeTLS(ln, "", "")
+	return nil
+}
+
+// Reason says why a node stopped serving.
+type Reason string
+
+// Reasons to stop.
+const (
+	ReasonListen         Reason = "ingest listen"
+	ReasonLockdown       Reason = "lockdown"
+	ReasonReattestFailed Reason = "re-attestation failed"
+	ReasonDone           Reason = "context done"
+)
+
+// StopError is why Run returned; it wraps the cause (an
+// *attest.LockdownError for a lockdown).
+type StopError struct {
+	Reason Reason
+	Err    error
+}
+
+func (e *StopError) Error() string { return fmt.Sprintf("%s: %v", e.Reason, e.Err) }
+
+func (e *StopError) Unwrap() error { return e.Err }
+
+// Run serves (listening first unless Listen was called) and re-attests
+// every ReattestEvery until a broker orders a lockdown, a re-attestation
+// fails or ctx ends. It then stops the server and says why (never nil).
+func (n *Node) Run(ctx context.Context) *StopError {
+	if n.ln == nil {
+		if err := n.Listen(); err != nil {
+			return &StopError{Reason: ReasonListen, Err: err}
+		}
+	}
+	defer n.srv.Close()
+	every := n.d.ReattestEvery
+	if every <= 0 {
+		every = 5 * time.Minute
+	}
+	for {
+		t := time.NewTimer(every)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return &StopError{Reason: ReasonDone, Err: ctx.Err()}
+		case <-t.C:
+		}
+		if err := n.reattest(ctx); err != nil {
+			return err
+		}
+	}
+}
+
+func (n *Node) reattest(ctx context.Context) *StopError {
+	round, cancel := context.WithTimeout(ctx, time.Minute)
+	res, err := n.d.Attester.AttestAll(round, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, n.d.Threshold)
+	cancel()
+	if err != nil {
+		var ld *attest.LockdownError
+		if errors.As(err, &ld) {
+			n.d.Log.Error(logmsg.MsgLockdown, "broker", ld.Broker, "reason", ld.Reason)
+			return &StopError{Reason: ReasonLockdown, Err: err}
+		}
+		n.d.Log.Error("re-attestation failed", "err", err.Error())
+		return &StopError{Reason: ReasonReattestFailed, Err: err}
+	}
+	n.d.Cert.Store(res[0].Certificate)
+	if n.d.Reattested != nil {
+		n.d.Reattested(res)
+	}
+	n.d.Log.Info("re-attested", "brokers", len(res), "image_version", res[0].ImageVersion)
+	return nil
+}

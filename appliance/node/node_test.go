@@ -1,0 +1,257 @@
+package node
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/appliance/attest"
+	"github.com/dataembassy/embassy/appliance/replicate"
+	"github.com/dataembassy/embassy/protocol/api"
+)
+
+const applianceID = "appliance-under-test"
+
+// fakeAttester answers challenges with the nonce it was given and
+// re-attestations with the rounds queued in rounds (an error ends them).
+type fakeAttester struct {
+	rounds chan fakeRound
+}
+
+type fakeRound struct {
+	res []*attest.Result
+	err error
+}
+
+func (f *fakeAttester) ID() string { return applianceID }
+
+func (f *fakeAttester) AttestAll(ctx context.Context, bo attest.Backoff, want int) ([]*attest.Result, error) {
+	select {
+	case r := <-f.rounds:
+		return r.res, r.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (f *fakeAttester) Challenge(nonce []byte) (*api.ChallengeResponse, error) {
+	if len(nonce) < 16 {
+		return nil, fmt.Errorf("nonce of %d bytes; want 16 to 64", len(nonce))
+	}
+	return &api.ChallengeResponse{ApplianceID: applianceID, Quote: nonce}, nil
+}
+
+// named answers every request with its name and the path it saw.
+func named(name string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%s %s", name, r.URL.Path)
+	})
+}
+
+func newNode(health *api.Health, att *fakeAttester) (*Node, *atomic.Pointer[tls.Certificate]) {
+	var cert atomic.Pointer[tls.Certificate]
+	n := New(Deps{
+		Log:         slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Attester:    att,
+		Health:      HealthFunc(func() *api.Health { return health }),
+		Ingest:      named("ingest"),
+		Replication: named("replication"),
+		Metrics: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+			io.WriteString(w, "embassy_objects_total 3\n")
+		}),
+		Cert:      &cert,
+		Threshold: 2,
+	})
+	return n, &cert
+}
+
+func TestHandler(t *testing.T) {
+	healthy := &api.Health{Disks: []api.DiskHealth{{Serial: "S1", Device: "vdb", UUID: "u1", State: "healthy"}},
+		Peers: []api.PeerHealth{{ID: "peer", PendingObjects: 2}}}
+	degraded := &api.Health{Degraded: true, Disks: []api.DiskHealth{{Serial: "S1", State: "failed", Reason: "disk removed"}},
+		BlankDisks: []api.DiskHealth{{Serial: "S2", Device: "vdc", State: "blank, waiting for approval"}}}
+	nonce := strings.Repeat("n", 16)
+	goodChallenge, err := json.Marshal(api.ChallengeRequest{Nonce: []byte(nonce)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name       string
+		health     *api.Health
+		method     string
+		target     string
+		body       string
+		wantStatus int
+		wantType   string
+		check      func(t *testing.T, body string)
+	}{
+		{name: "health", health: healthy, method: "GET", target: PathHealth, wantStatus: 200, wantType: "application/json",
+			check: func(t *testing.T, body string) {
+				var h Health
+				if err := json.Unmarshal([]byte(body), &h); err != nil {
+					t.Fatal(err)
+				}
+				if h.ApplianceID != applianceID || h.Degraded || len(h.Disks) != 1 || h.Disks[0].Serial != "S1" ||
+					len(h.Peers) != 1 || h.Peers[0].PendingObjects != 2 || h.BlankDisks != nil {
+					t.Fatalf("health %+v", h)
+				}
+			}},
+		{name: "health while degraded", health: degraded, method: "GET", target: PathHealth, wantStatus: 503, wantType: "application/json",
+			check: func(t *testing.T, body string) {
+				var fields map[string]json.RawMessage
+				if err := json.Unmarshal([]byte(body), &fields); err != nil {
+					t.Fatal(err)
+				}
+				for _, f := range []string{"appliance_id", "degraded", "disks", "blank_disks", "peers"} {
+					if _, ok := fields[f]; !ok {
+						t.Fatalf("no field %q in %s", f, body)
+					}
+				}
+				if len(fields) != 5 || string(fields["degraded"]) != "true" || string(fields["peers"]) != "null" ||
+					!strings.Contains(string(fields["blank_disks"]), `"serial":"S2"`) {
+					t.Fatalf("health %s", body)
+				}
+			}},
+		{name: "metrics from the handler given", health: healthy, method: "GET", target: PathMetrics, wantStatus: 200,
+			wantType: "text/plain; version=0.0.4",
+			check: func(t *testing.T, body string) {
+				if body != "embassy_objects_total 3\n" {
+					t.Fatalf("metrics %q", body)
+				}
+			}},
+		{name: "challenge needs POST", method: "GET", target: api.PathChallenge, wantStatus: 405},
+		{name: "challenge with bad JSON", method: "POST", target: api.PathChallenge, body: `{"nonce":`, wantStatus: 400},
+		{name: "challenge with an unknown field", method: "POST", target: api.PathChallenge, body: `{"nonce":"","x":1}`, wantStatus: 400},
+		{name: "challenge refused by the attester", method: "POST", target: api.PathChallenge, body: `{"nonce":"c2hvcnQ="}`, wantStatus: 400,
+			check: func(t *testing.T, body string) {
+				if !strings.Contains(body, "nonce of 5 bytes") {
+					t.Fatalf("answer %q", body)
+				}
+			}},
+		{name: "challenge answered", method: "POST", target: api.PathChallenge, body: string(goodChallenge), wantStatus: 200, wantType: "application/json",
+			check: func(t *testing.T, body string) {
+				var resp api.ChallengeResponse
+				if err := json.Unmarshal([]byte(body), &resp); err != nil {
+					t.Fatal(err)
+				}
+				if resp.ApplianceID != applianceID || string(resp.Quote) != nonce {
+					t.Fatalf("answer %+v", resp)
+				}
+			}},
+		{name: "replication prefix", method: "GET", target: replicate.PathPing, wantStatus: 200,
+			check: func(t *testing.T, body string) {
+				if body != "replication "+replicate.PathPing {
+					t.Fatalf("answer %q", body)
+				}
+			}},
+		{name: "restic path to ingest", method: "GET", target: "/repo/config", wantStatus: 200,
+			check: func(t *testing.T, body string) {
+				if body != "ingest /repo/config" {
+					t.Fatalf("answer %q", body)
+				}
+			}},
+		{name: "traversal path reaches ingest uncleaned", method: "GET", target: "/repo/../x", wantStatus: 200,
+			check: func(t *testing.T, body string) {
+				if body != "ingest /repo/../x" {
+					t.Fatalf("answer %q", body)
+				}
+			}},
+		{name: "traversal out of the replication prefix reaches ingest", method: "GET", target: "/_embassy/replica/../health", wantStatus: 200,
+			check: func(t *testing.T, body string) {
+				if body != "ingest /_embassy/replica/../health" {
+					t.Fatalf("answer %q", body)
+				}
+			}},
+		{name: "own path with a suffix reaches ingest", method: "GET", target: PathHealth + "/", wantStatus: 200,
+			check: func(t *testing.T, body string) {
+				if body != "ingest "+PathHealth+"/" {
+					t.Fatalf("answer %q", body)
+				}
+			}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			n, _ := newNode(tc.health, &fakeAttester{})
+			rec := httptest.NewRecorder()
+			n.Handler().ServeHTTP(rec, httptest.NewRequest(tc.method, tc.target, strings.NewReader(tc.body)))
+			if rec.Code != tc.wantStatus {
+				t.Fatalf("status %d, want %d: %s", rec.Code, tc.wantStatus, rec.Body)
+			}
+			if tc.wantType != "" && rec.Header().Get("Content-Type") != tc.wantType {
+				t.Fatalf("content type %q, want %q", rec.Header().Get("Content-Type"), tc.wantType)
+			}
+			if tc.check != nil {
+				tc.check(t, rec.Body.String())
+			}
+		})
+	}
+}
+
+func TestRun(t *testing.T) {
+	first := &tls.Certificate{}
+	second := &tls.Certificate{}
+	ok := []*attest.Result{{Broker: "b1", Certificate: second, DiskApprovals: 1}, {Broker: "b2", Certificate: second, DiskApprovals: 2}}
+	lockdown := &attest.LockdownError{Broker: "b1", Reason: "appliance revoked"}
+	cases := []struct {
+		name       string
+		rounds     []fakeRound
+		cancel     bool
+		want       Reason
+		wantCause  error
+		reattested int
+	}{
+		{name: "lockdown after a good round", rounds: []fakeRound{{res: ok}, {err: lockdown}}, want: ReasonLockdown, wantCause: lockdown, reattested: 1},
+		{name: "failed re-attestation", rounds: []fakeRound{{err: attest.ErrBelowThreshold}}, want: ReasonReattestFailed, wantCause: attest.ErrBelowThreshold},
+		{name: "context done", cancel: true, want: ReasonDone, wantCause: context.Canceled},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			att := &fakeAttester{rounds: make(chan fakeRound, len(tc.rounds))}
+			for _, r := range tc.rounds {
+				att.rounds <- r
+			}
+			n, cert := newNode(&api.Health{}, att)
+			cert.Store(first)
+			n.d.ReattestEvery = time.Millisecond
+			var rounds []attest.Round
+			n.d.Reattested = func(r attest.Round) { rounds = append(rounds, r) }
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			if tc.cancel {
+				cancel()
+			}
+			stop := n.Run(ctx)
+			if stop == nil || stop.Reason != tc.want || !errors.Is(stop, tc.wantCause) {
+				t.Fatalf("stopped with %v, want %s (%v)", stop, tc.want, tc.wantCause)
+			}
+			var ld *attest.LockdownError
+			if tc.want == ReasonLockdown && (!errors.As(stop, &ld) || ld.Reason != "appliance revoked") {
+				t.Fatalf("lockdown not reported: %v", stop)
+			}
+			if len(rounds) != tc.reattested {
+				t.Fatalf("%d re-attestations reported, want %d", len(rounds), tc.reattested)
+			}
+			if wantCert := map[bool]*tls.Certificate{true: second, false: first}[tc.reattested > 0]; cert.Load() != wantCert {
+				t.Fatal("served certificate not replaced by the re-attestation's")
+			}
+			if tc.reattested > 0 && rounds[0].DiskApprovals() != 1 {
+				t.Fatalf("round %v", rounds[0])
+			}
+			// The server is closed: nothing answers any more.
+			if _, err := n.ln.Accept(); err == nil {
+				t.Fatal("listener still open")
+			}
+		})
+	}
+}
