@@ -6,13 +6,18 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+
+	"github.com/dataembassy/embassy/images/manifest"
 )
 
 // NextStep is an error that names what the user runs, or passes, to get
@@ -28,6 +33,16 @@ func (e *NextStep) Unwrap() error { return e.Err }
 // Next wraps err with the step that gets past it.
 func Next(err error, format string, args ...any) error {
 	return &NextStep{Err: err, Next: fmt.Sprintf(format, args...)}
+}
+
+// RequireImageDir fails with the mkimage command that makes dir an image
+// folder when dir holds no manifest.
+func RequireImageDir(dir string) error {
+	if _, err := os.Stat(filepath.Join(dir, manifest.File)); errors.Is(err, fs.ErrNotExist) {
+		return Next(fmt.Errorf("%s is not an image folder: %w", dir, err),
+			"run `mkimage build --out %s` first", dir)
+	}
+	return nil
 }
 
 // CacheDir is the local-default cache folder: $EMBASSY_CACHE, else .cache.
