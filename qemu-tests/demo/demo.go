@@ -22,6 +22,7 @@ import (
 	"github.com/dataembassy/embassy/broker/opclient"
 	"github.com/dataembassy/embassy/images/devpki"
 	"github.com/dataembassy/embassy/images/imagekey"
+	"github.com/dataembassy/embassy/internal/cli"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
@@ -47,6 +48,9 @@ func (r *run) say(format string, args ...any) { fmt.Fprintf(r.o.Out, format+"\n"
 
 // Run performs the demonstration.
 func Run(ctx context.Context, o Options) error {
+	if err := o.check(); err != nil {
+		return err
+	}
 	work, err := os.MkdirTemp("", "embassy-demo-")
 	if err != nil {
 		return err
@@ -55,6 +59,19 @@ func Run(ctx context.Context, o Options) error {
 	defer os.RemoveAll(work)
 	defer r.stopAll()
 	return r.run(ctx)
+}
+
+// check says which command provides a missing input.
+func (o Options) check() error {
+	if err := cli.RequireImageDir(o.Image); err != nil {
+		return err
+	}
+	for _, b := range []string{"keybroker", "embassyctl"} {
+		if _, err := os.Stat(filepath.Join(o.Bin, b)); err != nil {
+			return cli.Next(fmt.Errorf("no %s binary: %w", b, err), "run `make bin` (it builds them into %s), or pass -bin DIR", o.Bin)
+		}
+	}
+	return nil
 }
 
 func (r *run) start(name string, args ...string) error {

@@ -2,10 +2,17 @@ package demo
 
 import (
 	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/internal/cli"
 )
 
 // A console as embassy-init prints it: the network library's log lines
@@ -54,5 +61,28 @@ appliance: ingest serving
 		if strings.Contains(out.String(), chatter) {
 			t.Errorf("story carries %q", chatter)
 		}
+	}
+}
+
+func TestMissingInputsSayWhatToRun(t *testing.T) {
+	tmp := t.TempDir()
+	image := filepath.Join(tmp, "out")
+	os.MkdirAll(image, 0o755)
+	os.WriteFile(filepath.Join(image, manifest.File), []byte("{}"), 0o644)
+	for _, tc := range []struct {
+		name string
+		o    Options
+		next string
+	}{
+		{"no image", Options{Image: filepath.Join(tmp, "missing"), Bin: tmp}, "mkimage build --out"},
+		{"no binaries", Options{Image: image, Bin: tmp}, "make bin"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := Run(context.Background(), tc.o)
+			var ns *cli.NextStep
+			if !errors.As(err, &ns) || !strings.Contains(ns.Next, tc.next) {
+				t.Errorf("Run = %v, want a next step naming %q", err, tc.next)
+			}
+		})
 	}
 }
