@@ -145,3 +145,61 @@ func Walk(root *cobra.Command) []*cobra.Command {
 	}
 	return out
 }
+
+// WithCompletion adds cobra's `completion` command (bash, zsh, fish,
+// powershell) to root now, rather than at execution, and gives it and each
+// shell's subcommand an example. Call it after the other subcommands are
+// added.
+func WithCompletion(root *cobra.Command) *cobra.Command {
+	root.InitDefaultCompletionCmd()
+	name := root.Name()
+	for _, c := range root.Commands() {
+		if c.Name() != "completion" {
+			continue
+		}
+		c.Example = fmt.Sprintf("  source <(%[1]s completion bash)\n  %[1]s completion zsh > \"${fpath[1]}/_%[1]s\"", name)
+		for _, sh := range c.Commands() {
+			c := sh
+			// cobra's own RunE writes to the output root had when the
+			// command was added; write to the current one instead.
+			c.RunE = func(c *cobra.Command, _ []string) error {
+				return genCompletion(root, c.Name(), c.OutOrStdout(), !noDescriptions(c))
+			}
+			c.Run = nil
+			switch c.Name() {
+			case "bash", "zsh":
+				c.Example = fmt.Sprintf("  source <(%s completion %s)", name, c.Name())
+			case "fish":
+				c.Example = fmt.Sprintf("  %[1]s completion fish > ~/.config/fish/completions/%[1]s.fish", name)
+			default:
+				c.Example = fmt.Sprintf("  %s completion %s | Out-String | Invoke-Expression", name, c.Name())
+			}
+		}
+	}
+	return root
+}
+
+func noDescriptions(c *cobra.Command) bool {
+	v, _ := c.Flags().GetBool("no-descriptions")
+	return v
+}
+
+func genCompletion(root *cobra.Command, shell string, w io.Writer, desc bool) error {
+	switch shell {
+	case "bash":
+		return root.GenBashCompletionV2(w, desc)
+	case "zsh":
+		if desc {
+			return root.GenZshCompletion(w)
+		}
+		return root.GenZshCompletionNoDesc(w)
+	case "fish":
+		return root.GenFishCompletion(w, desc)
+	case "powershell":
+		if desc {
+			return root.GenPowerShellCompletionWithDesc(w)
+		}
+		return root.GenPowerShellCompletion(w)
+	}
+	return fmt.Errorf("no completion for shell %q", shell)
+}

@@ -83,7 +83,7 @@ func TestSubcommandHelpHasExample(t *testing.T) {
 					t.Fatal(err)
 				}
 				_, ex, ok := strings.Cut(out, "Examples:\n")
-				if !ok || !strings.Contains(ex, "  "+c.CommandPath()) {
+				if !ok || !strings.Contains(ex, c.CommandPath()) {
 					t.Errorf("help without an example:\n%s", out)
 				}
 			})

@@ -80,7 +80,7 @@ it runs and approve its blank disks.`,
 	root.AddCommand(b)
 	root.SetHelpCommandGroupID("setup")
 	root.SetCompletionCommandGroupID("setup")
-	return root
+	return cli.WithCompletion(root)
 }
 
 // conn is what a command that talks to the brokers gets from the flags.

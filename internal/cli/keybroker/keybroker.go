@@ -51,7 +51,7 @@ Create a broker's state folder once with 'keybroker init', then run it with
       --operator-ca operator-ca.pem --manufacturer-ca tpm-vendors.pem --image-pubkey image-signing.pub`,
 	})
 	root.AddCommand(newInitCmd(), newServeCmd())
-	return root
+	return cli.WithCompletion(root)
 }
 
 type initOptions struct {

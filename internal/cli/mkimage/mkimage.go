@@ -38,7 +38,7 @@ Run it from the repository's root: build compiles ./cmd/embassy-init.`,
   mkimage verify out`,
 	})
 	root.AddCommand(newBuildCmd(), newVerifyCmd())
-	return root
+	return cli.WithCompletion(root)
 }
 
 type buildOptions struct {
