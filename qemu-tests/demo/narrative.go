@@ -12,24 +12,18 @@ import (
 	"github.com/dataembassy/embassy/appliance/initseq"
 )
 
-// storyMsgs are the appliance's log messages that are steps of the demo's
+// storyMsg says whether an appliance log message is a step of the demo's
 // story. Everything else on the console (DHCP lease dumps from the network
 // library, module loading, event-log chunks, scrub and replication detail)
 // stays in the console log file only.
-var storyMsgs = map[string]bool{
-	initseq.MsgStarting:        true,
-	initseq.MsgEvidence:        true,
-	initseq.MsgIdentity:        true,
-	initseq.MsgEnrollRequested: true,
-	initseq.MsgAttested:        true,
-	initseq.MsgStoreOpen:       true,
-	initseq.MsgServing:         true,
-	initseq.MsgStopped:         true,
-	initseq.MsgBlankDisk:       true,
-	initseq.MsgDiskFailed:      true,
-	initseq.MsgDiskHealthy:     true,
-	initseq.MsgLockdown:        true,
-	initseq.MsgHalted:          true,
+func storyMsg(msg string) bool {
+	switch msg {
+	case initseq.MsgStarting, initseq.MsgEvidence, initseq.MsgIdentity, initseq.MsgEnrollRequested,
+		initseq.MsgAttested, initseq.MsgStoreOpen, initseq.MsgServing, initseq.MsgStopped,
+		initseq.MsgBlankDisk, initseq.MsgDiskFailed, initseq.MsgDiskHealthy, initseq.MsgLockdown, initseq.MsgHalted:
+		return true
+	}
+	return false
 }
 
 // narrator turns the appliance's console stream into the story's progress
@@ -72,7 +66,7 @@ func storyLine(line string) (string, bool) {
 	}
 	msg, _ := f["msg"].(string)
 	switch {
-	case storyMsgs[msg]:
+	case storyMsg(msg):
 		return "appliance: " + msg, true
 	case f["level"] == "ERROR" && !strings.Contains(msg, "\n"):
 		return "appliance: " + msg + attrs(f), true
