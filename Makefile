@@ -31,7 +31,7 @@ deps:
 # image: Debian kernel (apt-get download into $(EMBASSY_CACHE)), initramfs,
 # cmdline, signed manifest into $(OUT)/.
 image: deps
-	go run ./cmd/mkimage build -out $(OUT) -version $(IMAGE_VERSION)
+	go run ./cmd/mkimage build --out $(OUT) --version $(IMAGE_VERSION)
 
 verify:
 	go run ./cmd/mkimage verify $(OUT)

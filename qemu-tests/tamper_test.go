@@ -33,7 +33,7 @@ func copyImage(t *testing.T, src string) string {
 // it exited zero.
 func runVerify(t *testing.T, dir string) (string, bool) {
 	t.Helper()
-	cmd := exec.Command(mkimage, "verify", "-pubkey", pubKeyPath(), dir)
+	cmd := exec.Command(mkimage, "verify", "--pubkey", pubKeyPath(), dir)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		if _, ok := err.(*exec.ExitError); !ok {

@@ -27,7 +27,7 @@ func main() {
 	if *sample == "" {
 		m, _ := filepath.Glob(filepath.Join(*cache, "kernel", "*.unpacked", "lib", "modules", "*", "kernel", "drivers", "net"))
 		if len(m) == 0 {
-			fmt.Fprintln(os.Stderr, "embassy-demo: no sample folder; pass -sample")
+			fmt.Fprintln(os.Stderr, "embassy-demo: no sample folder in the kernel cache\n  next: run `make image` (it caches the Debian kernel), or pass -sample DIR")
 			os.Exit(2)
 		}
 		*sample = m[0]

@@ -6,19 +6,16 @@
 package bootreport
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/images/manifest"
@@ -175,34 +172,4 @@ func BootConfig(name, dir string, m *manifest.Manifest) (vm.Config, error) {
 		Cmdline:  cmdline,
 		MemoryMB: m.Measurements.QEMUMemoryMiB,
 	}, nil
-}
-
-// ProgressWriter turns the console stream into short progress lines for
-// people: structured log lines become "+12.3s message", event-log chunks
-// and firmware noise are dropped.
-type ProgressWriter struct {
-	Out   io.Writer
-	Start time.Time
-	buf   []byte
-}
-
-func (p *ProgressWriter) Write(b []byte) (int, error) {
-	p.buf = append(p.buf, b...)
-	for {
-		i := bytes.IndexByte(p.buf, '\n')
-		if i < 0 {
-			break
-		}
-		line := string(p.buf[:i])
-		p.buf = p.buf[i+1:]
-		msg := JSONMsg(line)
-		switch {
-		case msg == logmsg.MsgEventLogChunk:
-		case msg != "":
-			fmt.Fprintf(p.Out, "  +%5.1fs appliance: %s\n", time.Since(p.Start).Seconds(), msg)
-		case strings.HasPrefix(line, "EFI stub: "):
-			fmt.Fprintf(p.Out, "  +%5.1fs kernel: %s\n", time.Since(p.Start).Seconds(), strings.TrimPrefix(line, "EFI stub: "))
-		}
-	}
-	return len(b), nil
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/images/devpki"
 	"github.com/dataembassy/embassy/images/imagekey"
+	"github.com/dataembassy/embassy/internal/cli"
 	"github.com/dataembassy/embassy/operator/opclient"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
@@ -47,6 +48,9 @@ func (r *run) say(format string, args ...any) { fmt.Fprintf(r.o.Out, format+"\n"
 
 // Run performs the demonstration.
 func Run(ctx context.Context, o Options) error {
+	if err := o.check(); err != nil {
+		return err
+	}
 	work, err := os.MkdirTemp("", "embassy-demo-")
 	if err != nil {
 		return err
@@ -55,6 +59,19 @@ func Run(ctx context.Context, o Options) error {
 	defer os.RemoveAll(work)
 	defer r.stopAll()
 	return r.run(ctx)
+}
+
+// check says which command provides a missing input.
+func (o Options) check() error {
+	if err := cli.RequireImageDir(o.Image); err != nil {
+		return err
+	}
+	for _, b := range []string{"keybroker", "embassyctl"} {
+		if _, err := os.Stat(filepath.Join(o.Bin, b)); err != nil {
+			return cli.Next(fmt.Errorf("no %s binary: %w", b, err), "run `make bin` (it builds them into %s), or pass -bin DIR", o.Bin)
+		}
+	}
+	return nil
 }
 
 func (r *run) start(name string, args ...string) error {
@@ -88,9 +105,9 @@ func (r *run) stopAll() {
 }
 
 func (r *run) ctl(args ...string) (string, error) {
-	full := append([]string{"-brokers", filepath.Join(r.work, "operator.json"),
-		"-cert", filepath.Join(r.o.Cache, "pki", "operator.pem"), "-key", filepath.Join(r.o.Cache, "pki", "operator.key"),
-		"-ca", filepath.Join(r.o.Cache, "pki", "broker-ca.pem")}, args...)
+	full := append([]string{"--brokers", filepath.Join(r.work, "operator.json"),
+		"--cert", filepath.Join(r.o.Cache, "pki", "operator.pem"), "--key", filepath.Join(r.o.Cache, "pki", "operator.key"),
+		"--ca", filepath.Join(r.o.Cache, "pki", "broker-ca.pem")}, args...)
 	out, err := exec.Command(filepath.Join(r.o.Bin, "embassyctl"), full...).CombinedOutput()
 	return string(out), err
 }
@@ -152,14 +169,14 @@ func (r *run) run(ctx context.Context) error {
 	for i := 0; i < 3; i++ {
 		name := fmt.Sprintf("broker-%c", 'a'+i)
 		dir := filepath.Join(r.work, name)
-		out, err := exec.Command(filepath.Join(r.o.Bin, "keybroker"), "init", "-dir", dir, "-name", name,
-			"-broker-ca-cert", brokerCA.CertPath, "-broker-ca-key", brokerCA.KeyPath, "-hosts", "127.0.0.1,10.0.2.2,10.0.3.2").CombinedOutput()
+		out, err := exec.Command(filepath.Join(r.o.Bin, "keybroker"), "init", "--dir", dir, "--name", name,
+			"--broker-ca-cert", brokerCA.CertPath, "--broker-ca-key", brokerCA.KeyPath, "--hosts", "127.0.0.1,10.0.2.2,10.0.3.2").CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("keybroker init: %v: %s", err, out)
 		}
-		if err := r.start("keybroker", "serve", "-dir", dir, "-name", name, "-operator-ca", opCA.CertPath,
-			"-manufacturer-ca", manuFile, "-image-pubkey", pub, "-reattest", "1m",
-			"-appliance-listen", fmt.Sprintf("127.0.0.1:%d", 7441+i), "-operator-listen", fmt.Sprintf("127.0.0.1:%d", 8441+i)); err != nil {
+		if err := r.start("keybroker", "serve", "--dir", dir, "--name", name, "--operator-ca", opCA.CertPath,
+			"--manufacturer-ca", manuFile, "--image-pubkey", pub, "--reattest", "1m",
+			"--appliance-listen", fmt.Sprintf("127.0.0.1:%d", 7441+i), "--operator-listen", fmt.Sprintf("127.0.0.1:%d", 8441+i)); err != nil {
 			return err
 		}
 		ops = append(ops, opclient.Broker{Name: name, URL: fmt.Sprintf("https://127.0.0.1:%d", 8441+i)})
@@ -182,7 +199,7 @@ func (r *run) run(ctx context.Context) error {
 	cfg.Disks = []string{diskA, diskB}
 	cfg.Forwards = []vm.Forward{{NIC: 0, HostPort: port, GuestPort: 8443}}
 	start := time.Now()
-	cfg.Stdout = &bootreport.ProgressWriter{Out: r.o.Out, Start: start}
+	cfg.Stdout = &narrator{out: r.o.Out, start: start}
 	r.say("booting appliance image v%d with two fresh 1 GiB disks (console: %s)", m.Version, filepath.Join(cfg.LogDir, "demo.serial.log"))
 	v, err := vm.Start(ctx, cfg)
 	if err != nil {
@@ -212,7 +229,7 @@ func (r *run) run(ctx context.Context) error {
 
 	// 4. The operators at home: enroll, approve the image and two disks.
 	r.say("\noperator: enrolling %s, approving image v%d and 2 disks", id, m.Version)
-	for _, args := range [][]string{{"enroll", id}, {"approve-image", r.o.Image}, {"approve-disk", "-count", "2", id}} {
+	for _, args := range [][]string{{"enroll", id}, {"approve-image", r.o.Image}, {"approve-disk", "--count", "2", id}} {
 		out, err := r.ctl(args...)
 		r.say("$ embassyctl %s\n%s", strings.Join(args, " "), strings.TrimRight(out, "\n"))
 		if err != nil {
@@ -255,7 +272,7 @@ func (r *run) run(ctx context.Context) error {
 	for _, l := range v.Lines() {
 		switch bootreport.JSONMsg(l.Text) {
 		case "disk", logmsg.MsgStoreOpen, "volume unlocked and mounted":
-			r.say("appliance: %s", l.Text)
+			r.say("appliance: %s", summary(l.Text))
 		}
 	}
 	r.say("\nthe embassy is serving on https://127.0.0.1:%d (restic repository rest:https://127.0.0.1:%d/population/)", port, port)

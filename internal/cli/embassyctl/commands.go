@@ -1,0 +1,323 @@
+package embassyctl
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/dataembassy/embassy/broker/audit"
+	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/internal/cli"
+	"github.com/dataembassy/embassy/operator/opclient"
+)
+
+func dirArgs(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+	return nil, cobra.ShellCompDirectiveFilterDirs
+}
+
+func noFileArgs(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+	return nil, cobra.ShellCompDirectiveNoFileComp
+}
+
+// changeCmds are the commands that send one change to every broker.
+func changeCmds(o *options) []*cobra.Command {
+	var count int
+	approveDisk := o.brokerCmd(&cobra.Command{
+		Use:   "approve-disk [--count N] APPLIANCE-ID",
+		Short: "Let an appliance provision N blank disks (first set-up or a replacement)",
+		Long: `approve-disk lets the appliance take N blank disks into its store: the
+appliance formats them only with every broker's approval and deposits a
+share of each new disk key with every broker.`,
+		Example: `  embassyctl approve-disk --count 2 3f9c...e1
+  embassyctl approve-disk 3f9c...e1    # one replacement disk`,
+		Args: cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
+	}, func(ctx context.Context, c *conn, args []string) error {
+		outs, err := c.client.ApproveDisks(ctx, args[0], count)
+		return c.printChange("approve-disk", outs, err)
+	})
+	approveDisk.Flags().IntVar(&count, "count", 1, "number of new disks")
+
+	return []*cobra.Command{
+		o.brokerCmd(&cobra.Command{
+			Use:   "enroll APPLIANCE-ID",
+			Short: "Approve an activated appliance's enrollment",
+			Long: `enroll approves an appliance whose enrollment request the brokers hold
+(the appliance logs "enrollment requested" with its id). Until then no
+broker releases anything to it.`,
+			Example: `  embassyctl enroll 3f9c...e1`,
+			Args:    cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
+		}, func(ctx context.Context, c *conn, args []string) error {
+			outs, err := c.client.ApproveEnrollment(ctx, args[0])
+			return c.printChange("enroll "+args[0], outs, err)
+		}),
+		o.brokerCmd(&cobra.Command{
+			Use:   "approve-image IMAGE-DIR",
+			Short: "Approve the signed image in a folder built by mkimage",
+			Long: `approve-image sends the signed manifest (manifest.json and manifest.sig) of
+an image folder to every broker; appliances booted from that image can then
+attest.`,
+			Example: `  embassyctl approve-image out`,
+			Args:    cli.ExactArgs(1), ValidArgsFunction: dirArgs,
+		}, func(ctx context.Context, c *conn, args []string) error {
+			if err := cli.RequireImageDir(args[0]); err != nil {
+				return err
+			}
+			m, err := os.ReadFile(filepath.Join(args[0], manifest.File))
+			if err != nil {
+				return err
+			}
+			s, err := os.ReadFile(filepath.Join(args[0], manifest.SignatureFile))
+			if err != nil {
+				return err
+			}
+			outs, err := c.client.ApproveImage(ctx, m, s)
+			return c.printChange("approve-image", outs, err)
+		}),
+		o.brokerCmd(&cobra.Command{
+			Use:     "set-endpoints APPLIANCE-ID IP:PORT[,IP:PORT...]",
+			Short:   "Set the addresses an appliance's twins replicate to it at",
+			Example: `  embassyctl set-endpoints 3f9c...e1 10.0.2.2:9443,10.0.3.2:9444`,
+			Args:    cli.ExactArgs(2), ValidArgsFunction: noFileArgs,
+		}, func(ctx context.Context, c *conn, args []string) error {
+			outs, err := c.client.SetEndpoints(ctx, args[0], strings.Split(args[1], ","))
+			return c.printChange("set-endpoints", outs, err)
+		}),
+		o.brokerCmd(&cobra.Command{
+			Use:     "set-floor APPLIANCE-ID VERSION",
+			Short:   "Refuse images below VERSION to an appliance (anti-rollback)",
+			Example: `  embassyctl set-floor 3f9c...e1 7`,
+			Args:    cli.ExactArgs(2), ValidArgsFunction: noFileArgs,
+		}, func(ctx context.Context, c *conn, args []string) error {
+			v, err := strconv.ParseUint(args[1], 10, 64)
+			if err != nil || v == 0 {
+				return &cli.UsageError{Msg: fmt.Sprintf("version %q is not a positive integer", args[1])}
+			}
+			outs, err := c.client.SetFloor(ctx, args[0], v)
+			return c.printChange("set-floor", outs, err)
+		}),
+		approveDisk,
+		o.brokerCmd(&cobra.Command{
+			Use:     "revoke APPLIANCE-ID",
+			Short:   "Revoke an appliance: no broker releases anything to it again",
+			Example: `  embassyctl revoke 3f9c...e1`,
+			Args:    cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
+		}, func(ctx context.Context, c *conn, args []string) error {
+			outs, err := c.client.Revoke(ctx, args[0])
+			return c.printChange("revoke", outs, err)
+		}),
+	}
+}
+
+func newAttestCmd(o *options) *cobra.Command {
+	return o.brokerCmd(&cobra.Command{
+		Use:   "attest HOST:PORT",
+		Short: "Check a running appliance's attestation yourself",
+		Long: `attest asks the appliance at HOST:PORT for a fresh TPM quote and checks it
+against the images the brokers approved; it fails unless the kernel,
+command line and initrd all match.`,
+		Example: `  embassyctl attest 192.0.2.10:8443
+  embassyctl attest --json 127.0.0.1:8443`,
+		Args: cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
+	}, func(ctx context.Context, c *conn, args []string) error {
+		v, err := c.client.AttestAppliance(ctx, args[0], c.roots)
+		if err != nil {
+			return err
+		}
+		if c.asJSON {
+			opclient.PrintJSON(c.out, v)
+		} else {
+			opclient.PrintVerdict(c.out, v)
+		}
+		if !v.Pass {
+			return fmt.Errorf("appliance %s failed the attestation check", v.ApplianceID)
+		}
+		return nil
+	})
+}
+
+func newStatusCmd(o *options) *cobra.Command {
+	return o.brokerCmd(&cobra.Command{
+		Use:   "status",
+		Short: "Show each broker's appliances, disks, health and approved images",
+		Example: `  embassyctl status
+  embassyctl status --json`,
+		Args: cli.ExactArgs(0), ValidArgsFunction: noFileArgs,
+	}, func(ctx context.Context, c *conn, _ []string) error {
+		st := c.client.Status(ctx)
+		if c.asJSON {
+			return opclient.PrintJSON(c.out, st)
+		}
+		opclient.PrintStatus(c.out, st)
+		return nil
+	})
+}
+
+func newAuditCmd(o *options) *cobra.Command {
+	auditCmd := cli.Group(&cobra.Command{
+		Use:   "audit",
+		Short: "Show or verify the brokers' hash-chained audit logs",
+		Example: `  embassyctl audit show
+  embassyctl audit verify
+  embassyctl audit verify --file audit.log --head 42:9b1f...c0`,
+	})
+	online := func(entries bool) func(context.Context, *conn, []string) error {
+		return func(ctx context.Context, c *conn, _ []string) error {
+			logs := c.client.Audit(ctx)
+			if c.asJSON {
+				opclient.PrintJSON(c.out, logs)
+			} else {
+				opclient.PrintAudit(c.out, logs, entries)
+			}
+			for _, l := range logs {
+				if !l.Verified {
+					return fmt.Errorf("audit log of %s does not verify", l.Broker)
+				}
+			}
+			return nil
+		}
+	}
+	show := o.brokerCmd(&cobra.Command{
+		Use:     "show",
+		Short:   "Print every broker's audit log entries and verify each chain",
+		Example: `  embassyctl audit show`,
+		Args:    cli.ExactArgs(0), ValidArgsFunction: noFileArgs,
+	}, online(true))
+
+	var file, head string
+	verifyCmd := o.brokerCmd(&cobra.Command{
+		Use:   "verify [--file FILE [--head SEQ:HASH]]",
+		Short: "Verify every broker's audit chain, or an exported log file offline",
+		Long: `verify re-checks each broker's audit chain against the head the broker
+reports. With --file it checks an exported log (JSON lines) offline instead,
+against --head if given; that needs no broker list or certificate.`,
+		Example: `  embassyctl audit verify
+  embassyctl audit verify --file audit.log --head 42:9b1f...c0`,
+		Args: cli.ExactArgs(0), ValidArgsFunction: noFileArgs,
+	}, online(false))
+	runOnline := verifyCmd.RunE
+	verifyCmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if file != "" {
+			return verifyFile(cmd, file, head, o.asJSON)
+		}
+		return runOnline(cmd, args)
+	}
+	verifyCmd.Flags().StringVar(&file, "file", "", "exported audit log file (JSON lines) to check offline")
+	verifyCmd.Flags().StringVar(&head, "head", "", "expected head as SEQ:HASH (from the broker or an earlier check)")
+	verifyCmd.MarkFlagFilename("file")
+	auditCmd.AddCommand(show, verifyCmd)
+	return auditCmd
+}
+
+// verifyFile checks an exported audit log file offline.
+func verifyFile(cmd *cobra.Command, file, headArg string, asJSON bool) error {
+	out := cmd.OutOrStdout()
+	var want *audit.Head
+	if headArg != "" {
+		seq, hash, ok := strings.Cut(headArg, ":")
+		n, perr := strconv.ParseUint(seq, 10, 64)
+		if !ok || perr != nil || len(hash) != 64 {
+			return &cli.UsageError{Msg: fmt.Sprintf("--head %q must be SEQ:HASH", headArg)}
+		}
+		want = &audit.Head{Seq: n, Hash: hash}
+	}
+	f, err := os.Open(file)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	entries, err := audit.Read(f)
+	if err != nil {
+		return err
+	}
+	head, err := audit.Verify(entries, want)
+	if asJSON {
+		opclient.PrintJSON(out, map[string]any{"entries": len(entries), "head": head, "verified": err == nil})
+	} else if err == nil {
+		fmt.Fprintf(out, "%s: %d entries, head %d %s: chain verified\n", file, len(entries), head.Seq, head.Hash)
+	}
+	return err
+}
+
+func newBrokersCmd(o *options) *cobra.Command {
+	b := cli.Group(&cobra.Command{
+		Use:   "brokers",
+		Short: "Write or show the broker list the other commands use (--brokers)",
+		Example: `  embassyctl brokers add broker-a https://broker-a.example:8441
+  embassyctl brokers list`,
+	})
+	b.AddCommand(&cobra.Command{
+		Use:   "add NAME https://HOST:PORT",
+		Short: "Add a broker's operator endpoint to the broker list, creating the list",
+		Example: `  embassyctl brokers add broker-a https://broker-a.example:8441
+  embassyctl --brokers ops/brokers.json brokers add broker-b https://10.0.0.6:8441`,
+		Args: cli.ExactArgs(2), ValidArgsFunction: noFileArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			n, err := addBroker(o.brokersPath, opclient.Broker{Name: args[0], URL: args[1]})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "broker %s added to %s (%d in the list)\n", args[0], o.brokersPath, n)
+			return nil
+		},
+	}, &cobra.Command{
+		Use:     "list",
+		Short:   "Print the broker list",
+		Example: `  embassyctl brokers list --json`,
+		Args:    cli.ExactArgs(0), ValidArgsFunction: noFileArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			brokers, err := opclient.LoadBrokers(o.brokersPath)
+			if errors.Is(err, fs.ErrNotExist) {
+				return cli.Next(fmt.Errorf("no broker list: %w", err),
+					"run `embassyctl brokers add NAME https://HOST:PORT` once per broker, or pass --brokers FILE")
+			}
+			if err != nil {
+				return err
+			}
+			if o.asJSON {
+				return opclient.PrintJSON(cmd.OutOrStdout(), brokers)
+			}
+			for _, br := range brokers {
+				fmt.Fprintf(cmd.OutOrStdout(), "%-12s %s\n", br.Name, br.URL)
+			}
+			return nil
+		},
+	})
+	return b
+}
+
+// addBroker appends br to the broker list at path, creating it, and
+// returns how many brokers the list holds.
+func addBroker(path string, br opclient.Broker) (int, error) {
+	if br.Name == "" || !strings.HasPrefix(br.URL, "https://") {
+		return 0, &cli.UsageError{Msg: fmt.Sprintf("broker %q needs a name and an https:// URL, got %q", br.Name, br.URL)}
+	}
+	brokers, err := opclient.LoadBrokers(path)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return 0, err
+	}
+	for _, b := range brokers {
+		if b.Name == br.Name {
+			return 0, fmt.Errorf("%s already lists broker %s at %s", path, b.Name, b.URL)
+		}
+	}
+	brokers = append(brokers, br)
+	data, err := json.MarshalIndent(brokers, "", "  ")
+	if err != nil {
+		return 0, err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return 0, err
+	}
+	if err := os.WriteFile(path, append(data, '\n'), 0o644); err != nil {
+		return 0, err
+	}
+	return len(brokers), nil
+}

@@ -1,0 +1,250 @@
+// Package keybroker is the command tree of the keybroker program: `init`
+// creates a broker's state folder (TLS certificate and service CA under the
+// home-state broker CA, and its master key), `serve` runs the broker's
+// appliance and operator APIs from that folder.
+package keybroker
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/dataembassy/embassy/broker"
+	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/images/imagekey"
+	"github.com/dataembassy/embassy/internal/cli"
+)
+
+// MasterKeyFile is the file in a broker's state folder whose presence marks
+// the folder as initialised.
+const MasterKeyFile = "master.key"
+
+// NewRootCmd builds the keybroker command tree.
+func NewRootCmd() *cobra.Command {
+	root := cli.Group(&cobra.Command{
+		Use:   "keybroker",
+		Short: "A home-state key broker: attests appliances and releases their disk key shares",
+		Long: `keybroker runs one of the home state's k-of-n key brokers. Appliances attest
+to it with their TPM; it releases its share of their disk keys only to an
+appliance the operators enrolled, running an image they approved.
+
+Create a broker's state folder once with 'keybroker init', then run it with
+'keybroker serve'. The operators drive it with embassyctl.`,
+		Example: `  keybroker init --dir /var/lib/keybroker --name broker-a \
+      --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key --hosts broker-a.example,10.0.0.5
+  keybroker serve --dir /var/lib/keybroker --name broker-a \
+      --operator-ca operator-ca.pem --manufacturer-ca tpm-vendors.pem --image-pubkey image-signing.pub`,
+	})
+	root.AddCommand(newInitCmd(), newServeCmd())
+	return cli.WithCompletion(root)
+}
+
+type initOptions struct {
+	dir, name, caCert, caKey, hosts string
+}
+
+func newInitCmd() *cobra.Command {
+	var o initOptions
+	cmd := &cobra.Command{
+		Use:   "init --dir DIR --name NAME --broker-ca-cert FILE --broker-ca-key FILE",
+		Short: "Create a broker's state folder: TLS certificate, service CA and master key",
+		Long: `init creates the broker's state folder: a TLS certificate for the names and
+addresses in --hosts and a service CA, both issued by the home-state broker
+CA, and a fresh master key. It refuses a folder that is already initialised.`,
+		Example: `  keybroker init --dir /var/lib/keybroker --name broker-a \
+      --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key --hosts broker-a.example,10.0.0.5`,
+		Args: cli.ExactArgs(0),
+		RunE: func(cmd *cobra.Command, _ []string) error { return initBroker(cmd.OutOrStdout(), o) },
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.dir, "dir", "", "broker state folder to create")
+	f.StringVar(&o.name, "name", "", "broker name (also its certificate's common name)")
+	f.StringVar(&o.caCert, "broker-ca-cert", "", "home-state broker CA certificate (PEM)")
+	f.StringVar(&o.caKey, "broker-ca-key", "", "home-state broker CA key (PEM)")
+	f.StringVar(&o.hosts, "hosts", "127.0.0.1", "comma-separated names and addresses the broker is reached at")
+	for _, n := range []string{"dir", "name", "broker-ca-cert", "broker-ca-key"} {
+		cmd.MarkFlagRequired(n)
+	}
+	cmd.MarkFlagDirname("dir")
+	cmd.MarkFlagFilename("broker-ca-cert", "pem")
+	cmd.MarkFlagFilename("broker-ca-key", "key", "pem")
+	return cmd
+}
+
+func initBroker(out io.Writer, o initOptions) error {
+	if _, err := os.Stat(filepath.Join(o.dir, MasterKeyFile)); err == nil {
+		return cli.Next(fmt.Errorf("%s is already initialised", o.dir),
+			"run `keybroker serve --dir %s ...`, or pass another --dir", o.dir)
+	}
+	ca, err := pki.LoadIssuer(o.caCert, o.caKey)
+	if err != nil {
+		return cli.Next(fmt.Errorf("broker CA: %w", err),
+			"pass the home-state broker CA with --broker-ca-cert and --broker-ca-key (`mkimage build` creates a local-default one under .cache/pki)")
+	}
+	if err := os.MkdirAll(o.dir, 0o700); err != nil {
+		return err
+	}
+	svc, err := ca.NewIntermediate(o.name+" service CA", 5*365*24*time.Hour)
+	if err != nil {
+		return err
+	}
+	key, err := pki.NewKey()
+	if err != nil {
+		return err
+	}
+	leaf, err := ca.Leaf(o.name, strings.Split(o.hosts, ","), &key.PublicKey, 2*365*24*time.Hour)
+	if err != nil {
+		return err
+	}
+	if err := pki.WritePEM(filepath.Join(o.dir, "tls.pem"), leaf, filepath.Join(o.dir, "tls.key"), key); err != nil {
+		return err
+	}
+	if err := pki.WritePEM(filepath.Join(o.dir, "service-ca.pem"), svc.Cert, filepath.Join(o.dir, "service-ca.key"), svc.Key); err != nil {
+		return err
+	}
+	master := make([]byte, 32)
+	if _, err := rand.Read(master); err != nil {
+		return err
+	}
+	defer clear(master)
+	if err := os.WriteFile(filepath.Join(o.dir, MasterKeyFile), []byte(hex.EncodeToString(master)+"\n"), 0o600); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "broker %s initialised in %s\n", o.name, o.dir)
+	return nil
+}
+
+type serveOptions struct {
+	dir, name, opCA, manuCA, imagePub string
+	appAddr, opAddr                   string
+	nonceTTL, certTTL, reattest       time.Duration
+}
+
+func newServeCmd() *cobra.Command {
+	var o serveOptions
+	cmd := &cobra.Command{
+		Use:   "serve --dir DIR --name NAME --operator-ca FILE --manufacturer-ca FILE --image-pubkey FILE",
+		Short: "Run the broker's appliance API and operator API until interrupted",
+		Long: `serve runs the broker from a state folder made by 'keybroker init': the
+appliance API (attestation, share release; TLS) and the operator API
+(enrollment, approvals, audit; mutual TLS with the home-state operator CA).
+It logs JSON lines to stderr and stops on SIGINT or SIGTERM.`,
+		Example: `  keybroker serve --dir /var/lib/keybroker --name broker-a \
+      --operator-ca operator-ca.pem --manufacturer-ca tpm-vendors.pem --image-pubkey image-signing.pub \
+      --appliance-listen 0.0.0.0:7441 --operator-listen 10.0.0.5:8441`,
+		Args: cli.ExactArgs(0),
+		RunE: func(cmd *cobra.Command, _ []string) error { return serve(cmd.Context(), cmd.ErrOrStderr(), o) },
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.dir, "dir", "", "broker state folder (from keybroker init)")
+	f.StringVar(&o.name, "name", "", "broker name")
+	f.StringVar(&o.opCA, "operator-ca", "", "home-state operator CA bundle (PEM)")
+	f.StringVar(&o.manuCA, "manufacturer-ca", "", "TPM manufacturer CA bundle for EK certificates (PEM)")
+	f.StringVar(&o.imagePub, "image-pubkey", "", "image-signing public key (PKIX PEM)")
+	f.StringVar(&o.appAddr, "appliance-listen", "127.0.0.1:7441", "appliance API address")
+	f.StringVar(&o.opAddr, "operator-listen", "127.0.0.1:8441", "operator API address")
+	f.DurationVar(&o.nonceTTL, "nonce-ttl", time.Minute, "lifetime of an attestation nonce")
+	f.DurationVar(&o.certTTL, "cert-ttl", time.Hour, "lifetime of an attested appliance certificate")
+	f.DurationVar(&o.reattest, "reattest", 5*time.Minute, "how often appliances re-attest")
+	for _, n := range []string{"dir", "name", "operator-ca", "manufacturer-ca", "image-pubkey"} {
+		cmd.MarkFlagRequired(n)
+	}
+	cmd.MarkFlagDirname("dir")
+	for _, n := range []string{"operator-ca", "manufacturer-ca", "image-pubkey"} {
+		cmd.MarkFlagFilename(n, "pem", "pub")
+	}
+	return cmd
+}
+
+// loadState reads the master key and the service CA of an initialised
+// state folder.
+func loadState(dir string) (master []byte, svc *pki.Issuer, tlsCert tls.Certificate, err error) {
+	mk, err := os.ReadFile(filepath.Join(dir, MasterKeyFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil, tlsCert, cli.Next(fmt.Errorf("no broker state in %s: %w", dir, err),
+			"run `keybroker init --dir %s --name NAME --broker-ca-cert FILE --broker-ca-key FILE` first", dir)
+	}
+	if err != nil {
+		return nil, nil, tlsCert, fmt.Errorf("master key: %w", err)
+	}
+	defer clear(mk)
+	master, err = hex.DecodeString(strings.TrimSpace(string(mk)))
+	if err != nil || len(master) != 32 {
+		clear(master)
+		return nil, nil, tlsCert, errors.New("master key must be 64 hex digits")
+	}
+	svc, err = pki.LoadIssuer(filepath.Join(dir, "service-ca.pem"), filepath.Join(dir, "service-ca.key"))
+	if err != nil {
+		clear(master)
+		return nil, nil, tlsCert, err
+	}
+	tlsCert, err = tls.LoadX509KeyPair(filepath.Join(dir, "tls.pem"), filepath.Join(dir, "tls.key"))
+	if err != nil {
+		clear(master)
+		return nil, nil, tlsCert, fmt.Errorf("broker TLS certificate: %w", err)
+	}
+	return master, svc, tlsCert, nil
+}
+
+func serve(ctx context.Context, stderr io.Writer, o serveOptions) error {
+	master, svc, tlsCert, err := loadState(o.dir)
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewJSONHandler(stderr, nil)).With("broker", o.name)
+	ops, err := pki.LoadPool(o.opCA)
+	if err != nil {
+		return err
+	}
+	manu, err := pki.LoadPool(o.manuCA)
+	if err != nil {
+		return err
+	}
+	img, err := imagekey.LoadPublic(o.imagePub)
+	if err != nil {
+		return err
+	}
+	b, err := broker.New(broker.Config{Name: o.name, Dir: o.dir, MasterKey: master, ManufacturerCAs: manu, ImageKey: img,
+		ServiceCA: svc, NonceTTL: o.nonceTTL, CertTTL: o.certTTL, ReattestAfter: o.reattest, Log: log})
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	appSrv := &http.Server{Addr: o.appAddr, Handler: b.ApplianceHandler(), TLSConfig: b.ApplianceTLSConfig(tlsCert),
+		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute}
+	opSrv := &http.Server{Addr: o.opAddr, Handler: b.OperatorHandler(), TLSConfig: broker.OperatorTLSConfig(tlsCert, ops),
+		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute}
+	errc := make(chan error, 2)
+	go func() { errc <- appSrv.ListenAndServeTLS("", "") }()
+	go func() { errc <- opSrv.ListenAndServeTLS("", "") }()
+	log.Info("broker serving", "appliance_api", o.appAddr, "operator_api", o.opAddr)
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	select {
+	case err = <-errc:
+	case <-ctx.Done():
+	}
+	shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	appSrv.Shutdown(shut)
+	opSrv.Shutdown(shut)
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}

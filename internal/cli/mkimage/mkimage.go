@@ -1,0 +1,232 @@
+// Package mkimage is the command tree of the mkimage program: `build`
+// assembles the immutable appliance image and its signed reference
+// manifest, `verify` checks a built image folder against its manifest.
+package mkimage
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/dataembassy/embassy/appliance/config"
+	"github.com/dataembassy/embassy/images/build"
+	"github.com/dataembassy/embassy/images/devpki"
+	"github.com/dataembassy/embassy/images/imagekey"
+	"github.com/dataembassy/embassy/images/verify"
+	"github.com/dataembassy/embassy/internal/cli"
+)
+
+// NewRootCmd builds the mkimage command tree.
+func NewRootCmd() *cobra.Command {
+	root := cli.Group(&cobra.Command{
+		Use:   "mkimage",
+		Short: "Build and verify the appliance image and its signed manifest",
+		Long: `mkimage builds the immutable appliance image (Debian's signed kernel, an
+initramfs with embassy-init as /init, the kernel command line) and a signed
+manifest of what measured boot will record for it, and verifies a built
+image folder against that manifest.
+
+Run it from the repository's root: build compiles ./cmd/embassy-init.`,
+		Example: `  mkimage build --out out --version 2
+  mkimage verify out`,
+	})
+	root.AddCommand(newBuildCmd(), newVerifyCmd())
+	return cli.WithCompletion(root)
+}
+
+type buildOptions struct {
+	cache, out, cfgPath, brokerCA, clientCA, keyPath, kernelPkg string
+	version                                                     uint64
+	qemuMem                                                     int
+}
+
+func newBuildCmd() *cobra.Command {
+	o := buildOptions{cache: cli.CacheDir()}
+	cmd := &cobra.Command{
+		Use:   "build [--out DIR] [--version N] [--config FILE] [--key FILE]",
+		Short: "Build the image and its signed manifest into a folder",
+		Long: `build fetches Debian's signed kernel into the cache, builds embassy-init and
+the initramfs, predicts the PCR4 and PCR9 measurements and writes vmlinuz,
+initramfs.cpio.zst, cmdline, manifest.json and manifest.sig to --out.
+
+Without --broker-ca, --client-ca and --key it uses the local-default CAs
+and dev signing key in the cache, creating them on first use.`,
+		Example: `  # local default: dev key and CAs from .cache, image version 1 into out/
+  mkimage build --out out --version 1
+
+  # production: the image-signing key and the home state's CAs
+  mkimage build --out release --version 7 --key image-signing.key \
+      --broker-ca broker-ca.pem --client-ca client-ca.pem --qemu-memory-mib 0`,
+		Args: cli.ExactArgs(0),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runBuild(cmd.Context(), cmd.OutOrStdout(), cmd.ErrOrStderr(), o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.cache, "cache", o.cache, "cache folder for downloads and local-default keys ($EMBASSY_CACHE)")
+	f.StringVar(&o.out, "out", "out", "output folder")
+	f.Uint64Var(&o.version, "version", 1, "image version (monotonic integer, for anti-rollback)")
+	f.StringVar(&o.cfgPath, "config", "images/local/config.json", "image config: brokers and threshold")
+	f.StringVar(&o.brokerCA, "broker-ca", "", "PEM bundle of the broker CA (default: local-default CA in the cache)")
+	f.StringVar(&o.clientCA, "client-ca", "", "PEM bundle of the home-state client CA (default: local-default CA in the cache)")
+	f.StringVar(&o.keyPath, "key", "", "image-signing ed25519 key, PKCS#8 PEM (default: local-default dev key in the cache)")
+	f.IntVar(&o.qemuMem, "qemu-memory-mib", 1024, "also record the kernel's PCR4 digest under QEMU direct boot with this much RAM; 0 for a hardware-only manifest")
+	f.StringVar(&o.kernelPkg, "kernel-package", "", "pin the Debian kernel package (default: what linux-image-amd64 depends on)")
+	cmd.MarkFlagDirname("cache")
+	cmd.MarkFlagDirname("out")
+	cmd.MarkFlagFilename("config", "json")
+	cmd.MarkFlagFilename("broker-ca", "pem")
+	cmd.MarkFlagFilename("client-ca", "pem")
+	cmd.MarkFlagFilename("key", "key", "pem")
+	return cmd
+}
+
+func runBuild(ctx context.Context, stdout, stderr io.Writer, o buildOptions) error {
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+	f, err := os.Open(o.cfgPath)
+	if err != nil {
+		return cli.Next(fmt.Errorf("open image config: %w", err),
+			"run mkimage from the repository's root, or pass --config FILE")
+	}
+	cfg, err := config.Parse(f)
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("%s: %w", o.cfgPath, err)
+	}
+	pki := filepath.Join(o.cache, "pki")
+	if o.brokerCA == "" {
+		ca, err := devpki.Ensure(pki, "broker-ca", "embassy local broker CA")
+		if err != nil {
+			return err
+		}
+		o.brokerCA = ca.CertPath
+	}
+	if o.clientCA == "" {
+		ca, err := devpki.Ensure(pki, "client-ca", "embassy local home-state client CA")
+		if err != nil {
+			return err
+		}
+		o.clientCA = ca.CertPath
+	}
+	bca, err := os.ReadFile(o.brokerCA)
+	if err != nil {
+		return fmt.Errorf("read broker CA: %w", err)
+	}
+	cca, err := os.ReadFile(o.clientCA)
+	if err != nil {
+		return fmt.Errorf("read client CA: %w", err)
+	}
+	var key []byte
+	if o.keyPath == "" {
+		key, err = imagekey.EnsureDev(filepath.Join(o.cache, "keys", "image-signing-dev.key"))
+		if err != nil {
+			return err
+		}
+		log.Warn("signing with the local-default dev key; pass --key for a production image")
+	} else {
+		key, err = imagekey.LoadPrivate(o.keyPath)
+		if err != nil {
+			return err
+		}
+	}
+	root, err := os.Getwd()
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
+	defer stop()
+	res, err := build.Build(ctx, build.Options{
+		ModuleRoot: root, CacheDir: o.cache, OutDir: o.out, Version: o.version,
+		Config: cfg, BrokerCA: bca, ClientCA: cca, SigningKey: key,
+		KernelPackage: o.kernelPkg, QEMUMemoryMiB: o.qemuMem, Log: log,
+	})
+	if err != nil {
+		return err
+	}
+	m := res.Manifest
+	fmt.Fprintf(stdout, "image version %d written to %s in %.1fs\n", m.Version, o.out, res.Duration.Seconds())
+	fmt.Fprintf(stdout, "initramfs: %d bytes (%.2f MiB compressed; target <= 16 MiB)\n", res.InitramfsSize, float64(res.InitramfsSize)/(1<<20))
+	fmt.Fprintf(stdout, "kernel:    %s %s (deb sha256 %s)\n", m.Kernel.Package, m.Kernel.Version, m.Kernel.DebSHA256)
+	fmt.Fprintf(stdout, "pcr4 kernel authenticode: %s\n", m.Measurements.KernelAuthenticode)
+	if q := m.Measurements.KernelQEMUDirect; q != "" {
+		fmt.Fprintf(stdout, "pcr4 kernel, QEMU direct boot with %d MiB: %s\n", m.Measurements.QEMUMemoryMiB, q)
+	}
+	fmt.Fprintf(stdout, "pcr9 load options:        %s\n", m.Measurements.LoadOptions)
+	fmt.Fprintf(stdout, "pcr9 initrd:              %s\n", m.Measurements.Initrd)
+	return nil
+}
+
+type verifyOptions struct {
+	pubPath string
+	asJSON  bool
+}
+
+func newVerifyCmd() *cobra.Command {
+	o := verifyOptions{pubPath: filepath.Join(cli.CacheDir(), "keys", "image-signing-dev.key.pub")}
+	cmd := &cobra.Command{
+		Use:   "verify [--pubkey FILE] [--json] DIR",
+		Short: "Check a built image folder against its signed manifest",
+		Long: `verify checks the manifest's signature with the image-signing public key and
+recomputes every digest it records (artifacts and predicted PCR4/PCR9
+events) from the files in DIR, naming each mismatch. It exits non-zero
+unless everything matches.`,
+		Example: `  mkimage verify out
+  mkimage verify --pubkey image-signing.pub --json release`,
+		Args: cli.ExactArgs(1),
+		ValidArgsFunction: func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+			return nil, cobra.ShellCompDirectiveFilterDirs
+		},
+		RunE: func(cmd *cobra.Command, args []string) error { return runVerify(cmd.OutOrStdout(), args[0], o) },
+	}
+	cmd.Flags().StringVar(&o.pubPath, "pubkey", o.pubPath, "image-signing public key, PKIX PEM")
+	cmd.Flags().BoolVar(&o.asJSON, "json", false, "print the report as JSON")
+	cmd.MarkFlagFilename("pubkey", "pub", "pem")
+	return cmd
+}
+
+func runVerify(out io.Writer, dir string, o verifyOptions) error {
+	if err := cli.RequireImageDir(dir); err != nil {
+		return err
+	}
+	pub, err := imagekey.LoadPublic(o.pubPath)
+	if err != nil {
+		return cli.Next(fmt.Errorf("image-signing public key: %w", err),
+			"pass --pubkey FILE (`mkimage build` without --key writes the local-default one under the cache's keys/)")
+	}
+	rep := verify.Dir(dir, pub)
+	if o.asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		enc.Encode(rep)
+	} else {
+		for _, c := range rep.Checks {
+			status := "ok      "
+			if !c.OK {
+				status = "MISMATCH"
+			}
+			line := fmt.Sprintf("%s %s", status, c.Name)
+			if !c.OK {
+				if c.Err != "" {
+					line += ": " + c.Err
+				} else {
+					line += fmt.Sprintf(": manifest %s, artifact %s", c.Want, c.Got)
+				}
+			}
+			fmt.Fprintln(out, line)
+		}
+	}
+	if !rep.OK() {
+		return fmt.Errorf("image %s does not match its manifest: %v", dir, rep.Failed())
+	}
+	if !o.asJSON {
+		fmt.Fprintf(out, "image %s version %d verifies\n", dir, rep.Version)
+	}
+	return nil
+}
