@@ -100,13 +100,12 @@ func (w *Watcher) SetApprovals(n int) { w.approvals.Store(int64(n)) }
 func (w *Watcher) Run(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
-	for {
+	for ctx.Err() == nil {
 		select {
 		case <-ctx.Done():
-			return
 		case <-t.C:
+			w.Check(ctx)
 		}
-		w.Check(ctx)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 )
 
@@ -45,24 +46,19 @@ func prepare(root string) error {
 	return nil
 }
 
-func (s *Store) writable() []*disk {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	var out []*disk
-	for _, d := range s.disks {
-		if d.state == Healthy || d.state == Syncing {
-			out = append(out, d)
-		}
-	}
-	return out
-}
+// writable are the disks every write goes to: healthy and syncing ones.
+func (s *Store) writable() []*disk { return s.disksIn(Healthy, Syncing) }
 
-func (s *Store) readable() []*disk {
+// readable are the disks reads are served from: healthy ones only (a
+// syncing disk may not hold an object yet).
+func (s *Store) readable() []*disk { return s.disksIn(Healthy) }
+
+func (s *Store) disksIn(states ...DiskState) []*disk {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	var out []*disk
 	for _, d := range s.disks {
-		if d.state == Healthy {
+		if slices.Contains(states, d.state) {
 			out = append(out, d)
 		}
 	}
