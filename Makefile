@@ -9,6 +9,7 @@ IMAGE_VERSION ?= 1
 OUT ?= out
 RUN ?= .
 GO_TEST_TIMEOUT ?= 60m
+SCENARIO_TIMES := $(OUT)/test-logs/scenario-times.txt
 
 # Debian packages the build, the tests and the demo use.
 DEB_PACKAGES := qemu-system-x86 ovmf swtpm swtpm-tools cryptsetup-bin restic \
@@ -42,12 +43,18 @@ unit:
 
 # e2e: boot the real image in QEMU; RUN selects tests by regexp.
 e2e: image
+	@rm -f $(SCENARIO_TIMES)
 	EMBASSY_E2E=1 go test -count=1 -timeout $(GO_TEST_TIMEOUT) -v -run '$(RUN)' ./qemu-tests/
 
 # test: everything, unit and QEMU tests, with the image built first.
+# It prints every QEMU scenario's wall time and their total at the end
+# (also in $(SCENARIO_TIMES)), whether the tests passed or not.
 test: image
 	go vet ./...
-	EMBASSY_E2E=1 go test -count=1 -timeout $(GO_TEST_TIMEOUT) ./...
+	@rm -f $(SCENARIO_TIMES); start=$$(date +%s); \
+	EMBASSY_E2E=1 go test -count=1 -timeout $(GO_TEST_TIMEOUT) ./...; status=$$?; \
+	cat $(SCENARIO_TIMES) 2>/dev/null; \
+	echo "go test ./... (unit and QEMU): $$(( $$(date +%s) - start )) s"; exit $$status
 
 # demo: three brokers, one appliance in QEMU, enroll/approve with
 # embassyctl, a restic backup, a status; runs until Ctrl-C (HOLD=false to
@@ -59,8 +66,9 @@ demo: image bin
 bin:
 	go build -o $(EMBASSY_CACHE)/bin/ ./cmd/keybroker ./cmd/embassyctl ./cmd/mkimage
 
-# bench-boot: QEMU start to embassy-init's first log line, beside a bare
-# image under the same OVMF + TCG set-up, with the ratio.
+# bench-boot: boot-to-ready (QEMU start to "ingest serving" of a provisioned
+# appliance: attestation, unlock, store) beside a bare image under the same
+# OVMF + TCG set-up, alternating rounds, median ratio.
 bench-boot: image
 	EMBASSY_E2E=1 go test -count=1 -timeout $(GO_TEST_TIMEOUT) -run '^$$' -bench BenchmarkBoot -benchtime 3x ./qemu-tests/
 

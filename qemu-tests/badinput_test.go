@@ -28,8 +28,7 @@ func TestIngestBadInput(t *testing.T) {
 	requireE2E(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	hb := startHostBrokers(t)
-	cfg, _ := provisioned(t, ctx, hb, "badinput")
+	_, cfg, _ := provisioned(t, "badinput")
 	cfg.Name = "badinput-boot"
 	v := startVM(t, cfg)
 	waitMsg(t, ctx, v, 0, logmsg.MsgServing)

@@ -1,10 +1,12 @@
 package qemutests
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +23,7 @@ import (
 	"github.com/dataembassy/embassy/images/devpki"
 	"github.com/dataembassy/embassy/images/imagekey"
 	"github.com/dataembassy/embassy/operator/opclient"
+	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
 
@@ -27,13 +31,77 @@ import (
 // run in the test process on 127.0.0.1:7441-7443; the guest reaches them
 // through each NIC's gateway (10.0.2.2, 10.0.3.2).
 type hostBrokers struct {
-	t    *testing.T
+	t    testing.TB
 	b    []*broker.Broker
 	srv  []*http.Server
 	tlsc []*tls.Config
 	// ops is an operator client of the brokers' operator APIs
 	// (127.0.0.1:8441-8443), as embassyctl uses them.
-	ops *opclient.Client
+	ops    *opclient.Client
+	opSrv  []*http.Server
+	closed bool
+	// deposits are the shares appliances deposited, by disk: what the
+	// tests know to look for in memory dumps and bus recordings.
+	depositsMu sync.Mutex
+	deposits   map[string][][]byte
+}
+
+// recordDeposits keeps a copy of every share deposit that reaches a broker.
+func (hb *hostBrokers) recordDeposits(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == api.PathDeposit && r.Method == http.MethodPost {
+			body, err := io.ReadAll(io.LimitReader(r.Body, api.MaxBody))
+			if err == nil {
+				var req api.DepositRequest
+				if json.Unmarshal(body, &req) == nil {
+					hb.depositsMu.Lock()
+					if hb.deposits == nil {
+						hb.deposits = map[string][][]byte{}
+					}
+					hb.deposits[req.DiskID] = append(hb.deposits[req.DiskID], req.Share)
+					hb.depositsMu.Unlock()
+				}
+			}
+			r.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// brokerState is where the three brokers keep their state between runs:
+// a database folder and a master key each. A provisioned embassy is kept
+// as the brokers' state plus the appliances' TPMs, VARS and disks.
+type brokerState struct {
+	dirs    []string
+	masters [][]byte
+}
+
+// freshBrokerState is empty state in the test's temp folders.
+func freshBrokerState(t testing.TB) brokerState {
+	var st brokerState
+	for i := 0; i < 3; i++ {
+		master := make([]byte, 32)
+		rand.Read(master)
+		st.dirs = append(st.dirs, t.TempDir())
+		st.masters = append(st.masters, master)
+	}
+	return st
+}
+
+// close stops every broker and closes its database, so that its state
+// can be copied. It is safe to call twice.
+func (hb *hostBrokers) close() {
+	if hb.closed {
+		return
+	}
+	hb.closed = true
+	for i := range hb.b {
+		hb.stop(i)
+		if hb.opSrv[i] != nil {
+			hb.opSrv[i].Close()
+		}
+		hb.b[i].Close()
+	}
 }
 
 // stop closes broker i's listener (its state stays).
@@ -51,12 +119,18 @@ func (hb *hostBrokers) serve(i int) {
 	if err != nil {
 		hb.t.Fatalf("broker port: %v", err)
 	}
-	srv := &http.Server{Handler: hb.b[i].ApplianceHandler(), TLSConfig: hb.tlsc[i]}
+	srv := &http.Server{Handler: hb.recordDeposits(hb.b[i].ApplianceHandler()), TLSConfig: hb.tlsc[i]}
 	go srv.ServeTLS(ln, "", "")
 	hb.srv[i] = srv
 }
 
-func startHostBrokers(t *testing.T) *hostBrokers {
+func startHostBrokers(t testing.TB) *hostBrokers {
+	t.Helper()
+	return startHostBrokersFrom(t, freshBrokerState(t))
+}
+
+// startHostBrokersFrom starts the three brokers on the given state.
+func startHostBrokersFrom(t testing.TB, state brokerState) *hostBrokers {
 	t.Helper()
 	pkiDir := filepath.Join(cacheDir(), "pki")
 	root, err := pki.LoadIssuer(filepath.Join(pkiDir, "broker-ca.pem"), filepath.Join(pkiDir, "broker-ca.key"))
@@ -107,9 +181,7 @@ func startHostBrokers(t *testing.T) *hostBrokers {
 		if err != nil {
 			t.Fatal(err)
 		}
-		master := make([]byte, 32)
-		rand.Read(master)
-		b, err := broker.New(broker.Config{Name: name, Dir: t.TempDir(), MasterKey: master, ManufacturerCAs: manu,
+		b, err := broker.New(broker.Config{Name: name, Dir: state.dirs[i], MasterKey: state.masters[i], ManufacturerCAs: manu,
 			ImageKey: img, ServiceCA: svc, ReattestAfter: 10 * time.Second, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 		if err != nil {
 			t.Fatal(err)
@@ -124,7 +196,7 @@ func startHostBrokers(t *testing.T) *hostBrokers {
 		}
 		opSrv := &http.Server{Handler: b.OperatorHandler(), TLSConfig: broker.OperatorTLSConfig(pki.TLSCertificate(leaf, key), opPool)}
 		go opSrv.ServeTLS(opLn, "", "")
-		t.Cleanup(func() { opSrv.Close() })
+		hb.opSrv = append(hb.opSrv, opSrv)
 		opBrokers = append(opBrokers, opclient.Broker{Name: name, URL: fmt.Sprintf("https://127.0.0.1:%d", 8441+i)})
 	}
 	cert, err := tls.LoadX509KeyPair(opCert, opKey)
@@ -132,11 +204,6 @@ func startHostBrokers(t *testing.T) *hostBrokers {
 		t.Fatal(err)
 	}
 	hb.ops = opclient.New(opBrokers, cert, root.Pool())
-	t.Cleanup(func() {
-		for i := range hb.b {
-			hb.stop(i)
-			hb.b[i].Close()
-		}
-	})
+	t.Cleanup(hb.close)
 	return hb
 }

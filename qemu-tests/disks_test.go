@@ -16,7 +16,7 @@ import (
 
 // waitMsg waits for a structured log line with msg on v's console (from
 // line index from) and fails the test if the appliance halts first.
-func waitMsg(t *testing.T, ctx context.Context, v *vm.VM, from int, msg string) (int, map[string]any) {
+func waitMsg(t testing.TB, ctx context.Context, v *vm.VM, from int, msg string) (int, map[string]any) {
 	t.Helper()
 	i, line, err := v.WaitFor(ctx, from, func(s string) bool {
 		m := bootreport.JSONMsg(s)

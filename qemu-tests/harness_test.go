@@ -13,7 +13,7 @@ import (
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
 
-func rawDisk(t *testing.T, size int64) string {
+func rawDisk(t testing.TB, size int64) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "disk.img")
 	f, err := os.Create(p)

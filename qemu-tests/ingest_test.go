@@ -17,7 +17,7 @@ import (
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
 
-func rootPool(t *testing.T) *x509.CertPool {
+func rootPool(t testing.TB) *x509.CertPool {
 	t.Helper()
 	p, err := pki.LoadPool(filepath.Join(cacheDir(), "pki", "broker-ca.pem"))
 	if err != nil {
@@ -32,7 +32,7 @@ type resticClient struct {
 	url, caFile, certFile string
 }
 
-func newResticClient(t *testing.T, port int, clientName string) *resticClient {
+func newResticClient(t testing.TB, port int, clientName string) *resticClient {
 	t.Helper()
 	pkiDir := filepath.Join(cacheDir(), "pki")
 	ca, err := pki.LoadIssuer(filepath.Join(pkiDir, "client-ca.pem"), filepath.Join(pkiDir, "client-ca.key"))
@@ -52,7 +52,7 @@ func newResticClient(t *testing.T, port int, clientName string) *resticClient {
 		caFile: filepath.Join(pkiDir, "broker-ca.pem"), certFile: certFile}
 }
 
-func (r *resticClient) run(t *testing.T, args ...string) (string, error) {
+func (r *resticClient) run(t testing.TB, args ...string) (string, error) {
 	t.Helper()
 	return r.runContext(context.Background(), args...)
 }
@@ -68,7 +68,7 @@ func (r *resticClient) runContext(ctx context.Context, args ...string) (string, 
 
 // sourceTree is a real directory tree of about 77 MiB: the network
 // drivers of the Debian kernel the image was built from.
-func sourceTree(t *testing.T) string {
+func sourceTree(t testing.TB) string {
 	t.Helper()
 	m, _ := filepath.Glob(filepath.Join(cacheDir(), "kernel", "*.unpacked", "lib", "modules", "*", "kernel", "drivers", "net"))
 	if len(m) == 0 {

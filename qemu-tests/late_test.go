@@ -18,8 +18,7 @@ func TestBrokersLate(t *testing.T) {
 	requireE2E(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	hb := startHostBrokers(t)
-	cfg, _ := provisioned(t, ctx, hb, "late")
+	hb, cfg, _ := provisioned(t, "late")
 	for i := range hb.b {
 		hb.stop(i)
 	}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -38,6 +39,8 @@ func run(m *testing.M) int {
 			return 1
 		}
 		defer os.RemoveAll(tmp)
+		fixture.root = tmp
+		defer writeScenarioTimes(filepath.Join(repoRoot, "out", "test-logs", ScenarioTimesFile))
 		mkimage = filepath.Join(tmp, "mkimage")
 		cmd := exec.Command("go", "build", "-o", mkimage, "./cmd/mkimage")
 		cmd.Dir = repoRoot
@@ -50,12 +53,22 @@ func run(m *testing.M) int {
 	return m.Run()
 }
 
-// requireE2E skips unless the end-to-end environment was asked for.
-func requireE2E(t *testing.T) {
+// requireE2E skips unless the end-to-end environment was asked for, and
+// records the scenario's wall time.
+func requireE2E(t testing.TB) {
 	t.Helper()
 	if os.Getenv("EMBASSY_E2E") != "1" {
 		t.Skip("boots QEMU: run with EMBASSY_E2E=1 (make e2e / make test)")
 	}
+	if _, timed := scenarioTimes.started.LoadOrStore(t.Name(), true); !timed && !strings.Contains(t.Name(), "/") {
+		start := time.Now()
+		t.Cleanup(func() { reportScenarioTime(t.Name(), time.Since(start)) })
+	}
+}
+
+// testLogDir is where a test's console logs go.
+func testLogDir(t testing.TB) string {
+	return filepath.Join(repoRoot, "out", "test-logs", t.Name())
 }
 
 func cacheDir() string {
@@ -91,13 +104,13 @@ func loadImage(t testing.TB, dir string) *manifest.Manifest {
 }
 
 // bootConfig returns a VM config for the image in dir.
-func bootConfig(t *testing.T, name, dir string, m *manifest.Manifest) vm.Config {
+func bootConfig(t testing.TB, name, dir string, m *manifest.Manifest) vm.Config {
 	t.Helper()
 	cfg, err := bootreport.BootConfig(name, dir, m)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.LogDir = filepath.Join(repoRoot, "out", "test-logs", t.Name())
+	cfg.LogDir = testLogDir(t)
 	os.RemoveAll(cfg.LogDir)
 	cfg.SwtpmCA = filepath.Join(cacheDir(), "swtpm-localca")
 	return cfg
@@ -105,7 +118,7 @@ func bootConfig(t *testing.T, name, dir string, m *manifest.Manifest) vm.Config 
 
 // startVM boots a VM and tears it down when the test ends, pointing to the
 // console log if the test failed.
-func startVM(t *testing.T, cfg vm.Config) *vm.VM {
+func startVM(t testing.TB, cfg vm.Config) *vm.VM {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -123,7 +136,7 @@ func startVM(t *testing.T, cfg vm.Config) *vm.VM {
 }
 
 // bootAndVerify boots the image in dir and returns the host's verdict.
-func bootAndVerify(t *testing.T, dir string, cfg vm.Config, m *manifest.Manifest) (*bootreport.Evidence, *bootreport.Verdict) {
+func bootAndVerify(t testing.TB, dir string, cfg vm.Config, m *manifest.Manifest) (*bootreport.Evidence, *bootreport.Verdict) {
 	t.Helper()
 	v := startVM(t, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)

@@ -22,7 +22,7 @@ import (
 const blockSize = 4096
 
 // imageBlocks hashes every 4 KiB block of a raw disk image.
-func imageBlocks(t *testing.T, path string) []uint64 {
+func imageBlocks(t testing.TB, path string) []uint64 {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
@@ -64,7 +64,7 @@ func longestChange(before, after []uint64) (int64, int64) {
 
 // placeObject stores a fresh 4 MiB object through A's ingest API and finds
 // where it landed on each of A's disks.
-func placeObject(t *testing.T, hw *http.Client, a *twin) (string, [2]int64) {
+func placeObject(t testing.TB, hw *http.Client, a *twin) (string, [2]int64) {
 	t.Helper()
 	before := [2][]uint64{imageBlocks(t, a.cfg.Disks[0]), imageBlocks(t, a.cfg.Disks[1])}
 	data := make([]byte, 4<<20)
@@ -96,7 +96,7 @@ func placeObject(t *testing.T, hw *http.Client, a *twin) (string, [2]int64) {
 // copy nothing read; the health report counts the errors per disk. With
 // both copies unreadable, the object is fetched from B and rewritten.
 func TestMediaErrorsHealed(t *testing.T) {
-	ctx, _, a, b, hc := twinDrill(t, 15*time.Minute, 256<<20)
+	ctx, _, a, b, hc := twinDrill(t, 15*time.Minute)
 	hw := ingestHTTP(t, "population-registry")
 
 	readPath, offRead := placeObject(t, hw, a)   // bad on disk 0, found by a read
@@ -107,6 +107,7 @@ func TestMediaErrorsHealed(t *testing.T) {
 
 	// Round 1: one bad copy each.
 	a.v.Close()
+	disk0Before := imageBlocks(t, a.cfg.Disks[0])
 	a.cfg.ReadErrors = map[int][]int64{0: {offRead[0]}, 1: {offScrub[1]}}
 	a.restart(t)
 	waitMsg(t, ctx, a.v, 0, "ingest serving")
@@ -117,11 +118,30 @@ func TestMediaErrorsHealed(t *testing.T) {
 	if !strings.Contains(fmt.Sprint(rerr["err"]), "input/output error") {
 		t.Fatalf("read error is not a media error: %v", rerr)
 	}
-	waitMsg(t, ctx, a.v, i, "healed object copy")
+	// The read healed its own object's copy, before any scrub began.
+	healedAt, healed := waitMsg(t, ctx, a.v, i, store.MsgHealedCopy)
+	if healed["name"] != readPath {
+		t.Fatalf("the first healed copy is %v, not the object that was read", healed)
+	}
+	for _, l := range a.v.Lines()[:healedAt] {
+		if bootreport.JSONMsg(l.Text) == store.MsgScrubStarted {
+			t.Fatalf("a scrub started before the read healed its copy: the heal is not the read's")
+		}
+	}
 	_, scrub := waitMsg(t, ctx, a.v, 0, "scrub finished")
 	if scrub["healed"].(float64) < 1 || scrub["unrecoverable"].(float64) != 0 {
 		t.Fatalf("scrub: %v", scrub)
 	}
+	// The healed copy went to new blocks: disk 0 has a new run of a whole
+	// object elsewhere, and the bad sector is not part of it.
+	off, n := longestChange(disk0Before, imageBlocks(t, a.cfg.Disks[0]))
+	if n < 1<<20 {
+		t.Fatalf("disk 0: no new run of blocks after the heal (longest %d bytes)", n)
+	}
+	if offRead[0] >= off-n/2 && offRead[0] < off+n/2 {
+		t.Fatalf("disk 0: the healed copy was written over the bad sector at %d (run %d±%d)", offRead[0], off, n/2)
+	}
+	t.Logf("disk 0: healed copy at %d (%d bytes), bad sector at %d", off, n, offRead[0])
 	h := waitHealth(t, ctx, func() (*api.Health, error) { return health(hc, a.ports[0]) }, "read errors counted per disk",
 		func(h *api.Health) bool {
 			d0, d1 := diskBySerial(h, "EMBASSY0000"), diskBySerial(h, "EMBASSY0001")
@@ -139,9 +159,9 @@ func TestMediaErrorsHealed(t *testing.T) {
 			t.Fatalf("round 2: %v", err)
 		}
 	}
-	_, healed := waitMsg(t, ctx, a.v, 0, store.MsgHealedFromPeer)
-	if healed["name"] != both {
-		t.Fatalf("healed from peer: %v", healed)
+	_, fromPeer := waitMsg(t, ctx, a.v, 0, store.MsgHealedFromPeer)
+	if fromPeer["name"] != both {
+		t.Fatalf("healed from peer: %v", fromPeer)
 	}
 	_, scrub = waitMsg(t, ctx, a.v, 0, "scrub finished")
 	if scrub["unrecoverable"].(float64) != 0 {

@@ -23,17 +23,40 @@ type failoverProxy struct {
 	upstreams []string
 	used      []atomic.Int64
 	wg        sync.WaitGroup
+	mu        sync.Mutex
+	connected [][]time.Time // per upstream: when each connection got through
 }
 
 const idleCutoff = 15 * time.Second
 
-func newFailoverProxy(t *testing.T, ports ...int) *failoverProxy {
+// Failover bounds. A client's connection over a dead path stalls until the
+// proxy's idle cut-off; its retry finds the live path after one failed
+// ClientHello (4 s). Replication pings every path every 2 s.
+const (
+	maxIngestFailover      = idleCutoff + 30*time.Second
+	maxReplicationFailover = 30 * time.Second
+)
+
+// firstAfter returns when the first connection over upstream i got
+// through after t0, if one did.
+func (p *failoverProxy) firstAfter(i int, t0 time.Time) (time.Time, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, at := range p.connected[i] {
+		if at.After(t0) {
+			return at, true
+		}
+	}
+	return time.Time{}, false
+}
+
+func newFailoverProxy(t testing.TB, ports ...int) *failoverProxy {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &failoverProxy{ln: ln, used: make([]atomic.Int64, len(ports))}
+	p := &failoverProxy{ln: ln, used: make([]atomic.Int64, len(ports)), connected: make([][]time.Time, len(ports))}
 	for _, port := range ports {
 		p.upstreams = append(p.upstreams, fmt.Sprintf("127.0.0.1:%d", port))
 	}
@@ -83,6 +106,9 @@ func (p *failoverProxy) handle(c net.Conn) {
 			return
 		}
 		p.used[i].Add(1)
+		p.mu.Lock()
+		p.connected[i] = append(p.connected[i], time.Now())
+		p.mu.Unlock()
 		pipe(c, u)
 		return
 	}
@@ -135,7 +161,7 @@ func pipe(c, u net.Conn) {
 }
 
 // waitPath waits until tw replicates to its peer over endpoint want.
-func waitPath(t *testing.T, ctx context.Context, tw *twin, port int, want string) {
+func waitPath(t testing.TB, ctx context.Context, tw *twin, port int, want string) {
 	t.Helper()
 	hc := ingestHTTP(t, "home-state-auditor")
 	waitHealth(t, ctx, func() (*api.Health, error) { return health(hc, port) }, tw.name+" replicates via "+want,
@@ -143,11 +169,13 @@ func waitPath(t *testing.T, ctx context.Context, tw *twin, port int, want string
 }
 
 // TestNICFailover: during a large backup into A, A's first NIC loses its
-// link. The backup completes over the second NIC's forward, replication to
-// B goes on over A's second NIC, and once the link is back the first path
-// is used again. Then the same with B's first NIC.
+// link. The backup resumes over the second NIC's forward within
+// maxIngestFailover and completes, replication to B moves to A's second
+// NIC within maxReplicationFailover, and once the link is back the first
+// path is used again. Then the same with B's first NIC: A's pushes move to
+// B's second endpoint within maxReplicationFailover.
 func TestNICFailover(t *testing.T) {
-	ctx, _, a, b, hc := twinDrill(t, 20*time.Minute, 512<<20)
+	ctx, _, a, b, hc := twinDrill(t, 20*time.Minute)
 	proxy := newFailoverProxy(t, a.ports[0], a.ports[1])
 	ra := newResticClient(t, proxy.port(), "population-registry")
 	mustRestic(t, ra, "init")
@@ -162,15 +190,27 @@ func TestNICFailover(t *testing.T) {
 		t.Fatal(err)
 	}
 	down := time.Now()
+	// Replication moves to A's second NIC (A's health is read there too)
+	// while the backup goes on.
+	waitPath(t, ctx, a, a.ports[1], b.endpoints()[1])
+	if d := time.Since(down); d > maxReplicationFailover {
+		t.Fatalf("A's replication moved to its second NIC %.1fs after the link went down, bound %s", d.Seconds(), maxReplicationFailover)
+	} else {
+		t.Logf("replication failover (A's NIC): %.1fs (bound %s)", d.Seconds(), maxReplicationFailover)
+	}
 	if err := <-done; err != nil {
 		t.Fatalf("backup with A's first NIC down: %v", err)
 	}
 	t.Logf("backup finished %.1fs after A's first link went down; connections over the second NIC: %d", time.Since(down).Seconds(), proxy.used[1].Load()-before)
-	if proxy.used[1].Load() == before {
+	resumed, ok := proxy.firstAfter(1, down)
+	if !ok {
 		t.Fatal("no connection went over A's second NIC")
 	}
-	// Replication goes on over A's second NIC (A's health is read there too).
-	waitPath(t, ctx, a, a.ports[1], b.endpoints()[1])
+	if d := resumed.Sub(down); d > maxIngestFailover {
+		t.Fatalf("ingest resumed over A's second NIC %.1fs after the link went down, bound %s", d.Seconds(), maxIngestFailover)
+	} else {
+		t.Logf("ingest failover: %.1fs (bound %s)", d.Seconds(), maxIngestFailover)
+	}
 	a.ports[0], a.ports[1] = a.ports[1], a.ports[0] // list through the live forward
 	waitConverged(t, ctx, hc, a, b)
 	a.ports[0], a.ports[1] = a.ports[1], a.ports[0]
@@ -193,7 +233,13 @@ func TestNICFailover(t *testing.T) {
 	if err := b.v.SetLink(0, false); err != nil {
 		t.Fatal(err)
 	}
+	bDown := time.Now()
 	waitPath(t, ctx, a, a.ports[0], b.endpoints()[1])
+	if d := time.Since(bDown); d > maxReplicationFailover {
+		t.Fatalf("A's replication moved to B's second endpoint %.1fs after B's link went down, bound %s", d.Seconds(), maxReplicationFailover)
+	} else {
+		t.Logf("replication failover (B's NIC): %.1fs (bound %s)", d.Seconds(), maxReplicationFailover)
+	}
 	if err := <-done; err != nil {
 		t.Fatalf("backup with B's first NIC down: %v", err)
 	}

@@ -14,7 +14,7 @@ import (
 )
 
 // copyImage copies the artifacts of an image folder into a temp folder.
-func copyImage(t *testing.T, src string) string {
+func copyImage(t testing.TB, src string) string {
 	t.Helper()
 	dst := t.TempDir()
 	for _, f := range []string{build.KernelFile, build.InitramfsFile, build.CmdlineFile, build.ManifestFile, build.SignatureFile} {
@@ -31,7 +31,7 @@ func copyImage(t *testing.T, src string) string {
 
 // runVerify runs `mkimage verify` on dir and returns its output and whether
 // it exited zero.
-func runVerify(t *testing.T, dir string) (string, bool) {
+func runVerify(t testing.TB, dir string) (string, bool) {
 	t.Helper()
 	cmd := exec.Command(mkimage, "verify", "--pubkey", pubKeyPath(), dir)
 	out, err := cmd.CombinedOutput()
@@ -44,7 +44,7 @@ func runVerify(t *testing.T, dir string) (string, bool) {
 	return string(out), true
 }
 
-func requireMismatch(t *testing.T, out string, names ...string) {
+func requireMismatch(t testing.TB, out string, names ...string) {
 	t.Helper()
 	for _, n := range names {
 		if !strings.Contains(out, "MISMATCH "+n) {
@@ -55,7 +55,7 @@ func requireMismatch(t *testing.T, out string, names ...string) {
 
 // tamperInitramfs changes one byte of one file inside the initramfs and
 // re-packs and recompresses it.
-func tamperInitramfs(t *testing.T, dir, file string) {
+func tamperInitramfs(t testing.TB, dir, file string) {
 	t.Helper()
 	path := filepath.Join(dir, build.InitramfsFile)
 	zst, err := os.ReadFile(path)
@@ -109,60 +109,46 @@ func tamperInitramfs(t *testing.T, dir, file string) {
 	}
 }
 
+// TestBootTamperedInitramfs: mkimage verify names the changed initramfs,
+// and the boot's PCR9 initrd event (replayed on the host) differs from the
+// manifest's while the command line event does not. The boot is the one
+// TestTamperedImageGetsNoKeys/initramfs checks for keys.
 func TestBootTamperedInitramfs(t *testing.T) {
 	requireE2E(t)
-	m := loadImage(t, imageDir())
-	dir := copyImage(t, imageDir())
-	tamperInitramfs(t, dir, "lib/modules/"+m.Kernel.Release+"/modules.builtin")
-
-	out, ok := runVerify(t, dir)
-	if ok {
-		t.Fatalf("mkimage verify accepted a tampered initramfs:\n%s", out)
+	o := tamperedBoot(t, "initramfs")
+	if o.verifyOK {
+		t.Fatalf("mkimage verify accepted a tampered initramfs:\n%s", o.verify)
 	}
-	requireMismatch(t, out, "component initramfs.cpio.zst", "measurement pcr9_initrd")
-
-	_, verdict := bootAndVerify(t, dir, bootConfig(t, "tampered-initramfs", dir, m), m)
-	if verdict.Check.InitrdMatch {
+	requireMismatch(t, o.verify, "component initramfs.cpio.zst", "measurement pcr9_initrd")
+	if o.verdict.Check.InitrdMatch {
 		t.Fatal("the PCR9 initrd event of a tampered initramfs equals the manifest's")
 	}
-	if !verdict.Check.LoadOptionsMatch {
-		t.Errorf("command line event changed although only the initramfs was tampered: %+v", verdict.Check)
+	if !o.verdict.Check.LoadOptionsMatch {
+		t.Errorf("command line event changed although only the initramfs was tampered: %+v", o.verdict.Check)
 	}
-	if verdict.Check.OK() {
+	if o.verdict.Check.OK() {
 		t.Fatal("boot check passed for a tampered initramfs")
 	}
-	t.Logf("verdict: %+v", verdict.Check)
+	t.Logf("verdict: %+v", o.verdict.Check)
 }
 
+// TestBootTamperedCmdline: the same for a changed command line (PCR9
+// LoadOptions event), on TestTamperedImageGetsNoKeys/cmdline's boot.
 func TestBootTamperedCmdline(t *testing.T) {
 	requireE2E(t)
-	m := loadImage(t, imageDir())
-	dir := copyImage(t, imageDir())
-	path := filepath.Join(dir, build.CmdlineFile)
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
+	o := tamperedBoot(t, "cmdline")
+	if o.verifyOK {
+		t.Fatalf("mkimage verify accepted a tampered command line:\n%s", o.verify)
 	}
-	tampered := strings.TrimSuffix(string(b), "\n") + " init=/bin/sh\n"
-	if err := os.WriteFile(path, []byte(tampered), 0o644); err != nil {
-		t.Fatal(err)
-	}
-
-	out, ok := runVerify(t, dir)
-	if ok {
-		t.Fatalf("mkimage verify accepted a tampered command line:\n%s", out)
-	}
-	requireMismatch(t, out, "component "+manifest.ComponentCmdline, "measurement pcr9_load_options")
-
-	_, verdict := bootAndVerify(t, dir, bootConfig(t, "tampered-cmdline", dir, m), m)
-	if verdict.Check.LoadOptionsMatch {
+	requireMismatch(t, o.verify, "component "+manifest.ComponentCmdline, "measurement pcr9_load_options")
+	if o.verdict.Check.LoadOptionsMatch {
 		t.Fatal("the PCR9 LoadOptions event of a tampered command line equals the manifest's")
 	}
-	if !verdict.Check.InitrdMatch || !verdict.Check.KernelMatch {
-		t.Errorf("kernel or initrd event changed although only the command line was tampered: %+v", verdict.Check)
+	if !o.verdict.Check.InitrdMatch || !o.verdict.Check.KernelMatch {
+		t.Errorf("kernel or initrd event changed although only the command line was tampered: %+v", o.verdict.Check)
 	}
-	if verdict.Check.OK() {
+	if o.verdict.Check.OK() {
 		t.Fatal("boot check passed for a tampered command line")
 	}
-	t.Logf("verdict: %+v", verdict.Check)
+	t.Logf("verdict: %+v", o.verdict.Check)
 }

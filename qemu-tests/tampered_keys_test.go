@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -19,129 +20,175 @@ import (
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
 
-// provisioned boots a fresh server once with the brokers approving
-// everything, so that it has provisioned disks and deposited shares, and
-// returns its VM config (persistent TPM, disks, an ingest forward) and id.
-func provisioned(t *testing.T, ctx context.Context, hb *hostBrokers, name string) (vm.Config, string) {
-	t.Helper()
-	dir := imageDir()
-	m := loadImage(t, dir)
-	port, err := vm.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := bootConfig(t, name, dir, m)
-	cfg.StateDir = t.TempDir()
-	cfg.Disks = []string{rawDisk(t, 256<<20), rawDisk(t, 256<<20)}
-	cfg.Forwards = []vm.Forward{{NIC: 0, HostPort: port, GuestPort: 8443}}
-	v := startVM(t, cfg)
-	_, idf := waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
-	id := idf["appliance_id"].(string)
-	waitMsg(t, ctx, v, 0, logmsg.MsgEnrollRequested)
-	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
-	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
-	for _, b := range hb.b {
-		b.ApproveEnrollment(id)
-		if _, err := b.ApproveManifest(mb, sb); err != nil {
-			t.Fatal(err)
-		}
-		b.ApproveDisks(id, 2)
-	}
-	waitMsg(t, ctx, v, 0, logmsg.MsgServing)
-	v.Close()
-	return cfg, id
-}
-
 // noIngest checks that nothing answers TLS on the ingest forward.
-func noIngest(t *testing.T, cfg vm.Config) {
+func noIngest(t testing.TB, cfg vm.Config) {
 	t.Helper()
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(cfg.Forwards[0].HostPort))
-	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{InsecureSkipVerify: true})
-	if err == nil {
-		c.Close()
+	if ingestAnswers(cfg) {
 		t.Fatal("ingest answered TLS")
 	}
 }
 
-// TestTamperedImageGetsNoKeys: a provisioned appliance booted with a
-// changed kernel, initramfs or command line gets no shares, keeps its disks
-// locked and never serves ingest; every broker audits the reason.
-func TestTamperedImageGetsNoKeys(t *testing.T) {
-	requireE2E(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	hb := startHostBrokers(t)
-	cfg, id := provisioned(t, ctx, hb, "tamper-keys")
-	tampers := []struct {
-		name   string
-		change func(t *testing.T, dir string)
-	}{
-		{"kernel", func(t *testing.T, dir string) {
-			p := filepath.Join(dir, build.KernelFile)
-			b, _ := os.ReadFile(p)
-			// A letter of the legacy setup's error text: still boots by EFI.
-			i := bytes.Index(b[:0x1000], []byte("No setup signature"))
-			if i < 0 {
-				t.Fatal("marker text not in the kernel")
-			}
-			b[i+3] ^= 0x20
-			os.WriteFile(p, b, 0o644)
-		}},
-		{"initramfs", func(t *testing.T, dir string) {
-			tamperInitramfs(t, dir, "lib/modules/"+loadImage(t, imageDir()).Kernel.Release+"/modules.builtin")
-		}},
-		{"cmdline", func(t *testing.T, dir string) {
-			p := filepath.Join(dir, build.CmdlineFile)
-			b, _ := os.ReadFile(p)
-			os.WriteFile(p, []byte(strings.TrimSuffix(string(b), "\n")+" embassy.debug=1\n"), 0o644)
-		}},
+// ingestAnswers tells whether anything answers TLS on the ingest forward.
+func ingestAnswers(cfg vm.Config) bool {
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(cfg.Forwards[0].HostPort))
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{InsecureSkipVerify: true})
+	if err == nil {
+		c.Close()
+		return true
 	}
-	for _, tc := range tampers {
-		t.Run(tc.name, func(t *testing.T) {
-			dir := copyImage(t, imageDir())
-			tc.change(t, dir)
-			m := loadImage(t, imageDir())
-			c := cfg
-			bc, err := bootreport.BootConfig("tampered-"+tc.name, dir, m)
+	return false
+}
+
+// tamperedOutcome is what one boot of a tampered image on a provisioned
+// appliance showed: the host's replay of its measured boot, and what every
+// broker did for it from the moment the boot began.
+type tamperedOutcome struct {
+	verify   string // mkimage verify on the tampered folder
+	verifyOK bool
+	verdict  *bootreport.Verdict
+	// refusedBy counts the brokers that audited an image refusal for the
+	// appliance since the boot began.
+	refusedBy int
+	// released lists every "attest ok" or "release" entry any broker made
+	// for the appliance since the boot began.
+	released []string
+	// further is a console line showing the appliance got past
+	// attestation, if any.
+	further        string
+	ingestAnswered bool
+}
+
+// tampers change one part of a copy of the image, the way someone with the
+// boot disk in hand would.
+var tampers = map[string]func(t testing.TB, dir string){
+	"kernel": func(t testing.TB, dir string) {
+		p := filepath.Join(dir, build.KernelFile)
+		b, _ := os.ReadFile(p)
+		// A letter of the legacy setup's error text: still boots by EFI.
+		i := bytes.Index(b[:0x1000], []byte("No setup signature"))
+		if i < 0 {
+			t.Fatal("marker text not in the kernel")
+		}
+		b[i+3] ^= 0x20
+		os.WriteFile(p, b, 0o644)
+	},
+	"initramfs": func(t testing.TB, dir string) {
+		tamperInitramfs(t, dir, "lib/modules/"+loadImage(t, imageDir()).Kernel.Release+"/modules.builtin")
+	},
+	"cmdline": func(t testing.TB, dir string) {
+		p := filepath.Join(dir, build.CmdlineFile)
+		b, _ := os.ReadFile(p)
+		os.WriteFile(p, []byte(strings.TrimSuffix(string(b), "\n")+" init=/bin/sh\n"), 0o644)
+	},
+}
+
+var tamperedBoots struct {
+	mu sync.Mutex
+	m  map[string]*tamperedOutcome
+}
+
+// tamperedBoot boots a copy of a provisioned appliance with the image
+// tampered as kind says, once per test binary: the measured-boot verdict
+// tests and the no-keys test read the same boot.
+func tamperedBoot(t testing.TB, kind string) *tamperedOutcome {
+	t.Helper()
+	tamperedBoots.mu.Lock()
+	defer tamperedBoots.mu.Unlock()
+	if o, ok := tamperedBoots.m[kind]; ok {
+		return o
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	hb, cfg, id := provisioned(t, "tampered-"+kind)
+	defer hb.close()
+	dir := copyImage(t, imageDir())
+	tampers[kind](t, dir)
+	o := &tamperedOutcome{}
+	o.verify, o.verifyOK = runVerify(t, dir)
+	m := loadImage(t, imageDir())
+	bc, err := bootreport.BootConfig(cfg.Name, dir, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Kernel, cfg.Initrd, cfg.Cmdline = bc.Kernel, bc.Initrd, bc.Cmdline
+	v := startVM(t, cfg)
+	defer v.Close()
+	ev, err := bootreport.Wait(ctx, v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.verdict, err = bootreport.Verify(ev, m.Measurements); err != nil {
+		t.Fatalf("replay the guest's event log against its PCRs: %v", err)
+	}
+	waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
+	since := v.Started.Add(-time.Second)
+	// Give every broker time to refuse at least once; then read everything
+	// each broker audited for the appliance since the boot began.
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		o.refusedBy, o.released = 0, nil
+		for _, b := range hb.b {
+			entries, _, err := b.Audit()
 			if err != nil {
 				t.Fatal(err)
 			}
-			c.Name, c.Kernel, c.Initrd, c.Cmdline = bc.Name, bc.Kernel, bc.Initrd, bc.Cmdline
-			c.LogDir = filepath.Join(repoRoot, "out", "test-logs", t.Name())
-			v := startVM(t, c)
-			waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
-			// Give every broker time to refuse at least once.
-			deadline := time.Now().Add(2 * time.Minute)
-			for {
-				refused := 0
-				for _, b := range hb.b {
-					entries, _, _ := b.Audit()
-					for j := len(entries) - 1; j >= 0; j-- {
-						e := entries[j]
-						if e.Event == "attest" && e.Appliance == id {
-							if e.Result == "fail" && e.Reason == broker.ReasonImage && e.Time.After(v.Started.Add(-time.Second)) {
-								refused++
-							}
-							break
-						}
-					}
+			refused := false
+			for _, e := range entries {
+				if e.Appliance != id || e.Time.Before(since) {
+					continue
 				}
-				if refused == len(hb.b) {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("only %d brokers audited %q", refused, broker.ReasonImage)
-				}
-				time.Sleep(time.Second)
-			}
-			for _, l := range v.Lines() {
-				switch bootreport.JSONMsg(l.Text) {
-				case logmsg.MsgAttested, "volume unlocked and mounted", logmsg.MsgServing:
-					t.Fatalf("tampered image got further than attestation: %s", l.Text)
+				switch {
+				case e.Event == "attest" && e.Result == "fail" && e.Reason == broker.ReasonImage:
+					refused = true
+				case e.Event == "release" || (e.Event == "attest" && e.Result == "ok"):
+					o.released = append(o.released, b.Name()+": "+e.Event+" "+e.Result)
 				}
 			}
-			noIngest(t, c)
-			v.Close()
+			if refused {
+				o.refusedBy++
+			}
+		}
+		if o.refusedBy == len(hb.b) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(time.Second)
+	}
+	for _, l := range v.Lines() {
+		switch bootreport.JSONMsg(l.Text) {
+		case logmsg.MsgAttested, "volume unlocked and mounted", logmsg.MsgServing:
+			o.further = l.Text
+		}
+	}
+	o.ingestAnswered = ingestAnswers(cfg)
+	if tamperedBoots.m == nil {
+		tamperedBoots.m = map[string]*tamperedOutcome{}
+	}
+	tamperedBoots.m[kind] = o
+	return o
+}
+
+// TestTamperedImageGetsNoKeys: a provisioned appliance booted with a
+// changed kernel, initramfs or command line gets no shares: no broker
+// audited an "attest ok" or a release for it from the moment the boot
+// began, every broker audited the image refusal, its disks stay locked and
+// it never serves ingest.
+func TestTamperedImageGetsNoKeys(t *testing.T) {
+	requireE2E(t)
+	for _, kind := range []string{"kernel", "initramfs", "cmdline"} {
+		t.Run(kind, func(t *testing.T) {
+			o := tamperedBoot(t, kind)
+			if len(o.released) > 0 {
+				t.Fatalf("released to a tampered image: %v", o.released)
+			}
+			if o.refusedBy != 3 {
+				t.Fatalf("only %d of 3 brokers audited %q", o.refusedBy, broker.ReasonImage)
+			}
+			if o.further != "" {
+				t.Fatalf("tampered image got further than attestation: %s", o.further)
+			}
+			if o.ingestAnswered {
+				t.Fatal("ingest answered TLS")
+			}
 		})
 	}
 }

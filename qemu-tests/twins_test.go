@@ -21,12 +21,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/ingest"
 	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/appliance/node"
 	"github.com/dataembassy/embassy/appliance/replicate"
 	"github.com/dataembassy/embassy/broker/pki"
-	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/protocol/identity"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
@@ -51,62 +49,23 @@ func (tw *twin) endpoints() []string {
 }
 
 // restart boots the same server again (same disks, TPM and VARS).
-func (tw *twin) restart(t *testing.T) {
+func (tw *twin) restart(t testing.TB) {
 	t.Helper()
 	tw.boots++
 	tw.cfg.Name = fmt.Sprintf("%s-boot%d", tw.name, tw.boots)
 	tw.v = startVM(t, tw.cfg)
 }
 
-// startTwins boots two appliances with two blank disks each, enrolls them
-// with the three brokers, approves the image and the disks, records each
-// one's endpoints (the peers list comes from the brokers), and waits until
-// both serve and know each other.
-func startTwins(t *testing.T, ctx context.Context, hb *hostBrokers, diskSize int64) (*twin, *twin) {
+// startTwins boots both appliances of a copied provisioned embassy (the
+// brokers know them, their endpoints and disks) and waits until both serve
+// and know each other.
+func startTwins(t testing.TB, ctx context.Context, hb *hostBrokers, dir string) (*twin, *twin) {
 	t.Helper()
-	dir := imageDir()
-	m := loadImage(t, dir)
-	base := bootConfig(t, "twin", dir, m) // once: it empties the test's log folder
 	var tws []*twin
-	for _, name := range []string{"twin-a", "twin-b"} {
-		tw := &twin{name: name}
-		for i := range tw.ports {
-			p, err := vm.FreePort()
-			if err != nil {
-				t.Fatal(err)
-			}
-			tw.ports[i] = p
-		}
-		tw.cfg = base
-		tw.cfg.Name = name
-		tw.cfg.StateDir = t.TempDir()
-		tw.cfg.Disks = []string{rawDisk(t, diskSize), rawDisk(t, diskSize)}
-		tw.cfg.Forwards = []vm.Forward{{NIC: 0, HostPort: tw.ports[0], GuestPort: 8443}, {NIC: 1, HostPort: tw.ports[1], GuestPort: 8443}}
+	for _, name := range twinNames {
+		tw := restTwin(t, hb, dir, name)
 		tw.v = startVM(t, tw.cfg)
 		tws = append(tws, tw)
-	}
-	for _, tw := range tws {
-		_, idf := waitMsg(t, ctx, tw.v, 0, logmsg.MsgIdentity)
-		tw.id = idf["appliance_id"].(string)
-		waitMsg(t, ctx, tw.v, 0, logmsg.MsgEnrollRequested)
-	}
-	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
-	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
-	for _, b := range hb.b {
-		if _, err := b.ApproveManifest(mb, sb); err != nil {
-			t.Fatal(err)
-		}
-		for _, tw := range tws {
-			if err := b.ApproveEnrollment(tw.id); err != nil {
-				t.Fatal(err)
-			}
-			if err := b.SetEndpoints(tw.id, tw.endpoints()); err != nil {
-				t.Fatal(err)
-			}
-			if err := b.ApproveDisks(tw.id, 2); err != nil {
-				t.Fatal(err)
-			}
-		}
 	}
 	for _, tw := range tws {
 		waitMsg(t, ctx, tw.v, 0, logmsg.MsgServing)
@@ -118,20 +77,21 @@ func startTwins(t *testing.T, ctx context.Context, hb *hostBrokers, diskSize int
 }
 
 // twinDrill is the set-up of every twin test: the three host brokers and
-// two enrolled, serving appliances that know each other, a context that
-// bounds the test, and an ingest client with a reader's certificate.
-func twinDrill(t *testing.T, timeout time.Duration, diskSize int64) (context.Context, *hostBrokers, *twin, *twin, *http.Client) {
+// two enrolled, provisioned appliances (a copy of the provisioned embassy)
+// that serve and know each other, a context that bounds the test, and an
+// ingest client with a reader's certificate.
+func twinDrill(t testing.TB, timeout time.Duration) (context.Context, *hostBrokers, *twin, *twin, *http.Client) {
 	t.Helper()
 	requireE2E(t)
-	hb := startHostBrokers(t)
+	hb, dir := copyEmbassy(t)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	t.Cleanup(cancel)
-	a, b := startTwins(t, ctx, hb, diskSize)
+	a, b := startTwins(t, ctx, hb, dir)
 	return ctx, hb, a, b, ingestHTTP(t, "home-state-auditor")
 }
 
 // waitPeer waits until tw replicates to the appliance peer.
-func waitPeer(t *testing.T, ctx context.Context, tw *twin, peer string) {
+func waitPeer(t testing.TB, ctx context.Context, tw *twin, peer string) {
 	t.Helper()
 	if _, _, err := tw.v.WaitFor(ctx, 0, func(s string) bool {
 		return bootreport.JSONMsg(s) == "replication peer added" && strings.Contains(s, peer)
@@ -142,7 +102,7 @@ func waitPeer(t *testing.T, ctx context.Context, tw *twin, peer string) {
 
 // ingestHTTP is an HTTPS client of the ingest API with a certificate from
 // the home-state client CA.
-func ingestHTTP(t *testing.T, clientName string) *http.Client {
+func ingestHTTP(t testing.TB, clientName string) *http.Client {
 	t.Helper()
 	rc := newResticClient(t, 1, clientName)
 	cert, err := tls.LoadX509KeyPair(rc.certFile, rc.certFile)
@@ -210,7 +170,7 @@ func diffObjects(a, b map[string]int64) string {
 
 // waitConverged waits until both appliances hold the same objects, and
 // returns how many.
-func waitConverged(t *testing.T, ctx context.Context, hc *http.Client, a, b *twin) int {
+func waitConverged(t testing.TB, ctx context.Context, hc *http.Client, a, b *twin) int {
 	t.Helper()
 	start := time.Now()
 	last := ""
@@ -249,7 +209,7 @@ func health(hc *http.Client, port int) (*api.Health, error) {
 }
 
 // waitZeroLag waits until tw has nothing pending for any peer.
-func waitZeroLag(t *testing.T, ctx context.Context, hc *http.Client, tw *twin) {
+func waitZeroLag(t testing.TB, ctx context.Context, hc *http.Client, tw *twin) {
 	t.Helper()
 	waitHealth(t, ctx, func() (*api.Health, error) { return health(hc, tw.ports[0]) }, tw.name+": replication lag zero",
 		func(h *api.Health) bool {
@@ -260,24 +220,6 @@ func waitZeroLag(t *testing.T, ctx context.Context, hc *http.Client, tw *twin) {
 			}
 			return len(h.Peers) > 0
 		})
-}
-
-// storedObjects returns the objects tw's console says it acknowledged.
-func storedObjects(tw *twin) map[string]bool {
-	out := map[string]bool{}
-	for _, l := range tw.v.Lines() {
-		if bootreport.JSONMsg(l.Text) != ingest.MsgStored {
-			continue
-		}
-		var f struct {
-			NS   string `json:"ns"`
-			Name string `json:"name"`
-		}
-		if json.Unmarshal([]byte(l.Text), &f) == nil {
-			out[f.NS+"/"+f.Name] = true
-		}
-	}
-	return out
 }
 
 // verifyObject reads an object back through ingest and checks its hash.
@@ -308,12 +250,12 @@ func verifyObject(hc *http.Client, port int, nsName string) error {
 
 // backgroundBackup runs a restic backup and reports its result on done.
 // The backup is killed when the test ends.
-func backgroundBackup(t *testing.T, rc *resticClient, src string) <-chan error {
+func backgroundBackup(t testing.TB, rc *resticClient, src string) <-chan error {
 	ctx, cancel := context.WithCancel(context.Background())
 	return backgroundBackupContext(t, ctx, cancel, rc, src)
 }
 
-func backgroundBackupContext(t *testing.T, ctx context.Context, cancel context.CancelFunc, rc *resticClient, src string) <-chan error {
+func backgroundBackupContext(t testing.TB, ctx context.Context, cancel context.CancelFunc, rc *resticClient, src string) <-chan error {
 	t.Cleanup(cancel)
 	done := make(chan error, 1)
 	go func() {
@@ -327,7 +269,7 @@ func backgroundBackupContext(t *testing.T, ctx context.Context, cancel context.C
 }
 
 // mustRestic runs restic and fails the test on error.
-func mustRestic(t *testing.T, rc *resticClient, args ...string) string {
+func mustRestic(t testing.TB, rc *resticClient, args ...string) string {
 	t.Helper()
 	start := time.Now()
 	out, err := rc.run(t, args...)
@@ -339,7 +281,7 @@ func mustRestic(t *testing.T, rc *resticClient, args ...string) string {
 }
 
 // sameTree fails the test unless restored/src equals src.
-func sameTree(t *testing.T, src, restored string) {
+func sameTree(t testing.TB, src, restored string) {
 	t.Helper()
 	if out, err := exec.Command("diff", "-r", src, filepath.Join(restored, src)).CombinedOutput(); err != nil {
 		t.Fatalf("restored tree differs: %v\n%s", err, out)
@@ -349,7 +291,7 @@ func sameTree(t *testing.T, src, restored string) {
 // TestTwinReplication: a backup into A is on B (check --read-data and a
 // restore from B), and a backup into B shows up on A.
 func TestTwinReplication(t *testing.T) {
-	ctx, _, a, b, hc := twinDrill(t, 15*time.Minute, 384<<20)
+	ctx, _, a, b, hc := twinDrill(t, 15*time.Minute)
 
 	src := sourceTree(t)
 	ra := newResticClient(t, a.ports[0], "population-registry")
@@ -378,7 +320,7 @@ func TestTwinReplication(t *testing.T) {
 
 // randomTree writes n files of size bytes of random data (incompressible,
 // never deduplicated).
-func randomTree(t *testing.T, n int, size int) string {
+func randomTree(t testing.TB, n int, size int) string {
 	t.Helper()
 	dir := t.TempDir()
 	buf := make([]byte, size)
@@ -410,7 +352,7 @@ func applianceHealth(ctx context.Context, hb *hostBrokers, id string) *api.Healt
 // reports the lag; B, started again, catches up to zero lag with no
 // operator action.
 func TestPeerDownCatchUp(t *testing.T) {
-	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute, 512<<20)
+	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute)
 	ra := newResticClient(t, a.ports[0], "population-registry")
 	mustRestic(t, ra, "init")
 	waitConverged(t, ctx, hc, a, b)
@@ -443,7 +385,7 @@ func TestPeerDownCatchUp(t *testing.T) {
 // refuses it as a client and never sends it anything as a server;
 // replication to the real B goes on over B's other endpoint.
 func TestImpostorPeer(t *testing.T) {
-	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute, 384<<20)
+	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute)
 
 	// The impostor: self-signed, with B's appliance name.
 	self, err := pki.NewRootCA(b.id, time.Hour)

@@ -21,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/attest"
@@ -117,7 +118,26 @@ func Run(log *slog.Logger) {
 	}
 	for {
 		serveUntilLockdown(ctx, log, ac, cfg, clientCAs, start)
+		restart(log) // returns only if exec failed
 	}
+}
+
+// restart replaces PID 1's process image with a fresh embassy-init after a
+// stop. Go cannot promise that every copy of a secret it handled is wiped:
+// luks.go's buffers, the device-mapper table it formats, freed heap that
+// the runtime keeps. Exec frees the whole address space at once, and the
+// kernel zeroes freed pages (init_on_free=1 on the fixed command line), so
+// no share, passphrase or volume key outlives a lockdown in memory. The new
+// process starts over: mounts, modules and leases are already in place and
+// are taken as they are; it attests again before anything is served. If
+// exec fails, restart logs why and returns, and this process starts over.
+func restart(log *slog.Logger) {
+	exe, err := os.Executable()
+	if err == nil {
+		log.Warn(logmsg.MsgRestarting, "exe", exe)
+		err = syscall.Exec(exe, os.Args, os.Environ())
+	}
+	log.Error("restart failed; starting over in this process", "err", err.Error())
 }
 
 // serveUntilLockdown attests, opens the disks and the store, serves ingest

@@ -30,6 +30,9 @@ const MsgStoreOpen = "store open"
 const (
 	MsgServing = "ingest serving"
 	MsgStopped = "stopped serving"
+	// MsgRestarting: after a stop, PID 1 replaces its own process image so
+	// that every page that held a key is freed (and zeroed by the kernel).
+	MsgRestarting = "restarting to clear memory"
 )
 
 // The disk replacement workflow.

@@ -80,6 +80,7 @@ func (s *Store) Scrub(ctx context.Context, progress func(Progress)) (*ScrubRepor
 		return nil, err
 	}
 	rep := &ScrubReport{Objects: len(objs)}
+	s.log.Info(MsgScrubStarted, "objects", len(objs), "disks", len(disks))
 	last := time.Now()
 	for i, o := range objs {
 		if err := ctx.Err(); err != nil {

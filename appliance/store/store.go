@@ -47,6 +47,14 @@ type Store struct {
 // was fetched from a peer and rewritten.
 const MsgHealedFromPeer = "object healed from a peer"
 
+// Log messages of healing and scrubbing.
+const (
+	// MsgHealedCopy: a bad copy was rewritten from a good one.
+	MsgHealedCopy = "healed object copy"
+	// MsgScrubStarted: a scrub begins walking every object.
+	MsgScrubStarted = "scrub started"
+)
+
 // SetFallback sets where objects come from when no local copy verifies.
 func (s *Store) SetFallback(fetch func(ns, name string) ([]byte, error)) {
 	s.fallback.Store(&fetch)
@@ -248,7 +256,7 @@ func (s *Store) heal(d *disk, ns, name, digest string, good []byte) {
 		return
 	}
 	d.healed.Add(1)
-	s.log.Info("healed object copy", "disk", d.id, "ns", ns, "name", name)
+	s.log.Info(MsgHealedCopy, "disk", d.id, "ns", ns, "name", name)
 }
 
 // readError counts a read error on d and fails the disk if its root is gone.
