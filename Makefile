@@ -91,13 +91,17 @@ bench-broker:
 
 # bench-ingest: restic backup of ~390 MiB of real files into our ingest
 # server (2 mirrored disks, mTLS) against a local restic repository, first
-# and deduplicated second backup, same run. No QEMU.
+# and deduplicated second backup, same run: 3 rounds alternating which goes
+# first, each with a cold page cache (dropped before every backup; root)
+# and a warm one; median ratio per pass and cache state. No QEMU.
 bench-ingest: image
 	go test -count=1 -run '^$$' -bench BenchmarkResticBackup -benchtime 1x -timeout 30m ./appliance/ingest/
 
 # bench-replication: on the host, no QEMU: two replication services on
 # 127.0.0.1, each with a 2-disk mirrored store. Lag p50/p99 from A's
-# acknowledgement to durable on B under steady ingest of 4 MiB objects, and
+# acknowledgement to durable on B under steady ingest of 4 MiB objects
+# against a direct HTTPS write of the same objects at the same pace (ratio
+# of p50 and p99, median of 3 rounds alternating which goes first), and
 # catch-up of a 1 GiB backlog against plain HTTPS PUTs of the same objects
 # in the same run (median ratio of 3 rounds).
 bench-replication:

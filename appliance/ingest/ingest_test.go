@@ -7,9 +7,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -17,6 +19,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -35,6 +38,47 @@ type fixture struct {
 	srvCAPool *x509.CertPool
 	certs     map[string]tls.Certificate
 	srv       *ingest.Server
+	stored    *storedLog // every object the server reported durable
+}
+
+// storedLog records the server's OnStored calls: which objects each
+// upload made durable, counted per namespace ("population/data").
+type storedLog struct {
+	mu      sync.Mutex
+	objects map[string]map[string]int // ns -> name -> times stored
+}
+
+func (l *storedLog) record(ns, name string, size int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.objects[ns] == nil {
+		l.objects[ns] = map[string]int{}
+	}
+	l.objects[ns][name]++
+}
+
+// uploads returns how many uploads of ns the server has stored so far.
+func (l *storedLog) uploads(ns string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, c := range l.objects[ns] {
+		n += c
+	}
+	return n
+}
+
+// all returns every stored object as "ns/name".
+func (l *storedLog) all() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+	for ns, names := range l.objects {
+		for name := range names {
+			out = append(out, ns+"/"+name)
+		}
+	}
+	return out
 }
 
 func clientPEM(t testing.TB, dir, name string, ca *pki.Issuer) (string, tls.Certificate) {
@@ -82,6 +126,8 @@ func start(t testing.TB) *fixture {
 	}
 	srv := &ingest.Server{Store: st, ClientCAs: clientCA.Pool(), MaxObject: 32 << 20,
 		Auth: ingest.Rules{"population": {Writers: []string{"population-registry"}, Readers: []string{"auditor"}}}}
+	f.stored = &storedLog{objects: map[string]map[string]int{}}
+	srv.OnStored = f.stored.record
 	f.srv = srv
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -104,8 +150,15 @@ func needRestic(t *testing.T) {
 
 func (f *fixture) restic(t testing.TB, certPEM string, args ...string) (string, error) {
 	t.Helper()
+	return f.resticIn(t, "", certPEM, args...)
+}
+
+// resticIn runs restic in the working directory dir ("" for the current).
+func (f *fixture) resticIn(t testing.TB, dir, certPEM string, args ...string) (string, error) {
+	t.Helper()
 	full := append([]string{"-r", "rest:" + f.url + "/population/", "--cacert", f.serverCA, "--tls-client-cert", certPEM, "--no-cache"}, args...)
 	cmd := exec.Command("restic", full...)
+	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "RESTIC_PASSWORD=correct horse battery staple")
 	out, err := cmd.CombinedOutput()
 	return string(out), err
@@ -127,18 +180,154 @@ func sampleTree(t *testing.T, mib int) string {
 	return dir
 }
 
+// backupSummary is the summary line of `restic backup --json`.
+type backupSummary struct {
+	MessageType     string `json:"message_type"`
+	FilesNew        int    `json:"files_new"`
+	FilesChanged    int    `json:"files_changed"`
+	FilesUnmodified int    `json:"files_unmodified"`
+	DataBlobs       int    `json:"data_blobs"`
+	TreeBlobs       int    `json:"tree_blobs"`
+	DataAdded       int64  `json:"data_added"`
+	SnapshotID      string `json:"snapshot_id"`
+}
+
+// backup runs `restic backup --json` of src, named relative to its parent
+// directory so that the snapshot's trees hold src alone (not /tmp and its
+// ever-changing metadata), and returns the summary.
+func (f *fixture) backup(t *testing.T, src string) backupSummary {
+	t.Helper()
+	out, err := f.resticIn(t, filepath.Dir(src), f.clientPEM, "backup", "--json", filepath.Base(src))
+	if err != nil {
+		t.Fatalf("backup: %v\n%s", err, out)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		var s backupSummary
+		if json.Unmarshal([]byte(line), &s) == nil && s.MessageType == "summary" {
+			return s
+		}
+	}
+	t.Fatalf("backup printed no JSON summary:\n%s", out)
+	return backupSummary{}
+}
+
+func countFiles(t *testing.T, dir string) int {
+	t.Helper()
+	n := 0
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			n++
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// diskObjects reads every object file under a store disk root, keyed by
+// its path below the root, and checks that each hashes to its name: a
+// content-addressed object to its file name, a named one ("config~<sha256>")
+// to the digest in its file name.
+func diskObjects(t *testing.T, root string) map[string][]byte {
+	t.Helper()
+	objs := map[string][]byte{}
+	err := filepath.WalkDir(filepath.Join(root, "objects"), func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(root, p)
+		want := d.Name()
+		if i := strings.LastIndex(want, "~"); i >= 0 {
+			want = want[i+1:]
+		}
+		if sum := sha256.Sum256(b); hex.EncodeToString(sum[:]) != want {
+			t.Errorf("%s on %s hashes to %x, not to its name", rel, root, sum)
+		}
+		objs[rel] = b
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return objs
+}
+
+// assertMirrored checks that both disks hold exactly the same object files
+// with byte-identical content that hashes to their names, and that every
+// object the server reported stored is among them (locks excepted: restic
+// deletes its locks, the one deletion the server allows).
+func assertMirrored(t *testing.T, f *fixture) {
+	t.Helper()
+	a, b := diskObjects(t, f.roots[0]), diskObjects(t, f.roots[1])
+	for rel, ab := range a {
+		bb, ok := b[rel]
+		switch {
+		case !ok:
+			t.Errorf("%s is on %s only", rel, f.roots[0])
+		case !bytes.Equal(ab, bb):
+			t.Errorf("%s differs between the disks", rel)
+		}
+	}
+	for rel := range b {
+		if _, ok := a[rel]; !ok {
+			t.Errorf("%s is on %s only", rel, f.roots[1])
+		}
+	}
+	for _, obj := range f.stored.all() {
+		ns, name := filepath.Dir(obj), filepath.Base(obj)
+		if filepath.Base(ns) == "locks" {
+			continue
+		}
+		p := filepath.Join("objects", ns, "named", name+"~")
+		if len(name) == 64 {
+			p = filepath.Join("objects", ns, name[:2], name)
+		}
+		found := false
+		for rel := range a {
+			if rel == p || strings.HasPrefix(rel, p) && strings.HasSuffix(p, "~") {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("stored object %s is not on the disks", obj)
+		}
+	}
+	if f.stored.uploads("population/data") == 0 || len(a) == 0 {
+		t.Fatalf("no data packs stored (%d files on disk)", len(a))
+	}
+}
+
 func TestResticBackupCheckRestore(t *testing.T) {
 	needRestic(t)
 	f := start(t)
 	src := sampleTree(t, 8)
+	files := countFiles(t, src)
 	if out, err := f.restic(t, f.clientPEM, "init"); err != nil {
 		t.Fatalf("init: %v\n%s", err, out)
 	}
-	if out, err := f.restic(t, f.clientPEM, "backup", src); err != nil {
-		t.Fatalf("backup: %v\n%s", err, out)
+	first := f.backup(t, src)
+	firstPacks := f.stored.uploads("population/data")
+	if first.FilesNew != files || first.DataBlobs == 0 || first.DataAdded < 8<<20 || firstPacks == 0 {
+		t.Fatalf("first backup: %+v with %d data packs stored, want all %d files new and at least 8 MiB of data in packs", first, firstPacks, files)
 	}
-	if out, err := f.restic(t, f.clientPEM, "backup", src); err != nil || !strings.Contains(out, "Added to the repository: 0 B") && !strings.Contains(out, "Added to the repo") {
-		t.Fatalf("second backup: %v\n%s", err, out)
+	// The second backup of the same tree is deduplicated: every file is
+	// unmodified, no blob is new, and no data pack reaches the server.
+	second := f.backup(t, src)
+	if second.FilesNew != 0 || second.FilesChanged != 0 || second.FilesUnmodified != files ||
+		second.DataBlobs != 0 || second.TreeBlobs != 0 || second.DataAdded != 0 {
+		t.Fatalf("second backup not deduplicated: %+v, want all %d files unmodified and nothing added", second, files)
+	}
+	if n := f.stored.uploads("population/data") - firstPacks; n != 0 {
+		t.Fatalf("second backup uploaded %d data packs, want none", n)
+	}
+	if second.SnapshotID == "" || second.SnapshotID == first.SnapshotID || f.stored.uploads("population/snapshots") != 2 {
+		t.Fatalf("second backup made no new snapshot: %q after %q, %d snapshots stored", second.SnapshotID, first.SnapshotID, f.stored.uploads("population/snapshots"))
 	}
 	if out, err := f.restic(t, f.clientPEM, "check", "--read-data"); err != nil {
 		t.Fatalf("check: %v\n%s", err, out)
@@ -148,24 +337,13 @@ func TestResticBackupCheckRestore(t *testing.T) {
 	if out, err := f.restic(t, f.readerPEM, "restore", "latest", "--target", dst); err != nil {
 		t.Fatalf("restore: %v\n%s", err, out)
 	}
-	if out, err := exec.Command("diff", "-r", src, filepath.Join(dst, src)).CombinedOutput(); err != nil {
+	if out, err := exec.Command("diff", "-r", src, filepath.Join(dst, filepath.Base(src))).CombinedOutput(); err != nil {
 		t.Fatalf("restored tree differs: %v\n%s", err, out)
 	}
 	// (Refused deletes and a reader's uploads are checked over raw HTTP in
 	// TestBadRequests: restic retries refused requests for minutes.)
-	// Every object is mirrored on both disks.
-	for _, r := range f.roots {
-		n := 0
-		filepath.WalkDir(filepath.Join(r, "objects", "population", "data"), func(p string, d os.DirEntry, err error) error {
-			if err == nil && !d.IsDir() {
-				n++
-			}
-			return nil
-		})
-		if n == 0 {
-			t.Fatalf("no data packs on %s", r)
-		}
-	}
+	// Every object is mirrored on both disks, byte for byte.
+	assertMirrored(t, f)
 	if out, err := f.restic(t, f.clientPEM, "check"); err != nil {
 		t.Fatalf("check after refused requests: %v\n%s", err, out)
 	}

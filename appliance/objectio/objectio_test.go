@@ -1,6 +1,7 @@
 package objectio_test
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -34,10 +35,12 @@ func TestReadBodyAndCheckContent(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := httptest.NewRequest(http.MethodPut, "/", strings.NewReader(tc.body))
 			r.ContentLength = tc.contentLength
-			_, err := objectio.ReadObject(r, tc.objName, 16)
+			got, err := objectio.ReadObject(r, tc.objName, 16)
 			switch {
 			case tc.status == 0 && err != nil:
 				t.Fatalf("refused: %v", err)
+			case tc.status == 0 && !bytes.Equal(got, []byte(tc.body)):
+				t.Fatalf("returned %q, want the uploaded %q", got, tc.body)
 			case tc.status != 0 && (!errors.Is(err, tc.err) || httperr.Status(err, http.StatusConflict) != tc.status):
 				t.Fatalf("got %v, want %v and status %d", err, tc.err, tc.status)
 			}
