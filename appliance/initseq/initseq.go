@@ -20,6 +20,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -31,6 +33,7 @@ import (
 	"github.com/dataembassy/embassy/appliance/ingest"
 	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/appliance/measuredboot"
+	"github.com/dataembassy/embassy/appliance/memclear"
 	"github.com/dataembassy/embassy/appliance/netup"
 	"github.com/dataembassy/embassy/appliance/node"
 	"github.com/dataembassy/embassy/appliance/replicate"
@@ -56,6 +59,15 @@ func Run(log *slog.Logger) {
 		halt(log, "mount pseudo-filesystems", err)
 	}
 	log.Info("pseudo-filesystems mounted")
+	if os.Getenv(restartedEnv) == "1" {
+		// The process image before this one held keys: overwrite the
+		// memory it freed before anything else runs.
+		n, err := memclear.Free("/proc/meminfo", "/proc/sys/vm/drop_caches")
+		if err != nil {
+			log.Error("clearing free memory", "err", err.Error())
+		}
+		log.Info(logmsg.MsgMemoryCleared, "bytes", n)
+	}
 
 	names, err := boot.ReadModuleList(config.ModulesLoad)
 	if err != nil {
@@ -122,20 +134,24 @@ func Run(log *slog.Logger) {
 	}
 }
 
+// restartedEnv marks a PID 1 that replaced its predecessor after a stop.
+const restartedEnv = "EMBASSY_RESTARTED"
+
 // restart replaces PID 1's process image with a fresh embassy-init after a
 // stop. Go cannot promise that every copy of a secret it handled is wiped:
 // luks.go's buffers, the device-mapper table it formats, freed heap that
 // the runtime keeps. Exec frees the whole address space at once, and the
-// kernel zeroes freed pages (init_on_free=1 on the fixed command line), so
-// no share, passphrase or volume key outlives a lockdown in memory. The new
-// process starts over: mounts, modules and leases are already in place and
-// are taken as they are; it attests again before anything is served. If
-// exec fails, restart logs why and returns, and this process starts over.
+// new process overwrites all free memory first (appliance/memclear), so no
+// share, passphrase or volume key outlives a lockdown in memory. It then
+// starts over: mounts, modules and leases are already in place and are
+// taken as they are; it attests again before anything is served. If exec
+// fails, restart logs why and returns, and this process starts over.
 func restart(log *slog.Logger) {
 	exe, err := os.Executable()
 	if err == nil {
 		log.Warn(logmsg.MsgRestarting, "exe", exe)
-		err = syscall.Exec(exe, os.Args, os.Environ())
+		env := slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, restartedEnv+"=") })
+		err = syscall.Exec(exe, os.Args, append(env, restartedEnv+"=1"))
 	}
 	log.Error("restart failed; starting over in this process", "err", err.Error())
 }

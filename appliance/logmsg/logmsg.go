@@ -33,6 +33,8 @@ const (
 	// MsgRestarting: after a stop, PID 1 replaces its own process image so
 	// that every page that held a key is freed (and zeroed by the kernel).
 	MsgRestarting = "restarting to clear memory"
+	// MsgMemoryCleared: the restarted PID 1 overwrote the free memory.
+	MsgMemoryCleared = "free memory cleared"
 )
 
 // The disk replacement workflow.

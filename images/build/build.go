@@ -41,7 +41,7 @@ const (
 
 // DefaultCmdline is the fixed kernel command line of the production image.
 // Nothing on it can be changed at boot without changing PCR9.
-const DefaultCmdline = "console=ttyS0,115200 panic=-1 loglevel=4 lockdown=integrity init_on_free=1"
+const DefaultCmdline = "console=ttyS0,115200 panic=-1 loglevel=4 lockdown=integrity"
 
 // DefaultModules are the kernel modules the appliance loads at boot: virtio
 // for QEMU, NVMe/AHCI/SCSI disks and e1000e NICs for real servers,
