@@ -188,7 +188,7 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 	qmpSock := filepath.Join(v.tempDir, "qmp.sock")
 	args := []string{
 		"-name", cfg.Name,
-		"-machine", "q35", "-accel", "tcg", "-cpu", "max",
+		"-machine", "q35", "-accel", "tcg",
 		"-m", fmt.Sprint(cfg.MemoryMB), "-smp", "1",
 		"-nodefaults", "-display", "none", "-no-reboot",
 		"-drive", "if=pflash,format=raw,unit=0,readonly=on,file=" + cfg.OVMFCode,
