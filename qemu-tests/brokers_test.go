@@ -132,6 +132,16 @@ func startHostBrokers(t testing.TB) *hostBrokers {
 // startHostBrokersFrom starts the three brokers on the given state.
 func startHostBrokersFrom(t testing.TB, state brokerState) *hostBrokers {
 	t.Helper()
+	releaseSharedTwins() // they hold the brokers' ports
+	hb := newHostBrokers(t, state)
+	t.Cleanup(hb.close)
+	return hb
+}
+
+// newHostBrokers starts the three brokers on the given state; the caller
+// closes them.
+func newHostBrokers(t testing.TB, state brokerState) *hostBrokers {
+	t.Helper()
 	pkiDir := filepath.Join(cacheDir(), "pki")
 	root, err := pki.LoadIssuer(filepath.Join(pkiDir, "broker-ca.pem"), filepath.Join(pkiDir, "broker-ca.key"))
 	if err != nil {
@@ -204,6 +214,5 @@ func startHostBrokersFrom(t testing.TB, state brokerState) *hostBrokers {
 		t.Fatal(err)
 	}
 	hb.ops = opclient.New(opBrokers, cert, root.Pool())
-	t.Cleanup(hb.close)
 	return hb
 }

@@ -40,6 +40,7 @@ func run(m *testing.M) int {
 		}
 		defer os.RemoveAll(tmp)
 		fixture.root = tmp
+		defer releaseSharedTwins()
 		defer writeScenarioTimes(filepath.Join(repoRoot, "out", "test-logs", ScenarioTimesFile))
 		mkimage = filepath.Join(tmp, "mkimage")
 		cmd := exec.Command("go", "build", "-o", mkimage, "./cmd/mkimage")
@@ -120,6 +121,7 @@ func bootConfig(t testing.TB, name, dir string, m *manifest.Manifest) vm.Config 
 // console log if the test failed.
 func startVM(t testing.TB, cfg vm.Config) *vm.VM {
 	t.Helper()
+	releaseSharedTwins() // a scenario of its own: no idle VMs beside it
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	v, err := vm.Start(ctx, cfg)

@@ -291,12 +291,13 @@ func sameTree(t testing.TB, src, restored string) {
 // TestTwinReplication: a backup into A is on B (check --read-data and a
 // restore from B), and a backup into B shows up on A.
 func TestTwinReplication(t *testing.T) {
-	ctx, _, a, b, hc := twinDrill(t, 15*time.Minute)
+	ctx, _, a, b, hc := twinPair(t, 15*time.Minute)
 
 	src := sourceTree(t)
 	ra := newResticClient(t, a.ports[0], "population-registry")
 	rb := newResticClient(t, b.ports[0], "population-registry")
-	mustRestic(t, ra, "init")
+	initRepo(t, ra)
+	snapshotsBefore := countSnapshots(t, ra)
 	mustRestic(t, ra, "backup", src)
 	waitConverged(t, ctx, hc, a, b)
 	mustRestic(t, rb, "check", "--read-data")
@@ -308,14 +309,23 @@ func TestTwinReplication(t *testing.T) {
 	second := filepath.Join(filepath.Dir(src), "block")
 	mustRestic(t, rb, "backup", second)
 	waitConverged(t, ctx, hc, a, b)
-	out := mustRestic(t, ra, "snapshots", "--json")
-	var snaps []json.RawMessage
-	if err := json.Unmarshal([]byte(out), &snaps); err != nil || len(snaps) != 2 {
-		t.Fatalf("snapshots on A: %v %s", err, out)
+	if n := countSnapshots(t, ra); n != snapshotsBefore+2 {
+		t.Fatalf("snapshots on A: %d, want the %d there before and the 2 new ones", n, snapshotsBefore)
 	}
 	mustRestic(t, ra, "check")
 	waitZeroLag(t, ctx, hc, a)
 	waitZeroLag(t, ctx, hc, b)
+}
+
+// countSnapshots returns how many snapshots the repository lists.
+func countSnapshots(t *testing.T, rc *resticClient) int {
+	t.Helper()
+	out := mustRestic(t, rc, "snapshots", "--json")
+	var snaps []json.RawMessage
+	if err := json.Unmarshal([]byte(out), &snaps); err != nil {
+		t.Fatalf("snapshots: %v %s", err, out)
+	}
+	return len(snaps)
 }
 
 // randomTree writes n files of size bytes of random data (incompressible,
@@ -348,44 +358,12 @@ func applianceHealth(ctx context.Context, hb *hostBrokers, id string) *api.Healt
 	return nil
 }
 
-// TestPeerDownCatchUp: B is off while 200 MiB are backed up into A; A
-// reports the lag; B, started again, catches up to zero lag with no
-// operator action.
-func TestPeerDownCatchUp(t *testing.T) {
-	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute)
-	ra := newResticClient(t, a.ports[0], "population-registry")
-	mustRestic(t, ra, "init")
-	waitConverged(t, ctx, hc, a, b)
-
-	b.v.Close()
-	src := randomTree(t, 25, 8<<20)
-	mustRestic(t, ra, "backup", src)
-	h := waitHealth(t, ctx, func() (*api.Health, error) { return health(hc, a.ports[0]) }, "A reports its lag to B",
-		func(h *api.Health) bool { return len(h.Peers) == 1 && h.Peers[0].PendingBytes >= 200<<20 })
-	lag := h.Peers[0]
-	t.Logf("lag while B is down: %d objects, %d bytes, oldest %.0fs", lag.PendingObjects, lag.PendingBytes, lag.OldestSeconds)
-	// Operators see it too, with the next attestation.
-	waitHealth(t, ctx, func() (*api.Health, error) { return applianceHealth(ctx, hb, a.id), nil }, "embassyctl status shows A's lag",
-		func(h *api.Health) bool {
-			return h != nil && len(h.Peers) == 1 && h.Peers[0].ID == b.id && h.Peers[0].PendingObjects > 0
-		})
-
-	start := time.Now()
-	b.restart(t)
-	waitMsg(t, ctx, b.v, 0, logmsg.MsgServing)
-	waitConverged(t, ctx, hc, a, b)
-	waitZeroLag(t, ctx, hc, a)
-	t.Logf("B caught up %d MiB in %.1fs after its restart", lag.PendingBytes>>20, time.Since(start).Seconds())
-	rb := newResticClient(t, b.ports[0], "population-registry")
-	mustRestic(t, rb, "check", "--read-data")
-}
-
 // TestImpostorPeer: a host process with a self-signed certificate that
 // claims B's identity sits at B's first endpoint and asks A for data. A
 // refuses it as a client and never sends it anything as a server;
 // replication to the real B goes on over B's other endpoint.
 func TestImpostorPeer(t *testing.T) {
-	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute)
+	ctx, hb, a, b, hc := twinPair(t, 15*time.Minute)
 
 	// The impostor: self-signed, with B's appliance name.
 	self, err := pki.NewRootCA(b.id, time.Hour)
@@ -417,7 +395,13 @@ func TestImpostorPeer(t *testing.T) {
 	defer srv.Close()
 	impostorPort := ln.Addr().(*net.TCPAddr).Port
 
-	// Someone re-points B's first endpoint at the impostor.
+	// Someone re-points B's first endpoint at the impostor (put back for
+	// the next scenario on the shared pair).
+	t.Cleanup(func() {
+		for _, br := range hb.b {
+			br.SetEndpoints(b.id, b.endpoints())
+		}
+	})
 	for _, br := range hb.b {
 		if err := br.SetEndpoints(b.id, []string{fmt.Sprintf("10.0.2.2:%d", impostorPort), b.endpoints()[1]}); err != nil {
 			t.Fatal(err)
@@ -429,8 +413,8 @@ func TestImpostorPeer(t *testing.T) {
 		t.Fatal(err)
 	}
 	ra := newResticClient(t, a.ports[0], "population-registry")
-	mustRestic(t, ra, "init")
-	mustRestic(t, ra, "backup", sourceTree(t))
+	initRepo(t, ra)
+	mustRestic(t, ra, "backup", randomTree(t, 2, 4<<20))
 	waitConverged(t, ctx, hc, a, b)
 	if handshakes.Load() == 0 {
 		t.Fatal("A never tried the impostor's endpoint; the test proves nothing")
@@ -464,4 +448,36 @@ func TestImpostorPeer(t *testing.T) {
 	if _, _, err := a.v.WaitFor(ctx, 0, func(s string) bool { return bootreport.JSONMsg(s) == "replication peer refused" }); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestPeerDownCatchUp: B is off while 200 MiB are backed up into A; A
+// reports the lag; B, started again, catches up to zero lag with no
+// operator action.
+func TestPeerDownCatchUp(t *testing.T) {
+	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute)
+	ra := newResticClient(t, a.ports[0], "population-registry")
+	mustRestic(t, ra, "init")
+	waitConverged(t, ctx, hc, a, b)
+
+	b.v.Close()
+	src := randomTree(t, 25, 8<<20)
+	mustRestic(t, ra, "backup", src)
+	h := waitHealth(t, ctx, func() (*api.Health, error) { return health(hc, a.ports[0]) }, "A reports its lag to B",
+		func(h *api.Health) bool { return len(h.Peers) == 1 && h.Peers[0].PendingBytes >= 200<<20 })
+	lag := h.Peers[0]
+	t.Logf("lag while B is down: %d objects, %d bytes, oldest %.0fs", lag.PendingObjects, lag.PendingBytes, lag.OldestSeconds)
+	// Operators see it too, with the next attestation.
+	waitHealth(t, ctx, func() (*api.Health, error) { return applianceHealth(ctx, hb, a.id), nil }, "embassyctl status shows A's lag",
+		func(h *api.Health) bool {
+			return h != nil && len(h.Peers) == 1 && h.Peers[0].ID == b.id && h.Peers[0].PendingObjects > 0
+		})
+
+	start := time.Now()
+	b.restart(t)
+	waitMsg(t, ctx, b.v, 0, logmsg.MsgServing)
+	waitConverged(t, ctx, hc, a, b)
+	waitZeroLag(t, ctx, hc, a)
+	t.Logf("B caught up %d MiB in %.1fs after its restart", lag.PendingBytes>>20, time.Since(start).Seconds())
+	rb := newResticClient(t, b.ports[0], "population-registry")
+	mustRestic(t, rb, "check", "--read-data")
 }

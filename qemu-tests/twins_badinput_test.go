@@ -3,7 +3,6 @@ package qemutests
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -17,29 +16,22 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/broker/pki"
 )
 
-// TestIngestBadInput: against the appliance's ingest service, each bad
-// request gets its error and changes nothing; the repository still passes
-// restic check afterwards.
+// TestIngestBadInput: against the appliance's ingest service (twin-a of
+// the shared running pair), each bad request gets its error and changes
+// nothing; the repository still passes restic check afterwards.
 func TestIngestBadInput(t *testing.T) {
 	requireE2E(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	_, cfg, _ := provisioned(t, "badinput")
-	cfg.Name = "badinput-boot"
-	v := startVM(t, cfg)
-	waitMsg(t, ctx, v, 0, logmsg.MsgServing)
-	port := cfg.Forwards[0].HostPort
+	_, _, a, _, _ := twinPair(t, 10*time.Minute)
+	port := a.ports[0]
 
 	rc := newResticClient(t, port, "population-registry")
 	src := filepath.Join(sourceTree(t), "ethernet", "intel")
-	for _, step := range [][]string{{"init"}, {"backup", src}} {
-		if out, err := rc.run(t, step...); err != nil {
-			t.Fatalf("restic %v: %v\n%s", step, err, out)
-		}
+	initRepo(t, rc)
+	if out, err := rc.run(t, "backup", src); err != nil {
+		t.Fatalf("restic backup: %v\n%s", err, out)
 	}
 
 	roots := x509.NewCertPool()
