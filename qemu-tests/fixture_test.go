@@ -188,6 +188,15 @@ func copyEmbassy(t testing.TB) (*hostBrokers, string) {
 	start := time.Now()
 	os.RemoveAll(testLogDir(t))
 	dst := filepath.Join(t.TempDir(), "embassy")
+	hb := startHostBrokersFrom(t, at.copyTo(t, dst))
+	t.Logf("provisioned embassy copied in %.1fs", time.Since(start).Seconds())
+	return hb, dst
+}
+
+// copyTo copies the embassy at rest to dst and returns the brokers' state
+// there.
+func (at *embassyAtRest) copyTo(t testing.TB, dst string) brokerState {
+	t.Helper()
 	if out, err := exec.Command("cp", "-a", "--sparse=always", at.dir, dst).CombinedOutput(); err != nil {
 		t.Fatalf("copy the provisioned embassy: %v\n%s", err, out)
 	}
@@ -195,9 +204,7 @@ func copyEmbassy(t testing.TB) (*hostBrokers, string) {
 	for i := 0; i < 3; i++ {
 		state.dirs = append(state.dirs, filepath.Join(dst, "brokers", fmt.Sprint(i)))
 	}
-	hb := startHostBrokersFrom(t, state)
-	t.Logf("provisioned embassy copied in %.1fs", time.Since(start).Seconds())
-	return hb, dst
+	return state
 }
 
 // restTwin returns the VM config of one appliance of a copied embassy, with

@@ -136,23 +136,3 @@ func startVM(t testing.TB, cfg vm.Config) *vm.VM {
 	})
 	return v
 }
-
-// bootAndVerify boots the image in dir and returns the host's verdict.
-func bootAndVerify(t testing.TB, dir string, cfg vm.Config, m *manifest.Manifest) (*bootreport.Evidence, *bootreport.Verdict) {
-	t.Helper()
-	v := startVM(t, cfg)
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
-	defer cancel()
-	ev, err := bootreport.Wait(ctx, v)
-	if err != nil {
-		t.Fatal(err)
-	}
-	verdict, err := bootreport.Verify(ev, m.Measurements)
-	if err != nil {
-		t.Fatalf("replay the guest's event log against its PCRs: %v", err)
-	}
-	for _, e := range verdict.Events {
-		t.Logf("PCR%d %s %s %q", e.PCR, e.Type, e.Digest, e.Info)
-	}
-	return ev, verdict
-}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -43,14 +42,7 @@ func twinPair(t *testing.T, timeout time.Duration) (context.Context, *hostBroker
 		start := time.Now()
 		sharedTwins.n++
 		dir := filepath.Join(fixture.root, fmt.Sprintf("shared-twins-%d", sharedTwins.n))
-		if out, err := exec.Command("cp", "-a", "--sparse=always", at.dir, dir).CombinedOutput(); err != nil {
-			t.Fatalf("copy the provisioned embassy: %v\n%s", err, out)
-		}
-		state := brokerState{masters: at.masters}
-		for i := 0; i < 3; i++ {
-			state.dirs = append(state.dirs, filepath.Join(dir, "brokers", fmt.Sprint(i)))
-		}
-		hb := newHostBrokers(t, state)
+		hb := newHostBrokers(t, at.copyTo(t, dir))
 		logDir := filepath.Join(repoRoot, "out", "test-logs", "shared-twins")
 		os.RemoveAll(logDir)
 		var tws []*twin
