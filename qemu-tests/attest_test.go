@@ -1,57 +1,47 @@
 package qemutests
 
 import (
-	"context"
-	"os"
-	"path/filepath"
 	"testing"
-	"time"
 
 	"github.com/dataembassy/embassy/appliance/logmsg"
-	"github.com/dataembassy/embassy/images/build"
 )
 
-// TestBootEnrollAndAttest boots a fresh server with the brokers up: it
-// brings both NICs up by DHCP, asks to enroll (EK certificate from swtpm's
-// CA, credential activation), waits for the operators, and once they have
-// approved the enrollment and the image it attests to k brokers.
+// TestBootEnrollAndAttest: a fresh server, with the brokers up, brings both
+// NICs up by DHCP, asks to enroll (EK certificate from swtpm's CA,
+// credential activation), waits for the operators, and once they have
+// approved the enrollment and the image it attests to k brokers, which
+// record its image. It reads the first boot of the provisioned embassy's
+// twin-a, which is that boot: makeEmbassy approves only after both
+// appliances asked to enroll.
 func TestBootEnrollAndAttest(t *testing.T) {
-	requireE2E(t)
-	dir := imageDir()
-	m := loadImage(t, dir)
-	hb := startHostBrokers(t)
-	v := startVM(t, bootConfig(t, "enroll", dir, m))
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-
-	_, idf := waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
-	id, _ := idf["appliance_id"].(string)
-	waitMsg(t, ctx, v, 0, logmsg.MsgEnrollRequested)
-	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
-	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
-	for _, b := range hb.b {
-		if err := b.ApproveEnrollment(id); err != nil {
-			t.Fatalf("%s: approve enrollment: %v", b.Name(), err)
-		}
-		if _, err := b.ApproveManifest(mb, sb); err != nil {
-			t.Fatalf("%s: approve image: %v", b.Name(), err)
+	at := provisionedEmbassy(t)
+	m := loadImage(t, imageDir())
+	console := at.firstBoot.consoles[twinNames[0]]
+	for _, nic := range []string{"eth0", "eth1"} {
+		if !consoleHas(console, logmsg.MsgNetworkUp, "interface", nic) {
+			t.Fatalf("%s never came up by DHCP on the first boot", nic)
 		}
 	}
-	_, att := waitMsg(t, ctx, v, 0, logmsg.MsgAttested)
+	idf, _ := consoleMsg(t, console, logmsg.MsgIdentity)
+	id, _ := idf["appliance_id"].(string)
+	if id == "" || id != at.ids[twinNames[0]] {
+		t.Fatalf("first boot identity %v, brokers enrolled %q", idf, at.ids[twinNames[0]])
+	}
+	_, asked := consoleMsg(t, console, logmsg.MsgEnrollRequested)
+	att, attestedAt := consoleMsg(t, console, logmsg.MsgAttested)
+	if !asked.Before(at.firstBoot.approved) || attestedAt.Before(at.firstBoot.approved) {
+		t.Fatalf("enrollment asked %s, operators approved %s, attested %s: the appliance did not wait for the operators",
+			asked.Format("15:04:05.000"), at.firstBoot.approved.Format("15:04:05.000"), attestedAt.Format("15:04:05.000"))
+	}
 	if n, _ := att["brokers"].(float64); n < 2 {
 		t.Fatalf("attested to %v brokers, want at least k=2", att["brokers"])
 	}
 	if v, _ := att["image_version"].(float64); uint64(v) != m.Version {
 		t.Fatalf("attested as image %v, manifest is %d", att["image_version"], m.Version)
 	}
-	// Each broker that answered recorded the appliance's TPM counters and
-	// image.
+	// Each broker that answered recorded the appliance's image.
 	attested := 0
-	for _, b := range hb.b {
-		st, err := b.State()
-		if err != nil {
-			t.Fatal(err)
-		}
+	for _, st := range at.firstBoot.brokers {
 		for _, a := range st.Appliances {
 			if a.ID == id && a.LastImage == m.Version {
 				attested++

@@ -3,13 +3,10 @@ package qemutests
 import (
 	"context"
 	"encoding/json"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/logmsg"
-	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
@@ -35,57 +32,39 @@ func waitMsg(t testing.TB, ctx context.Context, v *vm.VM, from int, msg string) 
 
 // TestProvisionThenUnlock: a fresh server with two blank disks is enrolled
 // and its disks approved; it provisions both (GPT, LUKS2, ext4, shares to
-// all three brokers), opens the mirrored store, and after a reboot with the
-// same disks and TPM unlocks them with the released shares, with no
-// operator action.
+// all three brokers) and opens the mirrored store; after a power-off, with
+// the same disks and TPM, it unlocks them with the released shares and no
+// operator action. The first boot is the provisioned embassy's (twin-a's
+// console and the brokers' state it left); the second boots a copy of it.
 func TestProvisionThenUnlock(t *testing.T) {
-	requireE2E(t)
-	dir := imageDir()
-	m := loadImage(t, dir)
-	hb := startHostBrokers(t)
-	cfg := bootConfig(t, "disks", dir, m)
-	cfg.StateDir = t.TempDir() // the same TPM and NVRAM across both boots
-	cfg.Disks = []string{rawDisk(t, 256<<20), rawDisk(t, 256<<20)}
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
-	defer cancel()
-
-	v := startVM(t, cfg)
-	_, id := waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
-	appliance := id["appliance_id"].(string)
-	waitMsg(t, ctx, v, 0, logmsg.MsgEnrollRequested)
-	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
-	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
-	for _, b := range hb.b {
-		if err := b.ApproveEnrollment(appliance); err != nil {
-			t.Fatal(err)
+	at := provisionedEmbassy(t)
+	name := twinNames[0]
+	st, opened := consoleMsg(t, at.firstBoot.consoles[name], logmsg.MsgStoreOpen)
+	if n, _ := st["disks"].(float64); n != 2 || st["degraded"] != false || opened.Before(at.firstBoot.approved) {
+		t.Fatalf("first boot store (opened %s, disks approved %s): %v", opened.Format("15:04:05.000"), at.firstBoot.approved.Format("15:04:05.000"), st)
+	}
+	for _, s := range at.firstBoot.brokers {
+		held := 0
+		for _, a := range s.Appliances {
+			if a.ID == at.ids[name] {
+				held = len(a.Disks)
+			}
 		}
-		if _, err := b.ApproveManifest(mb, sb); err != nil {
-			t.Fatal(err)
-		}
-		if err := b.ApproveDisks(appliance, 2); err != nil {
-			t.Fatal(err)
+		if held != 2 {
+			t.Fatalf("%s holds shares of %d of %s's disks after its first boot, want 2", s.Broker, held, name)
 		}
 	}
-	_, st := waitMsg(t, ctx, v, 0, logmsg.MsgStoreOpen)
-	if n, _ := st["disks"].(float64); n != 2 || st["degraded"] != false {
-		t.Fatalf("first boot store: %v", st)
-	}
-	for _, b := range hb.b {
-		s, _ := b.State()
-		if len(s.Appliances) != 1 || len(s.Appliances[0].Disks) != 2 {
-			t.Fatalf("%s holds shares for %v", b.Name(), s.Appliances)
-		}
-	}
-	v.Close()
 
 	// Power on again: attest, get the shares, unlock, no operator action.
-	cfg.Name = "disks-reboot"
-	v2 := startVM(t, cfg)
-	_, att := waitMsg(t, ctx, v2, 0, logmsg.MsgAttested)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	_, cfg, _ := provisioned(t, "disks-reboot")
+	v := startVM(t, cfg)
+	_, att := waitMsg(t, ctx, v, 0, logmsg.MsgAttested)
 	if n, _ := att["shares"].(float64); n < 4 {
 		t.Fatalf("second boot got %v shares, want 2 disks x k=2", att["shares"])
 	}
-	_, st = waitMsg(t, ctx, v2, 0, logmsg.MsgStoreOpen)
+	_, st = waitMsg(t, ctx, v, 0, logmsg.MsgStoreOpen)
 	if n, _ := st["disks"].(float64); n != 2 || st["degraded"] != false {
 		t.Fatalf("second boot store: %v", st)
 	}

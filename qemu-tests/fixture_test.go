@@ -2,6 +2,7 @@ package qemutests
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/images/build"
+	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
@@ -34,6 +36,18 @@ type embassyAtRest struct {
 	evidence *bootreport.Evidence
 	// secrets of each appliance's disks (by name), as the tests know them.
 	secrets map[string][]diskSecrets
+	// firstBoot is the record of the first boot, read by the scenarios
+	// about enrollment and provisioning.
+	firstBoot firstBootRecord
+}
+
+// firstBootRecord is what the provisioned embassy's first boot left: each
+// appliance's console, when the operators approved, and each broker's
+// state once both appliances served.
+type firstBootRecord struct {
+	consoles map[string][]vm.Line // appliance name -> console lines
+	approved time.Time            // the operators' first approval
+	brokers  []*api.State
 }
 
 // fixtureDiskSize is the size of every provisioned data disk.
@@ -133,6 +147,7 @@ func makeEmbassy(t testing.TB, dir string) *embassyAtRest {
 	}
 	mb, _ := os.ReadFile(filepath.Join(imgDir, build.ManifestFile))
 	sb, _ := os.ReadFile(filepath.Join(imgDir, build.SignatureFile))
+	at.firstBoot.approved = time.Now()
 	for _, b := range hb.b {
 		if _, err := b.ApproveManifest(mb, sb); err != nil {
 			t.Fatal(err)
@@ -159,8 +174,17 @@ func makeEmbassy(t testing.TB, dir string) *embassyAtRest {
 	for i, tw := range tws {
 		waitPeer(t, ctx, tw, tws[1-i].id)
 	}
+	at.firstBoot.consoles = map[string][]vm.Line{}
 	for _, tw := range tws {
+		at.firstBoot.consoles[tw.name] = tw.v.Lines()
 		tw.v.Close()
+	}
+	for _, b := range hb.b {
+		st, err := b.State()
+		if err != nil {
+			t.Fatal(err)
+		}
+		at.firstBoot.brokers = append(at.firstBoot.brokers, st)
 	}
 	st, err := hb.b[0].State()
 	if err != nil {
@@ -253,4 +277,40 @@ func provisioned(t testing.TB, name string) (*hostBrokers, vm.Config, string) {
 	tw := restTwin(t, hb, dir, twinNames[0])
 	tw.cfg.Name = name
 	return hb, tw.cfg, tw.id
+}
+
+// consoleMsg returns the fields and time of the first structured line with
+// msg in a recorded console, and fails the test if there is none or the
+// appliance halted first.
+func consoleMsg(t testing.TB, lines []vm.Line, msg string) (map[string]any, time.Time) {
+	t.Helper()
+	for _, l := range lines {
+		switch bootreport.JSONMsg(l.Text) {
+		case msg:
+			var fields map[string]any
+			if err := json.Unmarshal([]byte(l.Text), &fields); err != nil {
+				t.Fatalf("%q line: %v", msg, err)
+			}
+			return fields, l.At
+		case logmsg.MsgHalted:
+			t.Fatalf("appliance halted before %q: %s", msg, l.Text)
+		}
+	}
+	t.Fatalf("no %q line in the console", msg)
+	return nil, time.Time{}
+}
+
+// consoleHas reports whether a recorded console has a structured line with
+// msg whose field key is value.
+func consoleHas(lines []vm.Line, msg, key, value string) bool {
+	for _, l := range lines {
+		if bootreport.JSONMsg(l.Text) != msg {
+			continue
+		}
+		var fields map[string]any
+		if json.Unmarshal([]byte(l.Text), &fields) == nil && fields[key] == value {
+			return true
+		}
+	}
+	return false
 }

@@ -252,7 +252,7 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request, ns, name string) er
 }
 
 func (s *Server) put(w http.ResponseWriter, r *http.Request, ns, name string) error {
-	data, err := objectio.ReadObject(r, name, s.MaxObject)
+	data, err := objectio.ReadObject(r, s.MaxObject)
 	if err != nil {
 		return err
 	}

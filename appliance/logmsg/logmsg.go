@@ -15,6 +15,9 @@ const (
 // ChunkSize is how many base64 characters of the event log go in one log line.
 const ChunkSize = 3000
 
+// MsgNetworkUp reports a NIC configured by DHCP, with its "interface".
+const MsgNetworkUp = "network interface up"
+
 // Attestation to the brokers.
 const (
 	MsgIdentity        = "appliance identity"

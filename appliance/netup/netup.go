@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/u-root/u-root/pkg/dhclient"
 	"github.com/vishvananda/netlink"
 )
@@ -57,7 +58,7 @@ func Up(ctx context.Context, log *slog.Logger) ([]Lease, error) {
 		if p, ok := r.Lease.(*dhclient.Packet4); ok && p.Lease() != nil {
 			l.Address = p.Lease().String()
 		}
-		log.Info("network interface up", "interface", name, "address", l.Address)
+		log.Info(logmsg.MsgNetworkUp, "interface", name, "address", l.Address)
 		leases = append(leases, l)
 	}
 	if len(leases) == 0 {

@@ -1,8 +1,13 @@
 // Package objectio reads uploaded objects with the checks both the ingest
-// and the replication service need: a size bound, no truncated body, and a
-// content-addressed name that matches the SHA-256 of the content. It
-// answers with sentinel errors; the HTTP servers map them to statuses
-// (package httperr).
+// and the replication service need before an object reaches the store: a
+// size bound and no truncated body. It answers with sentinel errors; the
+// HTTP servers map them to statuses (package httperr).
+//
+// The content is not hashed here: store.Put checks a content-addressed name
+// against the SHA-256 of the content before any copy is renamed into place
+// and answers objref.ErrHashMismatch, so one hash per upload suffices.
+// Under the appliance's software SHA-256 a second one cost a sixth of the
+// ingest path's CPU.
 package objectio
 
 import (
@@ -10,12 +15,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-
-	"github.com/dataembassy/embassy/appliance/objref"
 )
 
-// Errors callers branch on. A content-addressed name that does not match
-// the content is objref.ErrHashMismatch.
+// Errors callers branch on.
 var (
 	ErrTooLarge   = errors.New("object too large")
 	ErrTruncated  = errors.New("upload truncated")
@@ -26,10 +28,10 @@ var (
 const DefaultMaxObject = 160 << 20
 
 // ReadObject reads an uploaded object of at most max bytes
-// (DefaultMaxObject when max is 0) and checks a content-addressed name
-// against it. A body longer than max or shorter than its Content-Length is
-// refused.
-func ReadObject(r *http.Request, name string, max int64) ([]byte, error) {
+// (DefaultMaxObject when max is 0). A body longer than max or shorter than
+// its Content-Length is refused. The caller stores it with store.Put, which
+// checks the content against a content-addressed name.
+func ReadObject(r *http.Request, max int64) ([]byte, error) {
 	if max == 0 {
 		max = DefaultMaxObject
 	}
@@ -43,7 +45,7 @@ func ReadObject(r *http.Request, name string, max int64) ([]byte, error) {
 	if r.ContentLength >= 0 && int64(len(data)) != r.ContentLength {
 		return nil, fmt.Errorf("%w: %d of %d bytes", ErrTruncated, len(data), r.ContentLength)
 	}
-	return data, objref.CheckContent(name, data)
+	return data, nil
 }
 
 // ReadLimited reads all of body, refusing more than max bytes.

@@ -196,7 +196,7 @@ func (s *Server) put(r *http.Request, peer, ns, name string) error {
 	case <-r.Context().Done():
 		return r.Context().Err()
 	}
-	data, err := objectio.ReadObject(r, name, s.MaxObject)
+	data, err := objectio.ReadObject(r, s.MaxObject)
 	if err != nil {
 		return err
 	}
