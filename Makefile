@@ -117,6 +117,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/config/
 	go test -run '^$$' -fuzz FuzzReplay -fuzztime $(FUZZTIME) ./tpm/eventlog/
 	go test -run '^$$' -fuzz FuzzReadHeader -fuzztime $(FUZZTIME) ./disks/luks2/
+	go test -run '^$$' -fuzz FuzzHeaderPolicy -fuzztime $(FUZZTIME) ./disks/luks2/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./keys/shamir/
 	go test -run '^$$' -fuzz FuzzRead$$ -fuzztime $(FUZZTIME) ./broker/audit/
 	go test -run '^$$' -fuzz FuzzServeRequest -fuzztime $(FUZZTIME) ./appliance/replicate/

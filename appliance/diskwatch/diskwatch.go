@@ -58,6 +58,9 @@ type Config struct {
 	Provision func(ctx context.Context, d discover.Disk) (v volumes.Volume, approvalsLeft int, ok bool)
 	// Peers reports the replication lag for health (none if nil).
 	Peers func() []api.PeerHealth
+	// Refused are our disks that are present but not used (header
+	// refused), reported by serial with the store's failed state.
+	Refused []volumes.Volume
 	// Approvals is the number of disk approvals every broker agrees on, as
 	// of the last attestation; SetApprovals updates it.
 	Approvals int
@@ -86,7 +89,7 @@ func New(c Config) *Watcher {
 		c.List = discover.List
 	}
 	w := &Watcher{c: c, serials: map[string]volumes.Volume{}, announced: map[string]bool{}}
-	for _, v := range c.Volumes.Volumes() {
+	for _, v := range append(c.Volumes.Volumes(), c.Refused...) {
 		w.serials[v.UUID] = v
 	}
 	w.approvals.Store(int64(c.Approvals))

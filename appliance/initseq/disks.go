@@ -8,6 +8,7 @@ import (
 
 	"github.com/dataembassy/embassy/appliance/attest"
 	"github.com/dataembassy/embassy/appliance/config"
+	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/appliance/volumes"
 	"github.com/dataembassy/embassy/disks/discover"
 )
@@ -24,6 +25,15 @@ type disks struct {
 	ac  *attest.Client
 	cfg *config.Config
 	vm  *volumes.Manager
+	// refused are disks the brokers released a key for whose header was
+	// refused (discover's detail says why); the store counts them failed.
+	refused []refusedDisk
+}
+
+// refusedDisk is one of our disks that is not used.
+type refusedDisk struct {
+	vol    volumes.Volume
+	reason string
 }
 
 // open unlocks our disks with the secrets recombined from round and
@@ -61,6 +71,11 @@ func (p *disks) open(ctx context.Context, round attest.Round) (old, fresh []volu
 			}
 		case discover.Blank:
 			blank = append(blank, d)
+		case discover.Foreign:
+			if _, ok := keys[d.LUKSUUID]; ok && d.LUKSUUID != "" {
+				p.log.Error(logmsg.MsgDiskRefused, "disk", d.Name, "serial", d.Serial, "uuid", d.LUKSUUID, "reason", d.Detail)
+				p.refused = append(p.refused, refusedDisk{vol: volumes.Volume{Disk: d.Name, UUID: d.LUKSUUID, Serial: d.Serial}, reason: d.Detail})
+			}
 		}
 	}
 	if len(blank) > 0 && approved == 0 {

@@ -184,7 +184,12 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	for _, v := range initial {
 		specs = append(specs, store.DiskSpec{ID: v.UUID, Root: filepath.Join(v.MountPoint, "store")})
 	}
-	if len(specs) == 0 {
+	var refused []volumes.Volume
+	for _, r := range dk.refused {
+		specs = append(specs, store.DiskSpec{ID: r.vol.UUID, Unavailable: "refused: " + r.reason})
+		refused = append(refused, r.vol)
+	}
+	if len(initial) == 0 {
 		log.Error("no data volume is open; nothing is served", "appliance_id", ac.ID())
 		vm.CloseAll()
 		time.Sleep(30 * time.Second)
@@ -216,7 +221,7 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	repSrv := (&replicate.Server{Store: st, Roots: brokerRoots, Allowed: rep.IsPeer, Log: log}).Init()
 
 	watcher := diskwatch.New(diskwatch.Config{Log: log, SysBlock: sysBlock, DevDir: devDir, ApplianceID: ac.ID(),
-		Store: st, Volumes: vm, Provision: dk.provisionApproved, Peers: rep.Lag,
+		Store: st, Volumes: vm, Refused: refused, Provision: dk.provisionApproved, Peers: rep.Lag,
 		Approvals: attest.Round(results).DiskApprovals()})
 	ac.ReportHealth(watcher.Health)
 	for _, v := range fresh {

@@ -26,6 +26,11 @@ const (
 	MsgLockdown        = "lockdown"
 )
 
+// MsgDiskRefused reports a disk that claims to be one of ours (the brokers
+// released its key) but that is not used: its LUKS2 header is outside the
+// policy. It is never unlocked or written.
+const MsgDiskRefused = "disk refused"
+
 // MsgStoreOpen reports the opened store.
 const MsgStoreOpen = "store open"
 

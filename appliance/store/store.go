@@ -86,6 +86,10 @@ func (s *Store) fromFallback(ns, name, digest string, bad []*disk) ([]byte, erro
 type DiskSpec struct {
 	ID   string
 	Root string
+	// Unavailable, when set, is why the disk is one of the store's but
+	// cannot be used (its header was refused, say): it starts as failed,
+	// so the store reports itself degraded, and is never read or written.
+	Unavailable string
 }
 
 // Open opens a store over the given disks. A disk whose directory cannot be
@@ -103,7 +107,10 @@ func Open(log *slog.Logger, specs []DiskSpec) (*Store, error) {
 		}
 		seen[sp.ID] = true
 		d := &disk{id: sp.ID, root: sp.Root, state: Healthy}
-		if err := prepare(d.root); err != nil {
+		if sp.Unavailable != "" {
+			d.state, d.reason = Failed, sp.Unavailable
+			log.Error("disk unusable", "disk", d.id, "err", sp.Unavailable)
+		} else if err := prepare(d.root); err != nil {
 			d.state, d.reason = Failed, err.Error()
 			log.Error("disk unusable", "disk", d.id, "err", err)
 		}

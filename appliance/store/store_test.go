@@ -366,3 +366,37 @@ func TestEveryCopyBadFetchedFromPeer(t *testing.T) {
 		})
 	}
 }
+
+// TestUnavailableDiskNeverTouched: a disk that is the store's but refused
+// (its header, say) starts failed, makes the store degraded, and is never
+// written, read or scrubbed, even though its directory exists.
+func TestUnavailableDiskNeverTouched(t *testing.T) {
+	good := filepath.Join(t.TempDir(), "disk")
+	refused := filepath.Join(t.TempDir(), "disk")
+	if err := os.MkdirAll(refused, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(quiet(), []DiskSpec{{ID: "a", Root: good}, {ID: "b", Root: refused, Unavailable: "refused: LUKS2 header outside the policy"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	disks, degraded := s.Status()
+	if !degraded || len(disks) != 2 || disks[1].State != Failed || !strings.Contains(disks[1].Reason, "outside the policy") {
+		t.Fatalf("status %+v degraded=%v", disks, degraded)
+	}
+	name, data := object(t, 4096)
+	written, err := s.Put(ns, name, data)
+	if err != nil || strings.Join(written, ",") != "a" {
+		t.Fatalf("put: %v on %v", err, written)
+	}
+	if got, err := s.Get(ns, name); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("get: %v", err)
+	}
+	if _, err := s.Scrub(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := os.ReadDir(refused)
+	if err != nil || len(entries) != 0 {
+		t.Fatalf("the refused disk's directory holds %v (%v)", entries, err)
+	}
+}

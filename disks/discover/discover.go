@@ -155,6 +155,13 @@ func classifyGPT(f *os.File, d *Disk, info *blkid.Info) {
 		d.Kind, d.Detail = Foreign, fmt.Sprintf("LUKS2 volume labelled %q/%q", h.Label, h.Subsystem)
 		return
 	}
+	if err := h.CheckPolicy(); err != nil {
+		// Never unlocked, never written: a header anyone could have
+		// rewritten (another cipher, sector size, KDF...). Its UUID says
+		// which of our disks it claims to be, for the report.
+		d.Kind, d.Detail, d.LUKSUUID = Foreign, err.Error(), h.UUID
+		return
+	}
 	d.Kind, d.Detail = Ours, "LUKS2 "+h.UUID
 	d.PartitionOffset, d.PartitionIndex, d.LUKSUUID = p.PartitionOffset, p.PartitionIndex, h.UUID
 }

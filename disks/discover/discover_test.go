@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/uuid"
@@ -94,10 +95,26 @@ func TestClassify(t *testing.T) {
 	wf.WriteAt(make([]byte, 64<<10), int64(res.PartitionOffset))
 	wf.Close()
 
+	// Ours, with both LUKS2 headers rewritten to a null cipher under
+	// valid checksums: foreign, never unlocked.
+	nullCipher := image(t, 64<<20)
+	if _, err := provision.Disk(nullCipher, secret); err != nil {
+		t.Fatal(err)
+	}
+	nf, _ := os.OpenFile(nullCipher, os.O_RDWR, 0)
+	err = luks2.ForgeHeaders(nf, int64(res.PartitionOffset), func(m map[string]any) {
+		m["segments"].(map[string]any)["0"].(map[string]any)["encryption"] = "cipher_null-ecb"
+	})
+	nf.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+
 	cases := []struct {
 		name, path string
 		want       Kind
 	}{
+		{"ours with a null-cipher header", nullCipher, Foreign},
 		{"blank", blank, Blank},
 		{"ours", ours, Ours},
 		{"random data", noise, Foreign},
@@ -129,6 +146,9 @@ func TestClassify(t *testing.T) {
 		})
 	}
 
+	if d, err := Classify(nullCipher); err != nil || !strings.Contains(d.Detail, luks2.ErrPolicy.Error()) || !strings.Contains(d.Detail, "cipher_null") {
+		t.Fatalf("null-cipher disk refused for the wrong reason: %+v %v", d, err)
+	}
 	d, err := Classify(ours)
 	if err != nil {
 		t.Fatal(err)

@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"strconv"
 
 	"golang.org/x/crypto/pbkdf2"
 	"golang.org/x/crypto/xts"
@@ -147,29 +146,8 @@ func Format(w WriterAt, size uint64, passphrase []byte, o Options) (string, erro
 	}
 	digest := pbkdf2.Key(volumeKey, digestSalt, o.Iterations, sha256.Size, sha256.New)
 
-	meta := Metadata{
-		Keyslots: map[string]Keyslot{"0": {
-			Type: "luks2", KeySize: VolumeKeySize,
-			AF: AF{Type: "luks1", Stripes: Stripes, Hash: "sha256"},
-			Area: Area{Type: "raw", Offset: strconv.FormatUint(areaOffset, 10), Size: strconv.FormatUint(areaSize, 10),
-				Encryption: Cipher, KeySize: VolumeKeySize},
-			KDF: KDF{Type: "pbkdf2", Hash: "sha256", Iterations: o.Iterations, Salt: base64.StdEncoding.EncodeToString(kdfSalt)},
-		}},
-		Tokens: map[string]any{},
-		Segments: map[string]Segment{"0": {
-			Type: "crypt", Offset: strconv.Itoa(DefaultDataOffset), Size: "dynamic", IVTweak: "0",
-			Encryption: Cipher, SectorSize: SectorSize,
-		}},
-		Digests: map[string]Digest{"0": {
-			Type: "pbkdf2", Keyslots: []string{"0"}, Segments: []string{"0"}, Hash: "sha256",
-			Iterations: o.Iterations, Salt: base64.StdEncoding.EncodeToString(digestSalt),
-			Digest: base64.StdEncoding.EncodeToString(digest),
-		}},
-		Config: Config{
-			JSONSize:     strconv.Itoa(DefaultHdrSize - binHeaderSize),
-			KeyslotsSize: strconv.Itoa(DefaultDataOffset - 2*DefaultHdrSize),
-		},
-	}
+	meta := provisionedMetadata(o.Iterations, base64.StdEncoding.EncodeToString(kdfSalt),
+		base64.StdEncoding.EncodeToString(digestSalt), base64.StdEncoding.EncodeToString(digest))
 	jsonData, err := json.Marshal(meta)
 	if err != nil {
 		return "", err

@@ -1,8 +1,9 @@
 // Package luks2 writes and reads LUKS2 volumes in pure Go: the formatter the
 // appliance uses to turn a blank disk into an encrypted volume (AES-XTS,
 // PBKDF2 keyslot, anti-forensic split, both binary headers and the JSON
-// area), a strict header parser, key recovery, and unlocking through
-// device-mapper with github.com/anatol/luks.go.
+// area), a strict header parser, the policy that says which headers the
+// appliance unlocks at all (policy.go), key recovery, and unlocking through
+// device-mapper with a table built from that policy, never from the header.
 //
 // On-disk format: the LUKS2 On-Disk Format Specification (version 1.1) as
 // implemented by cryptsetup 2.x.
@@ -68,6 +69,8 @@ type Header struct {
 	Subsystem string
 	UUID      string
 	Meta      Metadata
+	// metaJSON is the JSON area as read, for the strict policy check.
+	metaJSON []byte
 }
 
 // Metadata is the JSON area. Unknown fields are ignored by the parser but
@@ -232,6 +235,7 @@ func readOne(r io.ReaderAt, at uint64, magic []byte) (*Header, error) {
 	if err := json.Unmarshal(jsonArea[:end], &h.Meta); err != nil {
 		return nil, fmt.Errorf("LUKS2 JSON metadata: %w", err)
 	}
+	h.metaJSON = append([]byte(nil), jsonArea[:end]...)
 	if err := h.validate(); err != nil {
 		return nil, err
 	}

@@ -2,12 +2,13 @@ package luks2
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/anatol/luks.go"
+	"github.com/anatol/devmapper.go"
 )
 
 // MapperPath returns the device node of the device-mapper device called
@@ -27,16 +28,49 @@ func MapperPath(name string) (string, error) {
 	return "", fmt.Errorf("device-mapper device %s not found", name)
 }
 
-// Unlock opens the LUKS volume at device with passphrase through
-// device-mapper (dm-crypt) using luks.go, and returns the mapped device's
-// node.
+// Unlock opens the LUKS2 volume at device with passphrase through
+// device-mapper (dm-crypt) and returns the mapped device's node. The header
+// must pass CheckPolicy (ErrPolicy otherwise); the volume key is recovered
+// from that one parsed header and verified against its digest, and the
+// dm-crypt table is built from the policy's constants (cipher, sector size,
+// data offset), never from header fields, so a header rewritten between
+// reads cannot choose how the data is encrypted.
 func Unlock(device string, passphrase []byte, name string) (string, error) {
-	dev, err := luks.Open(device)
+	f, err := os.Open(device)
 	if err != nil {
 		return "", fmt.Errorf("open LUKS volume %s: %w", device, err)
 	}
-	defer dev.Close()
-	if err := dev.UnlockAny(passphrase, name); err != nil {
+	defer f.Close()
+	h, err := ReadHeader(f)
+	if err != nil {
+		return "", fmt.Errorf("LUKS2 header of %s: %w", device, err)
+	}
+	if err := h.CheckPolicy(); err != nil {
+		return "", fmt.Errorf("refusing to unlock %s: %w", device, err)
+	}
+	size, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return "", fmt.Errorf("size of %s: %w", device, err)
+	}
+	if size <= DefaultDataOffset || size%SectorSize != 0 {
+		return "", fmt.Errorf("%s: %d bytes is no LUKS2 volume with data at %d", device, size, DefaultDataOffset)
+	}
+	key, err := h.RecoverKey(f, passphrase)
+	if err != nil {
+		return "", fmt.Errorf("unlock %s: %w", device, err)
+	}
+	defer clear(key)
+	table := devmapper.CryptTable{
+		Length:        uint64(size) - DefaultDataOffset,
+		BackendDevice: device,
+		BackendOffset: DefaultDataOffset,
+		Encryption:    Cipher,
+		Key:           key,
+		SectorSize:    SectorSize,
+	}
+	// cryptsetup's naming, so that tools recognise the mapping.
+	uuid := fmt.Sprintf("CRYPT-LUKS2-%s-%s", strings.ReplaceAll(h.UUID, "-", ""), name)
+	if err := devmapper.CreateAndLoad(name, uuid, 0, table); err != nil {
 		return "", fmt.Errorf("unlock %s as %s: %w", device, name, err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -58,7 +92,7 @@ func Unlock(device string, passphrase []byte, name string) (string, error) {
 // Lock closes the device-mapper mapping called name; the kernel drops the
 // volume key with it.
 func Lock(name string) error {
-	if err := luks.Lock(name); err != nil {
+	if err := devmapper.Remove(name); err != nil {
 		return fmt.Errorf("close mapping %s: %w", name, err)
 	}
 	return nil
