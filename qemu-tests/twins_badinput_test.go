@@ -101,16 +101,24 @@ func TestIngestBadInput(t *testing.T) {
 			t.Fatalf("got %d, want 413", resp.StatusCode)
 		}
 	})
-	// Health and metrics answer on the same listener.
+	// Health and metrics answer on the same listener, to monitors only: a
+	// client certificate from the home-state client CA.
+	monitor := ingestHTTP(t, "home-state-auditor")
 	for path, want := range map[string]string{"/_embassy/health": `"degraded":false`, "/_embassy/metrics": "embassy_store_puts_total"} {
-		resp, err := client(nil).Get(base + path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != 200 || !strings.Contains(string(b), want) {
-			t.Fatalf("%s: %d %s", path, resp.StatusCode, b)
+		for _, c := range []struct {
+			who    string
+			client *http.Client
+			status int
+		}{{"anyone", client(nil), http.StatusUnauthorized}, {"a monitor", monitor, http.StatusOK}} {
+			resp, err := c.client.Get(base + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != c.status || (c.status == http.StatusOK) != strings.Contains(string(b), want) {
+				t.Fatalf("%s from %s: %d %s", path, c.who, resp.StatusCode, b)
+			}
 		}
 	}
 	if out, err := rc.run(t, "check", "--read-data"); err != nil {

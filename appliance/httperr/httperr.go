@@ -32,7 +32,8 @@ func New(status int, format string, args ...any) error {
 // Status maps an error of an object request to its HTTP status: an Error
 // carries its own; a bad name, a hash mismatch and a truncated or
 // unreadable upload are 400; an object too large 413; a missing object 404;
-// a store without a healthy disk or without a good copy 503; a conflicting
+// a store without a healthy disk or without a good copy, or an upload over
+// the upload budget, 503; a conflicting
 // named object is conflict (ingest says 403: append-only; replication says
 // 409). Anything else is a 500.
 func Status(err error, conflict int) int {
@@ -49,8 +50,18 @@ func Status(err error, conflict int) int {
 		return http.StatusNotFound
 	case errors.Is(err, store.ErrConflict):
 		return conflict
-	case errors.Is(err, store.ErrNoHealthyDisk), errors.Is(err, store.ErrCorrupt):
+	case errors.Is(err, store.ErrNoHealthyDisk), errors.Is(err, store.ErrCorrupt), errors.Is(err, objectio.ErrBusy):
 		return http.StatusServiceUnavailable
 	}
 	return http.StatusInternalServerError
+}
+
+// Write answers err with status. An upload refused for the upload budget
+// (objectio.ErrBusy) also says when to retry, which restic and the peers
+// do.
+func Write(w http.ResponseWriter, err error, status int) {
+	if errors.Is(err, objectio.ErrBusy) {
+		w.Header().Set("Retry-After", "1")
+	}
+	http.Error(w, err.Error(), status)
 }

@@ -54,6 +54,12 @@ type Server struct {
 	ClientCAs *x509.CertPool
 	Log       *slog.Logger
 	MaxObject int64
+	// Budget bounds the bytes of uploads in memory (shared with the
+	// replication service); nil bounds nothing.
+	Budget *objectio.Budget
+	// MaxLocks bounds the locks of one repository (DefaultMaxLocks when
+	// 0): readers may take locks, and nothing else bounds them.
+	MaxLocks int
 	// OnStored, if set, is told of every object once it is durable (the
 	// replicator queues it for the peers). It must not block.
 	OnStored func(ns, name string, size int64)
@@ -158,7 +164,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		s.Log.Log(r.Context(), level, "ingest request refused", "method", r.Method, "path", r.URL.Path, "status", status, "err", err.Error())
 	}
-	http.Error(w, err.Error(), status)
+	httperr.Write(w, err, status)
 }
 
 func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
@@ -251,11 +257,34 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request, ns, name string) er
 	return nil
 }
 
+// Bounds on locks: restic's lock files are a few hundred bytes, and a
+// repository rarely has more than a handful at once.
+const (
+	MaxLockSize     = 64 << 10
+	DefaultMaxLocks = 1024
+)
+
 func (s *Server) put(w http.ResponseWriter, r *http.Request, ns, name string) error {
-	data, err := objectio.ReadObject(r, s.MaxObject)
+	max := s.MaxObject
+	if _, typ, _ := objref.ParseNamespace(ns); typ == objref.TypeLocks {
+		max = MaxLockSize
+		limit := s.MaxLocks
+		if limit <= 0 {
+			limit = DefaultMaxLocks
+		}
+		locks, err := s.Store.List(ns)
+		if err != nil {
+			return err
+		}
+		if len(locks) >= limit {
+			return fail(http.StatusTooManyRequests, "repository holds %d locks, the most allowed; remove stale ones (restic unlock)", len(locks))
+		}
+	}
+	data, release, err := objectio.ReadObject(r, max, s.Budget)
 	if err != nil {
 		return err
 	}
+	defer release()
 	if _, err := s.Store.Put(ns, name, data); err != nil {
 		return err
 	}

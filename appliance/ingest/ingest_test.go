@@ -97,7 +97,7 @@ func clientPEM(t testing.TB, dir, name string, ca *pki.Issuer) (string, tls.Cert
 	return p, pki.TLSCertificate(leaf, key)
 }
 
-func start(t testing.TB) *fixture {
+func start(t testing.TB, opts ...func(*ingest.Server)) *fixture {
 	t.Helper()
 	dir := t.TempDir()
 	f := &fixture{certs: map[string]tls.Certificate{}}
@@ -128,6 +128,9 @@ func start(t testing.TB) *fixture {
 		Auth: ingest.Rules{"population": {Writers: []string{"population-registry"}, Readers: []string{"auditor"}}}}
 	f.stored = &storedLog{objects: map[string]map[string]int{}}
 	srv.OnStored = f.stored.record
+	for _, o := range opts {
+		o(srv)
+	}
 	f.srv = srv
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -361,6 +364,9 @@ func TestBadRequests(t *testing.T) {
 	body := []byte("some pack")
 	sum := sha256.Sum256(body)
 	name := hex.EncodeToString(sum[:])
+	bigLock := bytes.Repeat([]byte("l"), ingest.MaxLockSize+1)
+	bigSum := sha256.Sum256(bigLock)
+	bigLockName := hex.EncodeToString(bigSum[:])
 	do := func(c *http.Client, method, path string, b []byte) (int, string) {
 		req, _ := http.NewRequest(method, f.url+path, bytes.NewReader(b))
 		resp, err := c.Do(req)
@@ -401,6 +407,7 @@ func TestBadRequests(t *testing.T) {
 		{"overwrite config", w, "POST", "/population/config", []byte("v1"), 200, ""},
 		{"overwrite config with other bytes", w, "POST", "/population/config", []byte("v2"), 403, "different content"},
 		{"missing object", w, "GET", "/population/data/" + strings.Repeat("ef", 32), nil, 404, ""},
+		{"oversized lock", client("reader"), "POST", "/population/locks/" + bigLockName, bigLock, 413, "exceeds"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -424,5 +431,39 @@ func TestBadRequests(t *testing.T) {
 	}
 	if code, msg := do(w, "GET", "/population/data/"+name, nil); code != 200 || msg != string(body) {
 		t.Fatalf("object changed: %d %q", code, msg)
+	}
+}
+
+// TestLocksBounded: readers may take locks, so locks are bounded in number
+// per repository (429 past the bound, until one is removed) besides their
+// size.
+func TestLocksBounded(t *testing.T) {
+	f := start(t, func(s *ingest.Server) { s.MaxLocks = 3 })
+	c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: f.srvCAPool, Certificates: []tls.Certificate{f.certs["reader"]}}}}
+	lock := func(method string, i int) int {
+		b := []byte(fmt.Sprintf("lock %d", i))
+		sum := sha256.Sum256(b)
+		req, _ := http.NewRequest(method, f.url+"/population/locks/"+hex.EncodeToString(sum[:]), bytes.NewReader(b))
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for i, tc := range []struct {
+		method string
+		lock   int
+		want   int
+	}{
+		{"POST", 0, 200}, {"POST", 1, 200}, {"POST", 2, 200},
+		{"POST", 3, http.StatusTooManyRequests},
+		{"DELETE", 0, 200},
+		{"POST", 3, 200},
+		{"POST", 4, http.StatusTooManyRequests},
+	} {
+		if got := lock(tc.method, tc.lock); got != tc.want {
+			t.Fatalf("step %d: %s lock %d answered %d, want %d", i, tc.method, tc.lock, got, tc.want)
+		}
 	}
 }

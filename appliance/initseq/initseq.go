@@ -18,8 +18,10 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -36,6 +38,7 @@ import (
 	"github.com/dataembassy/embassy/appliance/memclear"
 	"github.com/dataembassy/embassy/appliance/netup"
 	"github.com/dataembassy/embassy/appliance/node"
+	"github.com/dataembassy/embassy/appliance/objectio"
 	"github.com/dataembassy/embassy/appliance/replicate"
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/appliance/volumes"
@@ -44,6 +47,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
+
+// heapLimit is the Go heap's soft limit: the upload budget and room for
+// everything else PID 1 holds (TLS, queues, listings).
+const heapLimit = objectio.DefaultBudget + 192<<20
 
 // Run executes the boot sequence and never returns.
 func Run(log *slog.Logger) {
@@ -68,6 +75,11 @@ func Run(log *slog.Logger) {
 		}
 		log.Info(logmsg.MsgMemoryCleared, "bytes", n)
 	}
+	// A soft limit for the Go heap: uploads in memory are bounded by the
+	// upload budget, but freed upload buffers would otherwise pile up to
+	// twice the live heap before the collector runs. PID 1 killed by the
+	// OOM killer is a dead appliance.
+	debug.SetMemoryLimit(heapLimit)
 
 	names, err := boot.ReadModuleList(config.ModulesLoad)
 	if err != nil {
@@ -218,7 +230,10 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 		defer cancel()
 		return rep.Fetch(fctx, ns, name)
 	})
-	repSrv := (&replicate.Server{Store: st, Roots: brokerRoots, Allowed: rep.IsPeer, Log: log}).Init()
+	// One bound on the upload bytes in memory for both servers: PID 1
+	// killed by the OOM killer would be a dead appliance.
+	uploads := objectio.NewBudget(objectio.DefaultBudget)
+	repSrv := (&replicate.Server{Store: st, Roots: brokerRoots, Allowed: rep.IsPeer, Log: log, Budget: uploads}).Init()
 
 	watcher := diskwatch.New(diskwatch.Config{Log: log, SysBlock: sysBlock, DevDir: devDir, ApplianceID: ac.ID(),
 		Store: st, Volumes: vm, Refused: refused, Provision: dk.provisionApproved, Peers: rep.Lag,
@@ -232,14 +247,15 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	for repo, acc := range cfg.Ingest.Repositories {
 		rules[repo] = ingest.RepoRule{Writers: acc.Writers, Readers: acc.Readers}
 	}
-	ing := &ingest.Server{Store: st, Auth: rules, ClientCAs: clientCAs, Log: log, OnStored: rep.Stored}
+	ing := &ingest.Server{Store: st, Auth: rules, ClientCAs: clientCAs, Log: log, OnStored: rep.Stored, Budget: uploads}
 	reg := prometheus.NewRegistry()
-	for _, cs := range [][]prometheus.Collector{st.Collectors(), ing.Collectors(), rep.Collectors(), repSrv.Collectors()} {
+	for _, cs := range [][]prometheus.Collector{st.Collectors(), ing.Collectors(), rep.Collectors(), repSrv.Collectors(), uploads.Collectors()} {
 		reg.MustRegister(cs...)
 	}
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	n := node.New(node.Deps{Log: log, Attester: ac, Health: watcher, Ingest: ing, Replication: repSrv, Metrics: metrics,
 		Cert: &cert, Port: cfg.Ingest.Port, Threshold: cfg.Threshold, ReattestEvery: results[0].ReattestAfter,
+		Monitor: func(r *http.Request) error { _, err := ing.ClientName(r); return err },
 		Reattested: func(r attest.Round) {
 			watcher.SetApprovals(r.DiskApprovals())
 			rep.SetPeers(r.Peers(cfg.Threshold))

@@ -23,6 +23,7 @@ import (
 
 	"github.com/dataembassy/embassy/appliance/attest"
 	"github.com/dataembassy/embassy/appliance/logmsg"
+	"github.com/dataembassy/embassy/appliance/objectio"
 	"github.com/dataembassy/embassy/appliance/replicate"
 	"github.com/dataembassy/embassy/protocol/api"
 )
@@ -74,6 +75,16 @@ type Deps struct {
 	ReattestEvery time.Duration
 	// Reattested is called with each successful re-attestation's round.
 	Reattested func(attest.Round)
+	// MinUploadRate is the slowest an upload body may arrive, in bytes per
+	// second, after UploadGrace (64 KiB/s and 30 s when zero): a client
+	// that sends slower is cut, so no one holds a connection and the
+	// upload budget with a trickle.
+	MinUploadRate int64
+	UploadGrace   time.Duration
+	// Monitor authenticates a request for health or metrics (a client
+	// certificate from the home-state client CA: a monitoring identity).
+	// Without it, health and metrics answer 401 to everyone.
+	Monitor func(r *http.Request) error
 }
 
 // Node serves the appliance's ingest port.
@@ -89,10 +100,11 @@ func New(d Deps) *Node {
 	n := &Node{d: d}
 	n.own = map[string]http.HandlerFunc{
 		api.PathChallenge: n.challenge,
-		// Health and metrics carry no data and no secret: disk states, lag
-		// and counters only.
-		PathHealth:  n.health,
-		PathMetrics: d.Metrics.ServeHTTP,
+		// Health and metrics carry no data and no secret, but disk states,
+		// serials, peers and lag are the home state's business: only
+		// monitors see them.
+		PathHealth:  n.monitorsOnly(n.health),
+		PathMetrics: n.monitorsOnly(d.Metrics.ServeHTTP),
 	}
 	n.srv = &http.Server{
 		Handler: n.Handler(),
@@ -101,6 +113,7 @@ func New(d Deps) *Node {
 			ClientAuth:     tls.RequestClientCert, MinVersion: tls.VersionTLS12,
 		},
 		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          stdlog.New(io.Discard, "", 0),
 	}
 	return n
@@ -111,6 +124,7 @@ func New(d Deps) *Node {
 // such paths.
 func (n *Node) Handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n.bodyDeadline(w, r)
 		if h, ok := n.own[r.URL.Path]; ok {
 			h(w, r)
 			return
@@ -130,6 +144,47 @@ type Health struct {
 	Disks       []api.DiskHealth `json:"disks"`
 	BlankDisks  []api.DiskHealth `json:"blank_disks"`
 	Peers       []api.PeerHealth `json:"peers"`
+}
+
+// bodyDeadline gives a request with a body until grace plus its length
+// at the minimum upload rate (an unknown length counts as the largest
+// object) to arrive; past that the server stops reading and the
+// connection is closed.
+func (n *Node) bodyDeadline(w http.ResponseWriter, r *http.Request) {
+	if r.Body == nil || r.Body == http.NoBody {
+		return
+	}
+	rate, grace := n.d.MinUploadRate, n.d.UploadGrace
+	if rate <= 0 {
+		rate = 64 << 10
+	}
+	if grace <= 0 {
+		grace = 30 * time.Second
+	}
+	size := r.ContentLength
+	if size < 0 {
+		size = objectio.DefaultMaxObject
+	}
+	deadline := time.Now().Add(grace + time.Duration(size)*time.Second/time.Duration(rate))
+	// An error means the connection cannot take deadlines (a test
+	// recorder); the server's own timeouts still apply.
+	_ = http.NewResponseController(w).SetReadDeadline(deadline)
+}
+
+// monitorsOnly answers 401 to a request that Deps.Monitor does not
+// authenticate.
+func (n *Node) monitorsOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if n.d.Monitor == nil {
+			http.Error(w, "no monitoring identity is configured", http.StatusUnauthorized)
+			return
+		}
+		if err := n.d.Monitor(r); err != nil {
+			http.Error(w, "monitoring needs a client certificate from the home-state client CA: "+err.Error(), http.StatusUnauthorized)
+			return
+		}
+		h(w, r)
+	}
 }
 
 // health answers 503 while the store is degraded, so a load balancer or

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -72,6 +73,12 @@ func newNode(health *api.Health, att *fakeAttester) (*Node, *atomic.Pointer[tls.
 		}),
 		Cert:      &cert,
 		Threshold: 2,
+		Monitor: func(r *http.Request) error {
+			if r.Header.Get("X-Test-Monitor") != "yes" {
+				return errors.New("not a monitor")
+			}
+			return nil
+		},
 	})
 	return n, &cert
 }
@@ -95,6 +102,7 @@ func TestHandler(t *testing.T) {
 		wantStatus int
 		wantType   string
 		check      func(t *testing.T, body string)
+		anonymous  bool // no monitoring identity
 	}{
 		{name: "health", health: healthy, method: "GET", target: PathHealth, wantStatus: 200, wantType: "application/json",
 			check: func(t *testing.T, body string) {
@@ -128,6 +136,13 @@ func TestHandler(t *testing.T) {
 			check: func(t *testing.T, body string) {
 				if body != "embassy_objects_total 3\n" {
 					t.Fatalf("metrics %q", body)
+				}
+			}},
+		{name: "health without a monitoring identity", health: healthy, method: "GET", target: PathHealth, wantStatus: 401, anonymous: true},
+		{name: "metrics without a monitoring identity", health: healthy, method: "GET", target: PathMetrics, wantStatus: 401, anonymous: true,
+			check: func(t *testing.T, body string) {
+				if strings.Contains(body, "embassy_") {
+					t.Fatalf("metrics leaked: %q", body)
 				}
 			}},
 		{name: "challenge needs POST", method: "GET", target: api.PathChallenge, wantStatus: 405},
@@ -184,7 +199,11 @@ func TestHandler(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			n, _ := newNode(tc.health, &fakeAttester{})
 			rec := httptest.NewRecorder()
-			n.Handler().ServeHTTP(rec, httptest.NewRequest(tc.method, tc.target, strings.NewReader(tc.body)))
+			req := httptest.NewRequest(tc.method, tc.target, strings.NewReader(tc.body))
+			if !tc.anonymous {
+				req.Header.Set("X-Test-Monitor", "yes")
+			}
+			n.Handler().ServeHTTP(rec, req)
 			if rec.Code != tc.wantStatus {
 				t.Fatalf("status %d, want %d: %s", rec.Code, tc.wantStatus, rec.Body)
 			}
@@ -251,6 +270,58 @@ func TestRun(t *testing.T) {
 			// The server is closed: nothing answers any more.
 			if _, err := n.ln.Accept(); err == nil {
 				t.Fatal("listener still open")
+			}
+		})
+	}
+}
+
+// TestSlowUploadCut: a body that arrives slower than the minimum upload
+// rate is cut once its time (grace + length at that rate) is up, so a
+// trickle cannot hold a connection and the upload budget; a body sent at
+// once is read whole.
+func TestSlowUploadCut(t *testing.T) {
+	read := make(chan error, 2)
+	n := New(Deps{
+		Log:    slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Health: HealthFunc(func() *api.Health { return &api.Health{} }),
+		Ingest: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			_, err := io.ReadAll(r.Body)
+			read <- err
+		}),
+		Replication: named("replication"), Metrics: named("metrics"),
+		MinUploadRate: 1 << 20, UploadGrace: 200 * time.Millisecond,
+	})
+	srv := httptest.NewServer(n.Handler())
+	defer srv.Close()
+	const length = 1 << 20 // 1 s at the minimum rate, plus the grace
+	cases := []struct {
+		name    string
+		sent    int
+		wantErr bool
+		atLeast time.Duration
+		atMost  time.Duration
+	}{
+		{"sent at once", length, false, 0, 5 * time.Second},
+		{"trickle", 10, true, time.Second, 5 * time.Second},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			start := time.Now()
+			fmt.Fprintf(conn, "POST /population/data/x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", length)
+			conn.Write(make([]byte, tc.sent))
+			select {
+			case err := <-read:
+				took := time.Since(start)
+				if (err != nil) != tc.wantErr || took < tc.atLeast || took > tc.atMost {
+					t.Fatalf("read ended after %s with %v", took, err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the trickle was never cut")
 			}
 		})
 	}

@@ -77,7 +77,10 @@ type Server struct {
 	MaxObject int64
 	// Limit bounds concurrent object transfers (default 4).
 	Limit int
-	Now   func() time.Time
+	// Budget bounds the bytes of uploads in memory (shared with ingest);
+	// nil bounds nothing.
+	Budget *objectio.Budget
+	Now    func() time.Time
 
 	sem     chan struct{}
 	metrics *serverMetrics
@@ -116,7 +119,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	} else if status >= 500 || status == http.StatusConflict {
 		s.Log.Error("replication request failed", "remote", r.RemoteAddr, "path", r.URL.Path, "status", status, "err", err.Error())
 	}
-	http.Error(w, err.Error(), status)
+	httperr.Write(w, err, status)
 }
 
 func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
@@ -196,10 +199,11 @@ func (s *Server) put(r *http.Request, peer, ns, name string) error {
 	case <-r.Context().Done():
 		return r.Context().Err()
 	}
-	data, err := objectio.ReadObject(r, s.MaxObject)
+	data, release, err := objectio.ReadObject(r, s.MaxObject, s.Budget)
 	if err != nil {
 		return err
 	}
+	defer release()
 	if _, err := s.Store.Put(ns, name, data); err != nil {
 		return err
 	}
