@@ -3,6 +3,8 @@ package qemutests
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/json"
+	"fmt"
 	"io"
 	"os"
 	"strings"
@@ -13,6 +15,7 @@ import (
 	"github.com/dataembassy/embassy/disks/discover"
 	"github.com/dataembassy/embassy/disks/luks2"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 )
 
 // TestNullCipherDiskRefused: someone with the disk in hand rewrites both
@@ -46,13 +49,19 @@ func TestNullCipherDiskRefused(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	v := startVM(t, cfg)
-	_, refused := waitMsg(t, ctx, v, 0, logmsg.MsgDiskRefused)
-	if refused["serial"] != "EMBASSY0001" || refused["uuid"] != d.LUKSUUID || !strings.Contains(refused["reason"].(string), "cipher_null") {
-		t.Fatalf("refusal reported as %v, want disk EMBASSY0001 (%s) and the cipher", refused, d.LUKSUUID)
-	}
+	// The disks are classified, unlocked or refused before the store opens.
 	_, st := waitMsg(t, ctx, v, 0, logmsg.MsgStoreOpen)
 	if st["degraded"] != true {
 		t.Fatalf("store with a refused mirror: %v, want degraded", st)
+	}
+	var refused map[string]any
+	for _, l := range v.Lines() {
+		if bootreport.JSONMsg(l.Text) == logmsg.MsgDiskRefused {
+			json.Unmarshal([]byte(l.Text), &refused)
+		}
+	}
+	if refused["serial"] != "EMBASSY0001" || refused["uuid"] != d.LUKSUUID || !strings.Contains(fmt.Sprint(refused["reason"]), "cipher_null") {
+		t.Fatalf("refusal reported as %v, want disk EMBASSY0001 (%s) and the cipher", refused, d.LUKSUUID)
 	}
 	waitMsg(t, ctx, v, 0, logmsg.MsgServing)
 	for _, l := range v.Lines() {
