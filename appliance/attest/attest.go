@@ -259,24 +259,27 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 		return res
 	}
 	res.Certificate = &tls.Certificate{Certificate: resp.Certificate, PrivateKey: c.tlsKey, Leaf: leaf}
+	// A broker whose answer fails half-way leaves no share behind.
+	failShares := func(disk string, err error) *Result {
+		Round{res}.WipeShares()
+		res.Err = fmt.Errorf("broker %s share %s: %w", b.Name, disk, err)
+		return res
+	}
 	for _, s := range resp.Shares {
 		var blob pb.ImportBlob
 		if err := proto.Unmarshal(s.Blob, &blob); err != nil {
-			res.Err = fmt.Errorf("broker %s share %s: %w", b.Name, s.DiskID, err)
-			return res
+			return failShares(s.DiskID, err)
 		}
 		c.tpmMu.Lock()
 		raw, err := c.tpm.Import(&blob)
 		c.tpmMu.Unlock()
 		if err != nil {
-			res.Err = fmt.Errorf("broker %s share %s: %w", b.Name, s.DiskID, err)
-			return res
+			return failShares(s.DiskID, err)
 		}
 		sh, err := shamir.Parse(raw)
 		clear(raw)
 		if err != nil {
-			res.Err = fmt.Errorf("broker %s share %s: %w", b.Name, s.DiskID, err)
-			return res
+			return failShares(s.DiskID, err)
 		}
 		res.Shares[s.DiskID] = sh
 	}

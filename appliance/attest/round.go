@@ -43,6 +43,21 @@ func (r Round) Keys(k int) (map[string][]byte, error) {
 	return keys, errors.Join(errs...)
 }
 
+// WipeShares overwrites every share of the round and forgets them. Call it
+// as soon as the keys are recombined (or, for a round that needs no keys,
+// at once): plaintext shares must not outlive their use.
+func (r Round) WipeShares() {
+	for _, res := range r {
+		if res == nil {
+			continue
+		}
+		for d, s := range res.Shares {
+			s.Wipe()
+			delete(res.Shares, d)
+		}
+	}
+}
+
 // Peers returns the peers that at least k brokers list with the same
 // endpoints, in a stable order: no single broker can add a peer. Peers
 // whose entries are malformed are dropped.

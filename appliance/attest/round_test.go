@@ -96,3 +96,24 @@ func TestRoundKeys(t *testing.T) {
 		})
 	}
 }
+
+func TestWipeShares(t *testing.T) {
+	shares, err := shamir.Split([]byte("a disk secret of 32 bytes......."), 3, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ys := [][]byte{shares[0].Y, shares[1].Y}
+	r := Round{{Broker: "b1", Shares: map[string]shamir.Share{"d": shares[0]}}, {Broker: "b2", Shares: map[string]shamir.Share{"d": shares[1]}}}
+	r.WipeShares()
+	for i, y := range ys {
+		if !bytes.Equal(y, make([]byte, len(y))) {
+			t.Fatalf("share %d not overwritten: %x", i, y)
+		}
+	}
+	if len(r[0].Shares)+len(r[1].Shares) != 0 {
+		t.Fatal("wiped shares still listed")
+	}
+	if keys, _ := r.Keys(2); len(keys) != 0 {
+		t.Fatal("keys recombined from wiped shares")
+	}
+}

@@ -104,6 +104,9 @@ func (p *disks) attestAll(ctx context.Context) (attest.Round, bool) {
 		p.log.Warn("provisioning needs all brokers", "err", err.Error())
 		return nil, false
 	}
+	// Depositing needs the brokers' certificates and approvals, not the
+	// shares of the disks already open.
+	attest.Round(all).WipeShares()
 	return all, true
 }
 

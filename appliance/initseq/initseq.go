@@ -186,6 +186,8 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	vm := &volumes.Manager{Log: log}
 	dk := &disks{log: log, ac: ac, cfg: cfg, vm: vm}
 	old, fresh := dk.open(ctx, results)
+	// The keys are recombined and the disks open: no share is kept.
+	attest.Round(results).WipeShares()
 	// Disks provisioned beside existing ones join as syncing and are
 	// resynced once serving; on a first boot they all start empty.
 	initial := old
@@ -257,6 +259,9 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 		Cert: &cert, Port: cfg.Ingest.Port, Threshold: cfg.Threshold, ReattestEvery: results[0].ReattestAfter,
 		Monitor: func(r *http.Request) error { _, err := ing.ClientName(r); return err },
 		Reattested: func(r attest.Round) {
+			// Brokers release the shares with every answer; serving needs
+			// none of them.
+			r.WipeShares()
 			watcher.SetApprovals(r.DiskApprovals())
 			rep.SetPeers(r.Peers(cfg.Threshold))
 		}})
