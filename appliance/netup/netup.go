@@ -6,10 +6,11 @@ package netup
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
-	"strings"
+	"syscall"
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/logmsg"
@@ -50,7 +51,7 @@ func Up(ctx context.Context, log *slog.Logger) ([]Lease, error) {
 			log.Warn("DHCP failed", "interface", name, "err", r.Err)
 			continue
 		}
-		if err := r.Lease.Configure(); err != nil && !strings.Contains(err.Error(), "exists") {
+		if err := r.Lease.Configure(); err != nil && !alreadyConfigured(err) {
 			log.Warn("configure lease failed", "interface", name, "err", err)
 			continue
 		}
@@ -66,3 +67,8 @@ func Up(ctx context.Context, log *slog.Logger) ([]Lease, error) {
 	}
 	return leases, nil
 }
+
+// alreadyConfigured reports an address or route that is there already (PID
+// 1 started afresh after a lockdown), which is fine; u-root's dhclient
+// wraps netlink's errno with %w.
+func alreadyConfigured(err error) bool { return errors.Is(err, syscall.EEXIST) }
