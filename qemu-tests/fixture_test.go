@@ -186,13 +186,9 @@ func makeEmbassy(t testing.TB, dir string) *embassyAtRest {
 		}
 		at.firstBoot.brokers = append(at.firstBoot.brokers, st)
 	}
-	st, err := hb.b[0].State()
-	if err != nil {
-		t.Fatal(err)
-	}
 	at.secrets = map[string][]diskSecrets{}
 	for _, tw := range tws {
-		for _, a := range st.Appliances {
+		for _, a := range at.firstBoot.brokers[0].Appliances {
 			if a.ID == tw.id {
 				at.secrets[tw.name] = learnDiskSecrets(t, hb, a.Disks, tw.cfg.Disks)
 			}

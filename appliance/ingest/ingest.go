@@ -211,7 +211,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
 	case http.MethodGet:
 		return s.get(w, r, ns, name)
 	case http.MethodPost:
-		return s.put(w, r, ns, name)
+		return s.put(w, r, ns, name, rt.typ == objref.TypeLocks)
 	case http.MethodDelete:
 		if rt.typ != objref.TypeLocks {
 			return fail(http.StatusForbidden, "append-only: only locks can be deleted")
@@ -264,9 +264,9 @@ const (
 	DefaultMaxLocks = 1024
 )
 
-func (s *Server) put(w http.ResponseWriter, r *http.Request, ns, name string) error {
+func (s *Server) put(w http.ResponseWriter, r *http.Request, ns, name string, lock bool) error {
 	max := s.MaxObject
-	if _, typ, _ := objref.ParseNamespace(ns); typ == objref.TypeLocks {
+	if lock {
 		max = MaxLockSize
 		limit := s.MaxLocks
 		if limit <= 0 {

@@ -26,14 +26,8 @@ type disks struct {
 	cfg *config.Config
 	vm  *volumes.Manager
 	// refused are disks the brokers released a key for whose header was
-	// refused (discover's detail says why); the store counts them failed.
-	refused []refusedDisk
-}
-
-// refusedDisk is one of our disks that is not used.
-type refusedDisk struct {
-	vol    volumes.Volume
-	reason string
+	// refused (their Detail says why); the store counts them failed.
+	refused []discover.Disk
 }
 
 // open unlocks our disks with the secrets recombined from round and
@@ -74,7 +68,7 @@ func (p *disks) open(ctx context.Context, round attest.Round) (old, fresh []volu
 		case discover.Foreign:
 			if _, ok := keys[d.LUKSUUID]; ok && d.LUKSUUID != "" {
 				p.log.Error(logmsg.MsgDiskRefused, "disk", d.Name, "serial", d.Serial, "uuid", d.LUKSUUID, "reason", d.Detail)
-				p.refused = append(p.refused, refusedDisk{vol: volumes.Volume{Disk: d.Name, UUID: d.LUKSUUID, Serial: d.Serial}, reason: d.Detail})
+				p.refused = append(p.refused, d)
 			}
 		}
 	}

@@ -199,9 +199,9 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 		specs = append(specs, store.DiskSpec{ID: v.UUID, Root: filepath.Join(v.MountPoint, "store")})
 	}
 	var refused []volumes.Volume
-	for _, r := range dk.refused {
-		specs = append(specs, store.DiskSpec{ID: r.vol.UUID, Unavailable: "refused: " + r.reason})
-		refused = append(refused, r.vol)
+	for _, d := range dk.refused {
+		specs = append(specs, store.DiskSpec{ID: d.LUKSUUID, Unavailable: "refused: " + d.Detail})
+		refused = append(refused, volumes.Volume{Disk: d.Name, UUID: d.LUKSUUID, Serial: d.Serial})
 	}
 	if len(initial) == 0 {
 		log.Error("no data volume is open; nothing is served", "appliance_id", ac.ID())

@@ -121,7 +121,7 @@ func Format(w WriterAt, size uint64, passphrase []byte, o Options) (string, erro
 	}
 
 	// Keyslot: derive the slot key, split the volume key, encrypt the split.
-	kdfSalt, err := randomBytes(32)
+	kdfSalt, err := randomBytes(saltSize)
 	if err != nil {
 		return "", err
 	}
@@ -132,15 +132,13 @@ func Format(w WriterAt, size uint64, passphrase []byte, o Options) (string, erro
 		return "", err
 	}
 	defer clear(material)
-	areaOffset := uint64(2 * DefaultHdrSize)
-	areaSize := roundUp(uint64(len(material)), 4096)
-	area := make([]byte, areaSize)
+	area := make([]byte, keyslotAreaSize)
 	copy(area, material)
 	if err := xtsEncrypt(slotKey, area[:len(material)]); err != nil {
 		return "", err
 	}
 
-	digestSalt, err := randomBytes(32)
+	digestSalt, err := randomBytes(saltSize)
 	if err != nil {
 		return "", err
 	}
@@ -174,7 +172,7 @@ func Format(w WriterAt, size uint64, passphrase []byte, o Options) (string, erro
 	region := make([]byte, DefaultDataOffset)
 	copy(region[0:], hdrs[0])
 	copy(region[DefaultHdrSize:], hdrs[1])
-	copy(region[areaOffset:], area)
+	copy(region[keyslotAreaOffset:], area)
 	if _, err := w.WriteAt(region, 0); err != nil {
 		return "", fmt.Errorf("write LUKS2 metadata: %w", err)
 	}
