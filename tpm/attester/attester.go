@@ -14,7 +14,9 @@ import (
 
 	tpmclient "github.com/google/go-tpm-tools/client"
 	pb "github.com/google/go-tpm-tools/proto/tpm"
-	"github.com/google/go-tpm/legacy/tpm2"
+	legacy "github.com/google/go-tpm/legacy/tpm2"
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpmutil"
 
 	"github.com/dataembassy/embassy/tpm/pcrs"
@@ -36,9 +38,16 @@ const AKHandle = tpmutil.Handle(0x81010010)
 // Attester wraps a TPM's EK and AK.
 type Attester struct {
 	rw     io.ReadWriter
+	tpm    transport.TPM // the same TPM, for go-tpm's TPMDirect API
 	ekType EKType
 	ek     *tpmclient.Key
 	ak     *tpmclient.Key
+
+	// For the EK-salted sessions of session.go.
+	ekHandle tpm2.TPMHandle
+	ekName   tpm2.TPM2BName
+	ekPub    tpm2.TPMTPublic
+	akName   tpm2.TPM2BName
 }
 
 // Open loads the EK of the given type and creates the AK: an ECC P-256
@@ -60,12 +69,22 @@ func Open(rw io.ReadWriter, ekType EKType) (*Attester, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load %s EK: %w", ekType, err)
 	}
-	ak, err := tpmclient.NewCachedKey(rw, tpm2.HandleEndorsement, akTemplate(), AKHandle)
+	ak, err := tpmclient.NewCachedKey(rw, legacy.HandleEndorsement, akTemplate(), AKHandle)
 	if err != nil {
 		ek.Close()
 		return nil, fmt.Errorf("create AK: %w", err)
 	}
-	return &Attester{rw: rw, ekType: ekType, ek: ek, ak: ak}, nil
+	a := &Attester{rw: rw, tpm: transport.FromReadWriter(rw), ekType: ekType, ek: ek, ak: ak,
+		ekHandle: tpm2.TPMHandle(ek.Handle())}
+	if a.ekName, a.ekPub, err = readPublic(a.tpm, ek.Handle()); err != nil {
+		a.Close()
+		return nil, fmt.Errorf("read EK public area: %w", err)
+	}
+	if a.akName, _, err = readPublic(a.tpm, ak.Handle()); err != nil {
+		a.Close()
+		return nil, fmt.Errorf("read AK public area: %w", err)
+	}
+	return a, nil
 }
 
 // akTemplate is go-tpm-tools' ECC AK template with noDA set. The AK is
@@ -74,9 +93,9 @@ func Open(rw io.ReadWriter, ekType EKType) (*Attester, error) {
 // and after a few the TPM's dictionary-attack lockout refuses every quote,
 // so a server would stop attesting after repeated power losses. The AK is
 // a restricted signing key: noDA does not make it sign anything else.
-func akTemplate() tpm2.Public {
+func akTemplate() legacy.Public {
 	t := tpmclient.AKTemplateECC()
-	t.Attributes |= tpm2.FlagNoDA
+	t.Attributes |= legacy.FlagNoDA
 	return t
 }
 
@@ -108,20 +127,10 @@ func (a *Attester) AKPublicKey() crypto.PublicKey { return a.ak.PublicKey() }
 
 // Activate answers a credential-activation challenge: the TPM releases the
 // secret only if the AK named in the challenge is loaded on the same TPM as
-// the EK it was encrypted to.
+// the EK it was encrypted to. The secret crosses the TPM's bus encrypted
+// (session.go).
 func (a *Attester) Activate(credBlob, encSecret []byte) ([]byte, error) {
-	sess, err := tpmclient.NewEKSession(a.rw)
-	if err != nil {
-		return nil, fmt.Errorf("EK policy session: %w", err)
-	}
-	defer sess.Close()
-	ekAuth, err := sess.Auth()
-	if err != nil {
-		return nil, fmt.Errorf("EK policy: %w", err)
-	}
-	akAuth := tpm2.AuthCommand{Session: tpm2.HandlePasswordSession, Attributes: tpm2.AttrContinueSession}
-	secret, err := tpm2.ActivateCredentialUsingAuth(a.rw, []tpm2.AuthCommand{akAuth, ekAuth},
-		a.ak.Handle(), a.ek.Handle(), credBlob, encSecret)
+	secret, err := a.activate(credBlob, encSecret)
 	if err != nil {
 		return nil, fmt.Errorf("activate credential: %w", err)
 	}
@@ -143,8 +152,10 @@ func (a *Attester) Quote(extraData []byte) (*pb.Quote, error) {
 
 // Import unseals a blob sealed to this TPM's EK and a PCR policy. It fails
 // on any other TPM, and on this one once the PCRs differ from the policy.
+// The secret crosses the TPM's bus encrypted (session.go); the caller owns
+// the returned slice and wipes it when done.
 func (a *Attester) Import(blob *pb.ImportBlob) ([]byte, error) {
-	secret, err := a.ek.Import(blob)
+	secret, err := a.unseal(blob)
 	if err != nil {
 		return nil, fmt.Errorf("import sealed blob: %w", err)
 	}

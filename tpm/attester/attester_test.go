@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"errors"
+	"io"
 	"testing"
 
 	"github.com/google/go-tpm/legacy/tpm2"
@@ -156,5 +157,91 @@ func TestParseAKRejectsNonAK(t *testing.T) {
 		if _, err := verifier.ParseAK(bad); !errors.Is(err, verifier.ErrAKPublic) {
 			t.Errorf("ParseAK(%q): %v", bad, err)
 		}
+	}
+}
+
+// busRecorder is a probe on the TPM's bus: it keeps every byte written to
+// and read from the TPM.
+type busRecorder struct {
+	rw  io.ReadWriter
+	bus bytes.Buffer
+}
+
+func (b *busRecorder) Write(p []byte) (int, error) {
+	b.bus.Write(p)
+	return b.rw.Write(p)
+}
+
+func (b *busRecorder) Read(p []byte) (int, error) {
+	n, err := b.rw.Read(p)
+	b.bus.Write(p[:n])
+	return n, err
+}
+
+// TestBusCarriesNoSecret records the bytes between the attester and the
+// TPM while it answers a credential challenge and unseals a share: the
+// secrets the verifier made must come out of the attester and never
+// appear on the bus, for either EK type.
+func TestBusCarriesNoSecret(t *testing.T) {
+	ca := tpmtest.NewCA(t, "m")
+	for _, tc := range []struct {
+		ekType attester.EKType
+		seed   int64
+	}{{attester.EKRSA, 11}, {attester.EKECC, 12}} {
+		t.Run(string(tc.ekType), func(t *testing.T) {
+			probe := &busRecorder{rw: tpmtest.NewSimulator(t, ca, tc.seed)}
+			a, err := attester.Open(probe, tc.ekType)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			akPub, _ := a.AKPublic()
+			ak, err := verifier.ParseAK(akPub)
+			if err != nil {
+				t.Fatal(err)
+			}
+			credential := make([]byte, 32)
+			rand.Read(credential)
+			blob, enc, err := verifier.MakeCredential(a.EKPublic(), ak, credential)
+			if err != nil {
+				t.Fatal(err)
+			}
+			q, err := a.Quote(make([]byte, 32))
+			if err != nil {
+				t.Fatal(err)
+			}
+			info, err := verifier.VerifyQuote(ak, q, make([]byte, 32))
+			if err != nil {
+				t.Fatal(err)
+			}
+			share := make([]byte, 33)
+			rand.Read(share)
+			sealed, err := verifier.Seal(a.EKPublic(), share, info.PCRs)
+			if err != nil {
+				t.Fatal(err)
+			}
+
+			probe.bus.Reset()
+			gotCredential, err := a.Activate(blob, enc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			gotShare, err := a.Import(sealed)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(gotCredential, credential) || !bytes.Equal(gotShare, share) {
+				t.Fatal("the attester returned other secrets than were made")
+			}
+			if probe.bus.Len() == 0 {
+				t.Fatal("nothing recorded on the bus")
+			}
+			for name, secret := range map[string][]byte{"credential": credential, "share": share} {
+				// Any 16 consecutive bytes of the secret would do.
+				if bytes.Contains(probe.bus.Bytes(), secret[:16]) || bytes.Contains(probe.bus.Bytes(), secret[16:32]) {
+					t.Errorf("the %s crossed the bus in the clear", name)
+				}
+			}
+		})
 	}
 }
