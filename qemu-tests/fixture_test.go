@@ -48,6 +48,9 @@ type firstBootRecord struct {
 	consoles map[string][]vm.Line // appliance name -> console lines
 	approved time.Time            // the operators' first approval
 	brokers  []*api.State
+	// tpmBus is what crossed each appliance's TPM bus during the first
+	// boot (enrollment, provisioning, share deposits), both directions.
+	tpmBus map[string]tpmBusRecord
 }
 
 // fixtureDiskSize is the size of every provisioned data disk.
@@ -116,6 +119,7 @@ func makeEmbassy(t testing.TB, dir string) *embassyAtRest {
 	for _, name := range twinNames {
 		tw := &twin{name: name, cfg: base}
 		tw.cfg.Name = name + "-first-boot"
+		tw.cfg.RecordTPMBus = true
 		tw.cfg.StateDir = filepath.Join(dir, name, "state")
 		if err := os.MkdirAll(tw.cfg.StateDir, 0o700); err != nil {
 			t.Fatal(err)
@@ -175,9 +179,11 @@ func makeEmbassy(t testing.TB, dir string) *embassyAtRest {
 		waitPeer(t, ctx, tw, tws[1-i].id)
 	}
 	at.firstBoot.consoles = map[string][]vm.Line{}
+	at.firstBoot.tpmBus = map[string]tpmBusRecord{}
 	for _, tw := range tws {
 		at.firstBoot.consoles[tw.name] = tw.v.Lines()
 		tw.v.Close()
+		at.firstBoot.tpmBus[tw.name] = recordedTPMBus(t, tw.v)
 	}
 	for _, b := range hb.b {
 		st, err := b.State()

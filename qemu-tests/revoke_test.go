@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -12,6 +13,92 @@ import (
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
+
+// revokedRecord is what one revocation of a serving appliance showed, for
+// the scenarios about it.
+type revokedRecord struct {
+	// servingMissing names the volume keys a dump of the serving
+	// appliance's memory did not hold (each must be there, inside
+	// dm-crypt: the control that shows the search finds what is there).
+	servingMissing []string
+	// servingFound is every share or passphrase that dump held.
+	servingFound []string
+	// lockdownReason is the reason the appliance gave for its lockdown.
+	lockdownReason string
+	// unclean are console lines saying a volume could not be closed.
+	unclean []string
+	// afterFound is every volume key, passphrase or share a dump after
+	// the lockdown (PID 1 started afresh and refused again) held.
+	afterFound []string
+}
+
+// revoked runs the revocation once per test binary: twin-a serving
+// ingest is revoked at every broker; at its next re-attestation it goes
+// into lockdown, stops serving, closes its LUKS mappings and starts
+// afresh, to be refused again. Its memory is dumped while serving and
+// after the lockdown.
+var revoked struct {
+	mu  sync.Mutex
+	rec *revokedRecord
+}
+
+func revokeServingAppliance(t *testing.T) *revokedRecord {
+	t.Helper()
+	requireE2E(t)
+	revoked.mu.Lock()
+	defer revoked.mu.Unlock()
+	if revoked.rec != nil {
+		return revoked.rec
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	hb, cfg, id := provisioned(t, "revoke")
+	rec := &revokedRecord{}
+	volumeKeys, held, all := map[string][]byte{}, map[string][]byte{}, map[string][]byte{}
+	for _, d := range provisionedEmbassy(t).secrets[twinNames[0]] {
+		volumeKeys["volume key of "+d.uuid] = d.volumeKey
+		all["volume key of "+d.uuid] = d.volumeKey
+		held["passphrase of "+d.uuid] = d.passphrase
+		for i, s := range d.shares {
+			held[fmt.Sprintf("share %d of %s", i, d.uuid)] = s
+		}
+	}
+	for k, v := range held {
+		all[k] = v
+	}
+	cfg.Name = "revoke-boot"
+	v := startVM(t, cfg)
+	i, _ := waitMsg(t, ctx, v, 0, logmsg.MsgServing)
+	serving := dumpMemory(t, v, "serving")
+	for name := range volumeKeys {
+		if len(findSecrets(serving, map[string][]byte{name: volumeKeys[name]})) == 0 {
+			rec.servingMissing = append(rec.servingMissing, name)
+		}
+	}
+	rec.servingFound = findSecrets(serving, held)
+	serving = nil
+
+	for _, b := range hb.b {
+		if err := b.Revoke(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	j, ld := waitMsg(t, ctx, v, i, logmsg.MsgLockdown)
+	rec.lockdownReason, _ = ld["reason"].(string)
+	k, _ := waitMsg(t, ctx, v, j, logmsg.MsgStopped)
+	for _, l := range v.Lines()[j:] {
+		if bootreport.JSONMsg(l.Text) == "closing volumes" {
+			rec.unclean = append(rec.unclean, l.Text)
+		}
+	}
+	noIngest(t, cfg)
+	// PID 1 starts afresh (its old memory freed) and is refused again.
+	k, _ = waitMsg(t, ctx, v, k, logmsg.MsgStarting)
+	waitMsg(t, ctx, v, k, logmsg.MsgLockdown)
+	rec.afterFound = findSecrets(dumpMemory(t, v, "after-lockdown"), all)
+	revoked.rec = rec
+	return rec
+}
 
 // TestRevokedAppliance: an appliance serving ingest is revoked; at its
 // next re-attestation it goes into lockdown, stops serving, closes its LUKS
@@ -21,52 +108,36 @@ import (
 // this shows the search finds it), and a dump after the lockdown holds no
 // volume key, passphrase or share in any form.
 func TestRevokedAppliance(t *testing.T) {
-	requireE2E(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	hb, cfg, id := provisioned(t, "revoke")
-	disks := provisionedEmbassy(t).secrets[twinNames[0]]
-	volumeKeys, all := map[string][]byte{}, map[string][]byte{}
-	for _, d := range disks {
-		volumeKeys["volume key of "+d.uuid] = d.volumeKey
-		all["volume key of "+d.uuid] = d.volumeKey
-		all["passphrase of "+d.uuid] = d.passphrase
-		for i, s := range d.shares {
-			all[fmt.Sprintf("share %d of %s", i, d.uuid)] = s
-		}
+	rec := revokeServingAppliance(t)
+	if len(rec.servingMissing) > 0 {
+		t.Fatalf("not in the serving appliance's memory: %v: the search proves nothing", rec.servingMissing)
 	}
-	cfg.Name = "revoke-boot"
-	v := startVM(t, cfg)
-	i, _ := waitMsg(t, ctx, v, 0, logmsg.MsgServing)
-	serving := dumpMemory(t, v, "serving")
-	for name := range volumeKeys {
-		if len(findSecrets(serving, map[string][]byte{name: volumeKeys[name]})) == 0 {
-			t.Fatalf("the %s is not in the serving appliance's memory: the search proves nothing", name)
-		}
+	if rec.lockdownReason != "appliance revoked" {
+		t.Fatalf("lockdown reason %q", rec.lockdownReason)
 	}
-	serving = nil
+	if len(rec.unclean) > 0 {
+		t.Fatalf("volumes did not close cleanly: %v", rec.unclean)
+	}
+	if len(rec.afterFound) > 0 {
+		t.Fatalf("after the lockdown the appliance's memory still holds: %v", rec.afterFound)
+	}
+}
 
-	for _, b := range hb.b {
-		if err := b.Revoke(id); err != nil {
-			t.Fatal(err)
-		}
+// TestKeysGoneAfterLockdown: the same revocation, read for the keys. While
+// the appliance serves, its memory holds the volume keys (dm-crypt needs
+// them; the control) but no share and no passphrase: those were combined,
+// used and wiped. After the lockdown it holds none of them, searched raw,
+// in hex and in base64.
+func TestKeysGoneAfterLockdown(t *testing.T) {
+	rec := revokeServingAppliance(t)
+	if len(rec.servingMissing) > 0 {
+		t.Fatalf("not in the serving appliance's memory: %v: the search proves nothing", rec.servingMissing)
 	}
-	j, ld := waitMsg(t, ctx, v, i, logmsg.MsgLockdown)
-	if ld["reason"] != "appliance revoked" {
-		t.Fatalf("lockdown reason %v", ld["reason"])
+	if len(rec.servingFound) > 0 {
+		t.Errorf("while serving, the appliance's memory holds: %v", rec.servingFound)
 	}
-	k, _ := waitMsg(t, ctx, v, j, logmsg.MsgStopped)
-	for _, l := range v.Lines()[j:] {
-		if bootreport.JSONMsg(l.Text) == "closing volumes" {
-			t.Fatalf("volumes did not close cleanly: %s", l.Text)
-		}
-	}
-	noIngest(t, cfg)
-	// PID 1 starts afresh (its old memory freed) and is refused again.
-	k, _ = waitMsg(t, ctx, v, k, logmsg.MsgStarting)
-	waitMsg(t, ctx, v, k, logmsg.MsgLockdown)
-	if found := findSecrets(dumpMemory(t, v, "after-lockdown"), all); len(found) > 0 {
-		t.Fatalf("after the lockdown the appliance's memory still holds: %v", found)
+	if len(rec.afterFound) > 0 {
+		t.Errorf("after the lockdown the appliance's memory still holds: %v", rec.afterFound)
 	}
 }
 

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"os"
 
-	"golang.org/x/crypto/pbkdf2"
 	"golang.org/x/crypto/xts"
 )
 
@@ -125,7 +124,10 @@ func Format(w WriterAt, size uint64, passphrase []byte, o Options) (string, erro
 	if err != nil {
 		return "", err
 	}
-	slotKey := pbkdf2.Key(passphrase, kdfSalt, o.Iterations, VolumeKeySize, sha256.New)
+	slotKey, err := pbkdf2Key(sha256.New, passphrase, kdfSalt, o.Iterations, VolumeKeySize)
+	if err != nil {
+		return "", err
+	}
 	defer clear(slotKey)
 	material, err := afSplit(volumeKey, Stripes, sha256.New())
 	if err != nil {
@@ -142,7 +144,10 @@ func Format(w WriterAt, size uint64, passphrase []byte, o Options) (string, erro
 	if err != nil {
 		return "", err
 	}
-	digest := pbkdf2.Key(volumeKey, digestSalt, o.Iterations, sha256.Size, sha256.New)
+	digest, err := pbkdf2Key(sha256.New, volumeKey, digestSalt, o.Iterations, sha256.Size)
+	if err != nil {
+		return "", err
+	}
 
 	meta := provisionedMetadata(o.Iterations, base64.StdEncoding.EncodeToString(kdfSalt),
 		base64.StdEncoding.EncodeToString(digestSalt), base64.StdEncoding.EncodeToString(digest))

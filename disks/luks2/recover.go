@@ -13,7 +13,6 @@ import (
 	"sort"
 
 	"golang.org/x/crypto/argon2"
-	"golang.org/x/crypto/pbkdf2"
 )
 
 func hashByName(name string) (func() hash.Hash, error) {
@@ -45,7 +44,7 @@ func deriveSlotKey(kdf KDF, passphrase []byte, keySize int) ([]byte, error) {
 		if kdf.Iterations < 1 || kdf.Iterations > 1<<30 {
 			return nil, fmt.Errorf("PBKDF2 iterations %d out of range", kdf.Iterations)
 		}
-		return pbkdf2.Key(passphrase, salt, kdf.Iterations, keySize, h), nil
+		return pbkdf2Key(h, passphrase, salt, kdf.Iterations, keySize)
 	case "argon2i", "argon2id":
 		if kdf.Time < 1 || kdf.Time > 1000 || kdf.Memory < 8 || kdf.Memory > maxKDFMemoryKiB || kdf.CPUs < 1 || kdf.CPUs > 255 {
 			return nil, fmt.Errorf("%w: argon2 parameters time=%d memory=%d cpus=%d out of the accepted range", ErrUnsupported, kdf.Time, kdf.Memory, kdf.CPUs)
@@ -163,7 +162,11 @@ func (h *Header) openSlot(r io.ReaderAt, id string, passphrase []byte) ([]byte, 
 			clear(key)
 			return nil, fmt.Errorf("digest of keyslot %s is malformed", id)
 		}
-		got := pbkdf2.Key(key, salt, d.Iterations, len(want), dh)
+		got, err := pbkdf2Key(dh, key, salt, d.Iterations, len(want))
+		if err != nil {
+			clear(key)
+			return nil, err
+		}
 		if subtle.ConstantTimeCompare(got, want) == 1 {
 			return key, nil
 		}

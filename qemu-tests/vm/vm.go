@@ -62,6 +62,9 @@ type Config struct {
 	OVMFVars string
 	// Stdout, if set, also receives every console line.
 	Stdout io.Writer
+	// RecordTPMBus puts a probe between QEMU and swtpm that records every
+	// TPM command and response (TPMBus returns them).
+	RecordTPMBus bool
 }
 
 // VM is a running virtual machine.
@@ -72,6 +75,7 @@ type VM struct {
 	QMP       *QMP
 	qemu      *exec.Cmd
 	swtpm     *exec.Cmd
+	tpmProbe  *tpmBusProbe
 	tempDir   string
 	logFile   *os.File
 	mu        sync.Mutex
@@ -183,6 +187,14 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 	}
 	if err := waitForFile(tpmSock, 10*time.Second); err != nil {
 		return nil, fmt.Errorf("swtpm socket: %w", err)
+	}
+
+	if cfg.RecordTPMBus {
+		probeSock := filepath.Join(v.tempDir, "tpm-probe.sock")
+		if v.tpmProbe, err = startTPMBusProbe(probeSock, tpmSock); err != nil {
+			return nil, err
+		}
+		tpmSock = probeSock
 	}
 
 	qmpSock := filepath.Join(v.tempDir, "qmp.sock")
@@ -384,6 +396,16 @@ func (v *VM) Kill() {
 	}
 }
 
+// TPMBus returns what crossed the TPM's bus so far, each direction on its
+// own: the commands to the TPM and its responses. The VM must have been
+// started with RecordTPMBus.
+func (v *VM) TPMBus() (toTPM, fromTPM []byte, err error) {
+	if v.tpmProbe == nil {
+		return nil, nil, errors.New("vm: TPM bus not recorded (Config.RecordTPMBus)")
+	}
+	return v.tpmProbe.recorded()
+}
+
 // PIDs returns the process ids of QEMU and swtpm.
 func (v *VM) PIDs() []int {
 	var out []int
@@ -418,6 +440,9 @@ func (v *VM) Close() {
 		if v.swtpm != nil && v.swtpm.Process != nil {
 			v.swtpm.Process.Signal(syscall.SIGKILL)
 			v.swtpm.Wait()
+		}
+		if v.tpmProbe != nil {
+			v.tpmProbe.close()
 		}
 		if v.logFile != nil {
 			v.logFile.Close()
