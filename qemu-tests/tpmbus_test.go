@@ -29,9 +29,7 @@ func recordedTPMBus(t testing.TB, v *vm.VM) tpmBusRecord {
 
 // TPM 2.0 command codes the bus checks count.
 const (
-	tpmCCUnseal             = 0x15E
-	tpmCCActivateCredential = 0x147
-	tpmCCStartAuthSession   = 0x176
+	tpmCCUnseal = 0x15E
 )
 
 // commandCounts parses the command stream sent to the TPM (each command a
@@ -93,8 +91,7 @@ func rebootToUnlock(t *testing.T) ([]vm.Line, tpmBusRecord) {
 // disks, and a reboot that unlocks them. Neither recording holds any share
 // the brokers received, the passphrase those recombine to, or the volume
 // key it opens, in any form, in either direction; and the reboot's
-// recording shows the unseals and the EK-salted sessions did cross this
-// probe.
+// recording shows the unseals did cross this probe.
 func TestBusSnifferSeesNoShare(t *testing.T) {
 	at := provisionedEmbassy(t)
 	name := twinNames[0]
@@ -109,9 +106,8 @@ func TestBusSnifferSeesNoShare(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the recorded command stream: %v", err)
 	}
-	if counts[tpmCCUnseal] < int(shares) || counts[tpmCCStartAuthSession] < 2*int(shares) {
-		t.Fatalf("the probe saw %d unseals and %d sessions started for %v shares: it did not record the unlock",
-			counts[tpmCCUnseal], counts[tpmCCStartAuthSession], shares)
+	if counts[tpmCCUnseal] < int(shares) {
+		t.Fatalf("the probe saw %d unseals for %v shares: it did not record the unlock", counts[tpmCCUnseal], shares)
 	}
 
 	secrets := map[string][]byte{}
