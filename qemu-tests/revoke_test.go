@@ -25,8 +25,12 @@ type revokedRecord struct {
 	servingFound []string
 	// lockdownReason is the reason the appliance gave for its lockdown.
 	lockdownReason string
-	// unclean are console lines saying a volume could not be closed.
-	unclean []string
+	// stopped is the appliance's own account of closing its volumes
+	// (the MsgStopped line's fields).
+	stopped map[string]any
+	// keysRemain are console lines saying a volume key stayed in the
+	// kernel.
+	keysRemain []string
 	// afterFound is every volume key, passphrase or share a dump after
 	// the lockdown (PID 1 started afresh and refused again) held.
 	afterFound []string
@@ -85,10 +89,11 @@ func revokeServingAppliance(t *testing.T) *revokedRecord {
 	}
 	j, ld := waitMsg(t, ctx, v, i, logmsg.MsgLockdown)
 	rec.lockdownReason, _ = ld["reason"].(string)
-	k, _ := waitMsg(t, ctx, v, j, logmsg.MsgStopped)
+	k, stopped := waitMsg(t, ctx, v, j, logmsg.MsgStopped)
+	rec.stopped = stopped
 	for _, l := range v.Lines()[j:] {
-		if bootreport.JSONMsg(l.Text) == "closing volumes" {
-			rec.unclean = append(rec.unclean, l.Text)
+		if bootreport.JSONMsg(l.Text) == logmsg.MsgKeysRemain {
+			rec.keysRemain = append(rec.keysRemain, l.Text)
 		}
 	}
 	noIngest(t, cfg)
@@ -115,8 +120,13 @@ func TestRevokedAppliance(t *testing.T) {
 	if rec.lockdownReason != "appliance revoked" {
 		t.Fatalf("lockdown reason %q", rec.lockdownReason)
 	}
-	if len(rec.unclean) > 0 {
-		t.Fatalf("volumes did not close cleanly: %v", rec.unclean)
+	if len(rec.keysRemain) > 0 || rec.stopped["all_keys_gone"] != true {
+		t.Fatalf("volume keys left in the kernel: %v %v", rec.keysRemain, rec.stopped)
+	}
+	closed, _ := rec.stopped["closed"].([]any)
+	dropped, _ := rec.stopped["key_dropped"].([]any)
+	if len(closed)+len(dropped) != 2 {
+		t.Fatalf("the stop line accounts for %d mappings, want both disks': %v", len(closed)+len(dropped), rec.stopped)
 	}
 	if len(rec.afterFound) > 0 {
 		t.Fatalf("after the lockdown the appliance's memory still holds: %v", rec.afterFound)

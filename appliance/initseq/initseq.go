@@ -281,10 +281,14 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	stop := n.Run(ctx)
 	stopServing()
 	ac.ReportHealth(nil)
-	if err := vm.CloseAll(); err != nil {
-		log.Error("closing volumes", "err", err.Error())
+	closed, err := vm.CloseAll()
+	if !closed.AllKeysGone() {
+		log.Error(logmsg.MsgKeysRemain, "mappings", closed.KeyRemains, "err", err.Error())
+	} else if err != nil {
+		log.Warn("closing volumes", "err", err.Error())
 	}
-	log.Warn(logmsg.MsgStopped, "reason", "lockdown or failed re-attestation; keys dropped, volumes closed", "stopped_by", string(stop.Reason))
+	log.Warn(logmsg.MsgStopped, "stopped_by", string(stop.Reason), "all_keys_gone", closed.AllKeysGone(),
+		"closed", closed.Closed, "key_dropped", closed.KeyDropped, "key_remains", closed.KeyRemains)
 }
 
 // attestLoop attests to the brokers until k answer. An appliance the

@@ -37,7 +37,13 @@ const MsgStoreOpen = "store open"
 // Serving, and its end after a lockdown or a failed re-attestation.
 const (
 	MsgServing = "ingest serving"
+	// MsgStopped says what closing the volumes did: mappings closed,
+	// mappings held open whose key was dropped in place, and mappings
+	// whose key is still in the kernel (then also MsgKeysRemain).
 	MsgStopped = "stopped serving"
+	// MsgKeysRemain: after a stop, some volume key could not be taken out
+	// of the kernel; the line names the mappings and why.
+	MsgKeysRemain = "volume keys remain in the kernel"
 	// MsgRestarting: after a stop, PID 1 replaces its own process image so
 	// that every page that held a key is freed (and zeroed by the kernel).
 	MsgRestarting = "restarting to clear memory"

@@ -6,6 +6,7 @@ package volumes
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -30,6 +31,8 @@ type Volume struct {
 	Mapping    string `json:"mapping"`
 	MountPoint string `json:"mount_point"`
 	Serial     string `json:"serial,omitempty"`
+	// Device is the LUKS partition under the mapping.
+	Device string `json:"device"`
 }
 
 // Manager keeps track of open volumes.
@@ -37,9 +40,13 @@ type Manager struct {
 	Log  *slog.Logger
 	mu   sync.Mutex
 	open []Volume
-	// stale are mappings of closed volumes that were still busy (their
-	// disk vanished under a mounted filesystem); CloseAll tries again.
-	stale []string
+	// stale are closed volumes whose mapping was still busy (their disk
+	// vanished under a mounted filesystem); CloseAll tries again.
+	stale []Volume
+	// closeRetries and retryDelay bound how long closing a busy mapping
+	// is retried before its key is dropped in place (zero: 20 x 100 ms).
+	closeRetries int
+	retryDelay   time.Duration
 }
 
 // PartitionPath names partition idx of a disk device: vda -> vda1,
@@ -76,7 +83,7 @@ func (m *Manager) Open(d discover.Disk, secret []byte) (Volume, error) {
 	if err != nil {
 		return Volume{}, err
 	}
-	v := Volume{Disk: d.Name, UUID: d.LUKSUUID, Mapping: name, MountPoint: filepath.Join(MountRoot, d.LUKSUUID), Serial: d.Serial}
+	v := Volume{Disk: d.Name, UUID: d.LUKSUUID, Mapping: name, MountPoint: filepath.Join(MountRoot, d.LUKSUUID), Serial: d.Serial, Device: part}
 	if err := fs.Mount(mapper, v.MountPoint); err != nil {
 		luks2.Lock(name)
 		return Volume{}, err
@@ -128,7 +135,8 @@ func (m *Manager) Volumes() []Volume {
 
 // Close unmounts one volume (detaching it if its disk is gone) and closes
 // its mapping. The volume is forgotten even if closing fails: its disk is
-// not used again until it is unlocked anew.
+// not used again until it is unlocked anew. A mapping still busy is kept
+// to retry (ReleaseStale, CloseAll).
 func (m *Manager) Close(uuid string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -142,7 +150,7 @@ func (m *Manager) Close(uuid string) error {
 			err = fs.Detach(v.MountPoint)
 		}
 		if lerr := luks2.Lock(v.Mapping); lerr != nil {
-			m.stale = append(m.stale, v.Mapping)
+			m.stale = append(m.stale, v)
 			if err == nil {
 				err = lerr
 			}
@@ -152,25 +160,69 @@ func (m *Manager) Close(uuid string) error {
 	return fmt.Errorf("no open volume %s", uuid)
 }
 
-// CloseAll unmounts every volume and closes its mapping, dropping the keys
-// from the kernel.
-func (m *Manager) CloseAll() error {
+// CloseReport says what closing the volumes did with each mapping's key.
+type CloseReport struct {
+	// Closed are mappings removed: their keys left the kernel with them.
+	Closed []string `json:"closed,omitempty"`
+	// KeyDropped are mappings something still held open: their crypt
+	// table was replaced by a linear view of the ciphertext, so the key
+	// left the kernel even though the device node remains.
+	KeyDropped []string `json:"key_dropped,omitempty"`
+	// KeyRemains are mappings whose key is still in the kernel.
+	KeyRemains []string `json:"key_remains,omitempty"`
+}
+
+// AllKeysGone reports whether no mapping's key is left in the kernel.
+func (r CloseReport) AllKeysGone() bool { return len(r.KeyRemains) == 0 }
+
+// CloseAll unmounts every volume (detaching lazily what is busy), closes
+// its mapping, retrying while the detached filesystem lets go, and drops
+// the key in place of any mapping still held open. The report says, per
+// mapping, whether its key left the kernel; the error joins what failed.
+func (m *Manager) CloseAll() (CloseReport, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var firstErr error
+	var rep CloseReport
+	var errs []error
+	all := append(m.open, m.stale...)
 	for _, v := range m.open {
-		if err := fs.Unmount(v.MountPoint); err != nil && firstErr == nil {
-			firstErr = err
-		}
-		if err := luks2.Lock(v.Mapping); err != nil && firstErr == nil {
-			firstErr = err
+		if err := fs.Unmount(v.MountPoint); err != nil {
+			if derr := fs.Detach(v.MountPoint); derr != nil {
+				errs = append(errs, err, derr)
+			}
 		}
 	}
-	m.open = nil
-	if err := m.closeStale(); err != nil && firstErr == nil {
-		firstErr = err
+	m.open, m.stale = nil, nil
+	retries, delay := m.closeRetries, m.retryDelay
+	if retries == 0 {
+		retries, delay = 20, 100*time.Millisecond
 	}
-	return firstErr
+	pending := all
+	for try := 0; len(pending) > 0 && try < retries; try++ {
+		if try > 0 {
+			time.Sleep(delay)
+		}
+		var still []Volume
+		for _, v := range pending {
+			if err := luks2.Lock(v.Mapping); err != nil {
+				still = append(still, v)
+				continue
+			}
+			rep.Closed = append(rep.Closed, v.Mapping)
+		}
+		pending = still
+	}
+	for _, v := range pending {
+		if err := luks2.DropKey(v.Mapping, v.Device); err != nil {
+			rep.KeyRemains = append(rep.KeyRemains, v.Mapping)
+			errs = append(errs, err)
+			m.stale = append(m.stale, v)
+			continue
+		}
+		rep.KeyDropped = append(rep.KeyDropped, v.Mapping)
+		m.Log.Warn("mapping still held open: key dropped in place", "mapping", v.Mapping, "disk", v.Disk)
+	}
+	return rep, errors.Join(errs...)
 }
 
 // ReleaseStale retries closing the mappings of failed disks that were
@@ -178,21 +230,17 @@ func (m *Manager) CloseAll() error {
 func (m *Manager) ReleaseStale() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.closeStale()
-}
-
-func (m *Manager) closeStale() error {
-	var still []string
+	var still []Volume
 	var firstErr error
-	for _, name := range m.stale {
-		if err := luks2.Lock(name); err != nil {
-			still = append(still, name)
+	for _, v := range m.stale {
+		if err := luks2.Lock(v.Mapping); err != nil {
+			still = append(still, v)
 			if firstErr == nil {
 				firstErr = err
 			}
 			continue
 		}
-		m.Log.Info("mapping of a failed disk closed", "mapping", name)
+		m.Log.Info("mapping of a failed disk closed", "mapping", v.Mapping)
 	}
 	m.stale = still
 	return firstErr

@@ -97,3 +97,38 @@ func Lock(name string) error {
 	}
 	return nil
 }
+
+// DropKey takes the volume key of a mapping out of the kernel when the
+// mapping cannot be removed because something still holds it open (a
+// lazily detached filesystem with open files, a process reading the
+// device). It loads a linear table over the same ciphertext on device in
+// place of the crypt table and swaps it in: device-mapper destroys the
+// crypt target, and dm-crypt wipes its key as it does. Whatever still
+// holds the mapping reads ciphertext from then on. device must still be
+// there (a disk pulled out cannot be remapped this way).
+func DropKey(name, device string) error {
+	f, err := os.Open(device)
+	if err != nil {
+		return fmt.Errorf("drop key of %s: %w", name, err)
+	}
+	size, err := f.Seek(0, io.SeekEnd)
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("drop key of %s: size of %s: %w", name, device, err)
+	}
+	if size <= DefaultDataOffset {
+		return fmt.Errorf("drop key of %s: %s has %d bytes", name, device, size)
+	}
+	ciphertext := devmapper.LinearTable{
+		Length:        uint64(size) - DefaultDataOffset,
+		BackendDevice: device,
+		BackendOffset: DefaultDataOffset,
+	}
+	if err := devmapper.Load(name, 0, ciphertext); err != nil {
+		return fmt.Errorf("drop key of %s: load a linear table: %w", name, err)
+	}
+	if err := devmapper.Resume(name); err != nil {
+		return fmt.Errorf("drop key of %s: swap the table in: %w", name, err)
+	}
+	return nil
+}

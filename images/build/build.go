@@ -40,8 +40,22 @@ const (
 )
 
 // DefaultCmdline is the fixed kernel command line of the production image.
-// Nothing on it can be changed at boot without changing PCR9.
-const DefaultCmdline = "console=ttyS0,115200 panic=-1 loglevel=4 lockdown=integrity"
+// Nothing on it can be changed at boot without changing PCR9. Beyond the
+// console and panic handling it hardens the kernel against someone with
+// the machine in hand (docs/appliance.md, "Kernel command line"):
+//   - lockdown=integrity: no /dev/mem, kexec of unsigned kernels, or
+//     unsigned modules; module.sig_enforce=1 says the last explicitly;
+//   - intel_iommu=on, amd_iommu=force_isolation, iommu.passthrough=0,
+//     iommu.strict=1: DMA from devices goes through the IOMMU where the
+//     server has one, each device in its own domain, mappings torn down
+//     at once rather than lazily;
+//   - efi=disable_early_pci_dma: the EFI stub clears bus mastering on PCI
+//     bridges before the kernel's IOMMU is up, closing the early window;
+//   - init_on_free=1: the kernel zeroes pages and slab objects as they are
+//     freed, so buffers that held TPM responses, dm-crypt tables or a
+//     stopped process's heap hold nothing afterwards.
+const DefaultCmdline = "console=ttyS0,115200 panic=-1 loglevel=4 lockdown=integrity module.sig_enforce=1 " +
+	"intel_iommu=on amd_iommu=force_isolation iommu.passthrough=0 iommu.strict=1 efi=disable_early_pci_dma init_on_free=1"
 
 // DefaultModules are the kernel modules the appliance loads at boot: virtio
 // for QEMU, NVMe/AHCI/SCSI disks and e1000e NICs for real servers,
