@@ -93,7 +93,7 @@ func newEnv(t testing.TB, n, k int) *env {
 	e.opCert = pki.TLSCertificate(opLeaf, opKey)
 	_, e.imageKey, _ = ed25519.GenerateKey(rand.Reader)
 	e.cfg = &config.Config{Threshold: k, Ingest: config.Ingest{Port: 8443,
-		Repositories: map[string]config.Access{"population": {Writers: []string{"population-registry"}}}}}
+		Repositories: map[string]config.Access{"population": {Writers: []string{"population-registry"}, QuotaBytes: 1 << 30}}}}
 	for i := 0; i < n; i++ {
 		name := fmt.Sprintf("broker-%c", 'a'+i)
 		rb := &runningBroker{name: name, dir: t.TempDir()}

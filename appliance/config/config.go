@@ -57,10 +57,15 @@ type Ingest struct {
 	Repositories map[string]Access `json:"repositories"`
 }
 
-// Access lists a repository's writers (append) and readers.
+// Access lists a repository's writers (append) and readers, and the space
+// it may take.
 type Access struct {
 	Writers []string `json:"writers"`
 	Readers []string `json:"readers"`
+	// QuotaBytes bounds the bytes the repository's objects take on each
+	// disk, whoever writes them (its clients or the twin's replication):
+	// one repository filling the disks cannot stop the others. Required.
+	QuotaBytes int64 `json:"quota_bytes"`
 }
 
 // Broker is one key broker and its candidate endpoints (one per network
@@ -129,6 +134,9 @@ func (in *Ingest) validate() error {
 		}
 		if len(acc.Writers)+len(acc.Readers) == 0 {
 			return fmt.Errorf("config: repository %s has no client", name)
+		}
+		if acc.QuotaBytes < 1<<20 || acc.QuotaBytes > 1<<50 {
+			return fmt.Errorf("config: repository %s: quota_bytes %d out of range (1 MiB to 1 PiB)", name, acc.QuotaBytes)
 		}
 		for _, c := range append(append([]string{}, acc.Writers...), acc.Readers...) {
 			if c == "" || len(c) > 64 {

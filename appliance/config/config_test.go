@@ -10,7 +10,7 @@ const good = `{"threshold":2,"brokers":[
  {"name":"broker-a","endpoints":["https://10.0.2.2:7441","https://10.0.3.2:7441"]},
  {"name":"broker-b","endpoints":["https://10.0.2.2:7442"]},
  {"name":"broker-c","endpoints":["https://[fd00::1]:7443"]}],
- "ingest":{"port":8443,"addresses":["127.0.0.1"],"repositories":{"population":{"writers":["population-registry"],"readers":[]}}}}`
+ "ingest":{"port":8443,"addresses":["127.0.0.1"],"repositories":{"population":{"writers":["population-registry"],"readers":[],"quota_bytes":1073741824}}}}`
 
 func TestParseLocalDefault(t *testing.T) {
 	f, err := os.Open("../../images/local/config.json")
@@ -24,6 +24,11 @@ func TestParseLocalDefault(t *testing.T) {
 	}
 	if c.Threshold != 2 || len(c.Brokers) != 3 {
 		t.Fatalf("local default is not 2-of-3: %+v", c)
+	}
+	for name, acc := range c.Ingest.Repositories {
+		if acc.QuotaBytes > 512<<20 {
+			t.Errorf("repository %s may take %d bytes, more than a test disk holds", name, acc.QuotaBytes)
+		}
 	}
 }
 
@@ -52,6 +57,9 @@ func TestParse(t *testing.T) {
 		{"repository name with dot dot", strings.Replace(good, `"population":{`, `"pop..x":{`, 1), "repository name"},
 		{"repository name too long", strings.Replace(good, `"population":{`, `"`+strings.Repeat("p", 65)+`":{`, 1), "repository name"},
 		{"empty repository name", strings.Replace(good, `"population":{`, `"":{`, 1), "repository name"},
+		{"repository without quota", strings.Replace(good, `,"quota_bytes":1073741824`, ``, 1), "quota_bytes 0"},
+		{"repository quota below 1 MiB", strings.Replace(good, `1073741824`, `4096`, 1), "quota_bytes 4096"},
+		{"repository quota negative", strings.Replace(good, `1073741824`, `-1`, 1), "out of range"},
 		{"repository without clients", strings.Replace(good, `"writers":["population-registry"]`, `"writers":[]`, 1), "no client"},
 	}
 	for _, c := range cases {

@@ -33,7 +33,8 @@ func New(status int, format string, args ...any) error {
 // carries its own; a bad name, a hash mismatch and a truncated or
 // unreadable upload are 400; an object too large 413; a missing object 404;
 // a store without a healthy disk or without a good copy, or an upload over
-// the upload budget, 503; a conflicting
+// the upload budget, 503; a full disk or a repository over its quota,
+// 507; a conflicting
 // named object is conflict (ingest says 403: append-only; replication says
 // 409). Anything else is a 500.
 func Status(err error, conflict int) int {
@@ -52,6 +53,8 @@ func Status(err error, conflict int) int {
 		return conflict
 	case errors.Is(err, store.ErrNoHealthyDisk), errors.Is(err, store.ErrCorrupt), errors.Is(err, objectio.ErrBusy):
 		return http.StatusServiceUnavailable
+	case errors.Is(err, store.ErrFull), errors.Is(err, store.ErrQuota):
+		return http.StatusInsufficientStorage
 	}
 	return http.StatusInternalServerError
 }

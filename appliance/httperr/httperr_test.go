@@ -31,6 +31,8 @@ func TestStatus(t *testing.T) {
 		{"conflict for replication", wrapped(store.ErrConflict), http.StatusConflict, http.StatusConflict},
 		{"conflict for ingest", wrapped(store.ErrConflict), http.StatusForbidden, http.StatusForbidden},
 		{"no healthy disk", wrapped(store.ErrNoHealthyDisk), http.StatusConflict, http.StatusServiceUnavailable},
+		{"disk full", wrapped(store.ErrFull), http.StatusConflict, http.StatusInsufficientStorage},
+		{"repository over its quota", wrapped(store.ErrQuota), http.StatusConflict, http.StatusInsufficientStorage},
 		{"corrupt", wrapped(store.ErrCorrupt), http.StatusConflict, http.StatusServiceUnavailable},
 		{"anything else", errors.New("disk on fire"), http.StatusConflict, http.StatusInternalServerError},
 	}

@@ -217,6 +217,15 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 		vm.CloseAll()
 		return
 	}
+	quotas := map[string]int64{}
+	for repo, acc := range cfg.Ingest.Repositories {
+		quotas[repo] = acc.QuotaBytes
+	}
+	if err := st.SetQuotas(quotas); err != nil {
+		log.Error("repository quotas", "err", err.Error())
+		vm.CloseAll()
+		return
+	}
 	status, degraded := st.Status()
 	log.Info(logmsg.MsgStoreOpen, "disks", len(status), "degraded", degraded)
 

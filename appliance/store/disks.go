@@ -26,6 +26,7 @@ type disk struct {
 	reason     string
 	readErrors atomic.Int64
 	healed     atomic.Int64
+	full       atomic.Bool // the last write found no space (space.go)
 }
 
 func prepare(root string) error {
@@ -88,6 +89,9 @@ type DiskStatus struct {
 	Reason     string    `json:"reason,omitempty"`
 	ReadErrors int64     `json:"read_errors"`
 	Healed     int64     `json:"healed"`
+	// Full: the last write found no space. The disk still serves reads;
+	// writes are refused until one succeeds again.
+	Full bool `json:"full,omitempty"`
 }
 
 // Status reports every disk and whether the store is degraded.
@@ -95,7 +99,7 @@ func (s *Store) Status() (disks []DiskStatus, degraded bool) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	for _, d := range s.disks {
-		disks = append(disks, DiskStatus{ID: d.id, State: d.state, Reason: d.reason, ReadErrors: d.readErrors.Load(), Healed: d.healed.Load()})
+		disks = append(disks, DiskStatus{ID: d.id, State: d.state, Reason: d.reason, ReadErrors: d.readErrors.Load(), Healed: d.healed.Load(), Full: d.full.Load()})
 		if d.state != Healthy {
 			degraded = true
 		}

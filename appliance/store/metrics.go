@@ -20,6 +20,9 @@ var (
 	diskHealthy    = prometheus.NewDesc("embassy_store_disk_healthy", "1 when the disk is healthy.", []string{"disk", "state"}, nil)
 	diskReadErrors = prometheus.NewDesc("embassy_store_disk_read_errors_total", "Failed or unverifiable reads per disk.", []string{"disk"}, nil)
 	diskHealed     = prometheus.NewDesc("embassy_store_disk_healed_total", "Copies rewritten from a good copy per disk.", []string{"disk"}, nil)
+	diskFull       = prometheus.NewDesc("embassy_store_disk_full", "1 when the last write to the disk found no space.", []string{"disk"}, nil)
+	repoBytes      = prometheus.NewDesc("embassy_store_repository_bytes", "Bytes a repository with a quota holds.", []string{"repository"}, nil)
+	repoQuota      = prometheus.NewDesc("embassy_store_repository_quota_bytes", "A repository's quota.", []string{"repository"}, nil)
 )
 
 // Collectors returns the store's metrics, for a registry of the caller's.
@@ -32,7 +35,7 @@ func (s *Store) Collectors() []prometheus.Collector {
 type disksCollector struct{ s *Store }
 
 func (c disksCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{degradedDesc, diskHealthy, diskReadErrors, diskHealed} {
+	for _, d := range []*prometheus.Desc{degradedDesc, diskHealthy, diskReadErrors, diskHealed, diskFull, repoBytes, repoQuota} {
 		ch <- d
 	}
 }
@@ -44,6 +47,12 @@ func (c disksCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(diskHealthy, prometheus.GaugeValue, boolValue(d.State == Healthy), d.ID, string(d.State))
 		ch <- prometheus.MustNewConstMetric(diskReadErrors, prometheus.CounterValue, float64(d.ReadErrors), d.ID)
 		ch <- prometheus.MustNewConstMetric(diskHealed, prometheus.CounterValue, float64(d.Healed), d.ID)
+		ch <- prometheus.MustNewConstMetric(diskFull, prometheus.GaugeValue, boolValue(d.Full), d.ID)
+	}
+	used, limit := c.s.Usage()
+	for repo, l := range limit {
+		ch <- prometheus.MustNewConstMetric(repoBytes, prometheus.GaugeValue, float64(used[repo]), repo)
+		ch <- prometheus.MustNewConstMetric(repoQuota, prometheus.GaugeValue, float64(l), repo)
 	}
 }
 

@@ -41,6 +41,7 @@ type Store struct {
 	// peer appliance).
 	fallback atomic.Pointer[func(ns, name string) ([]byte, error)]
 	metrics  metrics
+	quota    quotas
 }
 
 // MsgHealedFromPeer is logged when an object whose every local copy failed
@@ -172,6 +173,29 @@ func (s *Store) Put(ns, name string, data []byte) ([]string, error) {
 			return nil, fmt.Errorf("%w: %s/%s", ErrConflict, ns, name)
 		}
 	}
+	// A disk without space is full, not failed: nothing is acknowledged
+	// and every disk keeps serving reads.
+	var full error
+	for i, d := range targets {
+		if errs[i] != nil && noSpace(errs[i]) {
+			s.markFull(d, errs[i])
+			full = errs[i]
+		}
+	}
+	if full != nil {
+		discard()
+		return nil, fmt.Errorf("%w: %s/%s: %v", ErrFull, ns, name, full)
+	}
+	grows := false
+	for _, t := range tmps {
+		grows = grows || t != ""
+	}
+	if grows {
+		if err := s.reserve(ns, int64(len(data))); err != nil {
+			discard()
+			return nil, err
+		}
+	}
 	for i, d := range targets {
 		if errs[i] != nil || tmps[i] == "" {
 			continue
@@ -187,13 +211,24 @@ func (s *Store) Put(ns, name string, data []byte) ([]string, error) {
 	healthyLeft := 0
 	for i, d := range targets {
 		if errs[i] != nil {
+			if noSpace(errs[i]) {
+				s.markFull(d, errs[i])
+				full = errs[i]
+				continue
+			}
 			s.fail(d, fmt.Errorf("write %s/%s: %w", ns, name, errs[i]))
 			continue
 		}
+		s.markRoom(d)
 		written = append(written, d.id)
 		if s.stateOf(d) == Healthy {
 			healthyLeft++
 		}
+	}
+	if full != nil {
+		// Not acknowledged: the retry counts it again.
+		s.release(ns, int64(len(data)))
+		return nil, fmt.Errorf("%w: %s/%s: %v", ErrFull, ns, name, full)
 	}
 	if healthyLeft == 0 {
 		return nil, ErrNoHealthyDisk
@@ -259,6 +294,10 @@ func (s *Store) Get(ns, name string) ([]byte, error) {
 
 func (s *Store) heal(d *disk, ns, name, digest string, good []byte) {
 	if err := writeCopy(d.root, ns, name, digest, good); err != nil {
+		if noSpace(err) {
+			s.markFull(d, err) // the scrubber tries again later
+			return
+		}
 		s.fail(d, fmt.Errorf("heal %s/%s: %w", ns, name, err))
 		return
 	}
@@ -363,8 +402,10 @@ func (s *Store) Delete(ns, name string) error {
 		return err
 	}
 	found := false
+	var size int64
 	for _, d := range s.writable() {
 		p := objectPath(d.root, ns, name, digest)
+		size = max(size, objectSize(d, ns, name, digest))
 		err := os.Remove(p)
 		if err == nil {
 			found = true
@@ -380,5 +421,6 @@ func (s *Store) Delete(ns, name string) error {
 	if !found {
 		return fmt.Errorf("%s/%s: %w", ns, name, ErrNotFound)
 	}
+	s.release(ns, size)
 	return nil
 }
