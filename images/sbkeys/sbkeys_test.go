@@ -1,0 +1,134 @@
+package sbkeys
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/images/ovmfvars"
+)
+
+// kernel is a real PE image to sign: the Debian kernel the image builder
+// fetched into the cache, already signed by Debian.
+func kernel(t *testing.T) []byte {
+	t.Helper()
+	m, _ := filepath.Glob("../../.cache/kernel/*/boot/vmlinuz-*")
+	if len(m) == 0 {
+		t.Skip("no Debian kernel in .cache/kernel (make image fetches it)")
+	}
+	b, err := os.ReadFile(m[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestDevKeysSignAndVerify: the local-default keys are made once and
+// loaded again unchanged; a signature by the db key verifies with our
+// code and with osslsigncode (a verifier we did not write), and another
+// folder's db key does not verify it; the Debian signature the kernel
+// had is replaced.
+func TestDevKeysSignAndVerify(t *testing.T) {
+	dir := t.TempDir()
+	ks, err := EnsureDev(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := EnsureDev(dir)
+	if err != nil || !again.DB.Cert.Equal(ks.DB.Cert) || !again.PK.Cert.Equal(ks.PK.Cert) {
+		t.Fatalf("keys made again instead of loaded: %v", err)
+	}
+	if err := ks.KEK.Cert.CheckSignatureFrom(ks.PK.Cert); err != nil {
+		t.Errorf("KEK not signed by PK: %v", err)
+	}
+	if err := ks.DB.Cert.CheckSignatureFrom(ks.KEK.Cert); err != nil {
+		t.Errorf("db not signed by KEK: %v", err)
+	}
+	img := kernel(t)
+	if err := ks.VerifyPE(img); err == nil {
+		t.Fatal("the unsigned-by-us kernel verifies with our db key")
+	}
+	signed, err := ks.SignPE(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ks.VerifyPE(signed); err != nil {
+		t.Fatal(err)
+	}
+	other, err := EnsureDev(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := other.VerifyPE(signed); err == nil {
+		t.Fatal("another db key verifies our signature")
+	}
+	if _, err := exec.LookPath("osslsigncode"); err == nil {
+		in := filepath.Join(dir, "signed.efi")
+		os.WriteFile(in, signed, 0o600)
+		// openssl wants the chain up to a self-signed root: PK, KEK, db.
+		var bundle []byte
+		for _, role := range roles {
+			b, _ := os.ReadFile(filepath.Join(dir, role+".pem"))
+			bundle = append(bundle, b...)
+		}
+		ca := filepath.Join(dir, "chain.pem")
+		os.WriteFile(ca, bundle, 0o600)
+		out, err := exec.Command("osslsigncode", "verify", "-CAfile", ca, "-in", in).CombinedOutput()
+		if err != nil || !bytes.Contains(out, []byte("Signature verification: ok")) {
+			t.Fatalf("osslsigncode does not verify our signature: %v\n%s", err, out)
+		}
+		if bytes.Contains(out, []byte("Signature Index: 1")) {
+			t.Errorf("the kernel's own signature was kept beside ours:\n%s", out)
+		}
+	}
+}
+
+// TestVariablesAreReproducible: the same keys give the same VARS bytes.
+func TestVariablesAreReproducible(t *testing.T) {
+	ks, err := EnsureDev(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	blank, err := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
+	if err != nil {
+		t.Skip("no OVMF VARS template")
+	}
+	at := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	var imgs [][]byte
+	for i := 0; i < 2; i++ {
+		vars, err := ks.Variables(nil, at)
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := ovmfvars.Build(blank, vars)
+		if err != nil {
+			t.Fatal(err)
+		}
+		imgs = append(imgs, img)
+	}
+	if !bytes.Equal(imgs[0], imgs[1]) {
+		t.Fatal("two VARS images from the same keys differ")
+	}
+}
+
+func TestLoadRefusesMismatchedKey(t *testing.T) {
+	a, b := t.TempDir(), t.TempDir()
+	if _, err := EnsureDev(a); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := EnsureDev(b); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := os.ReadFile(filepath.Join(b, "db.key"))
+	os.WriteFile(filepath.Join(a, "db.key"), key, 0o600)
+	if _, err := Load(a); err == nil {
+		t.Fatal("a db key that does not match its certificate was loaded")
+	}
+	os.Remove(filepath.Join(a, "db.key"))
+	if _, err := Load(a); err == nil {
+		t.Fatal("keys without a db private key were loaded for signing")
+	}
+}
