@@ -122,6 +122,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzRead$$ -fuzztime $(FUZZTIME) ./broker/audit/
 	go test -run '^$$' -fuzz FuzzServeRequest -fuzztime $(FUZZTIME) ./appliance/replicate/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/objref/
+	go test -run '^$$' -fuzz FuzzServeHTTP -fuzztime $(FUZZTIME) ./appliance/ingest/
 
 clean:
 	rm -rf $(OUT)
