@@ -120,6 +120,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzHeaderPolicy -fuzztime $(FUZZTIME) ./disks/luks2/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./keys/shamir/
 	go test -run '^$$' -fuzz FuzzRead$$ -fuzztime $(FUZZTIME) ./broker/audit/
+	go test -run '^$$' -fuzz FuzzApplianceAPI -fuzztime $(FUZZTIME) ./broker/
 	go test -run '^$$' -fuzz FuzzServeRequest -fuzztime $(FUZZTIME) ./appliance/replicate/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/objref/
 	go test -run '^$$' -fuzz FuzzServeHTTP -fuzztime $(FUZZTIME) ./appliance/ingest/
