@@ -116,6 +116,9 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzReadFiles -fuzztime $(FUZZTIME) ./initramfs/cpioimage/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/config/
 	go test -run '^$$' -fuzz FuzzReplay -fuzztime $(FUZZTIME) ./tpm/eventlog/
+	go test -run '^$$' -fuzz FuzzVerifyQuote -fuzztime $(FUZZTIME) ./tpm/verifier/
+	go test -run '^$$' -fuzz FuzzParseAK -fuzztime $(FUZZTIME) ./tpm/verifier/
+	go test -run '^$$' -fuzz FuzzVerifyEKCert -fuzztime $(FUZZTIME) ./tpm/verifier/
 	go test -run '^$$' -fuzz FuzzReadHeader -fuzztime $(FUZZTIME) ./disks/luks2/
 	go test -run '^$$' -fuzz FuzzHeaderPolicy -fuzztime $(FUZZTIME) ./disks/luks2/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./keys/shamir/
