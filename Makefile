@@ -116,6 +116,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzReadFiles -fuzztime $(FUZZTIME) ./initramfs/cpioimage/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/config/
 	go test -run '^$$' -fuzz FuzzReplay -fuzztime $(FUZZTIME) ./tpm/eventlog/
+	go test -run '^$$' -fuzz FuzzCheckBoot -fuzztime $(FUZZTIME) ./tpm/eventlog/
 	go test -run '^$$' -fuzz FuzzVerifyQuote -fuzztime $(FUZZTIME) ./tpm/verifier/
 	go test -run '^$$' -fuzz FuzzParseAK -fuzztime $(FUZZTIME) ./tpm/verifier/
 	go test -run '^$$' -fuzz FuzzVerifyEKCert -fuzztime $(FUZZTIME) ./tpm/verifier/
