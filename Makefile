@@ -122,6 +122,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzVerifyEKCert -fuzztime $(FUZZTIME) ./tpm/verifier/
 	go test -run '^$$' -fuzz FuzzReadHeader -fuzztime $(FUZZTIME) ./disks/luks2/
 	go test -run '^$$' -fuzz FuzzHeaderPolicy -fuzztime $(FUZZTIME) ./disks/luks2/
+	go test -run '^$$' -fuzz FuzzClassify -fuzztime $(FUZZTIME) ./disks/discover/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./keys/shamir/
 	go test -run '^$$' -fuzz FuzzRead$$ -fuzztime $(FUZZTIME) ./broker/audit/
 	go test -run '^$$' -fuzz FuzzApplianceAPI -fuzztime $(FUZZTIME) ./broker/
