@@ -116,12 +116,19 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzReadFiles -fuzztime $(FUZZTIME) ./initramfs/cpioimage/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/config/
 	go test -run '^$$' -fuzz FuzzReplay -fuzztime $(FUZZTIME) ./tpm/eventlog/
+	go test -run '^$$' -fuzz FuzzCheckBoot -fuzztime $(FUZZTIME) ./tpm/eventlog/
+	go test -run '^$$' -fuzz FuzzVerifyQuote -fuzztime $(FUZZTIME) ./tpm/verifier/
+	go test -run '^$$' -fuzz FuzzParseAK -fuzztime $(FUZZTIME) ./tpm/verifier/
+	go test -run '^$$' -fuzz FuzzVerifyEKCert -fuzztime $(FUZZTIME) ./tpm/verifier/
 	go test -run '^$$' -fuzz FuzzReadHeader -fuzztime $(FUZZTIME) ./disks/luks2/
 	go test -run '^$$' -fuzz FuzzHeaderPolicy -fuzztime $(FUZZTIME) ./disks/luks2/
+	go test -run '^$$' -fuzz FuzzClassify -fuzztime $(FUZZTIME) ./disks/discover/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./keys/shamir/
 	go test -run '^$$' -fuzz FuzzRead$$ -fuzztime $(FUZZTIME) ./broker/audit/
+	go test -run '^$$' -fuzz FuzzApplianceAPI -fuzztime $(FUZZTIME) ./broker/
 	go test -run '^$$' -fuzz FuzzServeRequest -fuzztime $(FUZZTIME) ./appliance/replicate/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/objref/
+	go test -run '^$$' -fuzz FuzzServeHTTP -fuzztime $(FUZZTIME) ./appliance/ingest/
 
 clean:
 	rm -rf $(OUT)
