@@ -129,6 +129,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzServeRequest -fuzztime $(FUZZTIME) ./appliance/replicate/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/objref/
 	go test -run '^$$' -fuzz FuzzServeHTTP -fuzztime $(FUZZTIME) ./appliance/ingest/
+	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./images/ovmfvars/
 
 clean:
 	rm -rf $(OUT)
