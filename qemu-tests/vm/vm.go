@@ -27,6 +27,8 @@ import (
 const (
 	DefaultOVMFCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 	DefaultOVMFVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+	// SecureBootOVMFCode is OVMF built with Secure Boot and SMM.
+	SecureBootOVMFCode = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
 )
 
 // Forward maps a host TCP port on 127.0.0.1 to a guest port through a NIC.
@@ -62,6 +64,10 @@ type Config struct {
 	OVMFVars string
 	// Stdout, if set, also receives every console line.
 	Stdout io.Writer
+	// SecureBoot boots OVMF's Secure Boot build (SMM on, the VARS flash
+	// writable only from SMM); OVMFVars then must enroll keys for it to
+	// enforce anything.
+	SecureBoot bool
 	// RecordTPMBus puts a probe between QEMU and swtpm that records every
 	// TPM command and response (TPMBus returns them).
 	RecordTPMBus bool
@@ -119,6 +125,9 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 	}
 	if cfg.MemoryMB == 0 {
 		cfg.MemoryMB = 1024
+	}
+	if cfg.OVMFCode == "" && cfg.SecureBoot {
+		cfg.OVMFCode = SecureBootOVMFCode
 	}
 	if cfg.OVMFCode == "" {
 		cfg.OVMFCode = DefaultOVMFCode
@@ -198,9 +207,13 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 	}
 
 	qmpSock := filepath.Join(v.tempDir, "qmp.sock")
+	machine := "q35"
+	if cfg.SecureBoot {
+		machine = "q35,smm=on"
+	}
 	args := []string{
 		"-name", cfg.Name,
-		"-machine", "q35", "-accel", "tcg",
+		"-machine", machine, "-accel", "tcg",
 		"-m", fmt.Sprint(cfg.MemoryMB), "-smp", "1",
 		"-cpu", cpuModel(),
 		"-nodefaults", "-display", "none", "-no-reboot",
@@ -213,6 +226,9 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 		"-serial", "stdio",
 		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
 		"-device", "virtio-rng-pci",
+	}
+	if cfg.SecureBoot {
+		args = append(args, "-global", "driver=cfi.pflash01,property=secure,value=on")
 	}
 	for i := 0; i < cfg.NICs; i++ {
 		nd := fmt.Sprintf("user,id=net%d,net=10.0.%d.0/24", i, 2+i)
