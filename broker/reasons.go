@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"errors"
 	"net/http"
 
 	"github.com/dataembassy/embassy/protocol/api"
@@ -14,6 +15,7 @@ const (
 	ReasonNotActivated     = "AK was never activated"
 	ReasonNotEnrolled      = "enrollment not approved by an operator"
 	ReasonRevoked          = "appliance revoked"
+	ReasonEKRevoked        = "EK revoked: a revoked appliance never enrolls again"
 	ReasonNonceUnknown     = "nonce unknown or already used"
 	ReasonNonceExpired     = "nonce expired"
 	ReasonTooManyNonces    = "too many outstanding nonces"
@@ -67,6 +69,8 @@ func (r *Rejection) Code() api.Code {
 		return api.CodeNotApproved
 	case ReasonRevoked:
 		return api.CodeRevoked
+	case ReasonEKRevoked:
+		return api.CodeEKRevoked
 	case ReasonNonceUnknown:
 		return api.CodeNonceUnknown
 	case ReasonNonceExpired:
@@ -111,6 +115,12 @@ func (r *Rejection) Code() api.Code {
 	return api.CodeInternal
 }
 
+// isUnknown reports whether err is the refusal of an unknown appliance.
+func isUnknown(err error) bool {
+	var r *Rejection
+	return errors.As(err, &r) && r.Reason == ReasonUnknownAppliance
+}
+
 func reject(status int, reason, detail string) *Rejection {
 	return &Rejection{Reason: reason, Detail: detail, Status: status}
 }
@@ -118,4 +128,10 @@ func reject(status int, reason, detail string) *Rejection {
 // revoked is the refusal of a revoked appliance: it must lock down.
 func revoked() *Rejection {
 	return &Rejection{Reason: ReasonRevoked, Status: http.StatusForbidden, Lockdown: true}
+}
+
+// ekRevoked refuses to enroll, activate or approve a revoked EK again:
+// revocation is permanent, and the appliance is told to lock down.
+func ekRevoked() *Rejection {
+	return &Rejection{Reason: ReasonEKRevoked, Status: http.StatusForbidden, Lockdown: true}
 }

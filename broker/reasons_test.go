@@ -26,6 +26,7 @@ func TestReasonCodes(t *testing.T) {
 		{broker.ReasonNotActivated, api.CodeNotActivated},
 		{broker.ReasonNotEnrolled, api.CodeNotApproved},
 		{broker.ReasonRevoked, api.CodeRevoked},
+		{broker.ReasonEKRevoked, api.CodeEKRevoked},
 		{broker.ReasonNonceUnknown, api.CodeNonceUnknown},
 		{broker.ReasonNonceExpired, api.CodeNonceExpired},
 		{broker.ReasonTooManyNonces, api.CodeTooManyNonces},

@@ -22,6 +22,7 @@ const (
 	CodeNotActivated      Code = "not_activated"
 	CodeNotApproved       Code = "not_approved"
 	CodeRevoked           Code = "revoked"
+	CodeEKRevoked         Code = "ek_revoked"
 	CodeNonceUnknown      Code = "nonce_unknown"
 	CodeNonceExpired      Code = "nonce_expired"
 	CodeTooManyNonces     Code = "too_many_nonces"

@@ -1,0 +1,111 @@
+package broker_test
+
+import (
+	"crypto/rand"
+	"net/http"
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/dataembassy/embassy/broker"
+	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/tpm/attester"
+	"github.com/dataembassy/embassy/tpm/tpmtest"
+)
+
+// applianceState returns broker i's record of appliance id as operators
+// see it.
+func (e *env) applianceState(i int, id string) api.Appliance {
+	e.t.Helper()
+	var st api.State
+	if err := e.op(i, http.MethodGet, api.PathState, nil, &st); err != nil {
+		e.t.Fatal(err)
+	}
+	for _, a := range st.Appliances {
+		if a.ID == id {
+			return a
+		}
+	}
+	e.t.Fatalf("%s has no record of %s", e.brokers[i].name, id)
+	return api.Appliance{}
+}
+
+// TestRevocationIsPermanent: whoever holds a revoked appliance's TPM (or a
+// coerced operator) tries to bring its EK back. Every attempt is refused
+// with ek_revoked and audited, and the record keeps its revocation, floor,
+// disks and anti-rollback counters.
+func TestRevocationIsPermanent(t *testing.T) {
+	e := newEnv(t, 1, 1)
+	d := tpmtest.NewBootDigests("image-1")
+	a := e.boot(1, d, attester.EKRSA)
+	defer a.shutdown()
+	provision(t, e, a, d)
+	a.reboot(t, d) // the broker sees a reset count above the factory's
+	if _, err := a.c.AttestAll(ctxTimeout(t, time.Minute), fastRetry, 1); err != nil {
+		t.Fatal(err)
+	}
+	id := a.c.ID()
+	e.opAll(http.MethodPost, api.PathAppliances+id+"/floor", api.FloorRequest{Version: 1})
+	e.opAll(http.MethodPost, api.PathAppliances+id+"/revoke", struct{}{})
+	before := e.applianceState(0, id)
+	if !before.Revoked || before.Floor != 1 || before.ResetCount == 0 || len(before.Disks) != 1 {
+		t.Fatalf("revoked record before the attempts: %+v", before)
+	}
+
+	ek, err := a.tpm.EKPublicDER()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ak, err := a.tpm.AKPublic()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Another AK on the same TPM (the ECC EK's), as a thief would make.
+	other, err := attester.Open(a.sim, attester.EKECC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	otherAK, err := other.AKPublic()
+	if err != nil {
+		t.Fatal(err)
+	}
+	guess := make([]byte, 32)
+	rand.Read(guess)
+
+	tests := []struct {
+		name    string
+		event   string // the audit entry the attempt leaves
+		attempt func() error
+	}{
+		{"enroll again with its own AK", "enroll-request", func() error {
+			return postJSON(e, 0, api.PathEnroll, api.EnrollRequest{EKPublic: ek, EKCert: a.tpm.EKCertDER(), AKPublic: ak}, nil)
+		}},
+		{"enroll with another AK", "enroll-request", func() error {
+			return postJSON(e, 0, api.PathEnroll, api.EnrollRequest{EKPublic: ek, EKCert: a.tpm.EKCertDER(), AKPublic: otherAK}, nil)
+		}},
+		{"activate with a guessed secret", "activate", func() error {
+			return postJSON(e, 0, api.PathActivate, api.ActivateRequest{ApplianceID: id, Secret: guess}, nil)
+		}},
+		{"operator approves the enrollment", "enroll", func() error {
+			return e.op(0, http.MethodPost, api.PathEnrollments+"/"+id+"/approve", struct{}{}, nil)
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.attempt()
+			if codeOf(err) != api.CodeEKRevoked {
+				t.Errorf("got %v (code %q), want a refusal with code %q", err, codeOf(err), api.CodeEKRevoked)
+			}
+			if after := e.applianceState(0, id); !reflect.DeepEqual(after, before) {
+				t.Errorf("the record changed:\nbefore %+v\nafter  %+v", before, after)
+			}
+			if ent := e.lastAudit(0, tc.event); ent.Result != "fail" || ent.Reason != broker.ReasonEKRevoked || ent.Appliance != id {
+				t.Errorf("audit entry %+v", ent)
+			}
+		})
+	}
+	// And the appliance is still told to lock down.
+	resp, err := rawAttest(t, e, a, 0, nil)
+	expectRefused(t, e, 0, resp, err, broker.ReasonRevoked)
+}
