@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"net/http"
 	"reflect"
+	"strconv"
 	"testing"
 	"time"
 
@@ -108,4 +109,62 @@ func TestRevocationIsPermanent(t *testing.T) {
 	// And the appliance is still told to lock down.
 	resp, err := rawAttest(t, e, a, 0, nil)
 	expectRefused(t, e, 0, resp, err, broker.ReasonRevoked)
+}
+
+// TestFloorOnlyGoesUp: a coerced operator tries to lower an appliance's
+// floor so that an old, vulnerable image is released keys again. Lower
+// floors are refused with floor_lowered and audited, the floor stays, and
+// the old image is still refused; the same floor again is accepted and
+// changes nothing, a higher one raises it.
+func TestFloorOnlyGoesUp(t *testing.T) {
+	e := newEnv(t, 1, 1)
+	d := tpmtest.NewBootDigests("image-1")
+	a := e.boot(1, d, attester.EKRSA)
+	defer a.shutdown()
+	provision(t, e, a, d) // image 1 attested
+	id := a.c.ID()
+	floorPath := api.PathAppliances + id + "/floor"
+	if err := e.op(0, http.MethodPost, floorPath, api.FloorRequest{Version: 2}, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	tests := []struct {
+		name      string
+		version   uint64
+		code      api.Code // "" when accepted
+		wantFloor uint64
+	}{
+		{"back to the old image", 1, api.CodeFloorDown, 2},
+		{"to zero", 0, api.CodeFloorDown, 2},
+		{"the same floor again", 2, "", 2},
+		{"up", 3, "", 3},
+		{"back below the raised floor", 2, api.CodeFloorDown, 3},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			err := e.op(0, http.MethodPost, floorPath, api.FloorRequest{Version: tc.version}, nil)
+			if codeOf(err) != tc.code {
+				t.Errorf("set-floor %d: %v (code %q), want code %q", tc.version, err, codeOf(err), tc.code)
+			}
+			if got := e.applianceState(0, id).Floor; got != tc.wantFloor {
+				t.Errorf("floor %d, want %d", got, tc.wantFloor)
+			}
+			ent := e.lastAudit(0, "set-floor")
+			if ent.Appliance != id || ent.Detail["version"] != strconv.FormatUint(tc.version, 10) {
+				t.Fatalf("audit entry %+v", ent)
+			}
+			if tc.code == "" {
+				if ent.Result != "ok" {
+					t.Fatalf("audit entry %+v", ent)
+				}
+				return
+			}
+			if ent.Result != "fail" || ent.Reason != broker.ReasonFloorDown {
+				t.Errorf("audit entry %+v", ent)
+			}
+			// The old image gets nothing.
+			resp, err := rawAttest(t, e, a, 0, nil)
+			expectRefused(t, e, 0, resp, err, broker.ReasonFloor)
+		})
+	}
 }

@@ -49,10 +49,22 @@ func (b *Broker) ApproveManifest(manifestBytes, sig []byte) (_ *manifest.Manifes
 	return m, nil
 }
 
-// SetFloor sets the minimum image version an appliance may boot.
+// SetFloor raises the minimum image version an appliance may boot. Floors
+// only go up: a lower version is refused (ReasonFloorDown) and the floor
+// stays; the current version again is accepted and changes nothing, so a
+// change that reached only some brokers can be sent to all again.
 func (b *Broker) SetFloor(id string, version uint64) (err error) {
 	defer func() { b.record("set-floor", id, err, map[string]string{"version": strconv.FormatUint(version, 10)}) }()
-	return b.update(id, func(r *record) error { r.Floor = version; return nil })
+	return b.update(id, func(r *record) error { return raiseFloor(r, version) })
+}
+
+// raiseFloor sets r's floor to version unless that would lower it.
+func raiseFloor(r *record, version uint64) error {
+	if version < r.Floor {
+		return reject(http.StatusConflict, ReasonFloorDown, fmt.Sprintf("floor is %d, asked for %d", r.Floor, version))
+	}
+	r.Floor = version
+	return nil
 }
 
 // ApproveDisks lets an appliance deposit shares for count new disks.

@@ -27,6 +27,7 @@ const (
 	ReasonReplay           = "event log does not replay to the quoted PCRs"
 	ReasonImage            = "measured boot matches no approved image"
 	ReasonFloor            = "image version below the appliance's floor"
+	ReasonFloorDown        = "an appliance's floor only goes up"
 	ReasonBadRequest       = "malformed request"
 	ReasonEKCert           = "EK certificate does not chain to a trusted manufacturer"
 	ReasonAK               = "AK is not a restricted TPM signing key"
@@ -93,6 +94,8 @@ func (r *Rejection) Code() api.Code {
 		return api.CodeImage
 	case ReasonFloor:
 		return api.CodeFloor
+	case ReasonFloorDown:
+		return api.CodeFloorDown
 	case ReasonBadRequest:
 		return api.CodeBadRequest
 	case ReasonEKCert:

@@ -38,6 +38,7 @@ func TestReasonCodes(t *testing.T) {
 		{broker.ReasonReplay, api.CodeReplay},
 		{broker.ReasonImage, api.CodeImage},
 		{broker.ReasonFloor, api.CodeFloor},
+		{broker.ReasonFloorDown, api.CodeFloorDown},
 		{broker.ReasonBadRequest, api.CodeBadRequest},
 		{broker.ReasonEKCert, api.CodeEKCert},
 		{broker.ReasonAK, api.CodeAK},

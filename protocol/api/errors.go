@@ -34,6 +34,7 @@ const (
 	CodeReplay            Code = "event_log_mismatch"
 	CodeImage             Code = "unapproved_image"
 	CodeFloor             Code = "below_floor"
+	CodeFloorDown         Code = "floor_lowered"
 	CodeBadRequest        Code = "bad_request"
 	CodeEKCert            Code = "untrusted_ek_cert"
 	CodeAK                Code = "bad_ak"
