@@ -62,7 +62,7 @@ type Broker struct {
 
 	manifestMu sync.Mutex
 	manifests  []*manifest.Manifest // verified, newest first; nil: reload
-	nonces     map[string]nonceRecord
+	nonces     *nonceCache
 
 	metrics *metrics
 }
@@ -109,7 +109,7 @@ func New(cfg Config) (*Broker, error) {
 	if now == nil {
 		now = time.Now
 	}
-	b := &Broker{cfg: cfg, db: db, audit: log, sealer: s, now: now, nonces: map[string]nonceRecord{}}
+	b := &Broker{cfg: cfg, db: db, audit: log, sealer: s, now: now, nonces: newNonceCache()}
 	b.metrics = newMetrics(b.outstandingNonces)
 	return b, nil
 }
