@@ -1,14 +1,25 @@
 package broker_test
 
 import (
+	"bytes"
+	"context"
 	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
 	"net/http"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strconv"
 	"testing"
 	"time"
 
 	"github.com/dataembassy/embassy/broker"
+	"github.com/dataembassy/embassy/broker/audit"
+	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
@@ -167,4 +178,137 @@ func TestFloorOnlyGoesUp(t *testing.T) {
 			expectRefused(t, e, 0, resp, err, broker.ReasonFloor)
 		})
 	}
+}
+
+// operatorCert issues another operator certificate from the env's
+// operator CA.
+func (e *env) operatorCert(name string) tls.Certificate {
+	e.t.Helper()
+	key, _ := pki.NewKey()
+	leaf, err := e.operatorCA.Leaf(name, nil, &key.PublicKey, time.Hour)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return pki.TLSCertificate(leaf, key)
+}
+
+func operatorActor(cert tls.Certificate) audit.Actor {
+	sum := sha256.Sum256(cert.Certificate[0])
+	leaf, _ := x509.ParseCertificate(cert.Certificate[0])
+	return audit.Actor{Kind: audit.ActorOperator, Subject: leaf.Subject.String(), Fingerprint: hex.EncodeToString(sum[:])}
+}
+
+// TestAuditRecordsActor: two operators and an appliance act; every entry
+// names who acted (the operator's certificate subject and fingerprint, or
+// the appliance and its id), refusals included, and rewriting who acted
+// breaks the chain, in the answer and in the file.
+func TestAuditRecordsActor(t *testing.T) {
+	e := newEnv(t, 1, 1)
+	bobCert := e.operatorCert("operator bob")
+	alice, bob := operatorActor(e.opCert), operatorActor(bobCert)
+	if alice.Subject != "CN=operator alice" || alice.Fingerprint == bob.Fingerprint {
+		t.Fatalf("operators %+v %+v", alice, bob)
+	}
+	d := tpmtest.NewBootDigests("image-1")
+	a := e.boot(1, d, attester.EKRSA)
+	defer a.shutdown()
+	id := a.c.ID()
+	app := audit.ApplianceActor(id)
+	asAlice := func(path string, body any) {
+		t.Helper()
+		if err := e.op(0, http.MethodPost, path, body, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	asBob := func(path string, body any) error { return e.opAs(bobCert, 0, http.MethodPost, path, body, nil) }
+
+	if err := a.c.Enroll(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	asAlice(api.PathEnrollments+"/"+id+"/approve", struct{}{})
+	m, s := e.signManifest(1, d, e.imageKey)
+	if err := asBob(api.PathManifests, api.ApproveManifestRequest{Manifest: m, Signature: s}); err != nil {
+		t.Fatal(err)
+	}
+	asAlice(api.PathAppliances+id+"/disks", api.DiskApprovalRequest{Count: 1})
+	if err := asBob(api.PathAppliances+id+"/endpoints", api.EndpointsRequest{Endpoints: []string{"10.0.2.2:9443"}}); err != nil {
+		t.Fatal(err)
+	}
+	asAlice(api.PathAppliances+id+"/floor", api.FloorRequest{Version: 1})
+	if err := asBob(api.PathAppliances+id+"/floor", api.FloorRequest{Version: 0}); codeOf(err) != api.CodeFloorDown {
+		t.Fatalf("bob lowers the floor: %v", err)
+	}
+	results, err := a.c.AttestAll(ctxTimeout(t, time.Minute), fastRetry, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret := make([]byte, 32)
+	rand.Read(secret)
+	if err := a.c.Deposit(context.Background(), results, "disk-1", secret); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.c.AttestAll(ctxTimeout(t, time.Minute), fastRetry, 1); err != nil { // releases the share
+		t.Fatal(err)
+	}
+	if err := asBob(api.PathAppliances+id+"/revoke", struct{}{}); err != nil {
+		t.Fatal(err)
+	}
+
+	tests := []struct {
+		event  string
+		result string
+		actor  audit.Actor
+	}{
+		{"enroll-request", "ok", app},
+		{"activate", "ok", app},
+		{"enroll", "ok", alice},
+		{"approve-image", "ok", bob},
+		{"approve-disk", "ok", alice},
+		{"set-endpoints", "ok", bob},
+		{"set-floor", "fail", bob},
+		{"attest", "ok", app},
+		{"deposit", "ok", app},
+		{"release", "ok", app},
+		{"revoke", "ok", bob},
+	}
+	for _, tc := range tests {
+		t.Run(tc.event, func(t *testing.T) {
+			ent := e.lastAudit(0, tc.event)
+			if ent.Result != tc.result || ent.Actor == nil || *ent.Actor != tc.actor {
+				t.Fatalf("entry %+v by %v, want %s by %+v", ent, ent.Actor, tc.result, tc.actor)
+			}
+		})
+	}
+
+	// The chain covers who acted: bob's revocation passed off as alice's
+	// does not verify, nor does the broker start on such a file.
+	var ar audit.Response
+	if err := e.op(0, http.MethodGet, api.PathAudit, nil, &ar); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := audit.Verify(ar.Entries, &ar.Head); err != nil {
+		t.Fatalf("untouched log: %v", err)
+	}
+	last := len(ar.Entries) - 1
+	if ar.Entries[last].Event != "revoke" {
+		t.Fatalf("last entry %+v", ar.Entries[last])
+	}
+	ar.Entries[last].Actor = &alice
+	if _, err := audit.Verify(ar.Entries, &ar.Head); !errors.Is(err, audit.ErrTampered) {
+		t.Fatalf("revocation passed off as alice's: %v", err)
+	}
+	e.stop(0)
+	path := filepath.Join(e.brokers[0].dir, "audit.log")
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edited := bytes.ReplaceAll(raw, []byte(bob.Fingerprint), []byte(alice.Fingerprint))
+	edited = bytes.ReplaceAll(edited, []byte(bob.Subject), []byte(alice.Subject))
+	os.WriteFile(path, edited, 0o600)
+	if _, err := broker.New(e.brokers[0].cfg); !errors.Is(err, audit.ErrTampered) {
+		t.Fatalf("broker started on a log whose operator was rewritten: %v", err)
+	}
+	os.WriteFile(path, raw, 0o600)
+	e.start(0)
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"net/http"
 
+	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/verifier"
 )
@@ -14,7 +15,7 @@ import (
 // and returns a credential-activation challenge for its AK.
 func (b *Broker) Enroll(req *api.EnrollRequest) (_ *api.EnrollChallenge, err error) {
 	id := api.ApplianceID(req.EKPublic)
-	defer func() { b.record("enroll-request", id, err, nil) }()
+	defer func() { b.record(audit.ApplianceActor(id), "enroll-request", id, err, nil) }()
 	ekPub, perr := x509.ParsePKIXPublicKey(req.EKPublic)
 	if perr != nil {
 		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "EK public key: "+perr.Error())
@@ -68,7 +69,7 @@ func (b *Broker) enrollable(id string) (*record, error) {
 
 // Activate checks the answer to the activation challenge.
 func (b *Broker) Activate(req *api.ActivateRequest) (err error) {
-	defer func() { b.record("activate", req.ApplianceID, err, nil) }()
+	defer func() { b.record(audit.ApplianceActor(req.ApplianceID), "activate", req.ApplianceID, err, nil) }()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	r, err := b.load(req.ApplianceID)
@@ -87,8 +88,8 @@ func (b *Broker) Activate(req *api.ActivateRequest) (err error) {
 
 // ApproveEnrollment lets an activated appliance attest (operator action).
 // A revoked appliance stays revoked.
-func (b *Broker) ApproveEnrollment(id string) (err error) {
-	defer func() { b.record("enroll", id, err, nil) }()
+func (b *Broker) ApproveEnrollment(by audit.Actor, id string) (err error) {
+	defer func() { b.record(by, "enroll", id, err, nil) }()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	r, err := b.load(id)
