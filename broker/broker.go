@@ -49,6 +49,12 @@ type Config struct {
 	Now func() time.Time
 }
 
+// Log messages of the broker.
+const (
+	MsgAudit       = "audit"
+	MsgAuditFailed = "audit append failed"
+)
+
 // Broker is one key broker.
 type Broker struct {
 	cfg    Config
@@ -62,7 +68,7 @@ type Broker struct {
 
 	manifestMu sync.Mutex
 	manifests  []*manifest.Manifest // verified, newest first; nil: reload
-	nonces     map[string]nonceRecord
+	nonces     *nonceCache
 
 	metrics *metrics
 }
@@ -109,7 +115,7 @@ func New(cfg Config) (*Broker, error) {
 	if now == nil {
 		now = time.Now
 	}
-	b := &Broker{cfg: cfg, db: db, audit: log, sealer: s, now: now, nonces: map[string]nonceRecord{}}
+	b := &Broker{cfg: cfg, db: db, audit: log, sealer: s, now: now, nonces: newNonceCache()}
 	b.metrics = newMetrics(b.outstandingNonces)
 	return b, nil
 }
@@ -123,10 +129,10 @@ func (b *Broker) Close() error {
 // Name returns the broker's name.
 func (b *Broker) Name() string { return b.cfg.Name }
 
-// record appends an audit entry and stores the new head.
-func (b *Broker) record(event, appliance string, err error, detail map[string]string) {
-	if err := b.commit(nil, entry(event, appliance, err, detail)); err != nil {
-		b.cfg.Log.Error("audit append failed", "err", err)
+// record appends an audit entry for what by did and stores the new head.
+func (b *Broker) record(by audit.Actor, event, appliance string, err error, detail map[string]string) {
+	if err := b.commit(nil, entry(by, event, appliance, err, detail)); err != nil {
+		b.cfg.Log.Error(MsgAuditFailed, "err", err)
 	}
 }
 
@@ -139,7 +145,7 @@ func (b *Broker) commit(r *record, entries ...audit.Entry) error {
 	}
 	b.metrics.auditAppends.Add(float64(len(entries)))
 	for _, e := range entries {
-		b.cfg.Log.Info("audit", "event", e.Event, "appliance", e.Appliance, "result", e.Result, "reason", e.Reason)
+		b.cfg.Log.Info(MsgAudit, "event", e.Event, "appliance", e.Appliance, "actor", e.Actor.String(), "result", e.Result, "reason", e.Reason)
 	}
 	return b.db.Batch(func(tx *bolt.Tx) error {
 		if r != nil {
@@ -151,9 +157,9 @@ func (b *Broker) commit(r *record, entries ...audit.Entry) error {
 	})
 }
 
-// entry makes an audit entry for an outcome.
-func entry(event, appliance string, err error, detail map[string]string) audit.Entry {
-	e := audit.Entry{Event: event, Appliance: appliance, Result: "ok", Detail: detail}
+// entry makes an audit entry for the outcome of what by did.
+func entry(by audit.Actor, event, appliance string, err error, detail map[string]string) audit.Entry {
+	e := audit.Entry{Event: event, Appliance: appliance, Actor: &by, Result: "ok", Detail: detail}
 	if err != nil {
 		e.Result = "fail"
 		var r *Rejection

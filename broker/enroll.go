@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"net/http"
 
+	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/verifier"
 )
@@ -14,7 +15,7 @@ import (
 // and returns a credential-activation challenge for its AK.
 func (b *Broker) Enroll(req *api.EnrollRequest) (_ *api.EnrollChallenge, err error) {
 	id := api.ApplianceID(req.EKPublic)
-	defer func() { b.record("enroll-request", id, err, nil) }()
+	defer func() { b.record(audit.ApplianceActor(id), "enroll-request", id, err, nil) }()
 	ekPub, perr := x509.ParsePKIXPublicKey(req.EKPublic)
 	if perr != nil {
 		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "EK public key: "+perr.Error())
@@ -34,24 +35,49 @@ func (b *Broker) Enroll(req *api.EnrollRequest) (_ *api.EnrollChallenge, err err
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if old, lerr := b.load(id); lerr == nil && old.Enrolled && !old.Revoked {
-		return nil, reject(http.StatusConflict, ReasonAlreadyEnrolled, id)
+	r, err := b.enrollable(id)
+	if err != nil {
+		return nil, err
 	}
-	r := &record{ID: id, EKPublic: req.EKPublic, EKCert: req.EKCert, AKPublic: req.AKPublic, Challenge: secret}
+	r.EKPublic, r.EKCert, r.AKPublic, r.Challenge, r.Activated = req.EKPublic, req.EKCert, req.AKPublic, secret, false
 	if err := b.save(r); err != nil {
 		return nil, err
 	}
 	return &api.EnrollChallenge{ApplianceID: id, CredentialBlob: blob, EncryptedSecret: enc}, nil
 }
 
+// enrollable returns the record an enrollment request for id starts from:
+// a new one, or the pending (never approved) one it replaces, which keeps
+// what operators set on it (floor, disk approvals, endpoints). An enrolled
+// EK is refused, and a revoked EK is refused for good: its record keeps
+// the revocation, the floor and the anti-rollback counters. The caller
+// holds b.mu.
+func (b *Broker) enrollable(id string) (*record, error) {
+	old, err := b.load(id)
+	switch {
+	case isUnknown(err):
+		return &record{ID: id}, nil
+	case err != nil:
+		return nil, err
+	case old.Revoked:
+		return nil, ekRevoked()
+	case old.Enrolled:
+		return nil, reject(http.StatusConflict, ReasonAlreadyEnrolled, id)
+	}
+	return old, nil
+}
+
 // Activate checks the answer to the activation challenge.
 func (b *Broker) Activate(req *api.ActivateRequest) (err error) {
-	defer func() { b.record("activate", req.ApplianceID, err, nil) }()
+	defer func() { b.record(audit.ApplianceActor(req.ApplianceID), "activate", req.ApplianceID, err, nil) }()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	r, err := b.load(req.ApplianceID)
 	if err != nil {
 		return err
+	}
+	if r.Revoked {
+		return ekRevoked()
 	}
 	if len(r.Challenge) == 0 || subtle.ConstantTimeCompare(r.Challenge, req.Secret) != 1 {
 		return reject(http.StatusForbidden, ReasonActivation, "")
@@ -61,17 +87,21 @@ func (b *Broker) Activate(req *api.ActivateRequest) (err error) {
 }
 
 // ApproveEnrollment lets an activated appliance attest (operator action).
-func (b *Broker) ApproveEnrollment(id string) (err error) {
-	defer func() { b.record("enroll", id, err, nil) }()
+// A revoked appliance stays revoked.
+func (b *Broker) ApproveEnrollment(by audit.Actor, id string) (err error) {
+	defer func() { b.record(by, "enroll", id, err, nil) }()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	r, err := b.load(id)
 	if err != nil {
 		return err
 	}
-	if !r.Activated {
+	switch {
+	case r.Revoked:
+		return ekRevoked() // approval never lifts a revocation
+	case !r.Activated:
 		return reject(http.StatusConflict, ReasonNotActivated, "")
 	}
-	r.Enrolled, r.Revoked = true, false
+	r.Enrolled = true
 	return b.save(r)
 }

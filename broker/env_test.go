@@ -171,7 +171,13 @@ func (e *env) rootPool() *x509.CertPool {
 
 // op sends an operator request to broker i and returns the API error text.
 func (e *env) op(i int, method, path string, body any, out any) error {
-	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: e.rootPool(), Certificates: []tls.Certificate{e.opCert}}}}
+	return e.opAs(e.opCert, i, method, path, body, out)
+}
+
+// opAs sends an operator request to broker i with operator certificate
+// cert.
+func (e *env) opAs(cert tls.Certificate, i int, method, path string, body any, out any) error {
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: e.rootPool(), Certificates: []tls.Certificate{cert}}}}
 	return do(hc, method, "https://"+e.brokers[i].opLn.Addr().String()+path, body, out)
 }
 

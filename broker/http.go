@@ -149,8 +149,8 @@ func (b *Broker) OperatorHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, audit.Response{Entries: entries, Head: head})
 	})
-	handle(api.PathManifests, post(func(_ *http.Request, req *api.ApproveManifestRequest) (any, error) {
-		m, err := b.ApproveManifest(req.Manifest, req.Signature)
+	handle(api.PathManifests, post(func(r *http.Request, req *api.ApproveManifestRequest) (any, error) {
+		m, err := b.ApproveManifest(operatorOf(r), req.Manifest, req.Signature)
 		if err != nil {
 			return nil, err
 		}
@@ -167,7 +167,7 @@ func (b *Broker) OperatorHandler() http.Handler {
 			writeErr(w, err)
 			return
 		}
-		if err := b.ApproveEnrollment(id); err != nil {
+		if err := b.ApproveEnrollment(operatorOf(r), id); err != nil {
 			writeErr(w, err)
 			return
 		}
@@ -179,27 +179,28 @@ func (b *Broker) OperatorHandler() http.Handler {
 			writeErr(w, reject(http.StatusNotFound, ReasonBadRequest, "bad appliance id"))
 			return
 		}
+		by := operatorOf(r)
 		var err error
 		switch action {
 		case "floor":
 			var req api.FloorRequest
 			if err = decode(w, r, &req); err == nil {
-				err = b.SetFloor(id, req.Version)
+				err = b.SetFloor(by, id, req.Version)
 			}
 		case "disks":
 			var req api.DiskApprovalRequest
 			if err = decode(w, r, &req); err == nil {
-				err = b.ApproveDisks(id, req.Count)
+				err = b.ApproveDisks(by, id, req.Count)
 			}
 		case "endpoints":
 			var req api.EndpointsRequest
 			if err = decode(w, r, &req); err == nil {
-				err = b.SetEndpoints(id, req.Endpoints)
+				err = b.SetEndpoints(by, id, req.Endpoints)
 			}
 		case "revoke":
 			var req struct{}
 			if err = decode(w, r, &req); err == nil {
-				err = b.Revoke(id)
+				err = b.Revoke(by, id)
 			}
 		default:
 			err = reject(http.StatusNotFound, ReasonBadRequest, "unknown action "+strconv.Quote(action))
@@ -211,6 +212,12 @@ func (b *Broker) OperatorHandler() http.Handler {
 		writeJSON(w, http.StatusOK, struct{}{})
 	})
 	return requireClientCert(mux)
+}
+
+// operatorOf names the operator behind a request that requireClientCert
+// admitted: the leaf of the verified client certificate chain.
+func operatorOf(r *http.Request) audit.Actor {
+	return audit.OperatorActor(r.TLS.VerifiedChains[0][0])
 }
 
 func requireClientCert(h http.Handler) http.Handler {

@@ -95,7 +95,8 @@ func TestOperatorClient(t *testing.T) {
 	logs := oc.Audit(ctx)
 	out.Reset()
 	opclient.PrintAudit(&out, logs, true)
-	for _, want := range []string{"chain verified", "enroll-request", "activate", "approve-image", "fail", "attest", "revoke"} {
+	for _, want := range []string{"chain verified", "enroll-request", "activate", "approve-image", "fail", "attest", "revoke",
+		`by operator "CN=operator alice" (sha256 `, "by appliance " + id} {
 		if !strings.Contains(out.String(), want) {
 			t.Fatalf("audit output lacks %q:\n%s", want, out.String())
 		}

@@ -17,14 +17,14 @@ import (
 )
 
 // ApproveManifest approves an image after verifying its signature.
-func (b *Broker) ApproveManifest(manifestBytes, sig []byte) (_ *manifest.Manifest, err error) {
+func (b *Broker) ApproveManifest(by audit.Actor, manifestBytes, sig []byte) (_ *manifest.Manifest, err error) {
 	var m *manifest.Manifest
 	defer func() {
 		d := map[string]string{}
 		if m != nil {
 			d["version"] = strconv.FormatUint(m.Version, 10)
 		}
-		b.record("approve-image", "", err, d)
+		b.record(by, "approve-image", "", err, d)
 	}()
 	m, verr := manifest.Verify(manifestBytes, sig, b.cfg.ImageKey)
 	if verr != nil {
@@ -49,15 +49,29 @@ func (b *Broker) ApproveManifest(manifestBytes, sig []byte) (_ *manifest.Manifes
 	return m, nil
 }
 
-// SetFloor sets the minimum image version an appliance may boot.
-func (b *Broker) SetFloor(id string, version uint64) (err error) {
-	defer func() { b.record("set-floor", id, err, map[string]string{"version": strconv.FormatUint(version, 10)}) }()
-	return b.update(id, func(r *record) error { r.Floor = version; return nil })
+// SetFloor raises the minimum image version an appliance may boot. Floors
+// only go up: a lower version is refused (ReasonFloorDown) and the floor
+// stays; the current version again is accepted and changes nothing, so a
+// change that reached only some brokers can be sent to all again.
+func (b *Broker) SetFloor(by audit.Actor, id string, version uint64) (err error) {
+	defer func() {
+		b.record(by, "set-floor", id, err, map[string]string{"version": strconv.FormatUint(version, 10)})
+	}()
+	return b.update(id, func(r *record) error { return raiseFloor(r, version) })
+}
+
+// raiseFloor sets r's floor to version unless that would lower it.
+func raiseFloor(r *record, version uint64) error {
+	if version < r.Floor {
+		return reject(http.StatusConflict, ReasonFloorDown, fmt.Sprintf("floor is %d, asked for %d", r.Floor, version))
+	}
+	r.Floor = version
+	return nil
 }
 
 // ApproveDisks lets an appliance deposit shares for count new disks.
-func (b *Broker) ApproveDisks(id string, count int) (err error) {
-	defer func() { b.record("approve-disk", id, err, map[string]string{"count": strconv.Itoa(count)}) }()
+func (b *Broker) ApproveDisks(by audit.Actor, id string, count int) (err error) {
+	defer func() { b.record(by, "approve-disk", id, err, map[string]string{"count": strconv.Itoa(count)}) }()
 	if count < 1 || count > 64 {
 		return reject(http.StatusBadRequest, ReasonBadRequest, "count must be 1 to 64")
 	}
@@ -66,9 +80,9 @@ func (b *Broker) ApproveDisks(id string, count int) (err error) {
 
 // SetEndpoints records where the appliance's peers reach it (host:port,
 // one per network path). Brokers hand the list to the other appliances.
-func (b *Broker) SetEndpoints(id string, endpoints []string) (err error) {
+func (b *Broker) SetEndpoints(by audit.Actor, id string, endpoints []string) (err error) {
 	defer func() {
-		b.record("set-endpoints", id, err, map[string]string{"endpoints": strings.Join(endpoints, ",")})
+		b.record(by, "set-endpoints", id, err, map[string]string{"endpoints": strings.Join(endpoints, ",")})
 	}()
 	if len(endpoints) > api.MaxEndpoints {
 		return reject(http.StatusBadRequest, ReasonBadRequest, fmt.Sprintf("at most %d endpoints", api.MaxEndpoints))
@@ -82,8 +96,8 @@ func (b *Broker) SetEndpoints(id string, endpoints []string) (err error) {
 }
 
 // Revoke revokes an appliance: it gets nothing more and is told to lock down.
-func (b *Broker) Revoke(id string) (err error) {
-	defer func() { b.record("revoke", id, err, nil) }()
+func (b *Broker) Revoke(by audit.Actor, id string) (err error) {
+	defer func() { b.record(by, "revoke", id, err, nil) }()
 	return b.update(id, func(r *record) error { r.Revoked = true; return nil })
 }
 

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"errors"
 	"net/http"
 
 	"github.com/dataembassy/embassy/protocol/api"
@@ -14,6 +15,7 @@ const (
 	ReasonNotActivated     = "AK was never activated"
 	ReasonNotEnrolled      = "enrollment not approved by an operator"
 	ReasonRevoked          = "appliance revoked"
+	ReasonEKRevoked        = "EK revoked: a revoked appliance never enrolls again"
 	ReasonNonceUnknown     = "nonce unknown or already used"
 	ReasonNonceExpired     = "nonce expired"
 	ReasonTooManyNonces    = "too many outstanding nonces"
@@ -25,6 +27,7 @@ const (
 	ReasonReplay           = "event log does not replay to the quoted PCRs"
 	ReasonImage            = "measured boot matches no approved image"
 	ReasonFloor            = "image version below the appliance's floor"
+	ReasonFloorDown        = "an appliance's floor only goes up"
 	ReasonBadRequest       = "malformed request"
 	ReasonEKCert           = "EK certificate does not chain to a trusted manufacturer"
 	ReasonAK               = "AK is not a restricted TPM signing key"
@@ -67,6 +70,8 @@ func (r *Rejection) Code() api.Code {
 		return api.CodeNotApproved
 	case ReasonRevoked:
 		return api.CodeRevoked
+	case ReasonEKRevoked:
+		return api.CodeEKRevoked
 	case ReasonNonceUnknown:
 		return api.CodeNonceUnknown
 	case ReasonNonceExpired:
@@ -89,6 +94,8 @@ func (r *Rejection) Code() api.Code {
 		return api.CodeImage
 	case ReasonFloor:
 		return api.CodeFloor
+	case ReasonFloorDown:
+		return api.CodeFloorDown
 	case ReasonBadRequest:
 		return api.CodeBadRequest
 	case ReasonEKCert:
@@ -111,6 +118,12 @@ func (r *Rejection) Code() api.Code {
 	return api.CodeInternal
 }
 
+// isUnknown reports whether err is the refusal of an unknown appliance.
+func isUnknown(err error) bool {
+	var r *Rejection
+	return errors.As(err, &r) && r.Reason == ReasonUnknownAppliance
+}
+
 func reject(status int, reason, detail string) *Rejection {
 	return &Rejection{Reason: reason, Detail: detail, Status: status}
 }
@@ -118,4 +131,10 @@ func reject(status int, reason, detail string) *Rejection {
 // revoked is the refusal of a revoked appliance: it must lock down.
 func revoked() *Rejection {
 	return &Rejection{Reason: ReasonRevoked, Status: http.StatusForbidden, Lockdown: true}
+}
+
+// ekRevoked refuses to enroll, activate or approve a revoked EK again:
+// revocation is permanent, and the appliance is told to lock down.
+func ekRevoked() *Rejection {
+	return &Rejection{Reason: ReasonEKRevoked, Status: http.StatusForbidden, Lockdown: true}
 }

@@ -23,7 +23,7 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 	defer func() {
 		b.metrics.attested(err)
 		if err != nil {
-			b.record("attest", req.ApplianceID, err, detail)
+			b.record(audit.ApplianceActor(req.ApplianceID), "attest", req.ApplianceID, err, detail)
 		}
 	}()
 	v, err := b.verify(req, detail)
@@ -103,7 +103,8 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 	}
 	r.SeenQuote, r.ResetCount, r.RestartCount = true, info.ResetCount, info.RestartCount
 	r.LastAttest, r.LastImage = b.now().Unix(), matched.Version
-	entries := []audit.Entry{entry("attest", r.ID, nil, detail)}
+	by := audit.ApplianceActor(r.ID)
+	entries := []audit.Entry{entry(by, "attest", r.ID, nil, detail)}
 	if len(resp.Shares) > 0 {
 		disks := ""
 		for i, s := range resp.Shares {
@@ -112,7 +113,7 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 			}
 			disks += s.DiskID
 		}
-		entries = append(entries, entry("release", r.ID, nil, map[string]string{"disks": disks, "image_version": detail["image_version"]}))
+		entries = append(entries, entry(by, "release", r.ID, nil, map[string]string{"disks": disks, "image_version": detail["image_version"]}))
 	}
 	// The record (anti-rollback counters) and the audit entries are durable
 	// before anything is released.

@@ -6,6 +6,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/keys/shamir"
 	"github.com/dataembassy/embassy/protocol/api"
 )
@@ -31,7 +32,9 @@ func (b *Broker) loadShare(id, disk string) ([]byte, error) {
 // Deposit stores this broker's share of a new disk's key. applianceID comes
 // from the attested client certificate the request arrived with.
 func (b *Broker) Deposit(applianceID string, req *api.DepositRequest) (err error) {
-	defer func() { b.record("deposit", applianceID, err, map[string]string{"disk": req.DiskID}) }()
+	defer func() {
+		b.record(audit.ApplianceActor(applianceID), "deposit", applianceID, err, map[string]string{"disk": req.DiskID})
+	}()
 	if !validDiskID(req.DiskID) {
 		return reject(http.StatusBadRequest, ReasonBadRequest, "disk id")
 	}

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/broker"
+	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/devpki"
 	"github.com/dataembassy/embassy/images/imagekey"
@@ -37,7 +38,10 @@ type hostBrokers struct {
 	tlsc []*tls.Config
 	// ops is an operator client of the brokers' operator APIs
 	// (127.0.0.1:8441-8443), as embassyctl uses them.
-	ops    *opclient.Client
+	ops *opclient.Client
+	// op is the operator that in-process approvals are audited as (the
+	// certificate ops authenticates with).
+	op     audit.Actor
 	opSrv  []*http.Server
 	closed bool
 	// deposits are the shares appliances deposited, by disk: what the
@@ -214,5 +218,10 @@ func newHostBrokers(t testing.TB, state brokerState) *hostBrokers {
 		t.Fatal(err)
 	}
 	hb.ops = opclient.New(opBrokers, cert, root.Pool())
+	leafCert, err := x509.ParseCertificate(cert.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	hb.op = audit.OperatorActor(leafCert)
 	return hb
 }

@@ -1,6 +1,7 @@
 // Package audit is the key broker's append-only, hash-chained audit log.
 // Each entry records one enrollment, attestation (pass or fail with the
-// reason), release, approval or revocation, carries its sequence number and
+// reason), release, approval or revocation and who acted (Actor: the
+// operator's certificate or the appliance), carries its sequence number and
 // the hash of the previous entry, and is hashed itself; Verify detects any
 // edited, dropped or reordered entry, and a truncated tail against the head
 // the broker keeps separately.
@@ -10,6 +11,7 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -22,15 +24,60 @@ import (
 
 // Entry is one audit record.
 type Entry struct {
-	Seq       uint64            `json:"seq"`
-	Time      time.Time         `json:"time"`
-	Event     string            `json:"event"`
-	Appliance string            `json:"appliance,omitempty"`
-	Result    string            `json:"result"` // "ok" or "fail"
-	Reason    string            `json:"reason,omitempty"`
-	Detail    map[string]string `json:"detail,omitempty"`
-	Prev      string            `json:"prev"`
-	Hash      string            `json:"hash"`
+	Seq       uint64    `json:"seq"`
+	Time      time.Time `json:"time"`
+	Event     string    `json:"event"`
+	Appliance string    `json:"appliance,omitempty"`
+	// Actor is who acted. It is covered by the hash like every field; a
+	// pointer so that entries written before it existed hash as they did.
+	Actor  *Actor            `json:"actor,omitempty"`
+	Result string            `json:"result"` // "ok" or "fail"
+	Reason string            `json:"reason,omitempty"`
+	Detail map[string]string `json:"detail,omitempty"`
+	Prev   string            `json:"prev"`
+	Hash   string            `json:"hash"`
+}
+
+// Kinds of actor.
+const (
+	ActorOperator  = "operator"
+	ActorAppliance = "appliance"
+)
+
+// Actor is the party an entry records as acting: an operator, named by
+// the client certificate they authenticated with, or an appliance, named
+// by its id (derived from its EK).
+type Actor struct {
+	Kind string `json:"kind"`
+	// Subject and Fingerprint (SHA-256 of the DER certificate, hex) name
+	// an operator's client certificate.
+	Subject     string `json:"subject,omitempty"`
+	Fingerprint string `json:"fingerprint,omitempty"`
+	// ID is an appliance's id.
+	ID string `json:"id,omitempty"`
+}
+
+// OperatorActor names the operator who authenticated with cert.
+func OperatorActor(cert *x509.Certificate) Actor {
+	sum := sha256.Sum256(cert.Raw)
+	return Actor{Kind: ActorOperator, Subject: cert.Subject.String(), Fingerprint: hex.EncodeToString(sum[:])}
+}
+
+// ApplianceActor names appliance id.
+func ApplianceActor(id string) Actor { return Actor{Kind: ActorAppliance, ID: id} }
+
+// String describes the actor for people: the operator's subject and the
+// start of their certificate's fingerprint, or the appliance's id.
+func (a *Actor) String() string {
+	switch {
+	case a == nil:
+		return "unrecorded"
+	case a.Kind == ActorAppliance:
+		return "appliance " + a.ID
+	case a.Kind == ActorOperator:
+		return fmt.Sprintf("operator %q (sha256 %.16s…)", a.Subject, a.Fingerprint)
+	}
+	return a.Kind
 }
 
 // Head is the last entry's sequence number and hash.

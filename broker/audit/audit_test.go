@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -65,4 +66,58 @@ func FuzzRead(f *testing.F) {
 		}
 		Verify(entries, nil)
 	})
+}
+
+// TestActorCoveredByChain: whoever edits the log tries to change or hide
+// who acted. Every such edit breaks the chain; entries written before the
+// actor was recorded still verify.
+func TestActorCoveredByChain(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, Head{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	alice := Actor{Kind: ActorOperator, Subject: "CN=operator alice", Fingerprint: strings.Repeat("a", 64)}
+	app := ApplianceActor(strings.Repeat("c", 32))
+	head, err := l.Append(Entry{Event: "enroll-request", Appliance: app.ID, Result: "ok"}, // as written before actors
+		Entry{Event: "revoke", Appliance: app.ID, Actor: &alice, Result: "ok"},
+		Entry{Event: "attest", Appliance: app.ID, Actor: &app, Result: "fail", Reason: "appliance revoked"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries, err := l.Entries()
+	l.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Verify(entries, &head); err != nil {
+		t.Fatalf("untouched log: %v", err)
+	}
+	tests := []struct {
+		name string
+		edit func(es []Entry)
+	}{
+		{"another operator's subject", func(es []Entry) { es[1].Actor.Subject = "CN=operator bob" }},
+		{"another certificate's fingerprint", func(es []Entry) { es[1].Actor.Fingerprint = strings.Repeat("b", 64) }},
+		{"operator passed off as the appliance", func(es []Entry) { es[1].Actor = &app }},
+		{"actor removed", func(es []Entry) { es[1].Actor = nil }},
+		{"another appliance", func(es []Entry) { es[2].Actor = &Actor{Kind: ActorAppliance, ID: strings.Repeat("d", 32)} }},
+		{"actor added to an old entry", func(es []Entry) { es[0].Actor = &alice }},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			edited := make([]Entry, len(entries))
+			for i, e := range entries {
+				if e.Actor != nil {
+					a := *e.Actor
+					e.Actor = &a
+				}
+				edited[i] = e
+			}
+			tc.edit(edited)
+			if _, err := Verify(edited, &head); !errors.Is(err, ErrTampered) {
+				t.Fatalf("edit not detected: %v", err)
+			}
+		})
+	}
 }

@@ -100,7 +100,9 @@ func printHealth(w io.Writer, a api.Appliance) {
 	}
 }
 
-// PrintAudit writes each broker's entries, or only the verdicts.
+// PrintAudit writes each broker's entries, each with who acted (the
+// operator's certificate subject and fingerprint, or the appliance), or
+// only the verdicts.
 func PrintAudit(w io.Writer, logs []AuditLog, entries bool) {
 	for _, l := range logs {
 		verdict := "chain verified"
@@ -116,6 +118,7 @@ func PrintAudit(w io.Writer, logs []AuditLog, entries bool) {
 			if e.Appliance != "" {
 				line += " " + e.Appliance
 			}
+			line += " by " + e.Actor.String()
 			if e.Reason != "" {
 				line += " reason=" + fmt.Sprintf("%q", e.Reason)
 			}

@@ -186,7 +186,7 @@ func newAuditCmd(o *options) *cobra.Command {
 	}
 	show := o.brokerCmd(&cobra.Command{
 		Use:     "show",
-		Short:   "Print every broker's audit log entries and verify each chain",
+		Short:   "Print every broker's audit log entries (with who acted) and verify each chain",
 		Example: `  embassyctl audit show`,
 		Args:    cli.ExactArgs(0), ValidArgsFunction: noFileArgs,
 	}, online(true))
