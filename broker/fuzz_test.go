@@ -13,12 +13,14 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/go-attestation/attest"
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/protocol/api"
@@ -96,7 +98,8 @@ func newFuzzBroker(t testing.TB) *fuzzBroker {
 	if err := b.Activate(&api.ActivateRequest{ApplianceID: ch.ApplianceID, Secret: secret}); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.ApproveEnrollment(ch.ApplianceID); err != nil {
+	fuzzOperator := audit.Actor{Kind: audit.ActorOperator, Subject: "CN=fuzz operator", Fingerprint: strings.Repeat("f", 64)}
+	if err := b.ApproveEnrollment(fuzzOperator, ch.ApplianceID); err != nil {
 		t.Fatal(err)
 	}
 
@@ -111,7 +114,7 @@ func newFuzzBroker(t testing.TB) *fuzzBroker {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.ApproveManifest(mb, manifest.Sign(mb, imageKey)); err != nil {
+	if _, err := b.ApproveManifest(fuzzOperator, mb, manifest.Sign(mb, imageKey)); err != nil {
 		t.Fatal(err)
 	}
 
@@ -148,7 +151,11 @@ func newFuzzBroker(t testing.TB) *fuzzBroker {
 func (fb *fuzzBroker) freshNonce() {
 	fb.b.nonceM.Lock()
 	defer fb.b.nonceM.Unlock()
-	fb.b.nonces[hex.EncodeToString(fuzzNonce)] = nonceRecord{appliance: fb.id, expires: fb.b.now().Add(time.Minute)}
+	k := hex.EncodeToString(fuzzNonce)
+	fb.b.nonces.remove(k)
+	if rej := fb.b.nonces.add(k, nonceRecord{appliance: fb.id, known: true, expires: fb.b.now().Add(time.Minute)}, fb.b.now(), fb.b.cfg.NonceTTL); rej != nil {
+		panic(rej)
+	}
 }
 
 // state is everything an appliance request may change but the audit log

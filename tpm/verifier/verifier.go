@@ -81,6 +81,12 @@ func ParseAK(public []byte) (*AK, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrAKPublic, err)
 	}
+	// The name (what credential activation binds) is SHA-256 of the public
+	// area, as the appliance's AK template makes it; another or an unknown
+	// name algorithm is refused rather than interpreted.
+	if pub.NameAlg != tpm2.AlgSHA256 {
+		return nil, fmt.Errorf("%w: name algorithm %v, want SHA-256", ErrAKPublic, pub.NameAlg)
+	}
 	want := tpm2.FlagFixedTPM | tpm2.FlagFixedParent | tpm2.FlagSensitiveDataOrigin | tpm2.FlagRestricted | tpm2.FlagSign
 	if pub.Attributes&want != want || pub.Attributes&tpm2.FlagDecrypt != 0 {
 		return nil, fmt.Errorf("%w: attributes %v", ErrAKPublic, pub.Attributes)
