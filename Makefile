@@ -112,6 +112,7 @@ FUZZTIME ?= 20s
 fuzz:
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./images/manifest/
 	go test -run '^$$' -fuzz FuzzSHA256 -fuzztime $(FUZZTIME) ./images/authenticode/
+	go test -run '^$$' -fuzz FuzzAssemble -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./images/uki/
 	go test -run '^$$' -fuzz FuzzParseDep -fuzztime $(FUZZTIME) ./initramfs/kmod/
 	go test -run '^$$' -fuzz FuzzReadFiles -fuzztime $(FUZZTIME) ./initramfs/cpioimage/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/config/

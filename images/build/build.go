@@ -11,8 +11,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -23,8 +25,10 @@ import (
 
 	"github.com/dataembassy/embassy/appliance/config"
 	"github.com/dataembassy/embassy/images/debkernel"
+	"github.com/dataembassy/embassy/images/debstub"
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/images/measure"
+	"github.com/dataembassy/embassy/images/uki"
 	"github.com/dataembassy/embassy/initramfs/cpioimage"
 	"github.com/dataembassy/embassy/initramfs/elfdeps"
 	"github.com/dataembassy/embassy/initramfs/kmod"
@@ -37,6 +41,9 @@ const (
 	CmdlineFile   = manifest.ComponentCmdline
 	ManifestFile  = manifest.File
 	SignatureFile = manifest.SignatureFile
+	// UKIFile is the unsigned Unified Kernel Image (Options.UKI); not yet
+	// in the manifest.
+	UKIFile = "embassy.efi"
 )
 
 // DefaultCmdline is the fixed kernel command line of the production image.
@@ -86,14 +93,22 @@ type Options struct {
 	// QEMUMemoryMiB, when not 0, also records the PCR4 digest of the kernel
 	// under QEMU direct kernel boot with that much RAM (tests and the demo).
 	QEMUMemoryMiB int
-	Log           *slog.Logger
+	// UKI also assembles kernel, initramfs, command line and an os-release
+	// into an unsigned Unified Kernel Image (UKIFile) on systemd-stub.
+	UKI bool
+	Log *slog.Logger
 }
 
 // Result describes a finished build.
 type Result struct {
 	Manifest      *manifest.Manifest
 	InitramfsSize int
-	Duration      time.Duration
+	// With Options.UKI: the UKI's size, the stub package and the PCR 11
+	// value systemd-stub will measure.
+	UKISize  int
+	UKIStub  *debstub.Stub
+	UKIPCR11 [32]byte
+	Duration time.Duration
 }
 
 func (o *Options) defaults() {
@@ -208,6 +223,15 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	log.Info("initramfs", "entries", arc.Len(), "modules", nmods, "compressed_bytes", len(initramfs),
 		"compressed_mib", fmt.Sprintf("%.2f", float64(len(initramfs))/(1<<20)))
 
+	var ukiImage []byte
+	var stub *debstub.Stub
+	var pcr11 [32]byte
+	if o.UKI {
+		if ukiImage, stub, pcr11, err = AssembleUKI(ctx, o.CacheDir, o.Version, vmlinuz, initramfs, o.Cmdline, log); err != nil {
+			return nil, err
+		}
+	}
+
 	log.Info("build step", "step", "4/5 manifest")
 	m, err := NewManifest(o.Version, kern, vmlinuz, initramfs, o.Cmdline, o.QEMUMemoryMiB)
 	if err != nil {
@@ -237,7 +261,47 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 			return nil, err
 		}
 	}
-	return &Result{Manifest: m, InitramfsSize: len(initramfs), Duration: time.Since(start)}, nil
+	ukiPath := filepath.Join(o.OutDir, UKIFile)
+	if o.UKI {
+		if err := writeAtomic(ukiPath, ukiImage); err != nil {
+			return nil, err
+		}
+	} else if err := os.Remove(ukiPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		// A UKI left from an earlier build would not match this one.
+		return nil, fmt.Errorf("remove stale UKI: %w", err)
+	}
+	return &Result{Manifest: m, InitramfsSize: len(initramfs), UKISize: len(ukiImage), UKIStub: stub, UKIPCR11: pcr11,
+		Duration: time.Since(start)}, nil
+}
+
+// AssembleUKI fetches systemd-stub (debstub) and assembles an unsigned UKI
+// from the kernel, initramfs and command line, with an os-release naming the
+// image version. It returns the image, the stub package and the predicted
+// PCR 11; the stub is nil when it could not be fetched.
+func AssembleUKI(ctx context.Context, cacheDir string, version uint64, vmlinuz, initramfs []byte, cmdline string, log *slog.Logger) ([]byte, *debstub.Stub, [32]byte, error) {
+	var pcr11 [32]byte
+	stub, err := (&debstub.Fetcher{CacheDir: cacheDir, Log: log}).Fetch(ctx)
+	if err != nil {
+		return nil, nil, pcr11, err
+	}
+	stubBytes, err := os.ReadFile(stub.Path)
+	if err != nil {
+		return nil, nil, pcr11, fmt.Errorf("read systemd-stub: %w", err)
+	}
+	secs := uki.Sections{
+		Linux:   vmlinuz,
+		OSRel:   []byte(fmt.Sprintf("NAME=\"Data Embassy\"\nID=embassy\nVERSION_ID=%d\n", version)),
+		Cmdline: []byte(cmdline),
+		Initrd:  initramfs,
+	}
+	img, err := uki.Assemble(stubBytes, secs)
+	if err != nil {
+		return nil, stub, pcr11, fmt.Errorf("assemble UKI on %s %s: %w", stub.Package, stub.Version, err)
+	}
+	pcr11 = uki.PredictPCR11(secs)
+	log.Info("uki", "stub", stub.Package, "stub_version", stub.Version, "stub_deb_sha256", stub.DebSHA256,
+		"bytes", len(img), "mib", fmt.Sprintf("%.2f", float64(len(img))/(1<<20)), "pcr11", fmt.Sprintf("%x", pcr11))
+	return img, stub, pcr11, nil
 }
 
 // NewManifest computes the reference manifest for a set of artifacts.

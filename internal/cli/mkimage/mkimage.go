@@ -45,6 +45,7 @@ type buildOptions struct {
 	cache, out, cfgPath, brokerCA, clientCA, keyPath, kernelPkg string
 	version                                                     uint64
 	qemuMem                                                     int
+	uki                                                         bool
 }
 
 func newBuildCmd() *cobra.Command {
@@ -78,6 +79,7 @@ and dev signing key in the cache, creating them on first use.`,
 	f.StringVar(&o.clientCA, "client-ca", "", "PEM bundle of the home-state client CA (default: local-default CA in the cache)")
 	f.StringVar(&o.keyPath, "key", "", "image-signing ed25519 key, PKCS#8 PEM (default: local-default dev key in the cache)")
 	f.IntVar(&o.qemuMem, "qemu-memory-mib", 1024, "also record the kernel's PCR4 digest under QEMU direct boot with this much RAM; 0 for a hardware-only manifest")
+	f.BoolVar(&o.uki, "uki", false, "also assemble an unsigned Unified Kernel Image on systemd-stub into OUT/"+build.UKIFile+" (not in the manifest yet)")
 	f.StringVar(&o.kernelPkg, "kernel-package", "", "pin the Debian kernel package (default: what linux-image-amd64 depends on)")
 	cmd.MarkFlagDirname("cache")
 	cmd.MarkFlagDirname("out")
@@ -145,7 +147,7 @@ func runBuild(ctx context.Context, stdout, stderr io.Writer, o buildOptions) err
 	res, err := build.Build(ctx, build.Options{
 		ModuleRoot: root, CacheDir: o.cache, OutDir: o.out, Version: o.version,
 		Config: cfg, BrokerCA: bca, ClientCA: cca, SigningKey: key,
-		KernelPackage: o.kernelPkg, QEMUMemoryMiB: o.qemuMem, Log: log,
+		KernelPackage: o.kernelPkg, QEMUMemoryMiB: o.qemuMem, UKI: o.uki, Log: log,
 	})
 	if err != nil {
 		return err
@@ -160,6 +162,11 @@ func runBuild(ctx context.Context, stdout, stderr io.Writer, o buildOptions) err
 	}
 	fmt.Fprintf(stdout, "pcr9 load options:        %s\n", m.Measurements.LoadOptions)
 	fmt.Fprintf(stdout, "pcr9 initrd:              %s\n", m.Measurements.Initrd)
+	if res.UKIStub != nil {
+		fmt.Fprintf(stdout, "uki:       %s, %d bytes (%.2f MiB; target <= 24 MiB), unsigned, on %s %s (deb sha256 %s)\n",
+			build.UKIFile, res.UKISize, float64(res.UKISize)/(1<<20), res.UKIStub.Package, res.UKIStub.Version, res.UKIStub.DebSHA256)
+		fmt.Fprintf(stdout, "pcr11 uki sections:       %x\n", res.UKIPCR11)
+	}
 	return nil
 }
 
