@@ -207,6 +207,8 @@ type Result struct {
 	Shares        map[string]shamir.Share // by disk id, imported through the TPM
 	Certificate   *tls.Certificate
 	DiskApprovals int
+	// ReattestAfter is the broker's re-attestation interval, clamped to
+	// [MinReattestAfter, MaxReattestAfter].
 	ReattestAfter time.Duration
 	Peers         []api.Peer
 	Err           error
@@ -247,7 +249,7 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 		return res
 	}
 	res.ImageVersion, res.DiskApprovals = resp.ImageVersion, resp.DiskApprovals
-	res.ReattestAfter = time.Duration(resp.ReattestAfter) * time.Second
+	res.ReattestAfter = reattestAfter(resp.ReattestAfter)
 	res.Peers = resp.Peers
 	if len(resp.Certificate) == 0 {
 		res.Err = fmt.Errorf("broker %s sent no certificate", b.Name)

@@ -265,7 +265,7 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	}
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	n := node.New(node.Deps{Log: log, Attester: ac, Health: watcher, Ingest: ing, Replication: repSrv, Metrics: metrics,
-		Cert: &cert, Port: cfg.Ingest.Port, Threshold: cfg.Threshold, ReattestEvery: results[0].ReattestAfter,
+		Cert: &cert, Port: cfg.Ingest.Port, Threshold: cfg.Threshold, ReattestEvery: results.ReattestAfter(attest.DefaultReattestBounds()),
 		Monitor: func(r *http.Request) error { _, err := ing.ClientName(r); return err },
 		Reattested: func(r attest.Round) {
 			// Brokers release the shares with every answer; serving needs

@@ -243,6 +243,7 @@ func TestRun(t *testing.T) {
 			n, cert := newNode(&api.Health{}, att)
 			cert.Store(first)
 			n.d.ReattestEvery = time.Millisecond
+			n.d.ReattestBounds = attest.ReattestBounds{Min: time.Millisecond, Max: time.Second}
 			var rounds []attest.Round
 			n.d.Reattested = func(r attest.Round) { rounds = append(rounds, r) }
 			ctx, cancel := context.WithCancel(context.Background())
@@ -270,6 +271,83 @@ func TestRun(t *testing.T) {
 			// The server is closed: nothing answers any more.
 			if _, err := n.ln.Accept(); err == nil {
 				t.Fatal("listener still open")
+			}
+		})
+	}
+}
+
+// timedAttester answers every re-attestation with the same round and
+// records when each was asked for; it ends the test's run after want
+// rounds.
+type timedAttester struct {
+	fakeAttester
+	answer []*attest.Result
+	want   int
+	stop   context.CancelFunc
+	asked  []time.Time
+}
+
+func (f *timedAttester) AttestAll(ctx context.Context, bo attest.Backoff, want int) ([]*attest.Result, error) {
+	f.asked = append(f.asked, time.Now())
+	if len(f.asked) >= f.want {
+		f.stop()
+	}
+	return f.answer, nil
+}
+
+// TestReattestInterval: the intervals the brokers answer are clamped, and
+// the smallest of a round's wins: one broker answering ten years does not
+// stop re-attestation (the next round comes within the maximum), one
+// answering zero or a negative interval does not make it spin (rounds stay
+// the minimum apart).
+func TestReattestInterval(t *testing.T) {
+	const tenYears = 10 * 365 * 24 * time.Hour
+	bounds := attest.ReattestBounds{Min: 150 * time.Millisecond, Max: 600 * time.Millisecond}
+	const slack = 400 * time.Millisecond // a loaded machine's late timers
+	res := func(intervals ...time.Duration) []*attest.Result {
+		var out []*attest.Result
+		for i, d := range intervals {
+			out = append(out, &attest.Result{Broker: fmt.Sprintf("b%d", i), Certificate: &tls.Certificate{}, ReattestAfter: d})
+		}
+		return out
+	}
+	cases := []struct {
+		name        string
+		first       time.Duration // the boot round's interval
+		answer      []*attest.Result
+		atLeast     time.Duration // between rounds, after the first
+		atMost      time.Duration
+		firstAtMost time.Duration
+	}{
+		{"every broker answers ten years", tenYears, res(tenYears, tenYears), bounds.Max, bounds.Max + slack, bounds.Max + slack},
+		{"one broker answers ten years", tenYears, res(tenYears, 300*time.Millisecond), 300 * time.Millisecond, bounds.Max - time.Millisecond, bounds.Max + slack},
+		{"a broker answers zero", 0, res(0, time.Minute), bounds.Min, bounds.Min + slack, bounds.Max + slack},
+		{"a broker answers a negative interval", -time.Second, res(time.Minute, -time.Hour), bounds.Min, bounds.Min + slack, bounds.Max + slack},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			att := &timedAttester{answer: tc.answer, want: 4, stop: cancel}
+			n, _ := newNode(&api.Health{}, &fakeAttester{})
+			n.d.Attester = att
+			n.d.ReattestEvery = tc.first
+			n.d.ReattestBounds = bounds
+			start := time.Now()
+			if stop := n.Run(ctx); stop.Reason != ReasonDone {
+				t.Fatalf("stopped with %v", stop)
+			}
+			if len(att.asked) < att.want {
+				t.Fatalf("re-attestation stopped: %d rounds in %s, want %d", len(att.asked), time.Since(start), att.want)
+			}
+			if first := att.asked[0].Sub(start); first > tc.firstAtMost {
+				t.Fatalf("first round after %s, want at most %s", first, tc.firstAtMost)
+			}
+			for i := 1; i < len(att.asked); i++ {
+				gap := att.asked[i].Sub(att.asked[i-1])
+				if gap < tc.atLeast || gap > tc.atMost {
+					t.Fatalf("round %d came %s after the one before, want %s to %s", i+1, gap, tc.atLeast, tc.atMost)
+				}
 			}
 		})
 	}
