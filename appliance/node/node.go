@@ -42,6 +42,14 @@ type Attester interface {
 	Challenge(nonce []byte) (*api.ChallengeResponse, error)
 }
 
+// LateAnswers are the answers of a round's brokers slower than its first
+// k (*attest.Late): Done is closed once they have all answered or the
+// round ended; Err then says whether one of them ordered a lockdown.
+type LateAnswers interface {
+	Done() <-chan struct{}
+	Err() error
+}
+
 // HealthSource reports the appliance's disks, blank disks and replication
 // peers.
 type HealthSource interface {
@@ -79,6 +87,10 @@ type Deps struct {
 	// when zero): no broker's answer can stop re-attestation, and with it
 	// revocation, or make it spin.
 	ReattestBounds attest.ReattestBounds
+	// Late are the boot round's answers after its first k (the unlock did
+	// not wait for them): a lockdown among them stops the node as a
+	// re-attestation's does. Nil: none.
+	Late LateAnswers
 	// Reattested is called with each successful re-attestation's round.
 	Reattested func(attest.Round)
 	// MinUploadRate is the slowest an upload body may arrive, in bytes per
@@ -267,9 +279,9 @@ func (e *StopError) Unwrap() error { return e.Err }
 const defaultReattestEvery = 5 * time.Minute
 
 // Run serves (listening first unless Listen was called) and re-attests
-// after each round's interval until a broker orders a lockdown, a
-// re-attestation fails or ctx ends. It then stops the server and says why
-// (never nil).
+// after each round's interval until a broker orders a lockdown (in a
+// re-attestation, or late in the boot round), a re-attestation fails or
+// ctx ends. It then stops the server and says why (never nil).
 func (n *Node) Run(ctx context.Context) *StopError {
 	if n.ln == nil {
 		if err := n.Listen(); err != nil {
@@ -282,20 +294,28 @@ func (n *Node) Run(ctx context.Context) *StopError {
 	if every <= 0 {
 		every = defaultReattestEvery
 	}
-	every = bounds.Clamp(every)
+	var late <-chan struct{}
+	if n.d.Late != nil {
+		late = n.d.Late.Done()
+	}
+	t := time.NewTimer(bounds.Clamp(every))
+	defer t.Stop()
 	for {
-		t := time.NewTimer(every)
 		select {
 		case <-ctx.Done():
-			t.Stop()
 			return &StopError{Reason: ReasonDone, Err: ctx.Err()}
+		case <-late:
+			late = nil
+			if err := n.d.Late.Err(); err != nil {
+				return n.stopped(ctx, err)
+			}
 		case <-t.C:
+			round, stop := n.reattest(ctx)
+			if stop != nil {
+				return stop
+			}
+			t.Reset(round.ReattestAfter(bounds))
 		}
-		round, stop := n.reattest(ctx)
-		if stop != nil {
-			return stop
-		}
-		every = round.ReattestAfter(bounds)
 	}
 }
 
@@ -312,13 +332,7 @@ func (n *Node) reattest(ctx context.Context) (attest.Round, *StopError) {
 	res, err := n.d.Attester.AttestAll(round, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, n.d.Threshold)
 	cancel()
 	if err != nil {
-		var ld *attest.LockdownError
-		if errors.As(err, &ld) {
-			n.d.Log.Error(logmsg.MsgLockdown, "broker", ld.Broker, "reason", ld.Reason)
-			return nil, &StopError{Reason: ReasonLockdown, Err: err}
-		}
-		n.d.Log.Error("re-attestation failed", "err", err.Error())
-		return nil, &StopError{Reason: ReasonReattestFailed, Err: err}
+		return nil, n.stopped(ctx, err)
 	}
 	n.d.Cert.Store(res[0].Certificate)
 	if n.d.Reattested != nil {
@@ -326,4 +340,20 @@ func (n *Node) reattest(ctx context.Context) (attest.Round, *StopError) {
 	}
 	n.d.Log.Info("re-attested", "brokers", len(res), "image_version", res[0].ImageVersion)
 	return res, nil
+}
+
+// stopped logs why a round's answers stop the node and says so: a
+// lockdown order, else the end of ctx (the round was cut short, not
+// failed), else a failed re-attestation.
+func (n *Node) stopped(ctx context.Context, err error) *StopError {
+	var ld *attest.LockdownError
+	if errors.As(err, &ld) {
+		n.d.Log.Error(logmsg.MsgLockdown, "broker", ld.Broker, "reason", ld.Reason)
+		return &StopError{Reason: ReasonLockdown, Err: err}
+	}
+	if ctx.Err() != nil {
+		return &StopError{Reason: ReasonDone, Err: ctx.Err()}
+	}
+	n.d.Log.Error("re-attestation failed", "err", err.Error())
+	return &StopError{Reason: ReasonReattestFailed, Err: err}
 }

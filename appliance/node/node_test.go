@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/attest"
+	"github.com/dataembassy/embassy/appliance/attest/attesttest"
 	"github.com/dataembassy/embassy/appliance/replicate"
 	"github.com/dataembassy/embassy/protocol/api"
 )
@@ -353,6 +354,66 @@ func TestReattestInterval(t *testing.T) {
 				if gap < tc.atLeast || gap > tc.atMost {
 					t.Fatalf("round %d came %s after the one before, want %s to %s", i+1, gap, tc.atLeast, tc.atMost)
 				}
+			}
+		})
+	}
+}
+
+// TestSlowestBrokerLockdownStops, from the attacker's side: k = 2 brokers
+// answer at once and the third only after a delay, over TLS. Whether the
+// third's answer comes in a re-attestation or after the boot's unlock
+// (which did not wait for it), its lockdown stops the node like a fast
+// broker's (ReasonLockdown, *attest.LockdownError); its normal answer
+// leaves the node serving.
+func TestSlowestBrokerLockdownStops(t *testing.T) {
+	cases := []struct {
+		name     string
+		boot     bool // the answer comes late in the boot round, else in re-attestations
+		lockdown bool
+		want     Reason
+	}{
+		{"re-attestation: slowest broker orders a lockdown", false, true, ReasonLockdown},
+		{"re-attestation: slowest broker answers", false, false, ReasonDone},
+		{"boot: slowest broker orders a lockdown after the unlock", true, true, ReasonLockdown},
+		{"boot: slowest broker answers after the unlock", true, false, ReasonDone},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			slow := &attesttest.Broker{Name: "broker-c", Lockdown: tc.lockdown, Delay: 300 * time.Millisecond}
+			client := attesttest.NewClient(t, 2, &attesttest.Broker{Name: "broker-a"}, &attesttest.Broker{Name: "broker-b"}, slow)
+			n, _ := newNode(&api.Health{}, &fakeAttester{})
+			n.d.Attester = client
+			var rounds []attest.Round
+			n.d.Reattested = func(r attest.Round) { rounds = append(rounds, r) }
+			// Re-attestation every 50 ms, or (at boot) none during the test.
+			n.d.ReattestEvery = 50 * time.Millisecond
+			n.d.ReattestBounds = attest.ReattestBounds{Min: 50 * time.Millisecond, Max: 100 * time.Millisecond}
+			if tc.boot {
+				n.d.ReattestEvery = time.Hour
+				n.d.ReattestBounds.Max = time.Hour
+				boot := attesttest.Context(t, 10*time.Second)
+				res, late, err := client.AttestFirst(boot, attest.Backoff{Initial: 50 * time.Millisecond, Max: 200 * time.Millisecond}, 2)
+				if err != nil || len(res) != 2 || slow.Answered() != 0 {
+					t.Fatalf("unlock: %d results, err %v, slowest broker answered %d times", len(res), err, slow.Answered())
+				}
+				n.d.Late = late
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			stop := n.Run(ctx)
+			if stop.Reason != tc.want {
+				t.Fatalf("stopped with %v, want %s", stop, tc.want)
+			}
+			var ld *attest.LockdownError
+			if got := errors.As(stop, &ld); got != (tc.want == ReasonLockdown) || (got && ld.Broker != "broker-c") {
+				t.Fatalf("stopped with %v: lockdown not the slowest broker's", stop)
+			}
+			if tc.want == ReasonDone && !tc.boot && (len(rounds) < 2 || len(rounds[0]) != 3) {
+				heard := 0
+				if len(rounds) > 0 {
+					heard = len(rounds[0])
+				}
+				t.Fatalf("kept serving with %d re-attestations, the first of %d brokers; want at least 2 of all 3", len(rounds), heard)
 			}
 		})
 	}
