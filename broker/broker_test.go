@@ -88,9 +88,11 @@ func TestFullFlowThreeBrokersK2(t *testing.T) {
 		t.Fatalf("release audit %+v", ent)
 	}
 
-	// One broker down: still k answers.
+	// One broker down: still k answers. (The boot's unlock, which goes on
+	// at k; a whole round would retry the broker that is down until its
+	// deadline.)
 	e.stop(2)
-	results, err = a.c.AttestAll(ctxTimeout(t, time.Minute), fastRetry, 2)
+	results, _, err = a.c.AttestFirst(ctxTimeout(t, time.Minute), fastRetry, 2)
 	if err != nil {
 		t.Fatalf("one broker down: %v", err)
 	}

@@ -207,6 +207,8 @@ type Result struct {
 	Shares        map[string]shamir.Share // by disk id, imported through the TPM
 	Certificate   *tls.Certificate
 	DiskApprovals int
+	// ReattestAfter is the broker's re-attestation interval, clamped to
+	// [MinReattestAfter, MaxReattestAfter].
 	ReattestAfter time.Duration
 	Peers         []api.Peer
 	Err           error
@@ -247,7 +249,7 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 		return res
 	}
 	res.ImageVersion, res.DiskApprovals = resp.ImageVersion, resp.DiskApprovals
-	res.ReattestAfter = time.Duration(resp.ReattestAfter) * time.Second
+	res.ReattestAfter = reattestAfter(resp.ReattestAfter)
 	res.Peers = resp.Peers
 	if len(resp.Certificate) == 0 {
 		res.Err = fmt.Errorf("broker %s sent no certificate", b.Name)
@@ -291,18 +293,76 @@ type Backoff struct {
 	Initial, Max time.Duration
 }
 
-// AttestAll attests to every broker in parallel, retrying each failed
-// broker with exponential backoff, until want brokers have answered (k to
-// unlock, all n to provision a disk) or ctx ends. A broker's lockdown order
-// stops everything at once. It returns the successful results and, if fewer
-// than want answered, an error naming each other broker's last failure.
+// AttestFirst attests to every broker in parallel, retrying each failed
+// broker with exponential backoff, and returns as soon as want brokers
+// have answered (k to unlock at boot: the unlock does not wait for the
+// slowest broker). A lockdown ordered by then is a *LockdownError; fewer
+// than want answers when ctx ends is ErrBelowThreshold, naming each other
+// broker's last failure. The other brokers' attestations go on until each
+// has answered or ctx ends: the returned Late reports a lockdown that any
+// of them orders, and their shares are wiped as they arrive. ctx bounds
+// the whole round: keep it alive until Late is done.
+func (c *Client) AttestFirst(ctx context.Context, bo Backoff, want int) ([]*Result, *Late, error) {
+	return c.attest(ctx, bo, want, false)
+}
+
+// AttestAll attests to every broker like AttestFirst but returns only once
+// every broker has answered or ctx ends (a re-attestation's or a
+// provisioning's round): a lockdown from any broker answered by then, even
+// one slower than the first want, is a *LockdownError. It returns every
+// broker's successful result, or an error.
 func (c *Client) AttestAll(ctx context.Context, bo Backoff, want int) ([]*Result, error) {
+	ok, late, err := c.attest(ctx, bo, want, true)
+	if err != nil {
+		return ok, err
+	}
+	if err := late.Wait(); err != nil {
+		Round(ok).WipeShares()
+		return nil, err
+	}
+	return append(ok, late.results...), nil
+}
+
+// attest runs a round until want brokers answered (then the rest go on
+// behind Late, which keeps their results if keepLate), a lockdown, or the
+// end of ctx.
+func (c *Client) attest(ctx context.Context, bo Backoff, want int, keepLate bool) ([]*Result, *Late, error) {
 	if bo.Initial == 0 {
 		bo = Backoff{Initial: 500 * time.Millisecond, Max: 10 * time.Second}
 	}
-	k := want
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	answers := c.launch(ctx, bo)
+	var ok []*Result
+	last := map[string]error{}
+	for left := len(c.cfg.Brokers); left > 0; left-- {
+		r := <-answers
+		if ld := lockdownOf(r); ld != nil {
+			cancel()
+			Round(ok).WipeShares()
+			return nil, nil, ld
+		}
+		if r.Err != nil {
+			last[r.Broker] = r.Err
+			continue
+		}
+		ok = append(ok, r)
+		if len(ok) >= want {
+			return ok, listenLate(answers, left-1, cancel, keepLate), nil
+		}
+	}
+	cancel()
+	var errs brokerErrors
+	for b, e := range last {
+		errs = append(errs, fmt.Errorf("%s: %w", b, e))
+	}
+	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
+	return ok, nil, fmt.Errorf("%w: %d of %d brokers answered, %d needed: %w", ErrBelowThreshold, len(ok), len(c.cfg.Brokers), want, errs)
+}
+
+// launch attests to every broker in its own goroutine, retrying until the
+// broker answers, its answer is final or ctx ends; each sends its last
+// result once on the returned channel, which holds them all.
+func (c *Client) launch(ctx context.Context, bo Backoff) <-chan *Result {
 	ch := make(chan *Result, len(c.cfg.Brokers))
 	for _, b := range c.cfg.Brokers {
 		go func() {
@@ -328,29 +388,16 @@ func (c *Client) AttestAll(ctx context.Context, bo Backoff, want int) ([]*Result
 			}
 		}()
 	}
-	var ok []*Result
-	last := map[string]error{}
-	for range c.cfg.Brokers {
-		r := <-ch
-		var be *BrokerError
-		if r.Err != nil && errors.As(r.Err, &be) && be.Lockdown {
-			return nil, &LockdownError{Broker: be.Broker, Reason: be.Message}
-		}
-		if r.Err == nil {
-			ok = append(ok, r)
-			if len(ok) >= k {
-				return ok, nil
-			}
-		} else {
-			last[r.Broker] = r.Err
-		}
+	return ch
+}
+
+// lockdownOf returns the lockdown order in a broker's answer, or nil.
+func lockdownOf(r *Result) *LockdownError {
+	var be *BrokerError
+	if errors.As(r.Err, &be) && be.Lockdown {
+		return &LockdownError{Broker: be.Broker, Reason: be.Message}
 	}
-	var errs brokerErrors
-	for b, e := range last {
-		errs = append(errs, fmt.Errorf("%s: %w", b, e))
-	}
-	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
-	return ok, fmt.Errorf("%w: %d of %d brokers answered, %d needed: %w", ErrBelowThreshold, len(ok), len(c.cfg.Brokers), k, errs)
+	return nil
 }
 
 // ErrBelowThreshold means fewer than k brokers released their shares.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/dataembassy/embassy/keys/shamir"
 	"github.com/dataembassy/embassy/protocol/api"
@@ -104,4 +105,16 @@ func (r Round) DiskApprovals() int {
 		n = min(n, res.DiskApprovals)
 	}
 	return n
+}
+
+// ReattestAfter is when the appliance re-attests after the round: the
+// smallest of its brokers' intervals, each clamped to b, so that no single
+// broker can delay re-attestation (and revocation) past b.Max or make it
+// spin below b.Min. An empty round gives b.Max.
+func (r Round) ReattestAfter(b ReattestBounds) time.Duration {
+	d := b.Max
+	for _, res := range r {
+		d = min(d, b.Clamp(res.ReattestAfter))
+	}
+	return d
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/dataembassy/embassy/keys/shamir"
 	"github.com/dataembassy/embassy/protocol/api"
@@ -115,5 +116,31 @@ func TestWipeShares(t *testing.T) {
 	}
 	if keys, _ := r.Keys(2); len(keys) != 0 {
 		t.Fatal("keys recombined from wiped shares")
+	}
+}
+
+func TestRoundReattestAfter(t *testing.T) {
+	bounds := ReattestBounds{Min: 10 * time.Second, Max: 15 * time.Minute}
+	res := func(d time.Duration) *Result { return &Result{ReattestAfter: d} }
+	const tenYears = 10 * 365 * 24 * time.Hour
+	cases := []struct {
+		name  string
+		round Round
+		want  time.Duration
+	}{
+		{"empty round", nil, bounds.Max},
+		{"all agree", Round{res(time.Minute), res(time.Minute)}, time.Minute},
+		{"the smallest wins", Round{res(5 * time.Minute), res(time.Minute), res(2 * time.Minute)}, time.Minute},
+		{"one broker answers ten years", Round{res(tenYears), res(5 * time.Minute)}, 5 * time.Minute},
+		{"every broker answers ten years", Round{res(tenYears), res(tenYears)}, bounds.Max},
+		{"one broker answers zero", Round{res(0), res(time.Minute)}, bounds.Min},
+		{"one broker answers a negative interval", Round{res(-time.Hour), res(time.Minute)}, bounds.Min},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := tc.round.ReattestAfter(bounds); got != tc.want {
+				t.Fatalf("got %s, want %s", got, tc.want)
+			}
+		})
 	}
 }

@@ -173,8 +173,9 @@ func restart(log *slog.Logger) {
 // order or a failed re-attestation, once serving has stopped, the volumes
 // are closed and the keys dropped.
 func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config, clientCAs *x509.CertPool, start time.Time) {
-	// 4. Attestation: k brokers answer.
-	results := attestLoop(ctx, log, ac, cfg)
+	// 4. Attestation: k brokers answer; the others' answers come in late
+	// (a lockdown among them stops serving in phase 7).
+	results, late := attestLoop(ctx, log, ac, cfg)
 	shares := 0
 	for _, r := range results {
 		shares += len(r.Shares)
@@ -265,7 +266,7 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	}
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	n := node.New(node.Deps{Log: log, Attester: ac, Health: watcher, Ingest: ing, Replication: repSrv, Metrics: metrics,
-		Cert: &cert, Port: cfg.Ingest.Port, Threshold: cfg.Threshold, ReattestEvery: results[0].ReattestAfter,
+		Cert: &cert, Port: cfg.Ingest.Port, Threshold: cfg.Threshold, ReattestEvery: results.ReattestAfter(attest.DefaultReattestBounds()), Late: late,
 		Monitor: func(r *http.Request) error { _, err := ing.ClientName(r); return err },
 		Reattested: func(r attest.Round) {
 			// Brokers release the shares with every answer; serving needs
@@ -300,19 +301,26 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 		"closed", closed.Closed, "key_dropped", closed.KeyDropped, "key_remains", closed.KeyRemains)
 }
 
-// attestLoop attests to the brokers until k answer. An appliance the
-// brokers do not know asks to enroll (credential activation) once and then
-// waits for the operators' approval; a lockdown order is logged and the
-// appliance keeps trying, serving nothing meanwhile.
-func attestLoop(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config) attest.Round {
+// attestLoop attests to the brokers until k answer, and returns their
+// answers and the late ones still to come from the other brokers (until
+// the round's deadline). An appliance the brokers do not know asks to
+// enroll (credential activation) once and then waits for the operators'
+// approval; a lockdown order is logged and the appliance keeps trying,
+// serving nothing meanwhile.
+func attestLoop(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config) (attest.Round, *attest.Late) {
 	enrollAsked := false
 	for {
 		round, cancel := context.WithTimeout(ctx, 30*time.Second)
-		results, err := ac.AttestAll(round, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, cfg.Threshold)
-		cancel()
+		results, late, err := ac.AttestFirst(round, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, cfg.Threshold)
 		if err == nil {
-			return results
+			// The round goes on for the other brokers' answers.
+			go func() {
+				<-late.Done()
+				cancel()
+			}()
+			return results, late
 		}
+		cancel()
 		var ld *attest.LockdownError
 		switch {
 		case errors.As(err, &ld):

@@ -42,6 +42,14 @@ type Attester interface {
 	Challenge(nonce []byte) (*api.ChallengeResponse, error)
 }
 
+// LateAnswers are the answers of a round's brokers slower than its first
+// k (*attest.Late): Done is closed once they have all answered or the
+// round ended; Err then says whether one of them ordered a lockdown.
+type LateAnswers interface {
+	Done() <-chan struct{}
+	Err() error
+}
+
 // HealthSource reports the appliance's disks, blank disks and replication
 // peers.
 type HealthSource interface {
@@ -70,9 +78,19 @@ type Deps struct {
 	Port int
 	// Threshold is how many brokers must answer a re-attestation (k).
 	Threshold int
-	// ReattestEvery is the brokers' re-attestation interval (5 minutes if
-	// not positive).
+	// ReattestEvery is the first re-attestation interval, the boot
+	// round's (5 minutes if not positive); each re-attestation's round
+	// then sets the next one (attest.Round.ReattestAfter). Every interval
+	// is clamped to ReattestBounds.
 	ReattestEvery time.Duration
+	// ReattestBounds bound every interval (attest.DefaultReattestBounds
+	// when zero): no broker's answer can stop re-attestation, and with it
+	// revocation, or make it spin.
+	ReattestBounds attest.ReattestBounds
+	// Late are the boot round's answers after its first k (the unlock did
+	// not wait for them): a lockdown among them stops the node as a
+	// re-attestation's does. Nil: none.
+	Late LateAnswers
 	// Reattested is called with each successful re-attestation's round.
 	Reattested func(attest.Round)
 	// MinUploadRate is the slowest an upload body may arrive, in bytes per
@@ -256,9 +274,14 @@ func (e *StopError) Error() string { return fmt.Sprintf("%s: %v", e.Reason, e.Er
 
 func (e *StopError) Unwrap() error { return e.Err }
 
+// defaultReattestEvery is the first interval when Deps.ReattestEvery is
+// not positive.
+const defaultReattestEvery = 5 * time.Minute
+
 // Run serves (listening first unless Listen was called) and re-attests
-// every ReattestEvery until a broker orders a lockdown, a re-attestation
-// fails or ctx ends. It then stops the server and says why (never nil).
+// after each round's interval until a broker orders a lockdown (in a
+// re-attestation, or late in the boot round), a re-attestation fails or
+// ctx ends. It then stops the server and says why (never nil).
 func (n *Node) Run(ctx context.Context) *StopError {
 	if n.ln == nil {
 		if err := n.Listen(); err != nil {
@@ -266,41 +289,71 @@ func (n *Node) Run(ctx context.Context) *StopError {
 		}
 	}
 	defer n.srv.Close()
+	bounds := n.reattestBounds()
 	every := n.d.ReattestEvery
 	if every <= 0 {
-		every = 5 * time.Minute
+		every = defaultReattestEvery
 	}
+	var late <-chan struct{}
+	if n.d.Late != nil {
+		late = n.d.Late.Done()
+	}
+	t := time.NewTimer(bounds.Clamp(every))
+	defer t.Stop()
 	for {
-		t := time.NewTimer(every)
 		select {
 		case <-ctx.Done():
-			t.Stop()
 			return &StopError{Reason: ReasonDone, Err: ctx.Err()}
+		case <-late:
+			late = nil
+			if err := n.d.Late.Err(); err != nil {
+				return n.stopped(ctx, err)
+			}
 		case <-t.C:
-		}
-		if err := n.reattest(ctx); err != nil {
-			return err
+			round, stop := n.reattest(ctx)
+			if stop != nil {
+				return stop
+			}
+			t.Reset(round.ReattestAfter(bounds))
 		}
 	}
 }
 
-func (n *Node) reattest(ctx context.Context) *StopError {
+// reattestBounds are Deps.ReattestBounds, or the defaults when unset.
+func (n *Node) reattestBounds() attest.ReattestBounds {
+	if n.d.ReattestBounds == (attest.ReattestBounds{}) {
+		return attest.DefaultReattestBounds()
+	}
+	return n.d.ReattestBounds
+}
+
+func (n *Node) reattest(ctx context.Context) (attest.Round, *StopError) {
 	round, cancel := context.WithTimeout(ctx, time.Minute)
 	res, err := n.d.Attester.AttestAll(round, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, n.d.Threshold)
 	cancel()
 	if err != nil {
-		var ld *attest.LockdownError
-		if errors.As(err, &ld) {
-			n.d.Log.Error(logmsg.MsgLockdown, "broker", ld.Broker, "reason", ld.Reason)
-			return &StopError{Reason: ReasonLockdown, Err: err}
-		}
-		n.d.Log.Error("re-attestation failed", "err", err.Error())
-		return &StopError{Reason: ReasonReattestFailed, Err: err}
+		return nil, n.stopped(ctx, err)
 	}
 	n.d.Cert.Store(res[0].Certificate)
 	if n.d.Reattested != nil {
 		n.d.Reattested(res)
 	}
 	n.d.Log.Info("re-attested", "brokers", len(res), "image_version", res[0].ImageVersion)
-	return nil
+	return res, nil
+}
+
+// stopped logs why a round's answers stop the node and says so: a
+// lockdown order, else the end of ctx (the round was cut short, not
+// failed), else a failed re-attestation.
+func (n *Node) stopped(ctx context.Context, err error) *StopError {
+	var ld *attest.LockdownError
+	if errors.As(err, &ld) {
+		n.d.Log.Error(logmsg.MsgLockdown, "broker", ld.Broker, "reason", ld.Reason)
+		return &StopError{Reason: ReasonLockdown, Err: err}
+	}
+	if ctx.Err() != nil {
+		return &StopError{Reason: ReasonDone, Err: ctx.Err()}
+	}
+	n.d.Log.Error("re-attestation failed", "err", err.Error())
+	return &StopError{Reason: ReasonReattestFailed, Err: err}
 }

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/attest"
+	"github.com/dataembassy/embassy/appliance/attest/attesttest"
 	"github.com/dataembassy/embassy/appliance/replicate"
 	"github.com/dataembassy/embassy/protocol/api"
 )
@@ -243,6 +244,7 @@ func TestRun(t *testing.T) {
 			n, cert := newNode(&api.Health{}, att)
 			cert.Store(first)
 			n.d.ReattestEvery = time.Millisecond
+			n.d.ReattestBounds = attest.ReattestBounds{Min: time.Millisecond, Max: time.Second}
 			var rounds []attest.Round
 			n.d.Reattested = func(r attest.Round) { rounds = append(rounds, r) }
 			ctx, cancel := context.WithCancel(context.Background())
@@ -270,6 +272,148 @@ func TestRun(t *testing.T) {
 			// The server is closed: nothing answers any more.
 			if _, err := n.ln.Accept(); err == nil {
 				t.Fatal("listener still open")
+			}
+		})
+	}
+}
+
+// timedAttester answers every re-attestation with the same round and
+// records when each was asked for; it ends the test's run after want
+// rounds.
+type timedAttester struct {
+	fakeAttester
+	answer []*attest.Result
+	want   int
+	stop   context.CancelFunc
+	asked  []time.Time
+}
+
+func (f *timedAttester) AttestAll(ctx context.Context, bo attest.Backoff, want int) ([]*attest.Result, error) {
+	f.asked = append(f.asked, time.Now())
+	if len(f.asked) >= f.want {
+		f.stop()
+	}
+	return f.answer, nil
+}
+
+// TestReattestInterval: the intervals the brokers answer are clamped, and
+// the smallest of a round's wins: one broker answering ten years does not
+// stop re-attestation (the next round comes within the maximum), one
+// answering zero or a negative interval does not make it spin (rounds stay
+// the minimum apart).
+func TestReattestInterval(t *testing.T) {
+	const tenYears = 10 * 365 * 24 * time.Hour
+	// Timers fire late on a loaded machine, never early: the lower bounds
+	// are exact, the upper ones get slack.
+	const slack = 2 * time.Second
+	short := attest.ReattestBounds{Min: 150 * time.Millisecond, Max: 500 * time.Millisecond}
+	long := attest.ReattestBounds{Min: 150 * time.Millisecond, Max: 5 * time.Second}
+	res := func(intervals ...time.Duration) []*attest.Result {
+		var out []*attest.Result
+		for i, d := range intervals {
+			out = append(out, &attest.Result{Broker: fmt.Sprintf("b%d", i), Certificate: &tls.Certificate{}, ReattestAfter: d})
+		}
+		return out
+	}
+	cases := []struct {
+		name    string
+		bounds  attest.ReattestBounds
+		first   time.Duration // the boot round's interval
+		answer  []*attest.Result
+		atLeast time.Duration // between two rounds, and before the first
+		atMost  time.Duration
+	}{
+		{"every broker answers ten years", short, tenYears, res(tenYears, tenYears), short.Max, short.Max + slack},
+		// The maximum is far: the rounds come at the smallest interval.
+		{"one broker answers ten years", long, 200 * time.Millisecond, res(tenYears, 200*time.Millisecond),
+			200 * time.Millisecond, 200*time.Millisecond + slack},
+		{"a broker answers zero", short, 0, res(0, time.Minute), short.Min, short.Max + slack},
+		{"a broker answers a negative interval", short, -time.Second, res(time.Minute, -time.Hour), short.Min, short.Max + slack},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			att := &timedAttester{answer: tc.answer, want: 4, stop: cancel}
+			n, _ := newNode(&api.Health{}, &fakeAttester{})
+			n.d.Attester = att
+			n.d.ReattestEvery = tc.first
+			n.d.ReattestBounds = tc.bounds
+			start := time.Now()
+			if stop := n.Run(ctx); stop.Reason != ReasonDone {
+				t.Fatalf("stopped with %v", stop)
+			}
+			if len(att.asked) < att.want {
+				t.Fatalf("re-attestation stopped: %d rounds in %s, want %d", len(att.asked), time.Since(start), att.want)
+			}
+			if first := att.asked[0].Sub(start); first > tc.bounds.Max+slack {
+				t.Fatalf("first round after %s, want at most %s", first, tc.bounds.Max+slack)
+			}
+			for i := 1; i < len(att.asked); i++ {
+				gap := att.asked[i].Sub(att.asked[i-1])
+				if gap < tc.atLeast || gap > tc.atMost {
+					t.Fatalf("round %d came %s after the one before, want %s to %s", i+1, gap, tc.atLeast, tc.atMost)
+				}
+			}
+		})
+	}
+}
+
+// TestSlowestBrokerLockdownStops, from the attacker's side: k = 2 brokers
+// answer at once and the third only after a delay, over TLS. Whether the
+// third's answer comes in a re-attestation or after the boot's unlock
+// (which did not wait for it), its lockdown stops the node like a fast
+// broker's (ReasonLockdown, *attest.LockdownError); its normal answer
+// leaves the node serving.
+func TestSlowestBrokerLockdownStops(t *testing.T) {
+	cases := []struct {
+		name     string
+		boot     bool // the answer comes late in the boot round, else in re-attestations
+		lockdown bool
+		want     Reason
+	}{
+		{"re-attestation: slowest broker orders a lockdown", false, true, ReasonLockdown},
+		{"re-attestation: slowest broker answers", false, false, ReasonDone},
+		{"boot: slowest broker orders a lockdown after the unlock", true, true, ReasonLockdown},
+		{"boot: slowest broker answers after the unlock", true, false, ReasonDone},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			slow := &attesttest.Broker{Name: "broker-c", Lockdown: tc.lockdown, Delay: 300 * time.Millisecond}
+			client := attesttest.NewClient(t, 2, &attesttest.Broker{Name: "broker-a"}, &attesttest.Broker{Name: "broker-b"}, slow)
+			n, _ := newNode(&api.Health{}, &fakeAttester{})
+			n.d.Attester = client
+			var rounds []attest.Round
+			n.d.Reattested = func(r attest.Round) { rounds = append(rounds, r) }
+			// Re-attestation every 50 ms, or (at boot) none during the test.
+			n.d.ReattestEvery = 50 * time.Millisecond
+			n.d.ReattestBounds = attest.ReattestBounds{Min: 50 * time.Millisecond, Max: 100 * time.Millisecond}
+			if tc.boot {
+				n.d.ReattestEvery = time.Hour
+				n.d.ReattestBounds.Max = time.Hour
+				boot := attesttest.Context(t, 10*time.Second)
+				res, late, err := client.AttestFirst(boot, attest.Backoff{Initial: 50 * time.Millisecond, Max: 200 * time.Millisecond}, 2)
+				if err != nil || len(res) != 2 || slow.Answered() != 0 {
+					t.Fatalf("unlock: %d results, err %v, slowest broker answered %d times", len(res), err, slow.Answered())
+				}
+				n.d.Late = late
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			stop := n.Run(ctx)
+			if stop.Reason != tc.want {
+				t.Fatalf("stopped with %v, want %s", stop, tc.want)
+			}
+			var ld *attest.LockdownError
+			if got := errors.As(stop, &ld); got != (tc.want == ReasonLockdown) || (got && ld.Broker != "broker-c") {
+				t.Fatalf("stopped with %v: lockdown not the slowest broker's", stop)
+			}
+			if tc.want == ReasonDone && !tc.boot && (len(rounds) < 2 || len(rounds[0]) != 3) {
+				heard := 0
+				if len(rounds) > 0 {
+					heard = len(rounds[0])
+				}
+				t.Fatalf("kept serving with %d re-attestations, the first of %d brokers; want at least 2 of all 3", len(rounds), heard)
 			}
 		})
 	}
