@@ -5,18 +5,16 @@
 package debkernel
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+
+	"github.com/dataembassy/embassy/images/debpkg"
 )
 
 // MetaPackage is the Debian package that depends on the current kernel.
@@ -43,17 +41,6 @@ type Fetcher struct {
 	Log     *slog.Logger
 }
 
-func run(ctx context.Context, dir string, name string, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Dir = dir
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
-	}
-	return out.String(), nil
-}
-
 // resolvePackage finds the concrete kernel package the meta package names.
 func (f *Fetcher) resolvePackage(ctx context.Context) (string, error) {
 	if f.Package != "" {
@@ -62,7 +49,7 @@ func (f *Fetcher) resolvePackage(ctx context.Context) (string, error) {
 		}
 		return f.Package, nil
 	}
-	out, err := run(ctx, "", "apt-cache", "depends", MetaPackage)
+	out, err := debpkg.Run(ctx, "", "apt-cache", "depends", MetaPackage)
 	if err != nil {
 		return "", fmt.Errorf("resolve %s (run apt-get update first?): %w", MetaPackage, err)
 	}
@@ -91,81 +78,46 @@ func (f *Fetcher) Fetch(ctx context.Context) (*Kernel, error) {
 	if f.Package != "" {
 		pattern = f.Package + "_*_amd64.deb"
 	}
-	deb := ""
-	if matches, _ := filepath.Glob(filepath.Join(dir, pattern)); len(matches) > 0 {
-		deb = matches[len(matches)-1]
-	}
+	deb := debpkg.Cached(dir, pattern)
 	if deb == "" {
 		pkg, err := f.resolvePackage(ctx)
 		if err != nil {
 			return nil, err
 		}
-		log.Info("downloading kernel package", "package", pkg)
-		if _, err := run(ctx, dir, "apt-get", "download", pkg); err != nil {
+		if deb, err = debpkg.Download(ctx, dir, pkg, pkg+"_*_amd64.deb", log); err != nil {
 			return nil, fmt.Errorf("download kernel: %w", err)
 		}
-		matches, _ := filepath.Glob(filepath.Join(dir, pkg+"_*_amd64.deb"))
-		if len(matches) == 0 {
-			return nil, fmt.Errorf("apt-get download %s left no .deb in %s", pkg, dir)
-		}
-		deb = matches[len(matches)-1]
 	}
 	return unpack(ctx, deb, log)
 }
 
 func unpack(ctx context.Context, deb string, log *slog.Logger) (*Kernel, error) {
-	data, err := os.ReadFile(deb)
-	if err != nil {
-		return nil, fmt.Errorf("read kernel package: %w", err)
+	// The kernel's modules.dep is generated once, as the tree is unpacked.
+	depmod := func(tree string) error {
+		rel, err := findRelease(tree)
+		if err != nil {
+			return err
+		}
+		if _, err := debpkg.Run(ctx, "", "depmod", "-b", tree, rel); err != nil {
+			return fmt.Errorf("generate modules.dep: %w", err)
+		}
+		return nil
 	}
-	sum := sha256.Sum256(data)
-	k := &Kernel{DebSHA256: hex.EncodeToString(sum[:])}
-	fields, err := run(ctx, "", "dpkg-deb", "-f", deb, "Package", "Version")
+	u, err := debpkg.Unpack(ctx, deb, log, depmod)
 	if err != nil {
 		return nil, err
 	}
-	for _, line := range strings.Split(fields, "\n") {
-		if v, ok := strings.CutPrefix(line, "Package: "); ok {
-			k.Package = strings.TrimSpace(v)
-		}
-		if v, ok := strings.CutPrefix(line, "Version: "); ok {
-			k.Version = strings.TrimSpace(v)
-		}
+	if !packageName.MatchString(u.Package) {
+		return nil, fmt.Errorf("%s: package %q is not a linux-image-*-amd64", deb, u.Package)
 	}
-	if !packageName.MatchString(k.Package) || k.Version == "" {
-		return nil, fmt.Errorf("%s: unexpected package fields %q", deb, fields)
-	}
-	root := strings.TrimSuffix(deb, ".deb") + ".unpacked"
-	stamp := filepath.Join(root, ".complete")
-	if _, err := os.Stat(stamp); err != nil {
-		log.Info("unpacking kernel package", "deb", filepath.Base(deb))
-		tmp := root + ".tmp"
-		os.RemoveAll(tmp)
-		if _, err := run(ctx, "", "dpkg-deb", "-x", deb, tmp); err != nil {
-			return nil, err
-		}
-		rel, err := findRelease(tmp)
-		if err != nil {
-			return nil, err
-		}
-		if _, err := run(ctx, "", "depmod", "-b", tmp, rel); err != nil {
-			return nil, fmt.Errorf("generate modules.dep: %w", err)
-		}
-		if err := os.WriteFile(filepath.Join(tmp, ".complete"), []byte(k.DebSHA256+"\n"), 0o644); err != nil {
-			return nil, err
-		}
-		os.RemoveAll(root)
-		if err := os.Rename(tmp, root); err != nil {
-			return nil, fmt.Errorf("install unpacked kernel: %w", err)
-		}
-	}
-	rel, err := findRelease(root)
+	k := &Kernel{Package: u.Package, Version: u.Version, DebSHA256: u.DebSHA256}
+	rel, err := findRelease(u.Root)
 	if err != nil {
 		return nil, err
 	}
 	k.Release = rel
-	k.Vmlinuz = filepath.Join(root, "boot", "vmlinuz-"+rel)
-	k.ModulesDir = filepath.Join(root, "lib", "modules", rel)
+	k.Vmlinuz = filepath.Join(u.Root, "boot", "vmlinuz-"+rel)
+	k.ModulesDir = filepath.Join(u.Root, "lib", "modules", rel)
 	if _, err := os.Stat(k.Vmlinuz); err != nil {
 		return nil, fmt.Errorf("kernel package has no vmlinuz: %w", err)
 	}

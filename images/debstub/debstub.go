@@ -5,19 +5,17 @@
 package debstub
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+
+	"github.com/dataembassy/embassy/images/debpkg"
 )
 
 // Package is the Debian package that ships systemd-stub.
@@ -48,17 +46,6 @@ type Fetcher struct {
 	Log     *slog.Logger
 }
 
-func run(ctx context.Context, dir string, name string, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Dir = dir
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
-	}
-	return out.String(), nil
-}
-
 // debPattern is the glob for the cached .deb; apt-get download writes an
 // epoch's colon as %3a.
 func (f *Fetcher) debPattern() string {
@@ -83,73 +70,25 @@ func (f *Fetcher) Fetch(ctx context.Context) (*Stub, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create stub cache: %w", err)
 	}
-	deb := newest(filepath.Join(dir, f.debPattern()))
+	deb := debpkg.Cached(dir, f.debPattern())
 	if deb == "" {
 		spec := Package
 		if f.Version != "" {
 			spec += "=" + f.Version
 		}
-		log.Info("downloading stub package", "package", spec)
-		if _, err := run(ctx, dir, "apt-get", "download", spec); err != nil {
-			return nil, fmt.Errorf("download %s (run apt-get update first?): %w", spec, err)
-		}
-		if deb = newest(filepath.Join(dir, f.debPattern())); deb == "" {
-			return nil, fmt.Errorf("%w: apt-get download %s left no .deb in %s", ErrNoPackage, spec, dir)
+		var err error
+		if deb, err = debpkg.Download(ctx, dir, spec, f.debPattern(), log); err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrNoPackage, err)
 		}
 	}
-	return unpack(ctx, deb, log)
-}
-
-func newest(pattern string) string {
-	m, _ := filepath.Glob(pattern)
-	if len(m) == 0 {
-		return ""
-	}
-	return m[len(m)-1]
-}
-
-func unpack(ctx context.Context, deb string, log *slog.Logger) (*Stub, error) {
-	data, err := os.ReadFile(deb)
-	if err != nil {
-		return nil, fmt.Errorf("read stub package: %w", err)
-	}
-	sum := sha256.Sum256(data)
-	s := &Stub{DebSHA256: hex.EncodeToString(sum[:])}
-	fields, err := run(ctx, "", "dpkg-deb", "-f", deb, "Package", "Version")
+	u, err := debpkg.Unpack(ctx, deb, log, nil)
 	if err != nil {
 		return nil, err
 	}
-	for _, line := range strings.Split(fields, "\n") {
-		if v, ok := strings.CutPrefix(line, "Package: "); ok {
-			s.Package = strings.TrimSpace(v)
-		}
-		if v, ok := strings.CutPrefix(line, "Version: "); ok {
-			s.Version = strings.TrimSpace(v)
-		}
+	if u.Package != Package || !versionPattern.MatchString(u.Version) {
+		return nil, fmt.Errorf("%w: %s is %s %s", ErrNoPackage, deb, u.Package, u.Version)
 	}
-	if s.Package != Package || !versionPattern.MatchString(s.Version) {
-		return nil, fmt.Errorf("%w: %s has unexpected package fields %q", ErrNoPackage, deb, fields)
-	}
-	root := strings.TrimSuffix(deb, ".deb") + ".unpacked"
-	stamp := filepath.Join(root, ".complete")
-	// The stamp records which .deb was unpacked; a replaced .deb of the
-	// same name is unpacked again.
-	if got, err := os.ReadFile(stamp); err != nil || strings.TrimSpace(string(got)) != s.DebSHA256 {
-		log.Info("unpacking stub package", "deb", filepath.Base(deb), "version", s.Version)
-		tmp := root + ".tmp"
-		os.RemoveAll(tmp)
-		if _, err := run(ctx, "", "dpkg-deb", "-x", deb, tmp); err != nil {
-			return nil, err
-		}
-		if err := os.WriteFile(filepath.Join(tmp, ".complete"), []byte(s.DebSHA256+"\n"), 0o644); err != nil {
-			return nil, err
-		}
-		os.RemoveAll(root)
-		if err := os.Rename(tmp, root); err != nil {
-			return nil, fmt.Errorf("install unpacked stub: %w", err)
-		}
-	}
-	s.Path = filepath.Join(root, filepath.FromSlash(StubPath))
+	s := &Stub{Package: u.Package, Version: u.Version, DebSHA256: u.DebSHA256, Path: filepath.Join(u.Root, filepath.FromSlash(StubPath))}
 	if fi, err := os.Stat(s.Path); err != nil {
 		return nil, fmt.Errorf("%w: package has no %s: %v", ErrNoPackage, StubPath, err)
 	} else if !fi.Mode().IsRegular() {
