@@ -117,6 +117,28 @@ func TestRevocationIsPermanent(t *testing.T) {
 			}
 		})
 	}
+	// Operators cannot hand a revoked appliance disks to provision or make
+	// it anyone's peer.
+	for _, tc := range []struct {
+		name, event, path string
+		body              any
+	}{
+		{"approve a disk", "approve-disk", api.PathAppliances + id + "/disks", api.DiskApprovalRequest{Count: 1}},
+		{"set its endpoints", "set-endpoints", api.PathAppliances + id + "/endpoints", api.EndpointsRequest{Endpoints: []string{"192.0.2.9:8443"}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := e.op(0, http.MethodPost, tc.path, tc.body, nil)
+			if codeOf(err) != api.CodeRevoked {
+				t.Errorf("got %v (code %q), want a refusal with code %q", err, codeOf(err), api.CodeRevoked)
+			}
+			if after := e.applianceState(0, id); !reflect.DeepEqual(after, before) {
+				t.Errorf("the record changed:\nbefore %+v\nafter  %+v", before, after)
+			}
+			if ent := e.lastAudit(0, tc.event); ent.Result != "fail" || ent.Reason != broker.ReasonRevoked {
+				t.Errorf("audit entry %+v", ent)
+			}
+		})
+	}
 	// And the appliance is still told to lock down.
 	resp, err := rawAttest(t, e, a, 0, nil)
 	expectRefused(t, e, 0, resp, err, broker.ReasonRevoked)

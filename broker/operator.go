@@ -75,7 +75,13 @@ func (b *Broker) ApproveDisks(by audit.Actor, id string, count int) (err error) 
 	if count < 1 || count > 64 {
 		return reject(http.StatusBadRequest, ReasonBadRequest, "count must be 1 to 64")
 	}
-	return b.update(id, func(r *record) error { r.DiskApprovals += count; return nil })
+	return b.update(id, func(r *record) error {
+		if r.Revoked {
+			return reject(http.StatusConflict, ReasonRevoked, "a revoked appliance provisions no disk")
+		}
+		r.DiskApprovals += count
+		return nil
+	})
 }
 
 // SetEndpoints records where the appliance's peers reach it (host:port,
@@ -92,7 +98,13 @@ func (b *Broker) SetEndpoints(by audit.Actor, id string, endpoints []string) (er
 			return reject(http.StatusBadRequest, ReasonBadRequest, cerr.Error())
 		}
 	}
-	return b.update(id, func(r *record) error { r.Endpoints = append([]string(nil), endpoints...); return nil })
+	return b.update(id, func(r *record) error {
+		if r.Revoked {
+			return reject(http.StatusConflict, ReasonRevoked, "a revoked appliance is nobody's peer")
+		}
+		r.Endpoints = append([]string(nil), endpoints...)
+		return nil
+	})
 }
 
 // Revoke revokes an appliance: it gets nothing more and is told to lock down.
