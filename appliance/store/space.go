@@ -59,6 +59,11 @@ type quotas struct {
 // disk. Replicated and ingested objects count alike: the quota bounds the
 // repository, whoever writes to it.
 func (s *Store) SetQuotas(limits map[string]int64) error {
+	for repo, l := range limits {
+		if l <= 0 {
+			return fmt.Errorf("quota of repository %q is %d bytes", repo, l)
+		}
+	}
 	used := map[string]int64{}
 	disks := s.readable()
 	if len(disks) > 0 && len(limits) > 0 {
@@ -77,11 +82,6 @@ func (s *Store) SetQuotas(limits map[string]int64) error {
 			if err := walkNamespace(disks[0].root, ns, func(_, _ string, size int64) { used[repo] += size }); err != nil {
 				return fmt.Errorf("count repository %s: %w", repo, err)
 			}
-		}
-	}
-	for repo, l := range limits {
-		if l <= 0 {
-			return fmt.Errorf("quota of repository %q is %d bytes", repo, l)
 		}
 	}
 	s.quota.mu.Lock()

@@ -43,11 +43,14 @@ type Manager struct {
 	// stale are closed volumes whose mapping was still busy (their disk
 	// vanished under a mounted filesystem); CloseAll tries again.
 	stale []Volume
-	// closeRetries and retryDelay bound how long closing a busy mapping
-	// is retried before its key is dropped in place (zero: 20 x 100 ms).
-	closeRetries int
-	retryDelay   time.Duration
 }
+
+// How long CloseAll retries removing a busy mapping (while a lazily
+// detached filesystem lets go) before it drops the key in place.
+const (
+	closeRetries = 20
+	retryDelay   = 100 * time.Millisecond
+)
 
 // PartitionPath names partition idx of a disk device: vda -> vda1,
 // nvme0n1 -> nvme0n1p1.
@@ -193,14 +196,10 @@ func (m *Manager) CloseAll() (CloseReport, error) {
 		}
 	}
 	m.open, m.stale = nil, nil
-	retries, delay := m.closeRetries, m.retryDelay
-	if retries == 0 {
-		retries, delay = 20, 100*time.Millisecond
-	}
 	pending := all
-	for try := 0; len(pending) > 0 && try < retries; try++ {
+	for try := 0; len(pending) > 0 && try < closeRetries; try++ {
 		if try > 0 {
-			time.Sleep(delay)
+			time.Sleep(retryDelay)
 		}
 		var still []Volume
 		for _, v := range pending {

@@ -48,12 +48,9 @@ func Unlock(device string, passphrase []byte, name string) (string, error) {
 	if err := h.CheckPolicy(); err != nil {
 		return "", fmt.Errorf("refusing to unlock %s: %w", device, err)
 	}
-	size, err := f.Seek(0, io.SeekEnd)
+	length, err := dataLength(f, device)
 	if err != nil {
-		return "", fmt.Errorf("size of %s: %w", device, err)
-	}
-	if size <= DefaultDataOffset || size%SectorSize != 0 {
-		return "", fmt.Errorf("%s: %d bytes is no LUKS2 volume with data at %d", device, size, DefaultDataOffset)
+		return "", err
 	}
 	key, err := h.RecoverKey(f, passphrase)
 	if err != nil {
@@ -61,7 +58,7 @@ func Unlock(device string, passphrase []byte, name string) (string, error) {
 	}
 	defer clear(key)
 	table := devmapper.CryptTable{
-		Length:        uint64(size) - DefaultDataOffset,
+		Length:        length,
 		BackendDevice: device,
 		BackendOffset: DefaultDataOffset,
 		Encryption:    Cipher,
@@ -111,16 +108,13 @@ func DropKey(name, device string) error {
 	if err != nil {
 		return fmt.Errorf("drop key of %s: %w", name, err)
 	}
-	size, err := f.Seek(0, io.SeekEnd)
+	length, err := dataLength(f, device)
 	f.Close()
 	if err != nil {
-		return fmt.Errorf("drop key of %s: size of %s: %w", name, device, err)
-	}
-	if size <= DefaultDataOffset {
-		return fmt.Errorf("drop key of %s: %s has %d bytes", name, device, size)
+		return fmt.Errorf("drop key of %s: %w", name, err)
 	}
 	ciphertext := devmapper.LinearTable{
-		Length:        uint64(size) - DefaultDataOffset,
+		Length:        length,
 		BackendDevice: device,
 		BackendOffset: DefaultDataOffset,
 	}
@@ -131,4 +125,17 @@ func DropKey(name, device string) error {
 		return fmt.Errorf("drop key of %s: swap the table in: %w", name, err)
 	}
 	return nil
+}
+
+// dataLength is the length of the data segment of the volume f (device):
+// everything after DefaultDataOffset, which the policy fixes.
+func dataLength(f *os.File, device string) (uint64, error) {
+	size, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return 0, fmt.Errorf("size of %s: %w", device, err)
+	}
+	if size <= DefaultDataOffset || size%SectorSize != 0 {
+		return 0, fmt.Errorf("%s: %d bytes is no LUKS2 volume with data at %d", device, size, DefaultDataOffset)
+	}
+	return uint64(size) - DefaultDataOffset, nil
 }

@@ -106,6 +106,6 @@ func pbkdf2Key(h func() hash.Hash, password, salt []byte, iter, keyLen int) ([]b
 		}
 		out = append(out, t...)
 	}
-	clear(out[keyLen:cap(out)][:len(out)-keyLen])
+	clear(out[keyLen:])
 	return out[:keyLen], nil
 }

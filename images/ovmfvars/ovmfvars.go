@@ -19,6 +19,7 @@ package ovmfvars
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
@@ -47,25 +48,9 @@ func ParseGUID(s string) (GUID, error) {
 	if len(s) != 36 || s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-' {
 		return g, fmt.Errorf("GUID %q: want 8-4-4-4-12 hex digits", s)
 	}
-	hex := s[0:8] + s[9:13] + s[14:18] + s[19:23] + s[24:36]
-	var raw [16]byte
-	for i := 0; i < 16; i++ {
-		var b byte
-		for _, c := range hex[2*i : 2*i+2] {
-			var v byte
-			switch {
-			case c >= '0' && c <= '9':
-				v = byte(c - '0')
-			case c >= 'a' && c <= 'f':
-				v = byte(c-'a') + 10
-			case c >= 'A' && c <= 'F':
-				v = byte(c-'A') + 10
-			default:
-				return g, fmt.Errorf("GUID %q: %q is not a hex digit", s, c)
-			}
-			b = b<<4 | v
-		}
-		raw[i] = b
+	raw, err := hex.DecodeString(s[0:8] + s[9:13] + s[14:18] + s[19:23] + s[24:36])
+	if err != nil {
+		return g, fmt.Errorf("GUID %q: %w", s, err)
 	}
 	// The first three fields are little-endian in memory.
 	g = GUID{raw[3], raw[2], raw[1], raw[0], raw[5], raw[4], raw[7], raw[6]}

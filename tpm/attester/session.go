@@ -180,18 +180,18 @@ func (a *Attester) load(blob *pb.ImportBlob) (tpmutil.Handle, tpm2.TPM2BName, er
 	if auth, err = ekSess.Auth(); err != nil {
 		return 0, none, fmt.Errorf("EK policy: %w", err)
 	}
-	h, _, err := legacy.LoadUsingAuth(a.rw, a.ek.Handle(), auth, blob.GetPublicArea(), private)
+	h, encodedName, err := legacy.LoadUsingAuth(a.rw, a.ek.Handle(), auth, blob.GetPublicArea(), private)
 	if err != nil {
 		return 0, none, fmt.Errorf("load: %w", err)
 	}
-	// The name the TPM computed, not one derived from the blob here: the
-	// session HMACs cover it.
-	name, _, err := readPublic(a.tpm, h)
+	// The name the TPM computed and returned (TPM2B-encoded), not one
+	// derived from the blob here: the session HMACs cover it.
+	name, err := tpm2.Unmarshal[tpm2.TPM2BName](encodedName)
 	if err != nil {
 		legacy.FlushContext(a.rw, h)
-		return 0, none, fmt.Errorf("read loaded blob's name: %w", err)
+		return 0, none, fmt.Errorf("name of the loaded blob: %w", err)
 	}
-	return h, name, nil
+	return h, *name, nil
 }
 
 // activate runs TPM2_ActivateCredential with the response encrypted to
