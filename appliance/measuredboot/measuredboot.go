@@ -1,6 +1,7 @@
 // Package measuredboot collects the appliance's measured-boot evidence: the
-// firmware's TCG2 event log and the TPM's SHA-256 PCR values 0-9. The home
-// state's verifier replays the one against the other.
+// firmware's TCG2 event log and the TPM's values of the quoted PCRs
+// (package tpm/pcrs). The home state's verifier replays the one against
+// the other.
 package measuredboot
 
 import (
@@ -53,8 +54,8 @@ func ReadPCRs(rw io.ReadWriter) (map[int][]byte, error) {
 	for i, v := range values.GetPcrs() {
 		out[int(i)] = v
 	}
-	if len(out) != pcrs.Count {
-		return nil, fmt.Errorf("TPM returned %d of %d PCRs", len(out), pcrs.Count)
+	if err := pcrs.Check(out); err != nil {
+		return nil, fmt.Errorf("TPM returned %d of %d PCRs: %w", len(out), pcrs.Count, err)
 	}
 	return out, nil
 }

@@ -137,7 +137,7 @@ func (a *Attester) Activate(credBlob, encSecret []byte) ([]byte, error) {
 	return secret, nil
 }
 
-// Quote quotes PCRs 0-9 with extraData and returns the quote (TPMS_ATTEST,
+// Quote quotes the PCRs of package tpm/pcrs with extraData and returns the quote (TPMS_ATTEST,
 // TPMT_SIGNATURE and the PCR values).
 func (a *Attester) Quote(extraData []byte) (*pb.Quote, error) {
 	if len(extraData) > 64 {

@@ -11,6 +11,7 @@ import (
 	"github.com/google/go-tpm/legacy/tpm2"
 
 	"github.com/dataembassy/embassy/tpm/attester"
+	"github.com/dataembassy/embassy/tpm/pcrs"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
 	"github.com/dataembassy/embassy/tpm/verifier"
 )
@@ -70,7 +71,7 @@ func TestProtocol(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if len(info.PCRs) != 10 || !info.Safe {
+			if len(info.PCRs) != pcrs.Count || !info.Safe {
 				t.Fatalf("quote info %+v", info)
 			}
 			wrong := sha256.Sum256([]byte("other nonce"))

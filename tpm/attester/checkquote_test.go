@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/dataembassy/embassy/tpm/attester"
+	"github.com/dataembassy/embassy/tpm/pcrs"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
 )
 
@@ -39,15 +40,15 @@ func TestTPM2CheckquoteAcceptsOurQuote(t *testing.T) {
 		t.Fatal(err)
 	}
 	var values [][]byte
-	for i := 0; i < 10; i++ {
+	for _, i := range pcrs.Indexes() {
 		values = append(values, q.GetPcrs().GetPcrs()[uint32(i)])
 	}
-	pcrs := tpm2ToolsPCRs(values)
+	pcrBlob := tpm2ToolsPCRs(values)
 	files := map[string][]byte{
 		"ak.pem":    pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}),
 		"quote.msg": q.GetQuote(),
 		"quote.sig": q.GetRawSig(),
-		"pcrs.bin":  pcrs,
+		"pcrs.bin":  pcrBlob,
 	}
 	for n, b := range files {
 		if err := os.WriteFile(filepath.Join(dir, n), b, 0o600); err != nil {
@@ -75,14 +76,21 @@ func TestTPM2CheckquoteAcceptsOurQuote(t *testing.T) {
 	}
 }
 
-// tpm2ToolsPCRs writes PCR 0-9 SHA-256 values the way tpm2_quote -o does
+// tpm2ToolsPCRs writes the SHA-256 values of the PCRs of pcrs.Indexes (in
+// that order) the way tpm2_quote -o does
 // ("serialized"): the in-memory TPML_PCR_SELECTION (132 bytes), a UINT32
 // count, then that many TPML_DIGEST structs (up to 8 digests each, 532
 // bytes), little-endian with C padding.
 func tpm2ToolsPCRs(values [][]byte) []byte {
 	le32 := func(v uint32) []byte { return []byte{byte(v), byte(v >> 8), byte(v >> 16), byte(v >> 24)} }
 	out := le32(1)
-	out = append(out, 0x0b, 0x00, 3, 0xff, 0x03, 0x00, 0x00, 0x00) // hash, sizeofSelect, pcrSelect[4], pad
+	var sel [4]byte
+	for _, i := range pcrs.Indexes() {
+		sel[i/8] |= 1 << (i % 8)
+	}
+	out = append(out, 0x0b, 0x00, 3) // hash, sizeofSelect
+	out = append(out, sel[:]...)     // pcrSelect[4]
+	out = append(out, 0x00)          // pad
 	out = append(out, make([]byte, 8*15)...)
 	var groups [][][]byte
 	for i := 0; i < len(values); i += 8 {

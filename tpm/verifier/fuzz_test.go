@@ -88,20 +88,27 @@ func newTPMValues(t testing.TB) *tpmValues {
 	return v
 }
 
-// pcrBlob is the quoted PCR values one after the other (PCR 0 first).
+// pcrBlob is the quoted PCR values one after the other, in the order of
+// pcrs.Indexes.
 func pcrBlob(q *pb.Quote) []byte {
 	var b []byte
-	for i := range pcrs.Count {
+	for _, i := range pcrs.Indexes() {
 		b = append(b, q.GetPcrs().GetPcrs()[uint32(i)]...)
 	}
 	return b
 }
 
-// pcrsOf splits a blob into 32-byte PCR values, PCR 0 first; a shorter
-// tail is one more, short, value.
+// pcrsOf splits a blob into 32-byte PCR values for the PCRs of
+// pcrs.Indexes in order, then for PCR 13, 14 and so on (more than the
+// policy); a shorter tail is one more, short, value.
 func pcrsOf(b []byte) map[int][]byte {
 	out := map[int][]byte{}
-	for i := 0; len(b) > 0; i++ {
+	idx := pcrs.Indexes()
+	for k := 0; len(b) > 0; k++ {
+		i := 13 + k - len(idx)
+		if k < len(idx) {
+			i = idx[k]
+		}
 		n := min(len(b), sha256.Size)
 		out[i], b = b[:n], b[n:]
 	}

@@ -33,6 +33,8 @@ var (
 	ErrPCRDigest   = errors.New("PCR values do not match the quoted digest")
 	ErrExtraData   = errors.New("quote extraData does not match")
 	ErrClockUnsafe = errors.New("TPM clock is not marked safe")
+	// ErrPCRSelection: a seal's PCR values are not exactly the policy's.
+	ErrPCRSelection = errors.New("PCR values are not exactly the policy selection")
 )
 
 // VerifyEKCert checks that certDER chains to one of roots (the
@@ -133,8 +135,9 @@ type QuoteInfo struct {
 }
 
 // VerifyQuote checks, in this order, that the quote covers the PCRs of
-// package tpm/pcrs (0-9 of the SHA-256 bank), that the PCR values carried with it hash to the quoted PCR
-// digest (ErrPCRDigest), that the AK signed it (ErrQuote) and that its
+// package tpm/pcrs, exactly (ErrQuote), that the PCR values carried with
+// it are exactly those PCRs' and hash to the quoted PCR digest
+// (ErrPCRDigest), that the AK signed it (ErrQuote) and that its
 // extraData equals extraData (ErrExtraData). It returns the PCR values and
 // the TPM clock state.
 func VerifyQuote(ak *AK, q *pb.Quote, extraData []byte) (*QuoteInfo, error) {
@@ -153,7 +156,7 @@ func VerifyQuote(ak *AK, q *pb.Quote, extraData []byte) (*QuoteInfo, error) {
 		return nil, fmt.Errorf("%w: quote covers %v, want %s", ErrQuote, sel, pcrs.Description)
 	}
 	if q.GetPcrs().GetHash() != pcrs.ProtoHash || len(q.GetPcrs().GetPcrs()) != pcrs.Count {
-		return nil, fmt.Errorf("%w: want the %d values of %s", ErrPCRDigest, pcrs.Count, pcrs.Description)
+		return nil, fmt.Errorf("%w: want exactly the %d values of %s", ErrPCRDigest, pcrs.Count, pcrs.Description)
 	}
 	info := &QuoteInfo{
 		PCRs:         map[int][]byte{},
@@ -186,8 +189,13 @@ func VerifyQuote(ak *AK, q *pb.Quote, extraData []byte) (*QuoteInfo, error) {
 }
 
 // Seal encrypts secret to ekPub so that the TPM holding that EK releases it
-// only while the PCRs of package tpm/pcrs hold exactly values.
+// only while the PCRs of package tpm/pcrs hold exactly values. values must
+// hold exactly those PCRs (ErrPCRSelection): a policy over fewer would
+// leave a PCR unbound, one over more is not what the appliance quotes.
 func Seal(ekPub crypto.PublicKey, secret []byte, values map[int][]byte) (*pb.ImportBlob, error) {
+	if err := pcrs.Check(values); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrPCRSelection, err)
+	}
 	blob, err := tpmserver.CreateImportBlob(ekPub, secret, pcrs.Proto(values))
 	if err != nil {
 		return nil, fmt.Errorf("seal to EK: %w", err)
