@@ -12,12 +12,17 @@ import (
 
 // Event types used by the firmware and the Linux EFI stub.
 const (
-	EvNoAction                  = 0x00000003
-	EvSeparator                 = 0x00000004
-	EvEventTag                  = 0x00000006
-	EvEFIAction                 = 0x80000007
-	EvEFIBootServicesApp        = 0x80000003
-	algSHA256            uint16 = 0x000b
+	EvNoAction                        = 0x00000003
+	EvSeparator                       = 0x00000004
+	EvEventTag                        = 0x00000006
+	EvSCRTMVersion                    = 0x00000008
+	EvEFIVariableDriverConfig         = 0x80000001
+	EvEFIVariableBoot                 = 0x80000002
+	EvEFIBootServicesApp              = 0x80000003
+	EvEFIGPTEvent                     = 0x80000006
+	EvEFIAction                       = 0x80000007
+	EvEFIPlatformFirmwareBlob2        = 0x8000000a
+	algSHA256                  uint16 = 0x000b
 )
 
 // EventLog builds a TCG2 crypto-agile event log (SHA-256 bank only) and
@@ -83,10 +88,71 @@ func NewBootDigests(name string) BootDigests {
 
 // MeasuredBoot plays a firmware + EFI stub boot of an image into the TPM
 // and returns the event log: the kernel in PCR4 with the boot-option action
-// and separator, the command line and initrd in PCR9.
+// and separator, the command line and initrd in PCR9. The platform PCRs
+// keep their reset values (see FirmwareBoot for a platform that measures
+// itself).
 func MeasuredBoot(t testing.TB, rw io.ReadWriter, d BootDigests) []byte {
 	t.Helper()
 	l := NewEventLog()
+	l.MeasureBoot(t, rw, d)
+	return l.Bytes()
+}
+
+// FirmwareBoot plays a platform's own measurements (fw) and then the boot
+// of image d into the TPM, and returns the event log.
+func FirmwareBoot(t testing.TB, rw io.ReadWriter, fw Firmware, d BootDigests) []byte {
+	t.Helper()
+	l := NewEventLog()
+	l.MeasureFirmware(t, rw, fw)
+	l.MeasureBoot(t, rw, d)
+	return l.Bytes()
+}
+
+// Firmware is what a simulated platform measures before it calls the boot
+// loader: the CRTM version and firmware volumes (PCR0), the boot variables
+// (PCR1), the GPT (PCR5) and the Secure Boot policy (PCR7). Each field is
+// the data measured; its digest is SHA-256 of it.
+type Firmware struct {
+	CRTMVersion string
+	Blobs       []string // firmware volumes, in measurement order
+	BootOrder   string
+	GPT         string
+	SecureBoot  string
+}
+
+// NewFirmware makes a platform whose measurements derive from name.
+func NewFirmware(name string) Firmware {
+	return Firmware{CRTMVersion: name + " CRTM 1.0", Blobs: []string{name + " PEI volume", name + " DXE volume", name + " NVRAM volume"},
+		BootOrder: name + " BootOrder 0001", GPT: name + " GPT", SecureBoot: name + " SecureBoot=1 PK KEK db dbx"}
+}
+
+// MeasureFirmware logs fw's events into PCRs 0, 1, 5 and 7 and extends
+// them, then a separator into each of PCRs 0-3 and 5-7 (PCR4's is
+// MeasureBoot's).
+func (l *EventLog) MeasureFirmware(t testing.TB, rw io.ReadWriter, fw Firmware) {
+	t.Helper()
+	measure := func(pcr int, typ uint32, data string) {
+		d := sha256.Sum256([]byte(data))
+		l.Measure(t, rw, pcr, typ, d[:], []byte(data))
+	}
+	measure(0, EvSCRTMVersion, fw.CRTMVersion)
+	for _, b := range fw.Blobs {
+		measure(0, EvEFIPlatformFirmwareBlob2, b)
+	}
+	measure(7, EvEFIVariableDriverConfig, fw.SecureBoot)
+	measure(1, EvEFIVariableBoot, fw.BootOrder)
+	sep := sha256.Sum256([]byte{0, 0, 0, 0})
+	for _, pcr := range []int{0, 1, 2, 3, 5, 6, 7} {
+		l.Measure(t, rw, pcr, EvSeparator, sep[:], []byte{0, 0, 0, 0})
+	}
+	measure(5, EvEFIGPTEvent, fw.GPT)
+}
+
+// MeasureBoot logs and extends the boot of image d: the kernel in PCR4
+// with the boot-option action and separator, the command line and initrd
+// in PCR9.
+func (l *EventLog) MeasureBoot(t testing.TB, rw io.ReadWriter, d BootDigests) {
+	t.Helper()
 	action := []byte("Calling EFI Application from Boot Option")
 	ad := sha256.Sum256(action)
 	sep := sha256.Sum256([]byte{0, 0, 0, 0})
@@ -95,5 +161,4 @@ func MeasuredBoot(t testing.TB, rw io.ReadWriter, d BootDigests) []byte {
 	l.Measure(t, rw, 4, EvEFIBootServicesApp, d.Kernel, make([]byte, 40))
 	l.Measure(t, rw, 9, EvEventTag, d.LoadOptions, []byte("LOADED_IMAGE::LoadOptions\x00"))
 	l.Measure(t, rw, 9, EvEventTag, d.Initrd, []byte("Linux initrd\x00"))
-	return l.Bytes()
 }
