@@ -9,7 +9,9 @@
 //
 // Files: reasons.go (refusals and their codes), enroll.go, operator.go
 // (operator changes and reads), nonce.go, verify.go and release.go (an
-// attestation's checks, then what it releases), shares.go (deposits),
+// attestation's checks, then what it releases), firmware.go (the platform
+// PCRs' reference: recorded at activation, checked at every attestation,
+// approve-firmware), shares.go (deposits),
 // store.go (database and shares at rest), http.go (both HTTPS APIs),
 // metrics.go (Prometheus metrics, served on the operator API).
 package broker

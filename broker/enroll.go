@@ -4,10 +4,13 @@ import (
 	"crypto/rand"
 	"crypto/subtle"
 	"crypto/x509"
+	"encoding/hex"
 	"net/http"
+	"strconv"
 
 	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/tpm/pcrs"
 	"github.com/dataembassy/embassy/tpm/verifier"
 )
 
@@ -67,9 +70,15 @@ func (b *Broker) enrollable(id string) (*record, error) {
 	return old, nil
 }
 
-// Activate checks the answer to the activation challenge.
+// Activate checks the answer to the activation challenge and the
+// platform evidence sent with it (a quote by the AK just activated, bound
+// to the secret, and the event log it replays), and records the platform
+// PCRs' values and events as the appliance's firmware reference. An
+// answer without valid evidence is refused (ReasonActivationEvidence) and
+// changes nothing, so the appliance may answer again.
 func (b *Broker) Activate(req *api.ActivateRequest) (err error) {
-	defer func() { b.record(audit.ApplianceActor(req.ApplianceID), "activate", req.ApplianceID, err, nil) }()
+	detail := map[string]string{}
+	defer func() { b.record(audit.ApplianceActor(req.ApplianceID), "activate", req.ApplianceID, err, detail) }()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	r, err := b.load(req.ApplianceID)
@@ -82,7 +91,19 @@ func (b *Broker) Activate(req *api.ActivateRequest) (err error) {
 	if len(r.Challenge) == 0 || subtle.ConstantTimeCompare(r.Challenge, req.Secret) != 1 {
 		return reject(http.StatusForbidden, ReasonActivation, "")
 	}
-	r.Activated, r.Challenge = true, nil
+	ak, err := verifier.ParseAK(r.AKPublic)
+	if err != nil {
+		return err
+	}
+	fw, err := activationEvidence(ak, req, b.now())
+	if err != nil {
+		return err
+	}
+	for _, i := range pcrs.Platform() {
+		detail["pcr"+strconv.Itoa(i)] = hex.EncodeToString(fw.PCRs[i])
+	}
+	detail["firmware_events"] = strconv.Itoa(len(fw.Events))
+	r.Activated, r.Challenge, r.Firmware, r.PendingFirmware = true, nil, fw, nil
 	return b.save(r)
 }
 

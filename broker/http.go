@@ -197,6 +197,11 @@ func (b *Broker) OperatorHandler() http.Handler {
 			if err = decode(w, r, &req); err == nil {
 				err = b.SetEndpoints(by, id, req.Endpoints)
 			}
+		case "firmware":
+			var req struct{}
+			if err = decode(w, r, &req); err == nil {
+				err = b.ApproveFirmware(by, id)
+			}
 		case "revoke":
 			var req struct{}
 			if err = decode(w, r, &req); err == nil {

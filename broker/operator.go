@@ -126,7 +126,8 @@ func (b *Broker) State() (*api.State, error) {
 			a := api.Appliance{ID: r.ID, AKPublic: r.AKPublic, EKFingerprint: hex.EncodeToString(fp[:]), Activated: r.Activated, Enrolled: r.Enrolled,
 				Revoked: r.Revoked, Floor: r.Floor, DiskApprovals: r.DiskApprovals, Disks: append([]string{}, r.Disks...),
 				ResetCount: r.ResetCount, RestartCount: r.RestartCount, LastImage: r.LastImage,
-				Endpoints: r.Endpoints, Health: r.Health}
+				Endpoints: r.Endpoints, Health: r.Health,
+				FirmwareReference: r.Firmware != nil, PendingFirmware: pendingFirmware(&r)}
 			if r.LastAttest != 0 {
 				a.LastAttestation = time.Unix(r.LastAttest, 0).UTC()
 			}

@@ -10,34 +10,37 @@ import (
 // Reasons a request is refused; each appears verbatim in the audit log and
 // in the answer's text. Programs read the answer's code (Rejection.Code).
 const (
-	ReasonUnknownAppliance = "unknown appliance"
-	ReasonAlreadyEnrolled  = "appliance already enrolled"
-	ReasonNotActivated     = "AK was never activated"
-	ReasonNotEnrolled      = "enrollment not approved by an operator"
-	ReasonRevoked          = "appliance revoked"
-	ReasonEKRevoked        = "EK revoked: a revoked appliance never enrolls again"
-	ReasonNonceUnknown     = "nonce unknown or already used"
-	ReasonNonceExpired     = "nonce expired"
-	ReasonTooManyNonces    = "too many outstanding nonces"
-	ReasonQuote            = "quote signature does not verify with the appliance's AK"
-	ReasonPCRDigest        = "PCR values do not match the quoted digest"
-	ReasonBinding          = "quote extraData does not bind this nonce and TLS key"
-	ReasonClock            = "TPM clock not marked safe"
-	ReasonRollback         = "TPM reset or restart count went backwards (state rollback)"
-	ReasonReplay           = "event log does not replay to the quoted PCRs"
-	ReasonImage            = "measured boot matches no approved image"
-	ReasonFloor            = "image version below the appliance's floor"
-	ReasonFloorDown        = "an appliance's floor only goes up"
-	ReasonBadRequest       = "malformed request"
-	ReasonEKCert           = "EK certificate does not chain to a trusted manufacturer"
-	ReasonAK               = "AK is not a restricted TPM signing key"
-	ReasonActivation       = "credential activation answer is wrong"
-	ReasonManifestSig      = "manifest signature does not verify with the image-signing key"
-	ReasonManifestConflict = "another manifest with this version is approved"
-	ReasonNoDiskApproval   = "no approved disk provisioning pending"
-	ReasonDiskExists       = "a share for this disk is already deposited"
-	ReasonNotAttested      = "attested client certificate required"
-	ReasonNoOperatorCert   = "operator client certificate required"
+	ReasonUnknownAppliance   = "unknown appliance"
+	ReasonAlreadyEnrolled    = "appliance already enrolled"
+	ReasonNotActivated       = "AK was never activated"
+	ReasonNotEnrolled        = "enrollment not approved by an operator"
+	ReasonRevoked            = "appliance revoked"
+	ReasonEKRevoked          = "EK revoked: a revoked appliance never enrolls again"
+	ReasonNonceUnknown       = "nonce unknown or already used"
+	ReasonNonceExpired       = "nonce expired"
+	ReasonTooManyNonces      = "too many outstanding nonces"
+	ReasonQuote              = "quote signature does not verify with the appliance's AK"
+	ReasonPCRDigest          = "PCR values do not match the quoted digest"
+	ReasonBinding            = "quote extraData does not bind this nonce and TLS key"
+	ReasonClock              = "TPM clock not marked safe"
+	ReasonRollback           = "TPM reset or restart count went backwards (state rollback)"
+	ReasonReplay             = "event log does not replay to the quoted PCRs"
+	ReasonImage              = "measured boot matches no approved image"
+	ReasonFirmware           = "platform firmware measurements differ from the appliance's reference"
+	ReasonFloor              = "image version below the appliance's floor"
+	ReasonFloorDown          = "an appliance's floor only goes up"
+	ReasonBadRequest         = "malformed request"
+	ReasonEKCert             = "EK certificate does not chain to a trusted manufacturer"
+	ReasonAK                 = "AK is not a restricted TPM signing key"
+	ReasonActivation         = "credential activation answer is wrong"
+	ReasonActivationEvidence = "activation carries no valid quote and event log of the platform"
+	ReasonNoPendingFirmware  = "no refused firmware measurement is pending approval"
+	ReasonManifestSig        = "manifest signature does not verify with the image-signing key"
+	ReasonManifestConflict   = "another manifest with this version is approved"
+	ReasonNoDiskApproval     = "no approved disk provisioning pending"
+	ReasonDiskExists         = "a share for this disk is already deposited"
+	ReasonNotAttested        = "attested client certificate required"
+	ReasonNoOperatorCert     = "operator client certificate required"
 )
 
 // Rejection is a refused request: the reason, the HTTP status and whether
@@ -92,6 +95,8 @@ func (r *Rejection) Code() api.Code {
 		return api.CodeReplay
 	case ReasonImage:
 		return api.CodeImage
+	case ReasonFirmware:
+		return api.CodeFirmware
 	case ReasonFloor:
 		return api.CodeFloor
 	case ReasonFloorDown:
@@ -104,6 +109,10 @@ func (r *Rejection) Code() api.Code {
 		return api.CodeAK
 	case ReasonActivation:
 		return api.CodeActivation
+	case ReasonActivationEvidence:
+		return api.CodeActivationEvidence
+	case ReasonNoPendingFirmware:
+		return api.CodeNoPendingFirmware
 	case ReasonManifestSig:
 		return api.CodeManifestSignature
 	case ReasonManifestConflict:

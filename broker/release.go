@@ -12,12 +12,13 @@ import (
 	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/protocol/identity"
+	"github.com/dataembassy/embassy/tpm/pcrs"
 	"github.com/dataembassy/embassy/tpm/verifier"
 )
 
 // Attest verifies an appliance's evidence and, if everything holds,
-// releases its shares sealed to its EK and the quoted PCRs, and a TLS
-// certificate for the key bound in the quote.
+// releases its shares sealed to its EK and the expected PCR values
+// (expectedPCRs), and a TLS certificate for the key bound in the quote.
 func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err error) {
 	detail := map[string]string{}
 	defer func() {
@@ -35,7 +36,7 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 
 // release answers a verified attestation: a certificate for the TLS key
 // bound in the quote, and every deposited share sealed to the appliance's
-// EK and the quoted PCRs. The anti-rollback counters and the audit entries
+// EK and the expected PCR values. The anti-rollback counters and the audit entries
 // are durable before anything is returned.
 func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]string) (*api.AttestResponse, error) {
 	r, info, matched := v.rec, v.quote, v.image
@@ -76,12 +77,16 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 	if r.Revoked {
 		return nil, revoked()
 	}
+	expected, err := expectedPCRs(r, info.PCRs)
+	if err != nil {
+		return nil, err
+	}
 	for _, disk := range r.Disks {
 		share, err := b.loadShare(r.ID, disk)
 		if err != nil {
 			return nil, err
 		}
-		blob, err := verifier.Seal(ekPub, share, info.PCRs)
+		blob, err := verifier.Seal(ekPub, share, expected)
 		clear(share)
 		if err != nil {
 			return nil, err
@@ -101,6 +106,9 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 		h.Reported = b.now().UTC()
 		r.Health = &h
 	}
+	// A boot that matches the reference again makes a pending firmware
+	// change stale.
+	r.PendingFirmware = nil
 	r.SeenQuote, r.ResetCount, r.RestartCount = true, info.ResetCount, info.RestartCount
 	r.LastAttest, r.LastImage = b.now().Unix(), matched.Version
 	by := audit.ApplianceActor(r.ID)
@@ -122,6 +130,30 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 	}
 	b.metrics.released.Add(float64(len(resp.Shares)))
 	return resp, nil
+}
+
+// expectedPCRs is the PCR policy a share is sealed to, over exactly the
+// policy selection: the firmware reference for the platform PCRs and the
+// verified (replayed, image-checked) quote for the others. It is what the
+// broker expects, never the request's own map. The record is the one
+// re-read under b.mu, so a reference that changed since the verification
+// is what counts.
+func expectedPCRs(r *record, verified map[int][]byte) (map[int][]byte, error) {
+	if r.Firmware == nil {
+		return nil, reject(http.StatusForbidden, ReasonFirmware, "no firmware reference")
+	}
+	out := map[int][]byte{}
+	for _, i := range pcrs.Indexes() {
+		v := verified[i]
+		if pcrs.IsPlatform(i) {
+			v = r.Firmware.PCRs[i]
+		}
+		out[i] = v
+	}
+	if err := pcrs.Check(out); err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 // peersOf lists the appliances an appliance replicates with: every other

@@ -48,6 +48,13 @@ type record struct {
 	// Challenge is the credential-activation secret while enrollment is
 	// pending; cleared once activated.
 	Challenge []byte `json:"challenge,omitempty"`
+	// Firmware is the platform PCRs' reference, recorded at activation or
+	// adopted by approve-firmware; nil for an appliance activated before
+	// brokers recorded one (it is refused until an operator approves).
+	Firmware *firmware `json:"firmware,omitempty"`
+	// PendingFirmware is the first boot refused for the firmware reason
+	// since the last approval, for approve-firmware to adopt.
+	PendingFirmware *firmware `json:"pending_firmware,omitempty"`
 }
 
 // manifestRecord is an approved manifest with its signature.

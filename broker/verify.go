@@ -67,7 +67,8 @@ type verified struct {
 // nonce, the appliance's standing (known, activated, enrolled, not
 // revoked), the quote (AK signature, PCR digest, binding of nonce and TLS
 // key), the TPM clock and its anti-rollback counters, the event log's
-// replay, an approved image and the floor. detail collects what the audit
+// replay, the platform PCRs against the firmware reference, an approved
+// image and the floor. detail collects what the audit
 // entry reports.
 func (b *Broker) verify(req *api.AttestRequest, detail map[string]string) (*verified, error) {
 	if api.CheckApplianceID(req.ApplianceID) != nil || len(req.Nonce) != 32 || len(req.TLSPublic) == 0 || len(req.TLSPublic) > 4096 {
@@ -97,10 +98,8 @@ func (b *Broker) verify(req *api.AttestRequest, detail map[string]string) (*veri
 	if err != nil {
 		return nil, err
 	}
-	for i := range req.PCRs {
-		if i < 0 || i > 23 {
-			return nil, reject(http.StatusBadRequest, ReasonBadRequest, "PCR index")
-		}
+	if perr := pcrs.Check(req.PCRs); perr != nil {
+		return nil, reject(http.StatusBadRequest, ReasonBadRequest, perr.Error())
 	}
 	q := &pb.Quote{Quote: req.Quote, RawSig: req.Signature, Pcrs: pcrs.Proto(req.PCRs)}
 	tlsHash := sha256.Sum256(req.TLSPublic)
@@ -125,6 +124,9 @@ func (b *Broker) verify(req *api.AttestRequest, detail map[string]string) (*veri
 	events, rerr := eventlog.Replay(req.EventLog, info.PCRs)
 	if rerr != nil {
 		return nil, reject(http.StatusForbidden, ReasonReplay, rerr.Error())
+	}
+	if ferr := b.checkFirmware(r, info.PCRs, events, detail); ferr != nil {
+		return nil, ferr
 	}
 	manifests, err := b.approvedManifests()
 	if err != nil {

@@ -166,14 +166,20 @@ func (c *Client) post(ctx context.Context, b config.Broker, path string, cert *t
 }
 
 // Enroll registers the appliance with every broker and answers each
-// broker's credential-activation challenge. An operator must still approve
-// the enrollment on each broker.
+// broker's credential-activation challenge, with the platform evidence the
+// broker records as the firmware reference: a quote over
+// api.ActivationExtraData(secret) and the event log. An operator must
+// still approve the enrollment on each broker.
 func (c *Client) Enroll(ctx context.Context) error {
 	ek, err := c.tpm.EKPublicDER()
 	if err != nil {
 		return err
 	}
 	ak, err := c.tpm.AKPublic()
+	if err != nil {
+		return err
+	}
+	evlog, err := c.eventLog()
 	if err != nil {
 		return err
 	}
@@ -185,19 +191,38 @@ func (c *Client) Enroll(ctx context.Context) error {
 			errs = append(errs, err)
 			continue
 		}
-		c.tpmMu.Lock()
-		secret, err := c.tpm.Activate(ch.CredentialBlob, ch.EncryptedSecret)
-		c.tpmMu.Unlock()
+		req, err := c.activation(ch, evlog)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("broker %s: %w", b.Name, err))
 			continue
 		}
 		var ok struct{}
-		if err := c.post(ctx, b, api.PathActivate, nil, api.ActivateRequest{ApplianceID: ch.ApplianceID, Secret: secret}, &ok); err != nil {
+		if err := c.post(ctx, b, api.PathActivate, nil, req, &ok); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// activation answers a broker's challenge: the secret the TPM releases
+// and a quote by the activated AK bound to it, with the event log.
+func (c *Client) activation(ch api.EnrollChallenge, evlog []byte) (*api.ActivateRequest, error) {
+	c.tpmMu.Lock()
+	defer c.tpmMu.Unlock()
+	secret, err := c.tpm.Activate(ch.CredentialBlob, ch.EncryptedSecret)
+	if err != nil {
+		return nil, err
+	}
+	q, err := c.tpm.Quote(api.ActivationExtraData(secret))
+	if err != nil {
+		return nil, err
+	}
+	req := &api.ActivateRequest{ApplianceID: ch.ApplianceID, Secret: secret, Quote: q.GetQuote(), Signature: q.GetRawSig(),
+		PCRs: map[int][]byte{}, EventLog: evlog}
+	for i, v := range q.GetPcrs().GetPcrs() {
+		req.PCRs[int(i)] = v
+	}
+	return req, nil
 }
 
 // Result is one broker's answer to an attestation.

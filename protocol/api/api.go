@@ -54,3 +54,15 @@ func ExtraData(nonce, tlsKeySHA256 []byte) []byte {
 	h.Write(tlsKeySHA256)
 	return h.Sum(nil)
 }
+
+// ActivationExtraData binds the quote an appliance sends with its
+// activation answer to that enrollment's credential-activation secret:
+// SHA-256("embassy-activate-v1" || secret). Only the TPM that activated
+// the credential knows the secret, so the quote is fresh and its AK is the
+// one just activated.
+func ActivationExtraData(secret []byte) []byte {
+	h := sha256.New()
+	h.Write([]byte("embassy-activate-v1"))
+	h.Write(secret)
+	return h.Sum(nil)
+}

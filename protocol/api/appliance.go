@@ -27,10 +27,17 @@ type EnrollChallenge struct {
 	EncryptedSecret []byte `json:"encrypted_secret"`
 }
 
-// ActivateRequest answers the challenge.
+// ActivateRequest answers the challenge, with the platform's evidence the
+// broker records as the appliance's firmware reference: a quote by the
+// just-activated AK over the policy PCRs (package tpm/pcrs) whose
+// extraData is ActivationExtraData(Secret), and the raw event log.
 type ActivateRequest struct {
-	ApplianceID string `json:"appliance_id"`
-	Secret      []byte `json:"secret"`
+	ApplianceID string         `json:"appliance_id"`
+	Secret      []byte         `json:"secret"`
+	Quote       []byte         `json:"quote,omitempty"`     // TPMS_ATTEST
+	Signature   []byte         `json:"signature,omitempty"` // TPMT_SIGNATURE
+	PCRs        map[int][]byte `json:"pcrs,omitempty"`
+	EventLog    []byte         `json:"event_log,omitempty"`
 }
 
 // NonceRequest asks for a single-use nonce.

@@ -13,7 +13,7 @@ import (
 const (
 	PathEnrollments = "/v1/enrollments" // GET list; POST {id}/approve
 	PathManifests   = "/v1/manifests"   // POST approve
-	PathAppliances  = "/v1/appliances/" // POST {id}/floor, {id}/disks, {id}/revoke, {id}/endpoints
+	PathAppliances  = "/v1/appliances/" // POST {id}/floor, {id}/disks, {id}/revoke, {id}/endpoints, {id}/firmware
 	PathState       = "/v1/state"       // GET
 	PathAudit       = "/v1/audit"       // GET
 	PathMetrics     = "/metrics"        // GET, Prometheus exposition format
@@ -60,6 +60,22 @@ type Appliance struct {
 	LastImage       uint64    `json:"last_image_version,omitempty"`
 	Endpoints       []string  `json:"endpoints,omitempty"`
 	Health          *Health   `json:"health,omitempty"`
+	// FirmwareReference says whether the broker holds the platform PCRs'
+	// reference (recorded at activation or adopted by approve-firmware);
+	// without one the appliance is refused with CodeFirmware.
+	FirmwareReference bool `json:"firmware_reference"`
+	// PendingFirmware is the platform measurement of a boot refused with
+	// CodeFirmware, waiting for an operator's approve-firmware.
+	PendingFirmware *PendingFirmware `json:"pending_firmware,omitempty"`
+}
+
+// PendingFirmware is a refused boot's platform measurement as a broker
+// keeps it for approve-firmware: which platform PCRs differ from the
+// reference (all of them when there is none) and how their events differ.
+type PendingFirmware struct {
+	Recorded    time.Time `json:"recorded"`
+	PCRs        []int     `json:"pcrs"`
+	Differences []string  `json:"differences"`
 }
 
 // ApprovedManifest is one approved image.
