@@ -20,7 +20,7 @@ var trees = []struct {
 	subs []string // subcommands --help must list
 }{
 	{"embassyctl", embassyctl.NewRootCmd, []string{"enroll", "approve-image", "set-endpoints", "set-floor", "approve-disk",
-		"revoke", "attest", "status", "audit", "brokers", "completion"}},
+		"approve-firmware", "revoke", "attest", "status", "audit", "brokers", "completion"}},
 	{"keybroker", keybroker.NewRootCmd, []string{"init", "serve", "completion"}},
 	{"mkimage", mkimage.NewRootCmd, []string{"build", "verify", "completion"}},
 }

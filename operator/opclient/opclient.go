@@ -189,6 +189,45 @@ func (c *Client) SetEndpoints(ctx context.Context, id string, endpoints []string
 	return c.each(ctx, http.MethodPost, api.PathAppliances+id+"/endpoints", api.EndpointsRequest{Endpoints: endpoints})
 }
 
+// ApproveFirmware adopts, on every broker, the appliance's pending firmware
+// (the platform measurement of its boot refused with code firmware) as its
+// new firmware reference. A broker with nothing pending refuses with
+// api.CodeNoPendingFirmware.
+func (c *Client) ApproveFirmware(ctx context.Context, id string) ([]Outcome, error) {
+	if err := api.CheckApplianceID(id); err != nil {
+		return nil, err
+	}
+	return c.each(ctx, http.MethodPost, api.PathAppliances+id+"/firmware", struct{}{})
+}
+
+// FirmwareState is one broker's firmware view of an appliance: whether it
+// holds a reference and the pending change, or the error reading it.
+type FirmwareState struct {
+	Broker    string               `json:"broker"`
+	Reference bool                 `json:"firmware_reference"`
+	Pending   *api.PendingFirmware `json:"pending_firmware,omitempty"`
+	Error     string               `json:"error,omitempty"`
+}
+
+// Firmware reads every broker's firmware view of appliance id, to show
+// what approve-firmware would adopt.
+func (c *Client) Firmware(ctx context.Context, id string) []FirmwareState {
+	var out []FirmwareState
+	for _, s := range c.Status(ctx) {
+		fs := FirmwareState{Broker: s.Broker, Error: s.Error}
+		if s.State != nil {
+			fs.Error = "appliance " + id + " unknown"
+			for _, a := range s.State.Appliances {
+				if a.ID == id {
+					fs.Error, fs.Reference, fs.Pending = "", a.FirmwareReference, a.PendingFirmware
+				}
+			}
+		}
+		out = append(out, fs)
+	}
+	return out
+}
+
 // Revoke revokes an appliance on every broker.
 func (c *Client) Revoke(ctx context.Context, id string) ([]Outcome, error) {
 	if err := api.CheckApplianceID(id); err != nil {

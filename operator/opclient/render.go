@@ -61,9 +61,55 @@ func PrintStatus(w io.Writer, states []BrokerState) {
 		}
 		tw.Flush()
 		for _, a := range s.State.Appliances {
+			printFirmware(w, a)
 			printHealth(w, a)
 		}
 		fmt.Fprintln(w)
+	}
+}
+
+// printFirmware writes an activated appliance's missing firmware
+// reference and its pending firmware change, with how the events differ.
+func printFirmware(w io.Writer, a api.Appliance) {
+	if !a.Activated || (a.FirmwareReference && a.PendingFirmware == nil) {
+		return
+	}
+	if !a.FirmwareReference {
+		fmt.Fprintf(w, "  %s: NO FIRMWARE REFERENCE (refused until approve-firmware)\n", a.ID)
+	}
+	if p := a.PendingFirmware; p != nil {
+		printPending(w, a.ID, p)
+	}
+}
+
+func printPending(w io.Writer, id string, p *api.PendingFirmware) {
+	pcrs := make([]string, len(p.PCRs))
+	for i, n := range p.PCRs {
+		pcrs[i] = fmt.Sprint(n)
+	}
+	fmt.Fprintf(w, "  %s: firmware change pending (PCRs %s, boot refused %s ago; embassyctl approve-firmware %s)\n", id,
+		strings.Join(pcrs, ","), time.Since(p.Recorded).Round(time.Second), id)
+	for _, d := range p.Differences {
+		fmt.Fprintf(w, "    %s\n", d)
+	}
+}
+
+// PrintFirmware writes each broker's firmware view of appliance id.
+func PrintFirmware(w io.Writer, id string, states []FirmwareState) {
+	for _, s := range states {
+		switch {
+		case s.Error != "":
+			fmt.Fprintf(w, "%-12s firmware: %s\n", s.Broker, s.Error)
+		case s.Pending == nil:
+			ref := "reference held"
+			if !s.Reference {
+				ref = "NO reference"
+			}
+			fmt.Fprintf(w, "%-12s firmware: %s, no change pending\n", s.Broker, ref)
+		default:
+			fmt.Fprintf(w, "%-12s firmware:\n", s.Broker)
+			printPending(w, id, s.Pending)
+		}
 	}
 }
 

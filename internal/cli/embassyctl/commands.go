@@ -17,6 +17,7 @@ import (
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/internal/cli"
 	"github.com/dataembassy/embassy/operator/opclient"
+	"github.com/dataembassy/embassy/protocol/api"
 )
 
 func dirArgs(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
@@ -104,6 +105,32 @@ attest.`,
 			return c.printChange("set-floor", outs, err)
 		}),
 		approveDisk,
+		o.brokerCmd(&cobra.Command{
+			Use:   "approve-firmware APPLIANCE-ID",
+			Short: "Adopt an appliance's changed platform firmware measurements after reviewing them",
+			Long: `approve-firmware shows, per broker, how the platform PCRs (0-3, 5-7) of the
+appliance's boot that the broker refused with code firmware differ from the
+reference it recorded at enrollment, and then makes that measurement the
+new reference on every broker. Check the differing events (a firmware
+update, a changed Secure Boot database, boot variables) before approving:
+an unexplained change may be tampering.`,
+			Example: `  embassyctl status                        # shows pending firmware changes
+  embassyctl approve-firmware 3f9c...e1`,
+			Args: cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
+		}, func(ctx context.Context, c *conn, args []string) error {
+			if err := api.CheckApplianceID(args[0]); err != nil {
+				return &cli.UsageError{Msg: err.Error()}
+			}
+			states := c.client.Firmware(ctx, args[0])
+			outs, err := c.client.ApproveFirmware(ctx, args[0])
+			if c.asJSON {
+				opclient.PrintJSON(c.out, map[string]any{"firmware": states, "outcomes": outs})
+				return err
+			}
+			opclient.PrintFirmware(c.out, args[0], states)
+			opclient.PrintOutcomes(c.out, "approve-firmware", outs)
+			return err
+		}),
 		o.brokerCmd(&cobra.Command{
 			Use:     "revoke APPLIANCE-ID",
 			Short:   "Revoke an appliance: no broker releases anything to it again",
