@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"errors"
+	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -33,8 +34,14 @@ import (
 // fw before the image d boots.
 func (e *env) bootFirmware(seed int64, fw tpmtest.Firmware, d tpmtest.BootDigests) *appliance {
 	e.t.Helper()
+	return e.bootLog(seed, func(rw io.ReadWriter) []byte { return tpmtest.FirmwareBoot(e.t, rw, fw, d) })
+}
+
+// bootLog powers on a machine with TPM seed whose boot measure plays.
+func (e *env) bootLog(seed int64, measure func(io.ReadWriter) []byte) *appliance {
+	e.t.Helper()
 	a := &appliance{sim: tpmtest.NewSimulator(e.t, e.manu, seed)}
-	a.log = tpmtest.FirmwareBoot(e.t, a.sim, fw, d)
+	a.log = measure(a.sim)
 	var err error
 	if a.tpm, err = attester.Open(a.sim, attester.EKRSA); err != nil {
 		e.t.Fatal(err)
@@ -417,5 +424,30 @@ func TestAttestationPCRSelection(t *testing.T) {
 	}
 	if !slices.Equal(pcrs.Indexes(), []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12}) {
 		t.Fatal("the test assumes the policy selection 0-9, 11, 12")
+	}
+}
+
+// TestOverridesRefused: a boot whose stub measured command-line or
+// credential overrides into PCR12 matches no approved image.
+func TestOverridesRefused(t *testing.T) {
+	e := newEnv(t, 1, 1)
+	d := tpmtest.NewBootDigests("image-1")
+	a := e.bootLog(1, func(rw io.ReadWriter) []byte {
+		l := tpmtest.NewEventLog()
+		l.MeasureFirmware(t, rw, tpmtest.NewFirmware("vendor 1.0"))
+		l.MeasureBoot(t, rw, d)
+		cred := sha256.Sum256([]byte("an injected credential"))
+		l.Measure(t, rw, 12, tpmtest.EvEventTag, cred[:], []byte("credential\x00"))
+		return l.Bytes()
+	})
+	defer a.shutdown()
+	e.enroll(a)
+	e.approveImage(1, d)
+	r := a.c.AttestOnce(context.Background(), e.cfg.Brokers[0])
+	if !isCode(r.Err, api.CodeImage) {
+		t.Fatalf("boot with PCR12 overrides: %v", r.Err)
+	}
+	if ent := e.lastAudit(0, "attest"); ent.Reason != broker.ReasonImage || !strings.Contains(ent.Detail["why"], "PCR12 has 1 event(s)") {
+		t.Fatalf("audited %+v", ent)
 	}
 }

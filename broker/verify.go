@@ -128,6 +128,9 @@ func (b *Broker) verify(req *api.AttestRequest, detail map[string]string) (*veri
 	if ferr := b.checkFirmware(r, info.PCRs, events, detail); ferr != nil {
 		return nil, ferr
 	}
+	if n := overrides(events); n > 0 {
+		return nil, reject(http.StatusForbidden, ReasonImage, fmt.Sprintf("PCR12 has %d event(s): the stub applied command-line or credential overrides", n))
+	}
 	manifests, err := b.approvedManifests()
 	if err != nil {
 		return nil, err
@@ -150,4 +153,19 @@ func (b *Broker) verify(req *api.AttestRequest, detail map[string]string) (*veri
 		return nil, reject(http.StatusForbidden, ReasonFloor, fmt.Sprintf("image %d, floor %d", matched.Version, r.Floor))
 	}
 	return &verified{rec: r, quote: info, image: matched}, nil
+}
+
+// overridesPCR is where systemd-stub measures command-line and credential
+// overrides; an approved boot has none, so the PCR keeps its reset value.
+const overridesPCR = 12
+
+// overrides counts the replayed events of PCR12.
+func overrides(events []eventlog.Event) int {
+	n := 0
+	for _, e := range events {
+		if e.PCR == overridesPCR {
+			n++
+		}
+	}
+	return n
 }
