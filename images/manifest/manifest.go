@@ -1,6 +1,8 @@
 // Package manifest defines the signed reference manifest of an appliance
 // image: its version, the SHA-256 of every component and the measured-boot
-// event digests a verifier expects to see in PCR4 and PCR9. The manifest is
+// measurements a verifier expects to see in PCR4 (the signed UKI), PCR7
+// (Secure Boot with the home state's keys), PCR9 (what the kernel's EFI
+// stub measures) and PCR11 (systemd-stub's UKI sections). The manifest is
 // encoded canonically (fixed field order, no insignificant whitespace) and
 // signed with ed25519 over exactly those bytes.
 package manifest
@@ -20,7 +22,7 @@ import (
 )
 
 // Schema identifies this manifest format.
-const Schema = "embassy-image-manifest/v1"
+const Schema = "embassy-image-manifest/v2"
 
 // MaxSize bounds a manifest file; anything larger is rejected unread.
 const MaxSize = 64 << 10
@@ -33,7 +35,15 @@ const (
 	ComponentKernel    = "vmlinuz"
 	ComponentInitramfs = "initramfs.cpio.zst"
 	ComponentCmdline   = "cmdline"
+	// ComponentUKI is the signed Unified Kernel Image, and ComponentDisk
+	// the disk image that carries it (what is written to a server's boot
+	// disk).
+	ComponentUKI  = "embassy.efi"
+	ComponentDisk = "embassy.img"
 )
+
+// MaxSecureBootEvents bounds the predicted PCR7 events.
+const MaxSecureBootEvents = 16
 
 // Manifest is the reference description of one image.
 type Manifest struct {
@@ -41,6 +51,8 @@ type Manifest struct {
 	Version uint64 `json:"version"`
 	// Kernel records where the kernel came from.
 	Kernel KernelInfo `json:"kernel"`
+	// Stub records where the UKI's systemd-stub came from.
+	Stub PackageInfo `json:"stub"`
 	// Components maps each artifact's file name to its SHA-256 (hex).
 	Components []Component `json:"components"`
 	// Measurements are the expected measured-boot event digests (SHA-256, hex).
@@ -56,28 +68,38 @@ type KernelInfo struct {
 	Release   string `json:"release"`
 }
 
+// PackageInfo names a Debian package and the SHA-256 of its .deb.
+type PackageInfo struct {
+	Package   string `json:"package"`
+	Version   string `json:"version"`
+	DebSHA256 string `json:"deb_sha256"`
+}
+
 // Component is one artifact and its digest.
 type Component struct {
 	Name   string `json:"name"`
 	SHA256 string `json:"sha256"`
 }
 
-// Measurements are the digests the firmware and the kernel's EFI stub extend
-// into the TPM when they boot this image.
+// Measurements are what the firmware, systemd-stub and the kernel's EFI
+// stub extend into the TPM when a server boots this image's disk under
+// Secure Boot with the home state's keys. Every digest is SHA-256, hex.
 type Measurements struct {
-	// KernelAuthenticode is the PE Authenticode SHA-256 of the kernel,
-	// measured by the firmware into PCR4.
-	KernelAuthenticode string `json:"pcr4_kernel_authenticode"`
-	// KernelQEMUDirect, when set, is the PCR4 digest of the same kernel
-	// booted by QEMU's direct kernel boot with QEMUMemoryMiB of RAM, which
-	// patches boot-protocol fields of the setup header (see package measure).
-	// Production manifests for real servers leave it out.
-	KernelQEMUDirect string `json:"pcr4_kernel_qemu_direct,omitempty"`
-	QEMUMemoryMiB    int    `json:"qemu_memory_mib,omitempty"`
+	// UKIAuthenticode is the PE Authenticode digest of the signed UKI,
+	// the one EV_EFI_BOOT_SERVICES_APPLICATION event of PCR4.
+	UKIAuthenticode string `json:"pcr4_uki_authenticode"`
+	// SecureBoot are the digests of PCR7's events in log order: the
+	// SecureBoot, PK, KEK, db and dbx variables as enrolled, the
+	// separator, and the db certificate as the authority that verified
+	// the UKI.
+	SecureBoot []string `json:"pcr7_secure_boot"`
 	// LoadOptions is the digest of the PCR9 "LOADED_IMAGE::LoadOptions" event.
 	LoadOptions string `json:"pcr9_load_options"`
 	// Initrd is the digest of the PCR9 "Linux initrd" event.
 	Initrd string `json:"pcr9_initrd"`
+	// UKISections is the value of PCR11 after systemd-stub measured the
+	// UKI's sections (name, then contents, of each).
+	UKISections string `json:"pcr11_uki_sections"`
 }
 
 var (
@@ -106,6 +128,14 @@ func (m *Manifest) Validate() error {
 	if !hexDigest.MatchString(m.Kernel.DebSHA256) {
 		return fmt.Errorf("manifest kernel.deb_sha256 %q is not a lowercase hex SHA-256", m.Kernel.DebSHA256)
 	}
+	for name, v := range map[string]string{"stub.package": m.Stub.Package, "stub.version": m.Stub.Version} {
+		if v == "" || !printable.MatchString(v) {
+			return fmt.Errorf("manifest %s %q is empty or not printable ASCII", name, v)
+		}
+	}
+	if !hexDigest.MatchString(m.Stub.DebSHA256) {
+		return fmt.Errorf("manifest stub.deb_sha256 %q is not a lowercase hex SHA-256", m.Stub.DebSHA256)
+	}
 	if len(m.Components) == 0 {
 		return errors.New("manifest lists no components")
 	}
@@ -121,33 +151,24 @@ func (m *Manifest) Validate() error {
 		}
 	}
 	for name, v := range map[string]string{
-		"pcr4_kernel_authenticode": m.Measurements.KernelAuthenticode,
-		"pcr9_load_options":        m.Measurements.LoadOptions,
-		"pcr9_initrd":              m.Measurements.Initrd,
+		"pcr4_uki_authenticode": m.Measurements.UKIAuthenticode,
+		"pcr9_load_options":     m.Measurements.LoadOptions,
+		"pcr9_initrd":           m.Measurements.Initrd,
+		"pcr11_uki_sections":    m.Measurements.UKISections,
 	} {
 		if !hexDigest.MatchString(v) {
 			return fmt.Errorf("manifest measurement %s %q is not a lowercase hex SHA-256", name, v)
 		}
 	}
-	if (m.Measurements.KernelQEMUDirect == "") != (m.Measurements.QEMUMemoryMiB == 0) {
-		return errors.New("manifest pcr4_kernel_qemu_direct and qemu_memory_mib must be set together")
+	if n := len(m.Measurements.SecureBoot); n == 0 || n > MaxSecureBootEvents {
+		return fmt.Errorf("manifest pcr7_secure_boot has %d events, want 1 to %d", n, MaxSecureBootEvents)
 	}
-	if d := m.Measurements.KernelQEMUDirect; d != "" && !hexDigest.MatchString(d) {
-		return fmt.Errorf("manifest measurement pcr4_kernel_qemu_direct %q is not a lowercase hex SHA-256", d)
-	}
-	if mem := m.Measurements.QEMUMemoryMiB; mem < 0 || mem > 1<<20 {
-		return fmt.Errorf("manifest qemu_memory_mib %d out of range", mem)
+	for i, d := range m.Measurements.SecureBoot {
+		if !hexDigest.MatchString(d) {
+			return fmt.Errorf("manifest pcr7_secure_boot event %d %q is not a lowercase hex SHA-256", i, d)
+		}
 	}
 	return nil
-}
-
-// KernelDigests returns every PCR4 kernel digest the manifest accepts.
-func (m *Measurements) KernelDigests() []string {
-	out := []string{m.KernelAuthenticode}
-	if m.KernelQEMUDirect != "" {
-		out = append(out, m.KernelQEMUDirect)
-	}
-	return out
 }
 
 // Component returns the digest recorded for name.

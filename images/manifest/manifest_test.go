@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"crypto/sha256"
 	"errors"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -22,12 +23,13 @@ func sample() *Manifest {
 			Package: "linux-image-6.1.0-56-amd64", Version: "6.1.192-2",
 			DebSHA256: strings.Repeat("ab", 32), Release: "6.1.0-56-amd64",
 		},
+		Stub: PackageInfo{Package: "systemd-boot-efi", Version: "252.39-1~deb12u2", DebSHA256: strings.Repeat("cd", 32)},
 		Measurements: Measurements{
-			KernelAuthenticode: strings.Repeat("01", 32),
-			LoadOptions:        strings.Repeat("02", 32),
-			Initrd:             strings.Repeat("03", 32),
-			KernelQEMUDirect:   strings.Repeat("04", 32),
-			QEMUMemoryMiB:      1024,
+			UKIAuthenticode: strings.Repeat("01", 32),
+			SecureBoot:      []string{strings.Repeat("05", 32), strings.Repeat("06", 32)},
+			LoadOptions:     strings.Repeat("02", 32),
+			Initrd:          strings.Repeat("03", 32),
+			UKISections:     strings.Repeat("04", 32),
 		},
 	}
 	m.SetComponent(ComponentKernel, digest("k"))
@@ -53,14 +55,11 @@ func TestSignVerifyRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Verify: %v", err)
 	}
-	if got.Version != 7 || got.Measurements != m.Measurements {
+	if got.Version != 7 || !reflect.DeepEqual(got.Measurements, m.Measurements) || got.Stub != m.Stub {
 		t.Fatalf("round trip changed the manifest: %+v", got)
 	}
 	if d, ok := got.Component(ComponentKernel); !ok || d != m.Components[2].SHA256 {
 		t.Fatalf("component lookup: %q %v", d, ok)
-	}
-	if got := got.Measurements.KernelDigests(); len(got) != 2 {
-		t.Fatalf("KernelDigests = %v, want the pristine and the QEMU digest", got)
 	}
 }
 
@@ -84,7 +83,7 @@ func TestCanonicalEncoding(t *testing.T) {
 	if !bytes.Equal(a, b) {
 		t.Fatalf("encodings differ:\n%s\n%s", a, b)
 	}
-	if !bytes.HasPrefix(a, []byte(`{"schema":"embassy-image-manifest/v1","version":7,`)) || !bytes.HasSuffix(a, []byte("}\n")) {
+	if !bytes.HasPrefix(a, []byte(`{"schema":"embassy-image-manifest/v2","version":7,`)) || !bytes.HasSuffix(a, []byte("}\n")) {
 		t.Fatalf("unexpected canonical form: %s", a)
 	}
 	p, err := Parse(a)
@@ -122,7 +121,10 @@ func TestParseRejects(t *testing.T) {
 		{"short digest", strings.Replace(s, strings.Repeat("02", 32), "02", 1), "lowercase hex"},
 		{"unsorted components", strings.Replace(s, `"name":"cmdline"`, `"name":"zzz"`, 1), "not sorted"},
 		{"path in component name", strings.Replace(s, `"name":"cmdline"`, `"name":"../x"`, 1), "bad name"},
-		{"qemu digest without memory", strings.Replace(s, `,"qemu_memory_mib":1024`, ``, 1), "set together"},
+		{"no secure boot events", strings.Replace(s, `["`+strings.Repeat("05", 32)+`","`+strings.Repeat("06", 32)+`"]`, `[]`, 1), "pcr7_secure_boot has 0 events"},
+		{"bad secure boot event", strings.Replace(s, strings.Repeat("06", 32), "6", 1), "pcr7_secure_boot event 1"},
+		{"no stub", strings.Replace(s, `"package":"systemd-boot-efi"`, `"package":""`, 1), "stub.package"},
+		{"old schema with QEMU digest", strings.Replace(strings.Replace(s, Schema, "embassy-image-manifest/v1", 1), `"pcr9_initrd"`, `"pcr4_kernel_qemu_direct":"x","pcr9_initrd"`, 1), "unknown field"},
 		{"oversized", s + strings.Repeat(" ", MaxSize), "more than"},
 	}
 	for _, c := range cases {

@@ -28,9 +28,11 @@ type Verdict struct {
 	Pass            bool                 `json:"pass"`
 	ApplianceID     string               `json:"appliance_id"`
 	ImageVersion    uint64               `json:"image_version,omitempty"`
-	KernelMatch     bool                 `json:"kernel_match"`
+	UKIMatch        bool                 `json:"uki_match"`
+	SecureBootMatch bool                 `json:"secure_boot_match"`
 	CmdlineMatch    bool                 `json:"cmdline_match"`
 	InitrdMatch     bool                 `json:"initrd_match"`
+	SectionsMatch   bool                 `json:"sections_match"`
 	Problems        []string             `json:"problems,omitempty"`
 	ResetCount      uint32               `json:"reset_count"`
 	RestartCount    uint32               `json:"restart_count"`
@@ -42,7 +44,7 @@ type Verdict struct {
 // certificate chains to the broker CA and names the appliance, the quote is
 // signed by the AK the brokers enrolled and binds the nonce and the TLS key
 // of this very connection, the event log replays to the quoted PCRs and
-// the PCR4/PCR9 events match an approved manifest.
+// the PCR4, PCR7, PCR9 and PCR11 events match an approved manifest.
 func (c *Client) AttestAppliance(ctx context.Context, addr string, brokerCAs *x509.CertPool) (*Verdict, error) {
 	nonce := make([]byte, 32)
 	rand.Read(nonce)
@@ -139,7 +141,8 @@ func (c *Client) AttestAppliance(ctx context.Context, addr string, brokerCAs *x5
 	for i, ver := range versions {
 		check := eventlog.CheckBoot(events, manifests[ver].Measurements)
 		if check.OK() || i == len(versions)-1 {
-			v.KernelMatch, v.CmdlineMatch, v.InitrdMatch = check.KernelMatch, check.LoadOptionsMatch, check.InitrdMatch
+			v.UKIMatch, v.SecureBootMatch, v.CmdlineMatch, v.InitrdMatch, v.SectionsMatch =
+				check.UKIMatch, check.SecureBootMatch, check.LoadOptionsMatch, check.InitrdMatch, check.SectionsMatch
 			if check.OK() {
 				v.ImageVersion = ver
 				v.Pass = len(v.Problems) == 0
@@ -171,7 +174,8 @@ func PrintVerdict(w io.Writer, v *Verdict) {
 	if v.ImageVersion != 0 {
 		fmt.Fprintf(w, "  image version   %d\n", v.ImageVersion)
 	}
-	fmt.Fprintf(w, "  kernel (PCR4)   %s\n  cmdline (PCR9)  %s\n  initrd (PCR9)   %s\n", mark(v.KernelMatch), mark(v.CmdlineMatch), mark(v.InitrdMatch))
+	fmt.Fprintf(w, "  UKI (PCR4)          %s\n  Secure Boot (PCR7)  %s\n  cmdline (PCR9)      %s\n  initrd (PCR9)       %s\n  UKI sections (PCR11) %s\n",
+		mark(v.UKIMatch), mark(v.SecureBootMatch), mark(v.CmdlineMatch), mark(v.InitrdMatch), mark(v.SectionsMatch))
 	fmt.Fprintf(w, "  TPM resetCount  %d (restartCount %d)\n", v.ResetCount, v.RestartCount)
 	brokers := make([]string, 0, len(v.LastAttestation))
 	for b := range v.LastAttestation {

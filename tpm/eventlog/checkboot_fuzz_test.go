@@ -5,21 +5,27 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
+	"slices"
 	"testing"
 
 	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/tpm/pcrs"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
 )
 
 // The image the structured logs are checked against.
 var (
-	fuzzKernel      = sha256.Sum256([]byte("kernel, Authenticode"))
-	fuzzKernelQEMU  = sha256.Sum256([]byte("kernel, QEMU direct boot"))
+	fuzzUKI         = sha256.Sum256([]byte("UKI, Authenticode"))
+	fuzzSecureBoot  = sha256.Sum256([]byte("SecureBoot=1 PK KEK db dbx"))
+	fuzzAuthority   = sha256.Sum256([]byte("db certificate"))
+	fuzzSection     = sha256.Sum256([]byte(".linux"))
 	fuzzLoadOptions = sha256.Sum256([]byte("command line"))
 	fuzzInitrd      = sha256.Sum256([]byte("initrd"))
-	fuzzImage       = manifest.Measurements{KernelAuthenticode: hex.EncodeToString(fuzzKernel[:]),
-		KernelQEMUDirect: hex.EncodeToString(fuzzKernelQEMU[:]), LoadOptions: hex.EncodeToString(fuzzLoadOptions[:]),
-		Initrd: hex.EncodeToString(fuzzInitrd[:])}
+	fuzzPCR11       = sha256.Sum256(append(make([]byte, 32), fuzzSection[:]...))
+	fuzzImage       = manifest.Measurements{UKIAuthenticode: hex.EncodeToString(fuzzUKI[:]),
+		SecureBoot:  []string{hex.EncodeToString(fuzzSecureBoot[:]), hex.EncodeToString(separator[:]), hex.EncodeToString(fuzzAuthority[:])},
+		LoadOptions: hex.EncodeToString(fuzzLoadOptions[:]), Initrd: hex.EncodeToString(fuzzInitrd[:]),
+		UKISections: hex.EncodeToString(fuzzPCR11[:])}
 )
 
 // The events go-attestation adds to PCR5 when it does not replay
@@ -33,8 +39,8 @@ const (
 // How an event of a structured log is digested (the high nibble of its
 // first byte).
 const (
-	digestKernel = iota
-	digestKernelQEMU
+	digestUKI = iota
+	digestSecureBoot
 	digestLoadOptions
 	digestInitrd
 	digestCallingBootOption
@@ -43,12 +49,15 @@ const (
 	digestNoAction        // EV_NO_ACTION: logged, not extended
 	digestNone            // no SHA-256 digest at all
 	digestStartupLocality // EV_NO_ACTION StartupLocality, the data's first byte is the locality
+	digestAuthority
+	digestSection
 	// anything above: the SHA-256 of the event data
 )
 
 // fuzzPCRs are the PCRs events land in (the low nibble of their first
-// byte): mostly 4 and 9, which the manifest check reads.
-var fuzzPCRs = [16]int{4, 4, 4, 9, 9, 9, 0, 1, 2, 3, 5, 6, 7, 8, 10, 17}
+// byte): mostly those the manifest check reads (4, 7, 9, 11) or requires
+// empty (8, 12).
+var fuzzPCRs = [16]int{4, 4, 4, 9, 9, 9, 7, 7, 11, 11, 0, 1, 5, 8, 12, 17}
 
 // fuzzTypes are the event types (low 3 bits of the second byte); only
 // EV_NO_ACTION changes what is extended.
@@ -73,10 +82,14 @@ func decodeEvents(prog []byte) []fuzzEvent {
 		prog = prog[2+n:]
 		e := fuzzEvent{pcr: pcr, typ: typ, data: data}
 		switch kind {
-		case digestKernel:
-			e.digest = fuzzKernel[:]
-		case digestKernelQEMU:
-			e.digest = fuzzKernelQEMU[:]
+		case digestUKI:
+			e.digest = fuzzUKI[:]
+		case digestSecureBoot:
+			e.digest = fuzzSecureBoot[:]
+		case digestAuthority:
+			e.digest = fuzzAuthority[:]
+		case digestSection:
+			e.digest = fuzzSection[:]
 		case digestLoadOptions:
 			e.digest = fuzzLoadOptions[:]
 		case digestInitrd:
@@ -181,28 +194,34 @@ func FuzzCheckBoot(f *testing.F) {
 		return append([]byte{kind<<4 | pcrSlot, byte(len(data)) << 3}, data...)
 	}
 	boot := bytes.Join([][]byte{
+		ev(digestSecureBoot, 6, "SecureBoot"),
+		ev(digestSeparator, 6, "\x00\x00\x00\x00"),
 		ev(digestCallingBootOption, 0, "Calling EFI Application from Boot Option"[:31]),
 		ev(digestSeparator, 0, "\x00\x00\x00\x00"),
-		ev(digestKernel, 0, ""),
+		ev(digestAuthority, 7, "db"),
+		ev(digestUKI, 0, ""),
+		ev(digestSection, 8, ".linux"),
 		ev(digestLoadOptions, 3, "LOADED_IMAGE::LoadOptions\x00"),
 		ev(digestInitrd, 3, "Linux initrd\x00"),
 	}, nil)
 	firmware := bytes.Join([][]byte{ev(digestStartupLocality, 6, "\x03"), ev(15, 6, "firmware"), ev(15, 7, "config"), ev(digestNoAction, 8, "")}, nil)
 	f.Add(boot, uint8(0xff))
 	f.Add(append(append([]byte(nil), firmware...), boot...), uint8(0xff))
-	f.Add(bytes.Replace(boot, []byte{digestKernel << 4}, []byte{digestKernelQEMU << 4}, 1), uint8(0xff))
+	f.Add(append(append([]byte(nil), boot...), ev(digestSection, 9, ".linux")...), uint8(0xff))
+	f.Add(append(append([]byte(nil), boot...), ev(15, 14, "override")...), uint8(0xff))
 	f.Add(boot, uint8(4))
-	f.Add(append(append([]byte(nil), boot...), ev(digestKernel, 0, "")...), uint8(0xff))
+	f.Add(append(append([]byte(nil), boot...), ev(digestUKI, 0, "")...), uint8(0xff))
+	f.Add(append(append([]byte(nil), boot...), ev(digestAuthority, 7, "db")...), uint8(0xff))
 	f.Add(append(append([]byte(nil), boot...), ev(15, 3, "module")...), uint8(0xff))
 	f.Add(append(append([]byte(nil), boot...), ev(digestNone, 1, "")...), uint8(0xff))
 	f.Fuzz(func(t *testing.T, prog []byte, tamper uint8) {
 		events := decodeEvents(prog)
 		raw := serialise(events)
 		quoted := map[int][]byte{}
-		for i := range 10 {
+		for _, i := range pcrs.Indexes() {
 			quoted[i], _, _ = replayModel(events, i)
 		}
-		if i := int(tamper % 32); i < 10 {
+		if i := int(tamper % 32); quoted[i] != nil {
 			quoted[i] = append([]byte(nil), quoted[i]...)
 			quoted[i][int(tamper)%sha256.Size] ^= 1 << (tamper % 8)
 		}
@@ -235,15 +254,22 @@ func FuzzCheckBoot(f *testing.F) {
 			return
 		}
 		var want []Event
-		var k4, other4, other9, lo, in int
+		var k4, other4, other9, lo, in, n11, in8or12 int
+		var pcr7 []string
 		for _, e := range events {
-			if e.pcr > 9 || e.typ == tpmtest.EvNoAction {
+			if quoted[e.pcr] == nil || e.typ == tpmtest.EvNoAction {
 				continue
 			}
 			d := hex.EncodeToString(e.digest)
 			want = append(want, Event{PCR: e.pcr, Digest: d})
 			switch {
-			case e.pcr == 4 && (d == fuzzImage.KernelAuthenticode || d == fuzzImage.KernelQEMUDirect):
+			case e.pcr == 7:
+				pcr7 = append(pcr7, d)
+			case e.pcr == 11:
+				n11++
+			case e.pcr == 8 || e.pcr == 12:
+				in8or12++
+			case e.pcr == 4 && d == fuzzImage.UKIAuthenticode:
 				k4++
 			case e.pcr == 4 && d != hex.EncodeToString(callingBootOption[:]) && d != hex.EncodeToString(returningBootOpt[:]) && d != hex.EncodeToString(separator[:]):
 				other4++
@@ -268,7 +294,9 @@ func FuzzCheckBoot(f *testing.F) {
 				t.Fatalf("Replay verified an event the log does not have: %+v", e)
 			}
 		}
-		wantOK := k4 == 1 && other4 == 0 && lo == 1 && in == 1 && other9 == 0
+		pcr11, _, _ := replayModel(events, 11)
+		wantOK := k4 == 1 && other4 == 0 && lo == 1 && in == 1 && other9 == 0 && slices.Equal(pcr7, fuzzImage.SecureBoot) &&
+			n11 > 0 && hex.EncodeToString(pcr11) == fuzzImage.UKISections && in8or12 == 0
 		if c := CheckBoot(verified, fuzzImage); c.OK() != wantOK {
 			t.Fatalf("CheckBoot OK = %v, the model says %v: %+v", c.OK(), wantOK, c)
 		}

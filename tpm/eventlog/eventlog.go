@@ -1,6 +1,7 @@
 // Package eventlog is the verifier's view of a TCG2 (crypto-agile) boot event
 // log: it replays the log against PCR values with go-attestation and checks
-// the measured-boot events of PCR4 and PCR9 against an image manifest.
+// the measured-boot events of the image's PCRs (4, 7, 9, 11) against an
+// image manifest.
 //
 // Only digests are compared. An event's type and data are not covered by its
 // digest and can be forged, so they are used for display, never for a
@@ -142,22 +143,37 @@ var (
 
 // BootCheck is the outcome of comparing replayed events with a manifest.
 type BootCheck struct {
-	KernelMatch      bool     `json:"kernel_match"`
+	UKIMatch         bool     `json:"uki_match"`
+	SecureBootMatch  bool     `json:"secure_boot_match"`
 	LoadOptionsMatch bool     `json:"load_options_match"`
 	InitrdMatch      bool     `json:"initrd_match"`
+	SectionsMatch    bool     `json:"sections_match"`
 	Problems         []string `json:"problems,omitempty"`
 }
 
 // OK reports whether the boot matched the manifest completely.
 func (c *BootCheck) OK() bool {
-	return c.KernelMatch && c.LoadOptionsMatch && c.InitrdMatch && len(c.Problems) == 0
+	return c.UKIMatch && c.SecureBootMatch && c.LoadOptionsMatch && c.InitrdMatch && c.SectionsMatch && len(c.Problems) == 0
 }
 
-// CheckBoot compares the verified events of PCR4 and PCR9 with a manifest:
-//   - PCR4 must hold one of the manifest's kernel digests exactly once and
-//     otherwise only the firmware's boot-option action and separator digests;
-//   - PCR9 must hold exactly the manifest's load-options and initrd digests,
-//     each once, and nothing else.
+// ImagePCRs are the PCRs CheckBoot compares with a manifest; PCRs 8 and
+// 12 must hold no event at all (no boot loader before the UKI, no
+// command-line or credential overrides of systemd-stub).
+var (
+	ImagePCRs = []int{4, 7, 9, 11}
+	EmptyPCRs = []int{8, 12}
+)
+
+// CheckBoot compares the verified events with a manifest:
+//   - PCR4 must hold the signed UKI's digest exactly once and otherwise
+//     only the firmware's boot-option actions and separator;
+//   - PCR7 must hold exactly the manifest's Secure Boot events, in order:
+//     Secure Boot on, our PK, KEK, db and dbx, and our db certificate as
+//     the authority that verified the UKI;
+//   - PCR9 must hold exactly the manifest's load-options and initrd
+//     digests, each once, and nothing else;
+//   - PCR11's events must extend to the manifest's UKI section value;
+//   - PCRs 8 and 12 must hold nothing.
 func CheckBoot(events []Event, m manifest.Measurements) *BootCheck {
 	c := &BootCheck{}
 	allowed4 := map[string]bool{
@@ -165,40 +181,86 @@ func CheckBoot(events []Event, m manifest.Measurements) *BootCheck {
 		hex.EncodeToString(returningBootOpt[:]):  true,
 		hex.EncodeToString(separator[:]):         true,
 	}
-	var kernels, loadOpts, initrds, pcr9 int
+	var ukis, loadOpts, initrds, pcr11Events int
+	var pcr7 []Event
+	var pcr11 [32]byte
 	for _, e := range events {
 		switch e.PCR {
 		case 4:
 			switch {
-			case slices.Contains(m.KernelDigests(), e.Digest):
-				kernels++
+			case e.Digest == m.UKIAuthenticode:
+				ukis++
 			case allowed4[e.Digest]:
 			default:
-				c.Problems = append(c.Problems, fmt.Sprintf("PCR4 has an unexpected measurement %s (%s)", e.Digest, e.Info))
+				c.problem("PCR4 has an unexpected measurement %s (%s)", e.Digest, e.Info)
 			}
+		case 7:
+			pcr7 = append(pcr7, e)
 		case 9:
-			pcr9++
 			switch e.Digest {
 			case m.LoadOptions:
 				loadOpts++
 			case m.Initrd:
 				initrds++
 			default:
-				c.Problems = append(c.Problems, fmt.Sprintf("PCR9 has an unexpected measurement %s (%s)", e.Digest, e.Info))
+				c.problem("PCR9 has an unexpected measurement %s (%s)", e.Digest, e.Info)
+			}
+		case 11:
+			d, err := hex.DecodeString(e.Digest)
+			if err != nil || len(d) != 32 {
+				c.problem("PCR11 event digest %q is not SHA-256", e.Digest)
+				continue
+			}
+			pcr11 = sha256.Sum256(append(pcr11[:], d...))
+			pcr11Events++
+		default:
+			if slices.Contains(EmptyPCRs, e.PCR) {
+				c.problem("PCR%d must hold nothing but has %s %s (%s)", e.PCR, e.Type, e.Digest, e.Info)
 			}
 		}
 	}
-	c.KernelMatch = kernels == 1
+	c.UKIMatch = ukis == 1
 	c.LoadOptionsMatch = loadOpts == 1
 	c.InitrdMatch = initrds == 1
-	if kernels != 1 {
-		c.Problems = append(c.Problems, fmt.Sprintf("PCR4 holds the manifest's kernel %d times, want once", kernels))
+	c.SecureBootMatch = len(pcr7) == len(m.SecureBoot)
+	for i, e := range pcr7 {
+		if i >= len(m.SecureBoot) {
+			c.problem("PCR7 event %d is unexpected: %s %s (%s)", i, e.Type, e.Digest, e.Info)
+			continue
+		}
+		if e.Digest != m.SecureBoot[i] {
+			c.SecureBootMatch = false
+			c.problem("PCR7 event %d is %s %s (%s), the manifest has %s", i, e.Type, e.Digest, e.Info, m.SecureBoot[i])
+		}
+	}
+	if len(pcr7) < len(m.SecureBoot) {
+		c.problem("PCR7 holds %d events, the manifest's Secure Boot policy %d", len(pcr7), len(m.SecureBoot))
+	}
+	c.SectionsMatch = pcr11Events > 0 && hex.EncodeToString(pcr11[:]) == m.UKISections
+	if !c.SectionsMatch {
+		c.problem("PCR11's %d events extend to %x, the manifest's UKI sections to %s", pcr11Events, pcr11, m.UKISections)
+	}
+	if ukis != 1 {
+		c.problem("PCR4 holds the manifest's UKI %d times, want once", ukis)
 	}
 	if loadOpts != 1 {
-		c.Problems = append(c.Problems, fmt.Sprintf("PCR9 holds the manifest's command line %d times, want once", loadOpts))
+		c.problem("PCR9 holds the manifest's command line %d times, want once", loadOpts)
 	}
 	if initrds != 1 {
-		c.Problems = append(c.Problems, fmt.Sprintf("PCR9 holds the manifest's initrd %d times, want once", initrds))
+		c.problem("PCR9 holds the manifest's initrd %d times, want once", initrds)
 	}
 	return c
+}
+
+// maxProblems bounds what a check reports: a hostile log cannot make the
+// audit entry grow without limit.
+const maxProblems = 16
+
+func (c *BootCheck) problem(format string, args ...any) {
+	switch {
+	case len(c.Problems) < maxProblems:
+		c.Problems = append(c.Problems, fmt.Sprintf(format, args...))
+	case len(c.Problems) == maxProblems:
+		c.Problems = append(c.Problems, "more problems not shown")
+	}
 }

@@ -13,15 +13,16 @@ import (
 )
 
 // The testdata holds a real event log and the PCR values read from the TPM
-// on the same boot: our image under OVMF + swtpm, captured by the serial
-// console report of embassy-init (TestBootMeasured).
+// on the same boot: our image's disk under OVMF's Secure Boot build +
+// swtpm, captured by the serial console report of embassy-init
+// (TestBootMeasured), and the measurements of that image's manifest.
 func loadReal(t testing.TB) ([]byte, map[int][]byte) {
 	t.Helper()
-	raw, err := os.ReadFile("testdata/ovmf-q35-swtpm.eventlog")
+	raw, err := os.ReadFile("testdata/ovmf-secboot-uki.eventlog")
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := os.ReadFile("testdata/ovmf-q35-swtpm.pcrs.json")
+	b, err := os.ReadFile("testdata/ovmf-secboot-uki.pcrs.json")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,13 +38,18 @@ func loadReal(t testing.TB) ([]byte, map[int][]byte) {
 	return raw, pcrs
 }
 
-// Expected digests of that boot.
-var realBoot = manifest.Measurements{
-	KernelAuthenticode: "6b1bf35c3bee9918250f593a6fff889c75c1e239cd2fe9e5bb0cd3de9dcb8e51",
-	KernelQEMUDirect:   "f8007c34e24b30340060b4a6e2912084fab66bd426849c123204361a75761b65",
-	QEMUMemoryMiB:      1024,
-	LoadOptions:        "2e929f9b7a5ef97fe923969f2821643f54a6230e36e5e9730c9617ebd1d7b251",
-	Initrd:             "f7021a84c6032d760538559cba73d885a8a9526b3c43653113a88de09abbca54",
+// realMeasurements are the manifest measurements of the image of that boot.
+func realMeasurements(t testing.TB) manifest.Measurements {
+	t.Helper()
+	b, err := os.ReadFile("testdata/ovmf-secboot-uki.measurements.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m manifest.Measurements
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	return m
 }
 
 func TestReplayRealLog(t *testing.T) {
@@ -52,7 +58,7 @@ func TestReplayRealLog(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := CheckBoot(events, realBoot)
+	c := CheckBoot(events, realMeasurements(t))
 	if !c.OK() {
 		t.Fatalf("real boot does not check: %+v", c)
 	}
@@ -86,7 +92,7 @@ func TestReplayRejects(t *testing.T) {
 	evs, _ := Replay(raw, pcrs)
 	var initrd []byte
 	for _, e := range evs {
-		if e.Digest == realBoot.Initrd {
+		if e.Digest == realMeasurements(t).Initrd {
 			initrd, _ = hex.DecodeString(e.Digest)
 		}
 	}
@@ -125,16 +131,23 @@ func TestCheckBoot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	realBoot := realMeasurements(t)
 	other := "00" + realBoot.Initrd[2:]
 	tests := []struct {
 		name   string
 		mutate func(m *manifest.Measurements)
 		check  func(c *BootCheck) bool
 	}{
-		{"other initrd", func(m *manifest.Measurements) { m.Initrd = other }, func(c *BootCheck) bool { return !c.InitrdMatch && c.KernelMatch }},
+		{"other initrd", func(m *manifest.Measurements) { m.Initrd = other }, func(c *BootCheck) bool { return !c.InitrdMatch && c.UKIMatch }},
 		{"other cmdline", func(m *manifest.Measurements) { m.LoadOptions = other }, func(c *BootCheck) bool { return !c.LoadOptionsMatch && c.InitrdMatch }},
-		{"other kernel", func(m *manifest.Measurements) { m.KernelQEMUDirect = other }, func(c *BootCheck) bool { return !c.KernelMatch }},
-		{"hardware-only manifest", func(m *manifest.Measurements) { m.KernelQEMUDirect, m.QEMUMemoryMiB = "", 0 }, func(c *BootCheck) bool { return !c.KernelMatch }},
+		{"other UKI", func(m *manifest.Measurements) { m.UKIAuthenticode = other }, func(c *BootCheck) bool { return !c.UKIMatch && c.SecureBootMatch }},
+		{"other UKI sections", func(m *manifest.Measurements) { m.UKISections = other }, func(c *BootCheck) bool { return !c.SectionsMatch && c.UKIMatch }},
+		{"other db authority", func(m *manifest.Measurements) {
+			m.SecureBoot = append([]string(nil), m.SecureBoot...)
+			m.SecureBoot[len(m.SecureBoot)-1] = other
+		}, func(c *BootCheck) bool { return !c.SecureBootMatch && c.UKIMatch }},
+		{"policy without the authority", func(m *manifest.Measurements) { m.SecureBoot = m.SecureBoot[:len(m.SecureBoot)-1] },
+			func(c *BootCheck) bool { return !c.SecureBootMatch }},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -152,20 +165,24 @@ func TestCheckBoot(t *testing.T) {
 	if c := CheckBoot(extra, realBoot); c.OK() {
 		t.Fatal("an extra PCR9 event passed")
 	}
-	// The kernel measured twice is refused.
-	var kernel Event
+	// The UKI measured twice is refused, and so is anything in PCR12.
+	var uki Event
 	for _, e := range events {
-		if e.Digest == realBoot.KernelQEMUDirect {
-			kernel = e
+		if e.Digest == realBoot.UKIAuthenticode {
+			uki = e
 		}
 	}
-	if c := CheckBoot(append(append([]Event(nil), events...), kernel), realBoot); c.OK() {
-		t.Fatal("a kernel measured twice passed")
+	if c := CheckBoot(append(append([]Event(nil), events...), uki), realBoot); c.OK() {
+		t.Fatal("a UKI measured twice passed")
+	}
+	if c := CheckBoot(append(append([]Event(nil), events...), Event{PCR: 12, Type: "EV_IPL", Digest: other}), realBoot); c.OK() {
+		t.Fatal("a PCR12 command-line override passed")
 	}
 }
 
 func FuzzReplay(f *testing.F) {
 	raw, pcrs := loadReal(f)
+	realBoot := realMeasurements(f)
 	f.Add(raw)
 	f.Add(raw[:100])
 	f.Fuzz(func(t *testing.T, b []byte) {

@@ -4,14 +4,18 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"io"
 	"testing"
 
 	"github.com/google/go-tpm/legacy/tpm2"
+
+	"github.com/dataembassy/embassy/images/manifest"
 )
 
 // Event types used by the firmware and the Linux EFI stub.
 const (
+	EvIPL                             = 0x0000000d
 	EvNoAction                        = 0x00000003
 	EvSeparator                       = 0x00000004
 	EvEventTag                        = 0x00000006
@@ -22,6 +26,7 @@ const (
 	EvEFIGPTEvent                     = 0x80000006
 	EvEFIAction                       = 0x80000007
 	EvEFIPlatformFirmwareBlob2        = 0x8000000a
+	EvEFIVariableAuthority            = 0x800000e0
 	algSHA256                  uint16 = 0x000b
 )
 
@@ -73,17 +78,39 @@ func (l *EventLog) Measure(t testing.TB, rw io.ReadWriter, pcr int, typ uint32, 
 	}
 }
 
-// BootDigests are the three measurements of an appliance image.
+// BootDigests are the measurements of an appliance image booted under
+// Secure Boot: the signed UKI (PCR4), the Secure Boot variables and the
+// authority that verified the UKI (PCR7), the command line and initrd
+// (PCR9) and the UKI's sections (PCR11).
 type BootDigests struct {
-	Kernel, LoadOptions, Initrd []byte
+	UKI, LoadOptions, Initrd []byte
+	SecureBoot, Authority    []byte
+	Sections                 [][]byte
 }
 
-// NewBootDigests derives distinct digests for an image called name.
+// NewBootDigests derives distinct digests for an image called name; the
+// Secure Boot events are the same for every image (one home state's keys).
 func NewBootDigests(name string) BootDigests {
-	k := sha256.Sum256([]byte(name + " kernel"))
-	c := sha256.Sum256([]byte(name + " cmdline"))
-	i := sha256.Sum256([]byte(name + " initrd"))
-	return BootDigests{Kernel: k[:], LoadOptions: c[:], Initrd: i[:]}
+	h := func(s string) []byte { d := sha256.Sum256([]byte(s)); return d[:] }
+	return BootDigests{UKI: h(name + " uki"), LoadOptions: h(name + " cmdline"), Initrd: h(name + " initrd"),
+		SecureBoot: h("SecureBoot=1 PK KEK db dbx"), Authority: h("db certificate"),
+		Sections: [][]byte{h(".linux"), h(name + " kernel"), h(".initrd"), h(name + " initrd")}}
+}
+
+// Measurements are the manifest measurements of the image d.
+func (d BootDigests) Measurements() manifest.Measurements {
+	sep := sha256.Sum256([]byte{0, 0, 0, 0})
+	var pcr11 [32]byte
+	for _, s := range d.Sections {
+		pcr11 = sha256.Sum256(append(pcr11[:], s...))
+	}
+	return manifest.Measurements{
+		UKIAuthenticode: hex.EncodeToString(d.UKI),
+		SecureBoot:      []string{hex.EncodeToString(d.SecureBoot), hex.EncodeToString(sep[:]), hex.EncodeToString(d.Authority)},
+		LoadOptions:     hex.EncodeToString(d.LoadOptions),
+		Initrd:          hex.EncodeToString(d.Initrd),
+		UKISections:     hex.EncodeToString(pcr11[:]),
+	}
 }
 
 // MeasuredBoot plays a firmware + EFI stub boot of an image into the TPM
@@ -110,24 +137,24 @@ func FirmwareBoot(t testing.TB, rw io.ReadWriter, fw Firmware, d BootDigests) []
 
 // Firmware is what a simulated platform measures before it calls the boot
 // loader: the CRTM version and firmware volumes (PCR0), the boot variables
-// (PCR1), the GPT (PCR5) and the Secure Boot policy (PCR7). Each field is
-// the data measured; its digest is SHA-256 of it.
+// (PCR1) and the GPT (PCR5). Each field is the data measured; its digest is
+// SHA-256 of it. The Secure Boot policy (PCR7) is the image's
+// (BootDigests), as the manifest predicts it.
 type Firmware struct {
 	CRTMVersion string
 	Blobs       []string // firmware volumes, in measurement order
 	BootOrder   string
 	GPT         string
-	SecureBoot  string
 }
 
 // NewFirmware makes a platform whose measurements derive from name.
 func NewFirmware(name string) Firmware {
 	return Firmware{CRTMVersion: name + " CRTM 1.0", Blobs: []string{name + " PEI volume", name + " DXE volume", name + " NVRAM volume"},
-		BootOrder: name + " BootOrder 0001", GPT: name + " GPT", SecureBoot: name + " SecureBoot=1 PK KEK db dbx"}
+		BootOrder: name + " BootOrder 0001", GPT: name + " GPT"}
 }
 
-// MeasureFirmware logs fw's events into PCRs 0, 1, 5 and 7 and extends
-// them, then a separator into each of PCRs 0-3 and 5-7 (PCR4's is
+// MeasureFirmware logs fw's events into PCRs 0, 1 and 5 and extends them,
+// then a separator into each of PCRs 0-3, 5 and 6 (PCR4's and PCR7's are
 // MeasureBoot's).
 func (l *EventLog) MeasureFirmware(t testing.TB, rw io.ReadWriter, fw Firmware) {
 	t.Helper()
@@ -139,26 +166,32 @@ func (l *EventLog) MeasureFirmware(t testing.TB, rw io.ReadWriter, fw Firmware) 
 	for _, b := range fw.Blobs {
 		measure(0, EvEFIPlatformFirmwareBlob2, b)
 	}
-	measure(7, EvEFIVariableDriverConfig, fw.SecureBoot)
 	measure(1, EvEFIVariableBoot, fw.BootOrder)
 	sep := sha256.Sum256([]byte{0, 0, 0, 0})
-	for _, pcr := range []int{0, 1, 2, 3, 5, 6, 7} {
+	for _, pcr := range []int{0, 1, 2, 3, 5, 6} {
 		l.Measure(t, rw, pcr, EvSeparator, sep[:], []byte{0, 0, 0, 0})
 	}
 	measure(5, EvEFIGPTEvent, fw.GPT)
 }
 
-// MeasureBoot logs and extends the boot of image d: the kernel in PCR4
-// with the boot-option action and separator, the command line and initrd
-// in PCR9.
+// MeasureBoot logs and extends the boot of image d under Secure Boot: the
+// Secure Boot variables and separator in PCR7, the UKI in PCR4 with the
+// boot-option action and separator, the authority that verified it in
+// PCR7, its sections in PCR11, the command line and initrd in PCR9.
 func (l *EventLog) MeasureBoot(t testing.TB, rw io.ReadWriter, d BootDigests) {
 	t.Helper()
 	action := []byte("Calling EFI Application from Boot Option")
 	ad := sha256.Sum256(action)
 	sep := sha256.Sum256([]byte{0, 0, 0, 0})
+	l.Measure(t, rw, 7, EvEFIVariableDriverConfig, d.SecureBoot, []byte("SecureBoot"))
+	l.Measure(t, rw, 7, EvSeparator, sep[:], []byte{0, 0, 0, 0})
 	l.Measure(t, rw, 4, EvEFIAction, ad[:], action)
 	l.Measure(t, rw, 4, EvSeparator, sep[:], []byte{0, 0, 0, 0})
-	l.Measure(t, rw, 4, EvEFIBootServicesApp, d.Kernel, make([]byte, 40))
+	l.Measure(t, rw, 7, EvEFIVariableAuthority, d.Authority, []byte("db"))
+	l.Measure(t, rw, 4, EvEFIBootServicesApp, d.UKI, make([]byte, 40))
+	for _, s := range d.Sections {
+		l.Measure(t, rw, 11, EvIPL, s, []byte("section"))
+	}
 	l.Measure(t, rw, 9, EvEventTag, d.LoadOptions, []byte("LOADED_IMAGE::LoadOptions\x00"))
 	l.Measure(t, rw, 9, EvEventTag, d.Initrd, []byte("Linux initrd\x00"))
 }
