@@ -240,8 +240,8 @@ func (e *env) signManifest(version uint64, d tpmtest.BootDigests, key ed25519.Pr
 	e.t.Helper()
 	m := &manifest.Manifest{Schema: manifest.Schema, Version: version,
 		Kernel: manifest.KernelInfo{Package: "linux-image-test-amd64", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32)), Release: "test"},
-		Measurements: manifest.Measurements{KernelAuthenticode: hex.EncodeToString(d.Kernel),
-			LoadOptions: hex.EncodeToString(d.LoadOptions), Initrd: hex.EncodeToString(d.Initrd)}}
+		Stub:         manifest.PackageInfo{Package: "systemd-boot-efi", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32))},
+		Measurements: d.Measurements()}
 	for _, c := range []string{manifest.ComponentCmdline, manifest.ComponentInitramfs, manifest.ComponentKernel} {
 		m.SetComponent(c, make([]byte, 32))
 	}

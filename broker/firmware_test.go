@@ -191,7 +191,7 @@ func TestFirmwareReference(t *testing.T) {
 	// (what the operator reviewed) stays.
 	before := e.applianceState(0, id).PendingFirmware
 	fw3 := fw2
-	fw3.SecureBoot = "vendor SecureBoot=0"
+	fw3.BootOrder = "vendor BootOrder 0002"
 	a.rebootFirmware(t, fw3, d)
 	if r := a.c.AttestOnce(ctx, e.cfg.Brokers[0]); !isCode(r.Err, api.CodeFirmware) {
 		t.Fatalf("third firmware: %v", r.Err)

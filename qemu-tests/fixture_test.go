@@ -107,11 +107,8 @@ func makeEmbassy(t testing.TB, dir string) *embassyAtRest {
 	defer hb.close()
 
 	imgDir := imageDir()
-	m := loadImage(t, imgDir)
-	base, err := bootreport.BootConfig("embassy", imgDir, m)
-	if err != nil {
-		t.Fatal(err)
-	}
+	loadImage(t, imgDir) // the manifest verifies
+	base := bootreport.BootConfig("embassy", imgDir)
 	base.LogDir = filepath.Join(repoRoot, "out", "test-logs", "provisioned-embassy")
 	os.RemoveAll(base.LogDir)
 	base.SwtpmCA = filepath.Join(cacheDir(), "swtpm-localca")
@@ -239,12 +236,8 @@ func (at *embassyAtRest) copyTo(t testing.TB, dst string) brokerState {
 func restTwin(t testing.TB, hb *hostBrokers, dir, name string) *twin {
 	t.Helper()
 	imgDir := imageDir()
-	m := loadImage(t, imgDir)
 	tw := &twin{name: name, id: provisionedEmbassy(t).ids[name]}
-	var err error
-	if tw.cfg, err = bootreport.BootConfig(name, imgDir, m); err != nil {
-		t.Fatal(err)
-	}
+	tw.cfg = bootreport.BootConfig(name, imgDir)
 	tw.cfg.LogDir = testLogDir(t)
 	tw.cfg.SwtpmCA = filepath.Join(cacheDir(), "swtpm-localca")
 	tw.cfg.StateDir = filepath.Join(dir, name, "state")

@@ -107,10 +107,7 @@ func loadImage(t testing.TB, dir string) *manifest.Manifest {
 // bootConfig returns a VM config for the image in dir.
 func bootConfig(t testing.TB, name, dir string, m *manifest.Manifest) vm.Config {
 	t.Helper()
-	cfg, err := bootreport.BootConfig(name, dir, m)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := bootreport.BootConfig(name, dir)
 	cfg.LogDir = testLogDir(t)
 	os.RemoveAll(cfg.LogDir)
 	cfg.SwtpmCA = filepath.Join(cacheDir(), "swtpm-localca")

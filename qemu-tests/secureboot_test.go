@@ -1,15 +1,12 @@
 package qemutests
 
 import (
-	"context"
 	"crypto"
 	"encoding/binary"
-	"os"
 	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
-	"time"
 	"unicode/utf16"
 
 	"github.com/google/go-attestation/attest"
@@ -17,70 +14,30 @@ import (
 	"github.com/dataembassy/embassy/images/ovmfvars"
 	"github.com/dataembassy/embassy/images/sbkeys"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
-	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
 
-// TestSecureBootVarsEnrolled boots OVMF's Secure Boot build with a VARS
-// image our own code wrote (images/ovmfvars: the local-default PK, KEK and
-// db of images/sbkeys, Secure Boot on), as a server would be shipped, and
-// reads from the event log (replayed against the quoted PCRs) what the
-// firmware itself measured into PCR7: Secure Boot on, and exactly our PK,
-// KEK and db, an empty dbx. The kernel's EFI stub agrees ("UEFI Secure
-// Boot is enabled").
-//
-// It does not show enforcement, and cannot under -kernel: QEMU patches the
-// kernel's setup header, so no Authenticode signature of it verifies, and
-// OVMF then falls back to its legacy loader, which checks nothing (the
-// event log has no PCR4 application event and no PCR7 authority). That is
-// why issue 12 boots a signed UKI from a disk image instead.
+// TestSecureBootVarsEnrolled reads, from the provisioned embassy's first
+// boot (the image's disk under OVMF's Secure Boot build, with the VARS
+// file mkimage wrote; no boot of its own), what the firmware itself
+// measured into PCR7, replayed against the quoted PCRs: Secure Boot on,
+// exactly our PK, KEK and db, an empty dbx, and our db certificate as the
+// authority that verified the UKI. The kernel's EFI stub agrees ("UEFI
+// Secure Boot is enabled").
 func TestSecureBootVarsEnrolled(t *testing.T) {
 	requireE2E(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	imgDir := imageDir()
-	m := loadImage(t, imgDir)
 	ks, err := sbkeys.EnsureDev(filepath.Join(cacheDir(), "keys", "secureboot"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	blank, err := os.ReadFile(vm.DefaultOVMFVars)
-	if err != nil {
-		t.Fatal(err)
-	}
-	vars, err := ks.Variables(nil, time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
-	if err != nil {
-		t.Fatal(err)
-	}
-	varsImg, err := ovmfvars.Build(blank, vars)
-	if err != nil {
-		t.Fatal(err)
-	}
-	varsPath := filepath.Join(t.TempDir(), "OVMF_VARS.secureboot.fd")
-	if err := os.WriteFile(varsPath, varsImg, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := bootreport.BootConfig("secureboot-vars", imgDir, m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.SecureBoot, cfg.OVMFVars = true, varsPath
-	cfg.SwtpmCA = filepath.Join(cacheDir(), "swtpm-localca")
-	cfg.LogDir = testLogDir(t)
-	cfg.NICs = 1
-	v := startVM(t, cfg)
-	ev, err := bootreport.Wait(ctx, v)
-	if err != nil {
-		t.Fatalf("evidence: %v", err)
-	}
-	v.Close()
+	fx := provisionedEmbassy(t)
 	stub := false
-	for _, l := range v.Lines() {
+	for _, l := range fx.firstBoot.consoles[twinNames[0]] {
 		stub = stub || strings.Contains(l.Text, "EFI stub: UEFI Secure Boot is enabled")
 	}
 	if !stub {
 		t.Error("the kernel's EFI stub did not see Secure Boot on")
 	}
-	measured := pcr7Variables(t, ev)
+	measured, authority := pcr7Variables(t, fx.evidence)
 	for _, want := range []struct {
 		name string
 		data []byte
@@ -100,6 +57,10 @@ func TestSecureBootVarsEnrolled(t *testing.T) {
 			t.Errorf("PCR7 measured %s as %d bytes, not the %d we enrolled", want.name, len(got), len(want.data))
 		}
 	}
+	owner := ks.Owner()
+	if want := append(owner[:], ks.DB.Cert.Raw...); len(authority) != 1 || string(authority[0]) != string(want) {
+		t.Errorf("PCR7 authorities: %d, want exactly our db certificate", len(authority))
+	}
 }
 
 func mustList(t *testing.T, ks sbkeys.Keys, cert []byte) []byte {
@@ -114,8 +75,9 @@ func mustList(t *testing.T, ks sbkeys.Keys, cert []byte) []byte {
 // pcr7Variables replays the reported event log against the reported PCRs
 // and returns the variables the firmware measured into PCR7
 // (EV_EFI_VARIABLE_DRIVER_CONFIG: GUID, name length, data length, UTF-16
-// name, data), by name.
-func pcr7Variables(t *testing.T, ev *bootreport.Evidence) map[string][]byte {
+// name, data), by name, and the data of its authority events
+// (EV_EFI_VARIABLE_AUTHORITY).
+func pcr7Variables(t *testing.T, ev *bootreport.Evidence) (map[string][]byte, [][]byte) {
 	t.Helper()
 	el, err := attest.ParseEventLog(ev.EventLog)
 	if err != nil {
@@ -131,8 +93,13 @@ func pcr7Variables(t *testing.T, ev *bootreport.Evidence) map[string][]byte {
 		t.Fatalf("the event log does not replay to the PCRs: %v", err)
 	}
 	out := map[string][]byte{}
+	var authorities [][]byte
 	for _, e := range events {
-		if e.Index != 7 || e.Type.String() != "EV_EFI_VARIABLE_DRIVER_CONFIG" {
+		if e.Index != 7 {
+			continue
+		}
+		authority := e.Type.String() == "EV_EFI_VARIABLE_AUTHORITY"
+		if !authority && e.Type.String() != "EV_EFI_VARIABLE_DRIVER_CONFIG" {
 			continue
 		}
 		d := e.Data
@@ -147,7 +114,11 @@ func pcr7Variables(t *testing.T, ev *bootreport.Evidence) map[string][]byte {
 		for i := range u {
 			u[i] = binary.LittleEndian.Uint16(d[32+2*i:])
 		}
+		if authority {
+			authorities = append(authorities, d[32+2*nameLen:])
+			continue
+		}
 		out[string(utf16.Decode(u))] = d[32+2*nameLen:]
 	}
-	return out
+	return out, authorities
 }

@@ -2,6 +2,7 @@ package qemutests
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/images/sbkeys"
 	"github.com/dataembassy/embassy/initramfs/cpioimage"
 )
 
@@ -17,7 +19,8 @@ import (
 func copyImage(t testing.TB, src string) string {
 	t.Helper()
 	dst := t.TempDir()
-	for _, f := range []string{build.KernelFile, build.InitramfsFile, build.CmdlineFile, build.ManifestFile, build.SignatureFile} {
+	for _, f := range []string{build.KernelFile, build.InitramfsFile, build.CmdlineFile, build.UKIFile, build.DiskFile,
+		build.VarsFile, build.ManifestFile, build.SignatureFile} {
 		b, err := os.ReadFile(filepath.Join(src, f))
 		if err != nil {
 			t.Fatal(err)
@@ -27,6 +30,22 @@ func copyImage(t testing.TB, src string) string {
 		}
 	}
 	return dst
+}
+
+// repackImage rebuilds the signed UKI and the disk image of the image copy
+// in dir from its (changed) components, signed with the local-default
+// Secure Boot db key: what someone holding the db key, and nothing else,
+// could boot.
+func repackImage(t testing.TB, dir string) {
+	t.Helper()
+	keys, err := sbkeys.EnsureDev(filepath.Join(cacheDir(), "keys", "secureboot"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := loadImage(t, imageDir())
+	if err := build.Repack(context.Background(), dir, cacheDir(), m.Version, keys); err != nil {
+		t.Fatalf("repack the image: %v", err)
+	}
 }
 
 // runVerify runs `mkimage verify` on dir and returns its output and whether
@@ -119,7 +138,8 @@ func TestBootTamperedInitramfs(t *testing.T) {
 	if o.verifyOK {
 		t.Fatalf("mkimage verify accepted a tampered initramfs:\n%s", o.verify)
 	}
-	requireMismatch(t, o.verify, "component initramfs.cpio.zst", "measurement pcr9_initrd")
+	requireMismatch(t, o.verify, "component initramfs.cpio.zst", "measurement pcr9_initrd", "measurement pcr11_uki_sections",
+		"component "+manifest.ComponentUKI, "measurement pcr4_uki_authenticode")
 	if o.verdict.Check.InitrdMatch {
 		t.Fatal("the PCR9 initrd event of a tampered initramfs equals the manifest's")
 	}
@@ -140,12 +160,16 @@ func TestBootTamperedCmdline(t *testing.T) {
 	if o.verifyOK {
 		t.Fatalf("mkimage verify accepted a tampered command line:\n%s", o.verify)
 	}
-	requireMismatch(t, o.verify, "component "+manifest.ComponentCmdline, "measurement pcr9_load_options")
+	requireMismatch(t, o.verify, "component "+manifest.ComponentCmdline, "measurement pcr9_load_options",
+		"component "+manifest.ComponentUKI, "measurement pcr4_uki_authenticode")
 	if o.verdict.Check.LoadOptionsMatch {
 		t.Fatal("the PCR9 LoadOptions event of a tampered command line equals the manifest's")
 	}
-	if !o.verdict.Check.InitrdMatch || !o.verdict.Check.KernelMatch {
-		t.Errorf("kernel or initrd event changed although only the command line was tampered: %+v", o.verdict.Check)
+	if !o.verdict.Check.InitrdMatch || !o.verdict.Check.SecureBootMatch {
+		t.Errorf("initrd or Secure Boot events changed although only the command line was tampered: %+v", o.verdict.Check)
+	}
+	if o.verdict.Check.UKIMatch || o.verdict.Check.SectionsMatch {
+		t.Errorf("the repacked UKI's PCR4 or PCR11 measurement equals the manifest's: %+v", o.verdict.Check)
 	}
 	if o.verdict.Check.OK() {
 		t.Fatal("boot check passed for a tampered command line")

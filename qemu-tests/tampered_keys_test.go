@@ -105,12 +105,9 @@ func tamperedBoot(t testing.TB, kind string) *tamperedOutcome {
 	tampers[kind](t, dir)
 	o := &tamperedOutcome{}
 	o.verify, o.verifyOK = runVerify(t, dir)
+	repackImage(t, dir)
 	m := loadImage(t, imageDir())
-	bc, err := bootreport.BootConfig(cfg.Name, dir, m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.Kernel, cfg.Initrd, cfg.Cmdline = bc.Kernel, bc.Initrd, bc.Cmdline
+	cfg.BootDisk = bootreport.BootConfig(cfg.Name, dir).BootDisk
 	v := startVM(t, cfg)
 	defer v.Close()
 	ev, err := bootreport.Wait(ctx, v)

@@ -11,10 +11,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -26,8 +24,11 @@ import (
 	"github.com/dataembassy/embassy/appliance/config"
 	"github.com/dataembassy/embassy/images/debkernel"
 	"github.com/dataembassy/embassy/images/debstub"
+	"github.com/dataembassy/embassy/images/diskimage"
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/images/measure"
+	"github.com/dataembassy/embassy/images/ovmfvars"
+	"github.com/dataembassy/embassy/images/sbkeys"
 	"github.com/dataembassy/embassy/images/uki"
 	"github.com/dataembassy/embassy/initramfs/cpioimage"
 	"github.com/dataembassy/embassy/initramfs/elfdeps"
@@ -41,10 +42,21 @@ const (
 	CmdlineFile   = manifest.ComponentCmdline
 	ManifestFile  = manifest.File
 	SignatureFile = manifest.SignatureFile
-	// UKIFile is the unsigned Unified Kernel Image (Options.UKI); not yet
-	// in the manifest.
-	UKIFile = "embassy.efi"
+	// UKIFile is the signed Unified Kernel Image, DiskFile the disk image
+	// that carries it (what is written to a server's boot disk).
+	UKIFile  = manifest.ComponentUKI
+	DiskFile = manifest.ComponentDisk
+	// VarsFile is an OVMF variable store with the Secure Boot keys
+	// enrolled and Secure Boot on: the firmware settings of a server
+	// prepared at home, for QEMU (tests and the demo).
+	VarsFile = "OVMF_VARS.secboot.fd"
+	// BlankVars is the firmware's blank variable store VarsFile starts from.
+	BlankVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 )
+
+// VarsTimestamp stamps the enrolled Secure Boot variables, so that the
+// VARS file is the same on every build.
+var VarsTimestamp = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 
 // DefaultCmdline is the fixed kernel command line of the production image.
 // Nothing on it can be changed at boot without changing PCR9. Beyond the
@@ -90,24 +102,24 @@ type Options struct {
 	Modules       []string // DefaultModules when nil
 	InitPackage   string   // "./cmd/embassy-init" when empty
 	Mkfs          string   // host mke2fs; "/sbin/mke2fs" when empty
-	// QEMUMemoryMiB, when not 0, also records the PCR4 digest of the kernel
-	// under QEMU direct kernel boot with that much RAM (tests and the demo).
-	QEMUMemoryMiB int
-	// UKI also assembles kernel, initramfs, command line and an os-release
-	// into an unsigned Unified Kernel Image (UKIFile) on systemd-stub.
-	UKI bool
-	Log *slog.Logger
+	// SecureBoot are the home state's Secure Boot keys: the db key signs
+	// the UKI, and PCR7 is predicted for firmware with them enrolled.
+	SecureBoot sbkeys.Keys
+	// DBX are image digests the firmware's dbx forbids (may be empty).
+	DBX [][32]byte
+	// BlankVars is the blank OVMF variable store (BlankVars when empty).
+	BlankVars string
+	Log       *slog.Logger
 }
 
 // Result describes a finished build.
 type Result struct {
 	Manifest      *manifest.Manifest
 	InitramfsSize int
-	// With Options.UKI: the UKI's size, the stub package and the PCR 11
-	// value systemd-stub will measure.
+	// The signed UKI's size, the stub package and the disk image's size.
 	UKISize  int
 	UKIStub  *debstub.Stub
-	UKIPCR11 [32]byte
+	DiskSize int64
 	Duration time.Duration
 }
 
@@ -123,6 +135,9 @@ func (o *Options) defaults() {
 	}
 	if o.Mkfs == "" {
 		o.Mkfs = "/sbin/mke2fs"
+	}
+	if o.BlankVars == "" {
+		o.BlankVars = BlankVars
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -168,8 +183,15 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if err := CheckCmdline(o.Cmdline); err != nil {
 		return nil, err
 	}
+	if o.SecureBoot.DB.Signer == nil || o.SecureBoot.PK.Cert == nil || o.SecureBoot.KEK.Cert == nil {
+		return nil, fmt.Errorf("no Secure Boot keys: %w", sbkeys.ErrNoSigningKey)
+	}
+	blankVars, err := os.ReadFile(o.BlankVars)
+	if err != nil {
+		return nil, fmt.Errorf("blank firmware variables: %w", err)
+	}
 
-	log.Info("build step", "step", "1/5 kernel")
+	log.Info("build step", "step", "1/6 kernel")
 	kern, err := (&debkernel.Fetcher{CacheDir: o.CacheDir, Package: o.KernelPackage, Log: log}).Fetch(ctx)
 	if err != nil {
 		return nil, err
@@ -180,13 +202,13 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	}
 	log.Info("kernel", "package", kern.Package, "version", kern.Version, "deb_sha256", kern.DebSHA256)
 
-	log.Info("build step", "step", "2/5 embassy-init")
+	log.Info("build step", "step", "2/6 embassy-init")
 	initBin, err := GoBuild(ctx, o.ModuleRoot, o.InitPackage)
 	if err != nil {
 		return nil, err
 	}
 
-	log.Info("build step", "step", "3/5 initramfs")
+	log.Info("build step", "step", "3/6 initramfs")
 	arc := cpioimage.New()
 	if err := Skeleton(arc, initBin); err != nil {
 		return nil, err
@@ -223,17 +245,25 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	log.Info("initramfs", "entries", arc.Len(), "modules", nmods, "compressed_bytes", len(initramfs),
 		"compressed_mib", fmt.Sprintf("%.2f", float64(len(initramfs))/(1<<20)))
 
-	var ukiImage []byte
-	var stub *debstub.Stub
-	var pcr11 [32]byte
-	if o.UKI {
-		if ukiImage, stub, pcr11, err = AssembleUKI(ctx, o.CacheDir, o.Version, vmlinuz, initramfs, o.Cmdline, log); err != nil {
-			return nil, err
-		}
+	log.Info("build step", "step", "4/6 signed UKI and disk image")
+	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
+		return nil, fmt.Errorf("create output folder: %w", err)
+	}
+	boot, err := BootImage(ctx, o.CacheDir, o.Version, vmlinuz, initramfs, o.Cmdline, o.SecureBoot, filepath.Join(o.OutDir, DiskFile), log)
+	if err != nil {
+		return nil, err
+	}
+	vars, err := o.SecureBoot.Variables(o.DBX, VarsTimestamp)
+	if err != nil {
+		return nil, err
+	}
+	varsImage, err := ovmfvars.Build(blankVars, vars)
+	if err != nil {
+		return nil, fmt.Errorf("firmware variables: %w", err)
 	}
 
-	log.Info("build step", "step", "4/5 manifest")
-	m, err := NewManifest(o.Version, kern, vmlinuz, initramfs, o.Cmdline, o.QEMUMemoryMiB)
+	log.Info("build step", "step", "5/6 manifest")
+	m, err := NewManifest(o.Version, kern, boot, vmlinuz, initramfs, o.Cmdline, o.SecureBoot, o.DBX)
 	if err != nil {
 		return nil, err
 	}
@@ -243,10 +273,7 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	}
 	sig := manifest.Sign(canon, o.SigningKey)
 
-	log.Info("build step", "step", "5/5 write", "out", o.OutDir)
-	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
-		return nil, fmt.Errorf("create output folder: %w", err)
-	}
+	log.Info("build step", "step", "6/6 write", "out", o.OutDir)
 	for _, f := range []struct {
 		name string
 		data []byte
@@ -254,6 +281,8 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		{KernelFile, vmlinuz},
 		{InitramfsFile, initramfs},
 		{CmdlineFile, []byte(o.Cmdline + "\n")},
+		{UKIFile, boot.UKI},
+		{VarsFile, varsImage},
 		{ManifestFile, canon},
 		{SignatureFile, sig},
 	} {
@@ -261,85 +290,164 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 			return nil, err
 		}
 	}
-	ukiPath := filepath.Join(o.OutDir, UKIFile)
-	if o.UKI {
-		if err := writeAtomic(ukiPath, ukiImage); err != nil {
-			return nil, err
-		}
-	} else if err := os.Remove(ukiPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		// A UKI left from an earlier build would not match this one.
-		return nil, fmt.Errorf("remove stale UKI: %w", err)
+	return &Result{Manifest: m, InitramfsSize: len(initramfs), UKISize: len(boot.UKI), UKIStub: boot.Stub,
+		DiskSize: boot.DiskSize, Duration: time.Since(start)}, nil
+}
+
+// Boot is a signed UKI, the disk image written around it, and what went
+// into them.
+type Boot struct {
+	UKI        []byte
+	DiskSize   int64
+	DiskSHA256 [32]byte
+	Stub       *debstub.Stub
+	// Sections are the UKI's sections, for the PCR11 prediction.
+	Sections uki.Sections
+}
+
+// BootImage assembles the UKI from kernel, initramfs and command line
+// (AssembleUKI), signs it with the db key of keys and writes the disk
+// image around it to diskPath (replaced atomically).
+func BootImage(ctx context.Context, cacheDir string, version uint64, vmlinuz, initramfs []byte, cmdline string, keys sbkeys.Keys, diskPath string, log *slog.Logger) (*Boot, error) {
+	unsigned, stub, secs, err := AssembleUKI(ctx, cacheDir, version, vmlinuz, initramfs, cmdline, log)
+	if err != nil {
+		return nil, err
 	}
-	return &Result{Manifest: m, InitramfsSize: len(initramfs), UKISize: len(ukiImage), UKIStub: stub, UKIPCR11: pcr11,
-		Duration: time.Since(start)}, nil
+	signed, err := keys.SignPE(unsigned)
+	if err != nil {
+		return nil, fmt.Errorf("sign the UKI: %w", err)
+	}
+	b := &Boot{UKI: signed, Stub: stub, Sections: secs}
+	tmp := diskPath + ".tmp"
+	if err := diskimage.Write(tmp, signed); err != nil {
+		os.Remove(tmp)
+		return nil, fmt.Errorf("disk image: %w", err)
+	}
+	if b.DiskSize, b.DiskSHA256, err = fileSHA256(tmp); err != nil {
+		os.Remove(tmp)
+		return nil, err
+	}
+	if err := os.Rename(tmp, diskPath); err != nil {
+		os.Remove(tmp)
+		return nil, fmt.Errorf("disk image: %w", err)
+	}
+	log.Info("boot image", "uki_bytes", len(signed), "uki_mib", fmt.Sprintf("%.2f", float64(len(signed))/(1<<20)),
+		"disk_bytes", b.DiskSize, "signed_by", keys.DB.Cert.Subject.String())
+	return b, nil
+}
+
+func fileSHA256(path string) (int64, [32]byte, error) {
+	var sum [32]byte
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, sum, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return 0, sum, fmt.Errorf("hash %s: %w", path, err)
+	}
+	copy(sum[:], h.Sum(nil))
+	return n, sum, nil
+}
+
+// Repack rebuilds the signed UKI and the disk image of the image folder
+// dir from the kernel, initramfs and command line in it, with the db key
+// of keys; the manifest is left as it is. Tests use it to boot an image
+// whose components were changed and signed again, as someone holding the
+// db key (and nothing else) could.
+func Repack(ctx context.Context, dir, cacheDir string, version uint64, keys sbkeys.Keys) error {
+	read := func(name string) ([]byte, error) { return os.ReadFile(filepath.Join(dir, name)) }
+	vmlinuz, err := read(KernelFile)
+	if err != nil {
+		return err
+	}
+	initramfs, err := read(InitramfsFile)
+	if err != nil {
+		return err
+	}
+	cmdline, err := read(CmdlineFile)
+	if err != nil {
+		return err
+	}
+	boot, err := BootImage(ctx, cacheDir, version, vmlinuz, initramfs, strings.TrimSuffix(string(cmdline), "\n"), keys,
+		filepath.Join(dir, DiskFile), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		return err
+	}
+	return writeAtomic(filepath.Join(dir, UKIFile), boot.UKI)
 }
 
 // AssembleUKI fetches systemd-stub (debstub) and assembles an unsigned UKI
 // from the kernel, initramfs and command line, with an os-release naming the
-// image version. It returns the image, the stub package and the predicted
-// PCR 11; the stub is nil when it could not be fetched.
-func AssembleUKI(ctx context.Context, cacheDir string, version uint64, vmlinuz, initramfs []byte, cmdline string, log *slog.Logger) ([]byte, *debstub.Stub, [32]byte, error) {
-	var pcr11 [32]byte
-	stub, err := (&debstub.Fetcher{CacheDir: cacheDir, Log: log}).Fetch(ctx)
-	if err != nil {
-		return nil, nil, pcr11, err
-	}
-	stubBytes, err := os.ReadFile(stub.Path)
-	if err != nil {
-		return nil, nil, pcr11, fmt.Errorf("read systemd-stub: %w", err)
-	}
+// image version. It returns the image, the stub package and the sections.
+func AssembleUKI(ctx context.Context, cacheDir string, version uint64, vmlinuz, initramfs []byte, cmdline string, log *slog.Logger) ([]byte, *debstub.Stub, uki.Sections, error) {
 	secs := uki.Sections{
 		Linux:   vmlinuz,
-		OSRel:   []byte(fmt.Sprintf("NAME=\"Data Embassy\"\nID=embassy\nVERSION_ID=%d\n", version)),
+		OSRel:   uki.OSRelease(version),
 		Cmdline: []byte(cmdline),
 		Initrd:  initramfs,
 	}
+	stub, err := (&debstub.Fetcher{CacheDir: cacheDir, Log: log}).Fetch(ctx)
+	if err != nil {
+		return nil, nil, secs, err
+	}
+	stubBytes, err := os.ReadFile(stub.Path)
+	if err != nil {
+		return nil, nil, secs, fmt.Errorf("read systemd-stub: %w", err)
+	}
 	img, err := uki.Assemble(stubBytes, secs)
 	if err != nil {
-		return nil, stub, pcr11, fmt.Errorf("assemble UKI on %s %s: %w", stub.Package, stub.Version, err)
+		return nil, stub, secs, fmt.Errorf("assemble UKI on %s %s: %w", stub.Package, stub.Version, err)
 	}
-	pcr11 = uki.PredictPCR11(secs)
 	log.Info("uki", "stub", stub.Package, "stub_version", stub.Version, "stub_deb_sha256", stub.DebSHA256,
-		"bytes", len(img), "mib", fmt.Sprintf("%.2f", float64(len(img))/(1<<20)), "pcr11", fmt.Sprintf("%x", pcr11))
-	return img, stub, pcr11, nil
+		"bytes", len(img), "mib", fmt.Sprintf("%.2f", float64(len(img))/(1<<20)))
+	return img, stub, secs, nil
 }
 
-// NewManifest computes the reference manifest for a set of artifacts.
-func NewManifest(version uint64, kern *debkernel.Kernel, vmlinuz, initramfs []byte, cmdline string, qemuMemMiB int) (*manifest.Manifest, error) {
-	kd, err := measure.Kernel(vmlinuz)
+// NewManifest computes the reference manifest for a boot image and the
+// components it was built from: PCR4 from the signed UKI, PCR7 for
+// firmware with keys (and dbx) enrolled, PCR9 from the command line and
+// initramfs, PCR11 from the UKI's sections.
+func NewManifest(version uint64, kern *debkernel.Kernel, boot *Boot, vmlinuz, initramfs []byte, cmdline string, keys sbkeys.Keys, dbx [][32]byte) (*manifest.Manifest, error) {
+	ukiDigest, err := measure.Authenticode(boot.UKI)
 	if err != nil {
 		return nil, err
 	}
-	var qemuDigest string
-	if qemuMemMiB != 0 {
-		qd, err := measure.QEMUDirectKernel(vmlinuz, len(initramfs), qemuMemMiB)
-		if err != nil {
-			return nil, err
-		}
-		qemuDigest = hex.EncodeToString(qd[:])
+	sb, err := measure.SecureBoot(keys.Enrolled(dbx))
+	if err != nil {
+		return nil, err
+	}
+	sbHex := make([]string, len(sb))
+	for i := range sb {
+		sbHex[i] = hex.EncodeToString(sb[i][:])
 	}
 	cd := measure.Cmdline(cmdline)
 	id := measure.Initrd(initramfs)
+	pcr11 := uki.PredictPCR11(boot.Sections)
 	m := &manifest.Manifest{
 		Schema:  manifest.Schema,
 		Version: version,
 		Kernel: manifest.KernelInfo{
 			Package: kern.Package, Version: kern.Version, DebSHA256: kern.DebSHA256, Release: kern.Release,
 		},
+		Stub: manifest.PackageInfo{Package: boot.Stub.Package, Version: boot.Stub.Version, DebSHA256: boot.Stub.DebSHA256},
 		Measurements: manifest.Measurements{
-			KernelAuthenticode: hex.EncodeToString(kd[:]),
-			LoadOptions:        hex.EncodeToString(cd[:]),
-			Initrd:             hex.EncodeToString(id[:]),
-			KernelQEMUDirect:   qemuDigest,
-			QEMUMemoryMiB:      qemuMemMiB,
+			UKIAuthenticode: hex.EncodeToString(ukiDigest[:]),
+			SecureBoot:      sbHex,
+			LoadOptions:     hex.EncodeToString(cd[:]),
+			Initrd:          hex.EncodeToString(id[:]),
+			UKISections:     hex.EncodeToString(pcr11[:]),
 		},
 	}
 	for name, data := range map[string][]byte{
-		KernelFile: vmlinuz, InitramfsFile: initramfs, CmdlineFile: []byte(cmdline + "\n"),
+		KernelFile: vmlinuz, InitramfsFile: initramfs, CmdlineFile: []byte(cmdline + "\n"), UKIFile: boot.UKI,
 	} {
 		sum := sha256.Sum256(data)
 		m.SetComponent(name, sum[:])
 	}
+	m.SetComponent(DiskFile, boot.DiskSHA256[:])
 	return m, nil
 }
 

@@ -4,14 +4,19 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
+	"encoding/pem"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/dataembassy/embassy/appliance/config"
 	"github.com/dataembassy/embassy/images/devpki"
+	"github.com/dataembassy/embassy/images/diskimage"
+	"github.com/dataembassy/embassy/images/ovmfvars"
+	"github.com/dataembassy/embassy/images/sbkeys"
 	"github.com/dataembassy/embassy/images/uki"
 	"github.com/dataembassy/embassy/images/verify"
 	"github.com/dataembassy/embassy/initramfs/cpioimage"
@@ -43,16 +48,20 @@ func options(t *testing.T, out string) Options {
 		}
 		pems = append(pems, b)
 	}
+	keys, err := sbkeys.EnsureDev(filepath.Join(pki, "secureboot"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	return Options{
 		ModuleRoot: root, CacheDir: testenv.CacheDir(t), OutDir: out, Version: 3,
 		Config: cfg, BrokerCA: pems[0], ClientCA: pems[1],
-		SigningKey:    ed25519.NewKeyFromSeed(bytes.Repeat([]byte{7}, 32)),
-		QEMUMemoryMiB: 1024,
-		Log:           slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		SigningKey: ed25519.NewKeyFromSeed(bytes.Repeat([]byte{7}, 32)),
+		SecureBoot: keys,
+		Log:        slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	}
 }
 
-var artifacts = []string{KernelFile, InitramfsFile, CmdlineFile, ManifestFile, SignatureFile}
+var artifacts = []string{KernelFile, InitramfsFile, CmdlineFile, UKIFile, DiskFile, VarsFile, ManifestFile, SignatureFile}
 
 // TestReproducibleBuild builds the image twice from clean output folders
 // and requires byte-identical artifacts.
@@ -81,9 +90,41 @@ func TestReproducibleBuild(t *testing.T) {
 			t.Errorf("%s differs between two builds", f)
 		}
 	}
-	t.Logf("initramfs %d bytes (%.2f MiB)", res.InitramfsSize, float64(res.InitramfsSize)/(1<<20))
+	t.Logf("initramfs %d bytes (%.2f MiB), UKI %d bytes (%.2f MiB), disk %d bytes", res.InitramfsSize,
+		float64(res.InitramfsSize)/(1<<20), res.UKISize, float64(res.UKISize)/(1<<20), res.DiskSize)
 	if res.InitramfsSize > 16<<20 {
 		t.Errorf("initramfs is %d bytes, over the 16 MiB target", res.InitramfsSize)
+	}
+	if res.UKISize > 24<<20 {
+		t.Errorf("UKI is %d bytes, over the 24 MiB target", res.UKISize)
+	}
+
+	// The UKI is signed by the db key alone, and the disk carries exactly
+	// it as the removable-media boot path of slot A.
+	ukiBytes, _ := os.ReadFile(filepath.Join(a, UKIFile))
+	dbPEM := filepath.Join(t.TempDir(), "db.pem")
+	os.WriteFile(dbPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: opts.SecureBoot.DB.Cert.Raw}), 0o600)
+	if out, err := exec.Command("sbverify", "--cert", dbPEM, filepath.Join(a, UKIFile)).CombinedOutput(); err != nil {
+		t.Errorf("sbverify does not accept the UKI with the db certificate: %v\n%s", err, out)
+	}
+	onDisk := readBootFile(t, filepath.Join(a, DiskFile))
+	if !bytes.Equal(onDisk, ukiBytes) {
+		t.Error("the disk image's BOOTX64.EFI is not the signed UKI")
+	}
+	// The VARS file enrolls exactly our keys with Secure Boot on.
+	vars, _ := os.ReadFile(filepath.Join(a, VarsFile))
+	store, err := ovmfvars.Parse(vars)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []struct {
+		vendor ovmfvars.GUID
+		name   string
+	}{{ovmfvars.GlobalVariable, "PK"}, {ovmfvars.GlobalVariable, "KEK"}, {ovmfvars.ImageSecurityDatabase, "db"},
+		{ovmfvars.SecureBootEnableDisable, "SecureBootEnable"}} {
+		if _, ok := store.Lookup(v.vendor, v.name); !ok {
+			t.Errorf("VARS file lacks %s", v.name)
+		}
 	}
 
 	// The image holds what the appliance needs and no shell.
@@ -141,9 +182,13 @@ func TestReproducibleBuild(t *testing.T) {
 		{CmdlineFile, func(b []byte) []byte { return append(bytes.TrimSuffix(b, []byte("\n")), []byte(" single\n")...) },
 			[]string{"component cmdline", "measurement pcr9_load_options"}},
 		{KernelFile, func(b []byte) []byte { b[len(b)/2] ^= 1; return b },
-			[]string{"component vmlinuz", "measurement pcr4_kernel_authenticode", "measurement pcr4_kernel_qemu_direct"}},
+			[]string{"component vmlinuz", "measurement pcr11_uki_sections"}},
 		{InitramfsFile, func(b []byte) []byte { return append(b, 0) },
-			[]string{"component initramfs.cpio.zst", "measurement pcr9_initrd", "measurement pcr4_kernel_qemu_direct"}},
+			[]string{"component initramfs.cpio.zst", "measurement pcr9_initrd", "measurement pcr11_uki_sections"}},
+		{UKIFile, func(b []byte) []byte { b[len(b)/2] ^= 1; return b },
+			[]string{"component embassy.efi", "measurement pcr4_uki_authenticode"}},
+		{DiskFile, func(b []byte) []byte { b[len(b)-1] ^= 1; return b },
+			[]string{"component embassy.img"}},
 		{ManifestFile, func(b []byte) []byte { return bytes.Replace(b, []byte(`"version":3`), []byte(`"version":4`), 1) },
 			[]string{"signature"}},
 	}
@@ -183,6 +228,7 @@ func TestBuildRejectsBadOptions(t *testing.T) {
 		"bad CA":          func(o *Options) { o.BrokerCA = []byte("junk") },
 		"newline cmdline": func(o *Options) { o.Cmdline = "a\nb" },
 		"no config":       func(o *Options) { o.Config = nil },
+		"no db key":       func(o *Options) { o.SecureBoot.DB.Signer = nil },
 	}
 	for name, mutate := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -201,7 +247,7 @@ func TestBuildRejectsBadOptions(t *testing.T) {
 func TestAssembleUKI(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
 	kernel, initrd := bytes.Repeat([]byte("k"), 5000), bytes.Repeat([]byte("i"), 3000)
-	img, stub, pcr11, err := AssembleUKI(context.Background(), testenv.CacheDir(t), 7, kernel, initrd, DefaultCmdline, log)
+	img, stub, secs, err := AssembleUKI(context.Background(), testenv.CacheDir(t), 7, kernel, initrd, DefaultCmdline, log)
 	if err != nil {
 		if stub == nil {
 			t.Skipf("no systemd-stub (no network to the Debian mirror?): %v", err)
@@ -214,7 +260,30 @@ func TestAssembleUKI(t *testing.T) {
 	}
 	want := uki.PredictPCR11(uki.Sections{Linux: kernel, Initrd: initrd, Cmdline: []byte(DefaultCmdline),
 		OSRel: []byte("NAME=\"Data Embassy\"\nID=embassy\nVERSION_ID=7\n")})
-	if pcr11 != want || stub.Version == "" {
+	if pcr11 := uki.PredictPCR11(secs); pcr11 != want || stub.Version == "" {
 		t.Errorf("pcr11 %x, want %x; stub %+v", pcr11, want, stub)
 	}
+}
+
+// readBootFile reads /EFI/BOOT/BOOTX64.EFI from slot A of a disk image.
+func readBootFile(t *testing.T, path string) []byte {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := diskimage.Inspect(f, st.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := diskimage.ReadFile(d.Partitions[0].Open(f), "/EFI/BOOT/BOOTX64.EFI")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

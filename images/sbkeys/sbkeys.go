@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/foxboron/go-uefi/authenticode"
+	"github.com/foxboron/go-uefi/pkcs7"
 
 	"github.com/dataembassy/embassy/images/ovmfvars"
 )
@@ -189,7 +190,12 @@ func (ks Keys) Owner() ovmfvars.GUID {
 // Variables returns the firmware variables that enroll the keys and turn
 // Secure Boot on (see ovmfvars.SecureBootVariables), stamped at.
 func (ks Keys) Variables(dbx [][32]byte, at time.Time) ([]ovmfvars.Variable, error) {
-	return ovmfvars.SecureBootVariables(ovmfvars.SecureBootKeys{PK: ks.PK.Cert, KEK: ks.KEK.Cert, DB: ks.DB.Cert, DBX: dbx, Owner: ks.Owner()}, at)
+	return ovmfvars.SecureBootVariables(ks.Enrolled(dbx), at)
+}
+
+// Enrolled is what firmware holding these keys (and dbx) has enrolled.
+func (ks Keys) Enrolled(dbx [][32]byte) ovmfvars.SecureBootKeys {
+	return ovmfvars.SecureBootKeys{PK: ks.PK.Cert, KEK: ks.KEK.Cert, DB: ks.DB.Cert, DBX: dbx, Owner: ks.Owner()}
 }
 
 // SignPE returns img signed by the db key alone: Authenticode (SHA-256,
@@ -209,27 +215,17 @@ func (ks Keys) SignPE(img []byte) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("parse PE image to sign: %w", err)
 	}
-	if _, err := pe.Sign(ks.DB.Signer, ks.DB.Cert); err != nil {
+	// No authenticated attributes: they would carry the signing time,
+	// and the image would differ on every build. RSA PKCS#1 v1.5 over
+	// the Authenticode content itself is deterministic, and firmware
+	// (edk2's Pkcs7Verify: TestDiskImageBoots), sbverify and osslsigncode
+	// accept it. go-uefi's own verifier does not (it assumes attributes),
+	// so this package has no Verify: the tests check with sbverify and
+	// osslsigncode.
+	if _, err := pe.Sign(ks.DB.Signer, ks.DB.Cert, pkcs7.NoAttr()); err != nil {
 		return nil, fmt.Errorf("sign PE image: %w", err)
 	}
 	return pe.Bytes(), nil
-}
-
-// VerifyPE reports whether img carries a valid Authenticode signature by
-// the db certificate.
-func (ks Keys) VerifyPE(img []byte) error {
-	pe, err := authenticode.Parse(bytes.NewReader(img))
-	if err != nil {
-		return fmt.Errorf("parse PE image: %w", err)
-	}
-	ok, err := pe.Verify(ks.DB.Cert)
-	if err != nil {
-		return fmt.Errorf("verify PE image: %w", err)
-	}
-	if !ok {
-		return errors.New("no signature by the db key")
-	}
-	return nil
 }
 
 // StripSignatures returns img without its certificate table: the security

@@ -2,6 +2,7 @@ package sbkeys
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -48,41 +49,25 @@ func TestDevKeysSignAndVerify(t *testing.T) {
 		t.Errorf("db not signed by KEK: %v", err)
 	}
 	img := kernel(t)
-	if err := ks.VerifyPE(img); err == nil {
+	if err := VerifyWithTools(t, dir, img); err == nil {
 		t.Fatal("the unsigned-by-us kernel verifies with our db key")
 	}
 	signed, err := ks.SignPE(img)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ks.VerifyPE(signed); err != nil {
+	if err := VerifyWithTools(t, dir, signed); err != nil {
 		t.Fatal(err)
 	}
-	other, err := EnsureDev(t.TempDir())
-	if err != nil {
+	if again, err := ks.SignPE(img); err != nil || !bytes.Equal(again, signed) {
+		t.Fatalf("signing twice gave different images (err %v)", err)
+	}
+	otherDir := t.TempDir()
+	if _, err := EnsureDev(otherDir); err != nil {
 		t.Fatal(err)
 	}
-	if err := other.VerifyPE(signed); err == nil {
+	if err := VerifyWithTools(t, otherDir, signed); err == nil {
 		t.Fatal("another db key verifies our signature")
-	}
-	if _, err := exec.LookPath("osslsigncode"); err == nil {
-		in := filepath.Join(dir, "signed.efi")
-		os.WriteFile(in, signed, 0o600)
-		// openssl wants the chain up to a self-signed root: PK, KEK, db.
-		var bundle []byte
-		for _, role := range roles {
-			b, _ := os.ReadFile(filepath.Join(dir, role+".pem"))
-			bundle = append(bundle, b...)
-		}
-		ca := filepath.Join(dir, "chain.pem")
-		os.WriteFile(ca, bundle, 0o600)
-		out, err := exec.Command("osslsigncode", "verify", "-CAfile", ca, "-in", in).CombinedOutput()
-		if err != nil || !bytes.Contains(out, []byte("Signature verification: ok")) {
-			t.Fatalf("osslsigncode does not verify our signature: %v\n%s", err, out)
-		}
-		if bytes.Contains(out, []byte("Signature Index: 1")) {
-			t.Errorf("the kernel's own signature was kept beside ours:\n%s", out)
-		}
 	}
 }
 
@@ -131,4 +116,38 @@ func TestLoadRefusesMismatchedKey(t *testing.T) {
 	if _, err := Load(a); err == nil {
 		t.Fatal("keys without a db private key were loaded for signing")
 	}
+}
+
+// VerifyWithTools checks img's Authenticode signature against the keys in
+// dir with two verifiers we did not write: sbverify (--cert db.pem) and
+// osslsigncode (the chain PK, KEK, db); both must accept it, and only one
+// signature may be there. Skips when either tool is missing.
+func VerifyWithTools(t *testing.T, dir string, img []byte) error {
+	t.Helper()
+	for _, tool := range []string{"sbverify", "osslsigncode"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed (Debian packages sbsigntool, osslsigncode; make deps)", tool)
+		}
+	}
+	work := t.TempDir()
+	in := filepath.Join(work, "signed.efi")
+	os.WriteFile(in, img, 0o600)
+	var bundle []byte
+	for _, role := range roles {
+		b, _ := os.ReadFile(filepath.Join(dir, role+".pem"))
+		bundle = append(bundle, b...)
+	}
+	ca := filepath.Join(work, "chain.pem")
+	os.WriteFile(ca, bundle, 0o600)
+	if out, err := exec.Command("sbverify", "--cert", filepath.Join(dir, "db.pem"), in).CombinedOutput(); err != nil {
+		return fmt.Errorf("sbverify: %v\n%s", err, out)
+	}
+	out, err := exec.Command("osslsigncode", "verify", "-CAfile", ca, "-in", in).CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte("Signature verification: ok")) {
+		return fmt.Errorf("osslsigncode: %v\n%s", err, out)
+	}
+	if bytes.Contains(out, []byte("Signature Index: 1")) {
+		return fmt.Errorf("more than one signature:\n%s", out)
+	}
+	return nil
 }

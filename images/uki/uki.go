@@ -178,3 +178,9 @@ func Assemble(stub []byte, s Sections) ([]byte, error) {
 	le.PutUint32(opt[optCheckSum:], checksum(img))
 	return img, nil
 }
+
+// OSRelease is the .osrel section of an appliance image of the given
+// version.
+func OSRelease(version uint64) []byte {
+	return []byte(fmt.Sprintf("NAME=\"Data Embassy\"\nID=embassy\nVERSION_ID=%d\n", version))
+}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/images/measure"
+	"github.com/dataembassy/embassy/images/uki"
 )
 
 // Check is one verified property.
@@ -105,7 +106,7 @@ func Dir(dir string, pub ed25519.PublicKey) *Report {
 		got := hex.EncodeToString(sum[:])
 		add(Check{Name: "component " + c.Name, OK: got == c.SHA256, Want: c.SHA256, Got: got})
 	}
-	for _, req := range []string{manifest.ComponentKernel, manifest.ComponentInitramfs, manifest.ComponentCmdline} {
+	for _, req := range []string{manifest.ComponentKernel, manifest.ComponentInitramfs, manifest.ComponentCmdline, manifest.ComponentUKI, manifest.ComponentDisk} {
 		if _, ok := m.Component(req); !ok {
 			add(Check{Name: "component " + req, Err: "not listed in the manifest"})
 		}
@@ -124,17 +125,19 @@ func Dir(dir string, pub ed25519.PublicKey) *Report {
 		}
 		add(Check{Name: name, OK: got == want, Want: want, Got: got})
 	}
-	measurement("measurement pcr4_kernel_authenticode", m.Measurements.KernelAuthenticode, func(b []byte) (string, error) {
-		d, err := measure.Kernel(b)
+	measurement("measurement pcr4_uki_authenticode", m.Measurements.UKIAuthenticode, func(b []byte) (string, error) {
+		d, err := measure.Authenticode(b)
 		return hex.EncodeToString(d[:]), err
-	}, manifest.ComponentKernel)
-	if q := m.Measurements.KernelQEMUDirect; q != "" {
-		initrdSize := len(files[manifest.ComponentInitramfs])
-		measurement("measurement pcr4_kernel_qemu_direct", q, func(b []byte) (string, error) {
-			d, err := measure.QEMUDirectKernel(b, initrdSize, m.Measurements.QEMUMemoryMiB)
-			return hex.EncodeToString(d[:]), err
-		}, manifest.ComponentKernel)
-	}
+	}, manifest.ComponentUKI)
+	measurement("measurement pcr11_uki_sections", m.Measurements.UKISections, func(b []byte) (string, error) {
+		c, err := ParseCmdlineFile(files[manifest.ComponentCmdline])
+		if err != nil {
+			return "", err
+		}
+		d := uki.PredictPCR11(uki.Sections{Linux: files[manifest.ComponentKernel], OSRel: uki.OSRelease(m.Version),
+			Cmdline: []byte(c), Initrd: b})
+		return hex.EncodeToString(d[:]), nil
+	}, manifest.ComponentInitramfs)
 	measurement("measurement pcr9_load_options", m.Measurements.LoadOptions, func(b []byte) (string, error) {
 		c, err := ParseCmdlineFile(b)
 		if err != nil {

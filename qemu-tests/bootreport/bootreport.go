@@ -18,8 +18,8 @@ import (
 	"strings"
 
 	"github.com/dataembassy/embassy/appliance/logmsg"
+	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/images/manifest"
-	"github.com/dataembassy/embassy/images/verify"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 	"github.com/dataembassy/embassy/tpm/eventlog"
 )
@@ -154,22 +154,15 @@ func ImageManifest(dir string, pub []byte) (*manifest.Manifest, error) {
 	return manifest.Verify(mb, sb, pub)
 }
 
-// BootConfig returns a VM config that boots the image in dir with the
-// memory size its manifest's QEMU measurement assumes.
-func BootConfig(name, dir string, m *manifest.Manifest) (vm.Config, error) {
-	cb, err := os.ReadFile(filepath.Join(dir, manifest.ComponentCmdline))
-	if err != nil {
-		return vm.Config{}, err
-	}
-	cmdline, err := verify.ParseCmdlineFile(cb)
-	if err != nil {
-		return vm.Config{}, err
-	}
+// BootConfig returns a VM config that boots the image in dir the way a
+// server prepared at home boots it: OVMF's Secure Boot build with the
+// image's firmware variables (the home state's keys enrolled, Secure Boot
+// on), from the image's disk.
+func BootConfig(name, dir string) vm.Config {
 	return vm.Config{
-		Name:     name,
-		Kernel:   filepath.Join(dir, manifest.ComponentKernel),
-		Initrd:   filepath.Join(dir, manifest.ComponentInitramfs),
-		Cmdline:  cmdline,
-		MemoryMB: m.Measurements.QEMUMemoryMiB,
-	}, nil
+		Name:       name,
+		BootDisk:   filepath.Join(dir, manifest.ComponentDisk),
+		SecureBoot: true,
+		OVMFVars:   filepath.Join(dir, build.VarsFile),
+	}
 }

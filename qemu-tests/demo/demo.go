@@ -25,6 +25,7 @@ import (
 	"github.com/dataembassy/embassy/operator/opclient"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
+	"github.com/dataembassy/embassy/tpm/pcrs"
 )
 
 // Options says where things are.
@@ -189,10 +190,7 @@ func (r *run) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	cfg, err := bootreport.BootConfig("demo", r.o.Image, m)
-	if err != nil {
-		return err
-	}
+	cfg := bootreport.BootConfig("demo", r.o.Image)
 	cfg.StateDir = filepath.Join(r.work, "appliance")
 	cfg.LogDir = filepath.Join(r.o.Image, "demo-logs")
 	cfg.SwtpmCA = swtpmCA
@@ -214,8 +212,9 @@ func (r *run) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("event log does not replay to the TPM's PCRs: %w", err)
 	}
-	r.say("\nmeasured-boot verdict (event log replayed against PCR0-9 read from the TPM): kernel %v, cmdline %v, initrd %v",
-		mark(verdict.Check.KernelMatch), mark(verdict.Check.LoadOptionsMatch), mark(verdict.Check.InitrdMatch))
+	r.say("\nmeasured-boot verdict (event log replayed against the %s read from the TPM): signed UKI %v, Secure Boot keys %v, cmdline %v, initrd %v, UKI sections %v",
+		pcrs.Description, mark(verdict.Check.UKIMatch), mark(verdict.Check.SecureBootMatch), mark(verdict.Check.LoadOptionsMatch),
+		mark(verdict.Check.InitrdMatch), mark(verdict.Check.SectionsMatch))
 	if !verdict.Check.OK() {
 		return fmt.Errorf("the booted image does not match manifest v%d: %v", m.Version, verdict.Check.Problems)
 	}

@@ -31,6 +31,9 @@ const (
 	SecureBootOVMFCode = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
 )
 
+// BootDiskSerial is the serial number of the boot disk (Config.BootDisk).
+const BootDiskSerial = "EMBASSYBOOT"
+
 // Forward maps a host TCP port on 127.0.0.1 to a guest port through a NIC.
 type Forward struct {
 	NIC       int
@@ -40,7 +43,15 @@ type Forward struct {
 
 // Config describes one VM.
 type Config struct {
-	Name    string
+	Name string
+	// BootDisk is the disk image the firmware boots (embassy.img): attached
+	// first in the boot order, as a virtio disk with serial EMBASSYBOOT,
+	// copy-on-write (the file itself is never written). Kernel, Initrd and
+	// Cmdline must then be empty.
+	BootDisk string
+	// Kernel, Initrd and Cmdline boot with QEMU's -kernel instead, which
+	// no server does (no Secure Boot enforcement, see docs/boot-image.md):
+	// only the bare comparison boot of the boot benchmark uses it.
 	Kernel  string
 	Initrd  string
 	Cmdline string
@@ -138,7 +149,13 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 	if cfg.SwtpmCA == "" {
 		return nil, errors.New("vm: SwtpmCA folder is required")
 	}
-	for _, f := range []string{cfg.Kernel, cfg.Initrd, cfg.OVMFCode, cfg.OVMFVars} {
+	if (cfg.BootDisk == "") == (cfg.Kernel == "") || (cfg.Kernel == "") != (cfg.Initrd == "") {
+		return nil, fmt.Errorf("vm %s: set either BootDisk or Kernel and Initrd", cfg.Name)
+	}
+	for _, f := range []string{cfg.BootDisk, cfg.Kernel, cfg.Initrd, cfg.OVMFCode, cfg.OVMFVars} {
+		if f == "" || strings.HasPrefix(f, "fat:") {
+			continue
+		}
 		if _, err := os.Stat(f); err != nil {
 			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
 		}
@@ -222,13 +239,22 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 		"-chardev", "socket,id=chrtpm,path=" + tpmSock,
 		"-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
 		"-device", "tpm-tis,tpmdev=tpm0",
-		"-kernel", cfg.Kernel, "-initrd", cfg.Initrd, "-append", cfg.Cmdline,
 		"-serial", "stdio",
 		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
 		"-device", "virtio-rng-pci",
 	}
 	if cfg.SecureBoot {
 		args = append(args, "-global", "driver=cfi.pflash01,property=secure,value=on")
+	}
+	if cfg.Kernel != "" {
+		args = append(args, "-kernel", cfg.Kernel, "-initrd", cfg.Initrd, "-append", cfg.Cmdline)
+	} else {
+		// Its own root port, ahead of the data disks' ports, so that the
+		// data disks keep their slots for hot-plug.
+		args = append(args,
+			"-device", "pcie-root-port,id=rpboot,chassis=9,slot=31",
+			"-drive", "if=none,id=bootdisk,format=raw,snapshot=on,file="+cfg.BootDisk,
+			"-device", "virtio-blk-pci,drive=bootdisk,id=boot,serial="+BootDiskSerial+",bus=rpboot,bootindex=0")
 	}
 	for i := 0; i < cfg.NICs; i++ {
 		nd := fmt.Sprintf("user,id=net%d,net=10.0.%d.0/24", i, 2+i)

@@ -19,6 +19,7 @@ import (
 	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/images/devpki"
 	"github.com/dataembassy/embassy/images/imagekey"
+	"github.com/dataembassy/embassy/images/sbkeys"
 	"github.com/dataembassy/embassy/images/verify"
 	"github.com/dataembassy/embassy/internal/cli"
 )
@@ -42,10 +43,8 @@ Run it from the repository's root: build compiles ./cmd/embassy-init.`,
 }
 
 type buildOptions struct {
-	cache, out, cfgPath, brokerCA, clientCA, keyPath, kernelPkg string
-	version                                                     uint64
-	qemuMem                                                     int
-	uki                                                         bool
+	cache, out, cfgPath, brokerCA, clientCA, keyPath, kernelPkg, sbKeys string
+	version                                                             uint64
 }
 
 func newBuildCmd() *cobra.Command {
@@ -53,18 +52,23 @@ func newBuildCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "build [--out DIR] [--version N] [--config FILE] [--key FILE]",
 		Short: "Build the image and its signed manifest into a folder",
-		Long: `build fetches Debian's signed kernel into the cache, builds embassy-init and
-the initramfs, predicts the PCR4 and PCR9 measurements and writes vmlinuz,
-initramfs.cpio.zst, cmdline, manifest.json and manifest.sig to --out.
+		Long: `build fetches Debian's kernel and systemd-stub into the cache, builds
+embassy-init and the initramfs, assembles them with the command line into a
+Unified Kernel Image signed with the Secure Boot db key, writes it onto a
+GPT disk image, predicts PCR4, PCR7, PCR9 and PCR11 and writes to --out:
+embassy.img (what goes on a server's boot disk), embassy.efi (the signed
+UKI), OVMF_VARS.secboot.fd (firmware variables with the keys enrolled and
+Secure Boot on, for QEMU), the components vmlinuz, initramfs.cpio.zst and
+cmdline, manifest.json and manifest.sig.
 
-Without --broker-ca, --client-ca and --key it uses the local-default CAs
-and dev signing key in the cache, creating them on first use.`,
+Without --broker-ca, --client-ca, --key and --secureboot-keys it uses the
+local-default CAs and dev keys in the cache, creating them on first use.`,
 		Example: `  # local default: dev key and CAs from .cache, image version 1 into out/
   mkimage build --out out --version 1
 
   # production: the image-signing key and the home state's CAs
   mkimage build --out release --version 7 --key image-signing.key \
-      --broker-ca broker-ca.pem --client-ca client-ca.pem --qemu-memory-mib 0`,
+      --broker-ca broker-ca.pem --client-ca client-ca.pem --secureboot-keys sb/`,
 		Args: cli.ExactArgs(0),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runBuild(cmd.Context(), cmd.OutOrStdout(), cmd.ErrOrStderr(), o)
@@ -78,11 +82,11 @@ and dev signing key in the cache, creating them on first use.`,
 	f.StringVar(&o.brokerCA, "broker-ca", "", "PEM bundle of the broker CA (default: local-default CA in the cache)")
 	f.StringVar(&o.clientCA, "client-ca", "", "PEM bundle of the home-state client CA (default: local-default CA in the cache)")
 	f.StringVar(&o.keyPath, "key", "", "image-signing ed25519 key, PKCS#8 PEM (default: local-default dev key in the cache)")
-	f.IntVar(&o.qemuMem, "qemu-memory-mib", 1024, "also record the kernel's PCR4 digest under QEMU direct boot with this much RAM; 0 for a hardware-only manifest")
-	f.BoolVar(&o.uki, "uki", false, "also assemble an unsigned Unified Kernel Image on systemd-stub into OUT/"+build.UKIFile+" (not in the manifest yet)")
+	f.StringVar(&o.sbKeys, "secureboot-keys", "", "folder with the Secure Boot PK and KEK certificates and the db certificate and key (default: local-default dev keys in the cache)")
 	f.StringVar(&o.kernelPkg, "kernel-package", "", "pin the Debian kernel package (default: what linux-image-amd64 depends on)")
 	cmd.MarkFlagDirname("cache")
 	cmd.MarkFlagDirname("out")
+	cmd.MarkFlagDirname("secureboot-keys")
 	cmd.MarkFlagFilename("config", "json")
 	cmd.MarkFlagFilename("broker-ca", "pem")
 	cmd.MarkFlagFilename("client-ca", "pem")
@@ -138,6 +142,15 @@ func runBuild(ctx context.Context, stdout, stderr io.Writer, o buildOptions) err
 			return err
 		}
 	}
+	var sb sbkeys.Keys
+	if o.sbKeys == "" {
+		if sb, err = sbkeys.EnsureDev(filepath.Join(o.cache, "keys", "secureboot")); err != nil {
+			return err
+		}
+		log.Warn("signing the UKI with the local-default Secure Boot db key; pass --secureboot-keys for a production image")
+	} else if sb, err = sbkeys.Load(o.sbKeys); err != nil {
+		return err
+	}
 	root, err := os.Getwd()
 	if err != nil {
 		return err
@@ -147,7 +160,7 @@ func runBuild(ctx context.Context, stdout, stderr io.Writer, o buildOptions) err
 	res, err := build.Build(ctx, build.Options{
 		ModuleRoot: root, CacheDir: o.cache, OutDir: o.out, Version: o.version,
 		Config: cfg, BrokerCA: bca, ClientCA: cca, SigningKey: key,
-		KernelPackage: o.kernelPkg, QEMUMemoryMiB: o.qemuMem, UKI: o.uki, Log: log,
+		KernelPackage: o.kernelPkg, SecureBoot: sb, Log: log,
 	})
 	if err != nil {
 		return err
@@ -156,17 +169,17 @@ func runBuild(ctx context.Context, stdout, stderr io.Writer, o buildOptions) err
 	fmt.Fprintf(stdout, "image version %d written to %s in %.1fs\n", m.Version, o.out, res.Duration.Seconds())
 	fmt.Fprintf(stdout, "initramfs: %d bytes (%.2f MiB compressed; target <= 16 MiB)\n", res.InitramfsSize, float64(res.InitramfsSize)/(1<<20))
 	fmt.Fprintf(stdout, "kernel:    %s %s (deb sha256 %s)\n", m.Kernel.Package, m.Kernel.Version, m.Kernel.DebSHA256)
-	fmt.Fprintf(stdout, "pcr4 kernel authenticode: %s\n", m.Measurements.KernelAuthenticode)
-	if q := m.Measurements.KernelQEMUDirect; q != "" {
-		fmt.Fprintf(stdout, "pcr4 kernel, QEMU direct boot with %d MiB: %s\n", m.Measurements.QEMUMemoryMiB, q)
+	fmt.Fprintf(stdout, "stub:      %s %s (deb sha256 %s)\n", m.Stub.Package, m.Stub.Version, m.Stub.DebSHA256)
+	fmt.Fprintf(stdout, "uki:       %s, %d bytes (%.2f MiB; target <= 24 MiB), signed by %s\n",
+		build.UKIFile, res.UKISize, float64(res.UKISize)/(1<<20), sb.DB.Cert.Subject)
+	fmt.Fprintf(stdout, "disk:      %s, %d bytes\n", build.DiskFile, res.DiskSize)
+	fmt.Fprintf(stdout, "pcr4 uki authenticode:    %s\n", m.Measurements.UKIAuthenticode)
+	for i, d := range m.Measurements.SecureBoot {
+		fmt.Fprintf(stdout, "pcr7 secure boot event %d: %s\n", i, d)
 	}
 	fmt.Fprintf(stdout, "pcr9 load options:        %s\n", m.Measurements.LoadOptions)
 	fmt.Fprintf(stdout, "pcr9 initrd:              %s\n", m.Measurements.Initrd)
-	if res.UKIStub != nil {
-		fmt.Fprintf(stdout, "uki:       %s, %d bytes (%.2f MiB; target <= 24 MiB), unsigned, on %s %s (deb sha256 %s)\n",
-			build.UKIFile, res.UKISize, float64(res.UKISize)/(1<<20), res.UKIStub.Package, res.UKIStub.Version, res.UKIStub.DebSHA256)
-		fmt.Fprintf(stdout, "pcr11 uki sections:       %x\n", res.UKIPCR11)
-	}
+	fmt.Fprintf(stdout, "pcr11 uki sections:       %s\n", m.Measurements.UKISections)
 	return nil
 }
 
