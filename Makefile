@@ -13,7 +13,8 @@ SCENARIO_TIMES := $(OUT)/test-logs/scenario-times.txt
 
 # Debian packages the build, the tests and the demo use.
 DEB_PACKAGES := qemu-system-x86 ovmf swtpm swtpm-tools cryptsetup-bin restic \
-	e2fsprogs kmod cpio zstd tpm2-tools osslsigncode apt dpkg ca-certificates
+	e2fsprogs kmod cpio zstd tpm2-tools osslsigncode apt dpkg ca-certificates \
+	gdisk dosfstools mtools
 
 .PHONY: all deps image bin verify test unit e2e demo bench-boot bench-store bench-broker bench-ingest bench-replication fuzz clean
 
