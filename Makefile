@@ -132,6 +132,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/objref/
 	go test -run '^$$' -fuzz FuzzServeHTTP -fuzztime $(FUZZTIME) ./appliance/ingest/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./images/ovmfvars/
+	go test -run '^$$' -fuzz FuzzInspect -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./images/diskimage/
 
 clean:
 	rm -rf $(OUT)
