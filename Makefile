@@ -13,7 +13,8 @@ SCENARIO_TIMES := $(OUT)/test-logs/scenario-times.txt
 
 # Debian packages the build, the tests and the demo use.
 DEB_PACKAGES := qemu-system-x86 ovmf swtpm swtpm-tools cryptsetup-bin restic \
-	e2fsprogs kmod cpio zstd tpm2-tools osslsigncode sbsigntool systemd apt dpkg ca-certificates
+	e2fsprogs kmod cpio zstd tpm2-tools osslsigncode sbsigntool systemd apt dpkg ca-certificates \
+	gdisk dosfstools mtools
 
 .PHONY: all deps image bin verify test unit e2e demo bench-boot bench-store bench-broker bench-ingest bench-replication fuzz clean
 
@@ -131,6 +132,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./appliance/objref/
 	go test -run '^$$' -fuzz FuzzServeHTTP -fuzztime $(FUZZTIME) ./appliance/ingest/
 	go test -run '^$$' -fuzz FuzzParse$$ -fuzztime $(FUZZTIME) ./images/ovmfvars/
+	go test -run '^$$' -fuzz FuzzInspect -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./images/diskimage/
 
 clean:
 	rm -rf $(OUT)
