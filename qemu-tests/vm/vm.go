@@ -79,6 +79,9 @@ type Config struct {
 	// writable only from SMM); OVMFVars then must enroll keys for it to
 	// enforce anything.
 	SecureBoot bool
+	// ExtraDevices are further -device specifications: hardware someone in
+	// the cage added (a PCI card with an option ROM, say).
+	ExtraDevices []string
 	// RecordTPMBus puts a probe between QEMU and swtpm that records every
 	// TPM command and response (TPMBus returns them).
 	RecordTPMBus bool
@@ -284,6 +287,9 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 		args = append(args,
 			"-drive", drive,
 			"-device", fmt.Sprintf("virtio-blk-pci,drive=drive%d,id=%s,serial=EMBASSY%04d,bus=%s", i, DiskID(i), i, rootPort(i)))
+	}
+	for _, d := range cfg.ExtraDevices {
+		args = append(args, "-device", d)
 	}
 	v.nextDisk = len(cfg.Disks)
 	v.qemu = exec.Command("qemu-system-x86_64", args...)
