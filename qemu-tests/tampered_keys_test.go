@@ -103,9 +103,9 @@ func tamperedBoot(t testing.TB, kind string) *tamperedOutcome {
 	defer hb.close()
 	dir := copyImage(t, imageDir())
 	tampers[kind](t, dir)
+	repackImage(t, dir)
 	o := &tamperedOutcome{}
 	o.verify, o.verifyOK = runVerify(t, dir)
-	repackImage(t, dir)
 	m := loadImage(t, imageDir())
 	cfg.BootDisk = bootreport.BootConfig(cfg.Name, dir).BootDisk
 	v := startVM(t, cfg)
