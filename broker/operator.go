@@ -129,7 +129,8 @@ func (b *Broker) Revoke(by audit.Actor, id string) (err error) {
 // under the master key, so what remains is ciphertext that only the master
 // key opens. A disk key is unrecoverable once more than n-k of its n
 // brokers destroyed their shares; to shred old copies too, retire the
-// master key (destroy the token's key or the master.key file).
+// master key (destroy the token's key or the master.key file), which retires
+// the broker with every share it holds.
 func (b *Broker) DestroyShares(by audit.Actor, id string) (destroyed []string, err error) {
 	defer func() {
 		b.record(by, "destroy-shares", id, err, map[string]string{

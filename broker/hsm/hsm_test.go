@@ -240,3 +240,38 @@ func (r *raw) close() {
 	r.ctx.Finalize()
 	r.ctx.Destroy()
 }
+
+// BenchmarkSealOpen compares sealing and opening a 33-byte share (a Shamir
+// share of a 32-byte key) with the file key and with the key in SoftHSM2.
+func BenchmarkSealOpen(b *testing.B) {
+	cfg := hsmtest.Token(b, "broker-bench", "master")
+	if err := hsm.GenerateKey(cfg); err != nil {
+		b.Fatal(err)
+	}
+	s, err := hsm.Open(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	file, _ := seal.NewFileKey(make([]byte, 32))
+	share, aad := make([]byte, 33), []byte("appliance/disk-1")
+	for _, tc := range []struct {
+		name string
+		s    interface {
+			Seal(plain, aad []byte) ([]byte, error)
+			Open(sealed, aad []byte) ([]byte, error)
+		}
+	}{{"file", file}, {"softhsm2", s}} {
+		b.Run(tc.name, func(b *testing.B) {
+			for b.Loop() {
+				sealed, err := tc.s.Seal(share, aad)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := tc.s.Open(sealed, aad); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
