@@ -12,7 +12,7 @@ GO_TEST_TIMEOUT ?= 60m
 SCENARIO_TIMES := $(OUT)/test-logs/scenario-times.txt
 
 # Debian packages the build, the tests and the demo use.
-DEB_PACKAGES := qemu-system-x86 ovmf swtpm swtpm-tools cryptsetup-bin restic \
+DEB_PACKAGES := qemu-system-x86 ovmf swtpm swtpm-tools cryptsetup-bin restic softhsm2 \
 	e2fsprogs kmod cpio zstd tpm2-tools osslsigncode sbsigntool systemd apt dpkg ca-certificates \
 	gdisk dosfstools mtools
 

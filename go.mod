@@ -11,6 +11,7 @@ require (
 	github.com/google/go-tpm-tools v0.4.10
 	github.com/google/uuid v1.6.0
 	github.com/klauspost/compress v1.20.3
+	github.com/miekg/pkcs11 v1.1.2
 	github.com/prometheus/client_golang v1.25.0
 	github.com/siderolabs/go-blockdevice/v2 v2.0.32
 	github.com/spf13/cobra v1.10.2

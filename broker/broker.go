@@ -32,14 +32,18 @@ import (
 
 	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/broker/seal"
 	"github.com/dataembassy/embassy/images/manifest"
 )
 
 // Config configures a broker.
 type Config struct {
-	Name            string
-	Dir             string // holds broker.db and audit.log
-	MasterKey       []byte // 32 bytes; encrypts shares at rest
+	Name string
+	Dir  string // holds broker.db and audit.log
+	// Sealer encrypts shares at rest (e.g. hsm.Sealer, a key in a PKCS#11
+	// token). When nil, MasterKey (32 bytes) is used as a seal.FileKey.
+	Sealer          ShareSealer
+	MasterKey       []byte
 	ManufacturerCAs *x509.CertPool
 	ImageKey        ed25519.PublicKey
 	ServiceCA       *pki.Issuer // issues attested appliance certificates
@@ -62,7 +66,7 @@ type Broker struct {
 	cfg    Config
 	db     *bolt.DB
 	audit  *audit.Log
-	sealer *sealer
+	sealer ShareSealer
 	now    func() time.Time
 
 	mu     sync.Mutex // serialises read-modify-write of appliance records
@@ -92,9 +96,13 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	s, err := newSealer(cfg.MasterKey)
-	if err != nil {
-		return nil, err
+	s := cfg.Sealer
+	if s == nil {
+		fk, err := seal.NewFileKey(cfg.MasterKey)
+		if err != nil {
+			return nil, err
+		}
+		s = fk
 	}
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create broker state folder: %w", err)

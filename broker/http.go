@@ -207,6 +207,15 @@ func (b *Broker) OperatorHandler() http.Handler {
 			if err = decode(w, r, &req); err == nil {
 				err = b.Revoke(by, id)
 			}
+		case "destroy-shares":
+			var req struct{}
+			if err = decode(w, r, &req); err == nil {
+				var destroyed []string
+				if destroyed, err = b.DestroyShares(by, id); err == nil {
+					writeJSON(w, http.StatusOK, api.DestroySharesResponse{Destroyed: destroyed})
+					return
+				}
+			}
 		default:
 			err = reject(http.StatusNotFound, ReasonBadRequest, "unknown action "+strconv.Quote(action))
 		}

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -111,6 +112,56 @@ func (b *Broker) SetEndpoints(by audit.Actor, id string, endpoints []string) (er
 func (b *Broker) Revoke(by audit.Actor, id string) (err error) {
 	defer func() { b.record(by, "revoke", id, err, nil) }()
 	return b.update(id, func(r *record) error { r.Revoked = true; return nil })
+}
+
+// DestroyShares deletes every share this broker holds for a revoked
+// appliance (crypto-shredding) and returns the disk ids whose shares are
+// gone; the appliance's record keeps its revocation, floor and counters but
+// lists no disk, so nothing is released for it even if it were un-revoked.
+// It refuses an appliance that is not revoked (ReasonNotRevoked) and
+// changes nothing then. Destroying again destroys nothing and succeeds, so
+// a destruction that reached only some brokers can be sent to all again.
+// The audit entry (destroy-shares) names the operator and the disks.
+//
+// bbolt writes copy-on-write and does not zero the pages it frees, so the
+// deleted records may stay in broker.db's free pages (and in any backup)
+// until reused. They never held a plaintext share: every record is sealed
+// under the master key, so what remains is ciphertext that only the master
+// key opens. A disk key is unrecoverable once more than n-k of its n
+// brokers destroyed their shares; to shred old copies too, retire the
+// master key (destroy the token's key or the master.key file), which retires
+// the broker with every share it holds.
+func (b *Broker) DestroyShares(by audit.Actor, id string) (destroyed []string, err error) {
+	defer func() {
+		b.record(by, "destroy-shares", id, err, map[string]string{
+			"disks": strings.Join(destroyed, ","), "count": strconv.Itoa(len(destroyed))})
+	}()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	r, err := b.load(id)
+	if err != nil {
+		return nil, err
+	}
+	if !r.Revoked {
+		return nil, reject(http.StatusConflict, ReasonNotRevoked, "revoke it first")
+	}
+	err = b.db.Update(func(tx *bolt.Tx) error {
+		destroyed = nil
+		prefix := shareKey(r.ID, "")
+		c := tx.Bucket(bucketShares).Cursor()
+		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Seek(prefix) {
+			destroyed = append(destroyed, string(k[len(prefix):]))
+			if err := c.Delete(); err != nil {
+				return err
+			}
+		}
+		r.Disks = nil
+		return putJSON(tx, bucketAppliances, []byte(r.ID), r)
+	})
+	if err != nil {
+		destroyed = nil
+	}
+	return destroyed, err
 }
 
 // State lists appliances and approved manifests.

@@ -35,6 +35,7 @@ const (
 	ReasonActivation         = "credential activation answer is wrong"
 	ReasonActivationEvidence = "activation carries no valid quote and event log of the platform"
 	ReasonNoPendingFirmware  = "no refused firmware measurement is pending approval"
+	ReasonNotRevoked         = "shares are destroyed only for a revoked appliance"
 	ReasonManifestSig        = "manifest signature does not verify with the image-signing key"
 	ReasonManifestConflict   = "another manifest with this version is approved"
 	ReasonNoDiskApproval     = "no approved disk provisioning pending"
@@ -113,6 +114,8 @@ func (r *Rejection) Code() api.Code {
 		return api.CodeActivationEvidence
 	case ReasonNoPendingFirmware:
 		return api.CodeNoPendingFirmware
+	case ReasonNotRevoked:
+		return api.CodeNotRevoked
 	case ReasonManifestSig:
 		return api.CodeManifestSignature
 	case ReasonManifestConflict:

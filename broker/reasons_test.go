@@ -46,6 +46,7 @@ func TestReasonCodes(t *testing.T) {
 		{broker.ReasonActivation, api.CodeActivation},
 		{broker.ReasonActivationEvidence, api.CodeActivationEvidence},
 		{broker.ReasonNoPendingFirmware, api.CodeNoPendingFirmware},
+		{broker.ReasonNotRevoked, api.CodeNotRevoked},
 		{broker.ReasonManifestSig, api.CodeManifestSignature},
 		{broker.ReasonManifestConflict, api.CodeManifestConflict},
 		{broker.ReasonNoDiskApproval, api.CodeNoDiskApproval},

@@ -26,7 +26,7 @@ func (b *Broker) loadShare(id, disk string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return b.sealer.open(sealed, shareKey(id, disk))
+	return b.sealer.Open(sealed, shareKey(id, disk))
 }
 
 // Deposit stores this broker's share of a new disk's key. applianceID comes
@@ -60,7 +60,7 @@ func (b *Broker) Deposit(applianceID string, req *api.DepositRequest) (err error
 			return reject(http.StatusConflict, ReasonDiskExists, "")
 		}
 	}
-	sealed, err := b.sealer.seal(req.Share, shareKey(r.ID, req.DiskID))
+	sealed, err := b.sealer.Seal(req.Share, shareKey(r.ID, req.DiskID))
 	if err != nil {
 		return err
 	}

@@ -1,11 +1,7 @@
 package broker
 
 import (
-	"crypto/aes"
-	"crypto/cipher"
-	"crypto/rand"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"time"
 
@@ -115,42 +111,13 @@ func auditHead(db *bolt.DB) (audit.Head, error) {
 	return h, err
 }
 
-// sealer encrypts key shares at rest under the broker master key.
-type sealer struct{ aead cipher.AEAD }
-
-func newSealer(masterKey []byte) (*sealer, error) {
-	if len(masterKey) != 32 {
-		return nil, errors.New("broker master key must be 32 bytes")
-	}
-	block, err := aes.NewCipher(masterKey)
-	if err != nil {
-		return nil, err
-	}
-	aead, err := cipher.NewGCM(block)
-	if err != nil {
-		return nil, err
-	}
-	return &sealer{aead}, nil
-}
-
-func (s *sealer) seal(plain, aad []byte) ([]byte, error) {
-	nonce := make([]byte, s.aead.NonceSize())
-	if _, err := rand.Read(nonce); err != nil {
-		return nil, err
-	}
-	return s.aead.Seal(nonce, nonce, plain, aad), nil
-}
-
-func (s *sealer) open(sealed, aad []byte) ([]byte, error) {
-	n := s.aead.NonceSize()
-	if len(sealed) < n {
-		return nil, errors.New("sealed share too short")
-	}
-	out, err := s.aead.Open(nil, sealed[:n], sealed[n:], aad)
-	if err != nil {
-		return nil, errors.New("share at rest does not authenticate under the master key")
-	}
-	return out, nil
+// ShareSealer encrypts key shares at rest under the broker master key:
+// seal.FileKey (a key in the state folder) or hsm.Sealer (a non-extractable
+// key in a PKCS#11 token). aad binds a share to its appliance and disk.
+// Open must refuse, with an error, a record another backend sealed.
+type ShareSealer interface {
+	Seal(plain, aad []byte) ([]byte, error)
+	Open(sealed, aad []byte) ([]byte, error)
 }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

@@ -236,6 +236,39 @@ func (c *Client) Revoke(ctx context.Context, id string) ([]Outcome, error) {
 	return c.each(ctx, http.MethodPost, api.PathAppliances+id+"/revoke", struct{}{})
 }
 
+// Destruction is one broker's answer to destroy-shares: the disk ids whose
+// shares it deleted, or why it refused.
+type Destruction struct {
+	Outcome
+	Destroyed []string `json:"destroyed"`
+}
+
+// DestroyShares deletes, on every broker, the shares it holds for a revoked
+// appliance (brokers refuse with api.CodeNotRevoked otherwise). The error
+// names every broker that refused.
+func (c *Client) DestroyShares(ctx context.Context, id string) ([]Destruction, error) {
+	if err := api.CheckApplianceID(id); err != nil {
+		return nil, err
+	}
+	var out []Destruction
+	var errs []error
+	for _, b := range c.Brokers {
+		var resp api.DestroySharesResponse
+		err := c.do(ctx, b, http.MethodPost, api.PathAppliances+id+"/destroy-shares", struct{}{}, &resp)
+		d := Destruction{Outcome: Outcome{Broker: b.Name, OK: err == nil}, Destroyed: resp.Destroyed}
+		if err != nil {
+			d.Error = err.Error()
+			var be *BrokerError
+			if errors.As(err, &be) {
+				d.Code = be.Code
+			}
+			errs = append(errs, err)
+		}
+		out = append(out, d)
+	}
+	return out, errors.Join(errs...)
+}
+
 // BrokerState is one broker's state or the error reading it.
 type BrokerState struct {
 	Broker string     `json:"broker"`

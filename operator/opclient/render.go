@@ -29,6 +29,20 @@ func PrintOutcomes(w io.Writer, action string, outs []Outcome) {
 	}
 }
 
+// PrintDestructions writes, per broker, the disks whose shares it destroyed.
+func PrintDestructions(w io.Writer, ds []Destruction) {
+	for _, d := range ds {
+		switch {
+		case !d.OK:
+			fmt.Fprintf(w, "%-12s destroy-shares: FAILED: %s\n", d.Broker, d.Error)
+		case len(d.Destroyed) == 0:
+			fmt.Fprintf(w, "%-12s destroy-shares: ok, no share held\n", d.Broker)
+		default:
+			fmt.Fprintf(w, "%-12s destroy-shares: ok, shares of %d disk(s) gone: %s\n", d.Broker, len(d.Destroyed), strings.Join(d.Destroyed, ", "))
+		}
+	}
+}
+
 // PrintStatus writes each broker's appliances and approved images.
 func PrintStatus(w io.Writer, states []BrokerState) {
 	for _, s := range states {

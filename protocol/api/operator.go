@@ -13,7 +13,7 @@ import (
 const (
 	PathEnrollments = "/v1/enrollments" // GET list; POST {id}/approve
 	PathManifests   = "/v1/manifests"   // POST approve
-	PathAppliances  = "/v1/appliances/" // POST {id}/floor, {id}/disks, {id}/revoke, {id}/endpoints, {id}/firmware
+	PathAppliances  = "/v1/appliances/" // POST {id}/floor, {id}/disks, {id}/revoke, {id}/destroy-shares, {id}/endpoints, {id}/firmware
 	PathState       = "/v1/state"       // GET
 	PathAudit       = "/v1/audit"       // GET
 	PathMetrics     = "/metrics"        // GET, Prometheus exposition format
@@ -36,6 +36,11 @@ type ApproveManifestRequest struct {
 // FloorRequest sets an appliance's minimum image version.
 type FloorRequest struct {
 	Version uint64 `json:"version"`
+}
+
+// DestroySharesResponse lists the disks whose shares a broker destroyed.
+type DestroySharesResponse struct {
+	Destroyed []string `json:"destroyed"`
 }
 
 // DiskApprovalRequest approves provisioning of new disks.

@@ -131,16 +131,42 @@ an unexplained change may be tampering.`,
 			opclient.PrintOutcomes(c.out, "approve-firmware", outs)
 			return err
 		}),
-		o.brokerCmd(&cobra.Command{
-			Use:     "revoke APPLIANCE-ID",
-			Short:   "Revoke an appliance: no broker releases anything to it again",
-			Example: `  embassyctl revoke 3f9c...e1`,
-			Args:    cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
-		}, func(ctx context.Context, c *conn, args []string) error {
-			outs, err := c.client.Revoke(ctx, args[0])
-			return c.printChange("revoke", outs, err)
-		}),
+		newRevokeCmd(o),
 	}
+}
+
+func newRevokeCmd(o *options) *cobra.Command {
+	var destroy bool
+	cmd := o.brokerCmd(&cobra.Command{
+		Use:   "revoke [--destroy-shares] APPLIANCE-ID",
+		Short: "Revoke an appliance: no broker releases anything to it again",
+		Long: `revoke revokes an appliance on every broker: it is refused and told to lock
+down at every attestation, and its EK never enrolls again.
+
+With --destroy-shares every broker then deletes the key shares it holds for
+the appliance's disks (crypto-shredding) and says which disks' shares are
+gone. This cannot be undone: once more than n-k brokers destroyed their
+shares, the disks' data cannot be decrypted by anyone. A broker that missed
+the revocation refuses the destruction (not_revoked); run the command again.`,
+		Example: `  embassyctl revoke 3f9c...e1
+  embassyctl revoke --destroy-shares 3f9c...e1`,
+		Args: cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
+	}, func(ctx context.Context, c *conn, args []string) error {
+		outs, err := c.client.Revoke(ctx, args[0])
+		if !destroy {
+			return c.printChange("revoke", outs, err)
+		}
+		ds, derr := c.client.DestroyShares(ctx, args[0])
+		if c.asJSON {
+			opclient.PrintJSON(c.out, map[string]any{"revoke": outs, "destroy_shares": ds})
+		} else {
+			opclient.PrintOutcomes(c.out, "revoke", outs)
+			opclient.PrintDestructions(c.out, ds)
+		}
+		return errors.Join(err, derr)
+	})
+	cmd.Flags().BoolVar(&destroy, "destroy-shares", false, "after revoking, delete every broker's key shares of the appliance's disks (irreversible)")
+	return cmd
 }
 
 func newAttestCmd(o *options) *cobra.Command {

@@ -1,7 +1,8 @@
 // Package keybroker is the command tree of the keybroker program: `init`
 // creates a broker's state folder (TLS certificate and service CA under the
-// home-state broker CA, and its master key), `serve` runs the broker's
-// appliance and operator APIs from that folder.
+// home-state broker CA, and its master key: a file, or with --pkcs11-module
+// a non-extractable key generated in a PKCS#11 token), `serve` runs the
+// broker's appliance and operator APIs from that folder.
 package keybroker
 
 import (
@@ -25,7 +26,9 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/dataembassy/embassy/broker"
+	"github.com/dataembassy/embassy/broker/hsm"
 	"github.com/dataembassy/embassy/broker/pki"
+	"github.com/dataembassy/embassy/broker/seal"
 	"github.com/dataembassy/embassy/images/imagekey"
 	"github.com/dataembassy/embassy/internal/cli"
 )
@@ -56,6 +59,7 @@ Create a broker's state folder once with 'keybroker init', then run it with
 
 type initOptions struct {
 	dir, name, caCert, caKey, hosts string
+	p11                             pkcs11Options
 }
 
 func newInitCmd() *cobra.Command {
@@ -65,9 +69,18 @@ func newInitCmd() *cobra.Command {
 		Short: "Create a broker's state folder: TLS certificate, service CA and master key",
 		Long: `init creates the broker's state folder: a TLS certificate for the names and
 addresses in --hosts and a service CA, both issued by the home-state broker
-CA, and a fresh master key. It refuses a folder that is already initialised.`,
+CA, and a fresh master key. It refuses a folder that is already initialised.
+
+The master key is a file (master.key) unless --pkcs11-module is given: then
+it is generated inside the PKCS#11 token as a non-extractable AES-256 key
+labelled --pkcs11-key-label, and never leaves it (master.pkcs11 names the
+token and the key, not the PIN). serve needs the same --pkcs11-* flags.`,
 		Example: `  keybroker init --dir /var/lib/keybroker --name broker-a \
-      --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key --hosts broker-a.example,10.0.0.5`,
+      --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key --hosts broker-a.example,10.0.0.5
+  keybroker init --dir /var/lib/keybroker --name broker-a \
+      --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key \
+      --pkcs11-module /usr/lib/softhsm/libsofthsm2.so --pkcs11-token-label broker-a \
+      --pkcs11-pin-file /etc/keybroker/pin --pkcs11-key-label broker-a-master`,
 		Args: cli.ExactArgs(0),
 		RunE: func(cmd *cobra.Command, _ []string) error { return initBroker(cmd.OutOrStdout(), o) },
 	}
@@ -77,6 +90,7 @@ CA, and a fresh master key. It refuses a folder that is already initialised.`,
 	f.StringVar(&o.caCert, "broker-ca-cert", "", "home-state broker CA certificate (PEM)")
 	f.StringVar(&o.caKey, "broker-ca-key", "", "home-state broker CA key (PEM)")
 	f.StringVar(&o.hosts, "hosts", "127.0.0.1", "comma-separated names and addresses the broker is reached at")
+	o.p11.addFlags(f, "generate")
 	for _, n := range []string{"dir", "name", "broker-ca-cert", "broker-ca-key"} {
 		cmd.MarkFlagRequired(n)
 	}
@@ -86,10 +100,30 @@ CA, and a fresh master key. It refuses a folder that is already initialised.`,
 	return cmd
 }
 
+// initialised reports whether dir holds a master key (file or token record).
+func initialised(dir string) bool {
+	for _, f := range []string{MasterKeyFile, MasterKeyPKCS11File} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
 func initBroker(out io.Writer, o initOptions) error {
-	if _, err := os.Stat(filepath.Join(o.dir, MasterKeyFile)); err == nil {
+	if initialised(o.dir) {
 		return cli.Next(fmt.Errorf("%s is already initialised", o.dir),
 			"run `keybroker serve --dir %s ...`, or pass another --dir", o.dir)
+	}
+	var hcfg hsm.Config
+	if o.p11.enabled() {
+		var err error
+		if hcfg, err = o.p11.config(); err != nil {
+			return err
+		}
+		defer clear(hcfg.PIN)
+	} else if err := o.p11.check(); err != nil {
+		return err
 	}
 	ca, err := pki.LoadIssuer(o.caCert, o.caKey)
 	if err != nil {
@@ -117,12 +151,25 @@ func initBroker(out io.Writer, o initOptions) error {
 	if err := pki.WritePEM(filepath.Join(o.dir, "service-ca.pem"), svc.Cert, filepath.Join(o.dir, "service-ca.key"), svc.Key); err != nil {
 		return err
 	}
+	if o.p11.enabled() {
+		if err := hsm.GenerateKey(hcfg); err != nil {
+			return fmt.Errorf("master key: %w", err)
+		}
+		if err := writePKCS11Record(o.dir, o.p11); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "broker %s initialised in %s; master key %q generated in PKCS#11 token %q (not extractable)\n",
+			o.name, o.dir, o.p11.keyLabel, o.p11.tokenLabel)
+		return nil
+	}
 	master := make([]byte, 32)
 	if _, err := rand.Read(master); err != nil {
 		return err
 	}
 	defer clear(master)
-	if err := os.WriteFile(filepath.Join(o.dir, MasterKeyFile), []byte(hex.EncodeToString(master)+"\n"), 0o600); err != nil {
+	hexKey := []byte(hex.EncodeToString(master) + "\n")
+	defer clear(hexKey)
+	if err := os.WriteFile(filepath.Join(o.dir, MasterKeyFile), hexKey, 0o600); err != nil {
 		return err
 	}
 	fmt.Fprintf(out, "broker %s initialised in %s\n", o.name, o.dir)
@@ -133,6 +180,7 @@ type serveOptions struct {
 	dir, name, opCA, manuCA, imagePub string
 	appAddr, opAddr                   string
 	nonceTTL, certTTL, reattest       time.Duration
+	p11                               pkcs11Options
 }
 
 func newServeCmd() *cobra.Command {
@@ -143,7 +191,11 @@ func newServeCmd() *cobra.Command {
 		Long: `serve runs the broker from a state folder made by 'keybroker init': the
 appliance API (attestation, share release; TLS) and the operator API
 (enrollment, approvals, audit; mutual TLS with the home-state operator CA).
-It logs JSON lines to stderr and stops on SIGINT or SIGTERM.`,
+It logs JSON lines to stderr and stops on SIGINT or SIGTERM.
+
+A broker initialised with --pkcs11-module needs the same --pkcs11-* flags:
+its shares are sealed and opened inside the token. One initialised with a
+master key file warns at start-up.`,
 		Example: `  keybroker serve --dir /var/lib/keybroker --name broker-a \
       --operator-ca operator-ca.pem --manufacturer-ca tpm-vendors.pem --image-pubkey image-signing.pub \
       --appliance-listen 0.0.0.0:7441 --operator-listen 10.0.0.5:8441`,
@@ -161,6 +213,7 @@ It logs JSON lines to stderr and stops on SIGINT or SIGTERM.`,
 	f.DurationVar(&o.nonceTTL, "nonce-ttl", time.Minute, "lifetime of an attestation nonce")
 	f.DurationVar(&o.certTTL, "cert-ttl", time.Hour, "lifetime of an attested appliance certificate")
 	f.DurationVar(&o.reattest, "reattest", 5*time.Minute, "how often appliances re-attest")
+	o.p11.addFlags(f, "use")
 	for _, n := range []string{"dir", "name", "operator-ca", "manufacturer-ca", "image-pubkey"} {
 		cmd.MarkFlagRequired(n)
 	}
@@ -171,42 +224,100 @@ It logs JSON lines to stderr and stops on SIGINT or SIGTERM.`,
 	return cmd
 }
 
-// loadState reads the master key and the service CA of an initialised
-// state folder.
-func loadState(dir string) (master []byte, svc *pki.Issuer, tlsCert tls.Certificate, err error) {
-	mk, err := os.ReadFile(filepath.Join(dir, MasterKeyFile))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil, tlsCert, cli.Next(fmt.Errorf("no broker state in %s: %w", dir, err),
-			"run `keybroker init --dir %s --name NAME --broker-ca-cert FILE --broker-ca-key FILE` first", dir)
+// masterKey is the broker's master key as loaded by loadState.
+type masterKey struct {
+	sealer broker.ShareSealer
+	close  func()
+	token  *pkcs11Record // nil: a file
+}
+
+// loadState opens the master key (a file, or the token p names) and reads
+// the service CA and TLS certificate of an initialised state folder.
+func loadState(dir string, p pkcs11Options) (mk masterKey, svc *pki.Issuer, tlsCert tls.Certificate, err error) {
+	if mk, err = loadMasterKey(dir, p); err != nil {
+		return mk, nil, tlsCert, err
 	}
-	if err != nil {
-		return nil, nil, tlsCert, fmt.Errorf("master key: %w", err)
-	}
-	defer clear(mk)
-	master, err = hex.DecodeString(strings.TrimSpace(string(mk)))
-	if err != nil || len(master) != 32 {
-		clear(master)
-		return nil, nil, tlsCert, errors.New("master key must be 64 hex digits")
-	}
+	defer func() {
+		if err != nil {
+			mk.close()
+		}
+	}()
 	svc, err = pki.LoadIssuer(filepath.Join(dir, "service-ca.pem"), filepath.Join(dir, "service-ca.key"))
 	if err != nil {
-		clear(master)
-		return nil, nil, tlsCert, err
+		return mk, nil, tlsCert, err
 	}
 	tlsCert, err = tls.LoadX509KeyPair(filepath.Join(dir, "tls.pem"), filepath.Join(dir, "tls.key"))
 	if err != nil {
-		clear(master)
-		return nil, nil, tlsCert, fmt.Errorf("broker TLS certificate: %w", err)
+		return mk, nil, tlsCert, fmt.Errorf("broker TLS certificate: %w", err)
 	}
-	return master, svc, tlsCert, nil
+	return mk, svc, tlsCert, nil
+}
+
+func loadMasterKey(dir string, p pkcs11Options) (masterKey, error) {
+	if err := p.check(); err != nil {
+		return masterKey{}, err
+	}
+	rec, err := readPKCS11Record(dir)
+	if err != nil {
+		return masterKey{}, err
+	}
+	if rec != nil {
+		if !p.enabled() {
+			return masterKey{}, cli.Next(fmt.Errorf("%s keeps its master key in PKCS#11 token %q", dir, rec.TokenLabel),
+				"pass --pkcs11-module %s --pkcs11-token-label %s --pkcs11-pin-file FILE --pkcs11-key-label %s",
+				rec.Module, rec.TokenLabel, rec.KeyLabel)
+		}
+		if err := rec.matches(p); err != nil {
+			return masterKey{}, err
+		}
+		cfg, err := p.config()
+		if err != nil {
+			return masterKey{}, err
+		}
+		defer clear(cfg.PIN)
+		s, err := hsm.Open(cfg)
+		if err != nil {
+			return masterKey{}, fmt.Errorf("master key: %w", err)
+		}
+		return masterKey{sealer: s, close: func() { s.Close() }, token: rec}, nil
+	}
+	hexKey, err := os.ReadFile(filepath.Join(dir, MasterKeyFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return masterKey{}, cli.Next(fmt.Errorf("no broker state in %s: %w", dir, err),
+			"run `keybroker init --dir %s --name NAME --broker-ca-cert FILE --broker-ca-key FILE` first", dir)
+	}
+	if err != nil {
+		return masterKey{}, fmt.Errorf("master key: %w", err)
+	}
+	defer clear(hexKey)
+	if p.enabled() {
+		return masterKey{}, cli.Next(fmt.Errorf("%s keeps its master key in a file (%s), not in a PKCS#11 token", dir, MasterKeyFile),
+			"drop the --pkcs11-* flags; moving the shares into a token needs a new broker (keybroker init --pkcs11-module ...)")
+	}
+	master, err := hex.DecodeString(strings.TrimSpace(string(hexKey)))
+	defer clear(master)
+	if err != nil || len(master) != 32 {
+		return masterKey{}, errors.New("master key must be 64 hex digits")
+	}
+	fk, err := seal.NewFileKey(master)
+	if err != nil {
+		return masterKey{}, err
+	}
+	return masterKey{sealer: fk, close: func() {}}, nil
 }
 
 func serve(ctx context.Context, stderr io.Writer, o serveOptions) error {
-	master, svc, tlsCert, err := loadState(o.dir)
+	mk, svc, tlsCert, err := loadState(o.dir, o.p11)
 	if err != nil {
 		return err
 	}
+	defer mk.close()
 	log := slog.New(slog.NewJSONHandler(stderr, nil)).With("broker", o.name)
+	if mk.token == nil {
+		log.Warn(MsgFileMasterKey, "file", filepath.Join(o.dir, MasterKeyFile))
+	} else {
+		log.Info("master key in a PKCS#11 token", "module", o.p11.module, "token", mk.token.TokenLabel, "key", mk.token.KeyLabel)
+	}
 	ops, err := pki.LoadPool(o.opCA)
 	if err != nil {
 		return err
@@ -219,7 +330,7 @@ func serve(ctx context.Context, stderr io.Writer, o serveOptions) error {
 	if err != nil {
 		return err
 	}
-	b, err := broker.New(broker.Config{Name: o.name, Dir: o.dir, MasterKey: master, ManufacturerCAs: manu, ImageKey: img,
+	b, err := broker.New(broker.Config{Name: o.name, Dir: o.dir, Sealer: mk.sealer, ManufacturerCAs: manu, ImageKey: img,
 		ServiceCA: svc, NonceTTL: o.nonceTTL, CertTTL: o.certTTL, ReattestAfter: o.reattest, Log: log})
 	if err != nil {
 		return err

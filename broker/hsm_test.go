@@ -1,0 +1,111 @@
+//go:build cgo
+
+package broker_test
+
+import (
+	"bytes"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/dataembassy/embassy/appliance/attest"
+	"github.com/dataembassy/embassy/broker/hsm"
+	"github.com/dataembassy/embassy/broker/hsm/hsmtest"
+	"github.com/dataembassy/embassy/broker/seal"
+	"github.com/dataembassy/embassy/tpm/attester"
+	"github.com/dataembassy/embassy/tpm/tpmtest"
+)
+
+// useHSM restarts broker i with its master key in the SoftHSM2 token of
+// cfg: a new PKCS#11 module load, session and login, and a new broker.New.
+func (e *env) useHSM(i int, cfg hsm.Config) *hsm.Sealer {
+	e.t.Helper()
+	e.stop(i)
+	s, err := hsm.Open(cfg)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.brokers[i].cfg.Sealer, e.brokers[i].cfg.MasterKey = s, nil
+	e.start(i)
+	return s
+}
+
+// BenchmarkAttestRoundTripsHSM is BenchmarkAttestRoundTrips with broker
+// 0's master key in a SoftHSM2 token: every release opens its share with
+// AES-GCM inside the token (compare attest/s with the file key's).
+func BenchmarkAttestRoundTripsHSM(b *testing.B) {
+	cfg := hsmtest.Token(b, "broker-a", "master")
+	if err := hsm.GenerateKey(cfg); err != nil {
+		b.Fatal(err)
+	}
+	var s *hsm.Sealer
+	benchAttestRoundTrips(b, []int{1, 8, 64}, 200, 3, func(e *env) { s = e.useHSM(0, cfg) })
+	b.Cleanup(func() { s.Close() })
+}
+
+// TestMasterKeyInSoftHSM2SurvivesRestart: a broker whose master key is a
+// non-extractable key in a SoftHSM2 token stores a deposited share sealed
+// by the token; stopped and started again (the token released and opened
+// anew) it still releases the share to the appliance's attestation. The
+// same state under a file master key is refused with a clear error.
+func TestMasterKeyInSoftHSM2SurvivesRestart(t *testing.T) {
+	cfg := hsmtest.Token(t, "broker-a", "master")
+	if err := hsm.GenerateKey(cfg); err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t, 1, 1)
+	master := e.brokers[0].cfg.MasterKey
+	s := e.useHSM(0, cfg)
+	d := tpmtest.NewBootDigests("image-1")
+	a := e.boot(1, d, attester.EKRSA)
+	defer a.shutdown()
+	secret := provision(t, e, a, d)
+
+	e.stop(0)
+	s.Close()
+	// The share at rest is the token's record, not the plaintext.
+	db, err := bolt.Open(filepath.Join(e.brokers[0].dir, "broker.db"), 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket([]byte("shares")).Get([]byte(a.c.ID() + "/disk-1"))
+		if !bytes.HasPrefix(v, seal.Header(seal.PKCS11)) {
+			t.Errorf("share at rest %x is not sealed by the token", v)
+		}
+		return nil
+	})
+	db.Close()
+
+	s = e.useHSM(0, cfg)
+	a.reboot(t, d)
+	results, err := a.c.AttestAll(ctxTimeout(t, time.Minute), fastRetry, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := attest.Round(results).Keys(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(keys["disk-1"], secret) {
+		t.Fatal("the share released after the restart does not recombine to the disk key")
+	}
+	e.stop(0)
+	s.Close()
+
+	// The same state with a file master key: the token's records do not
+	// open, and the broker says why.
+	e.brokers[0].cfg.Sealer, e.brokers[0].cfg.MasterKey = nil, master
+	e.start(0)
+	a.reboot(t, d)
+	resp, err := rawAttest(t, e, a, 0, nil)
+	if err == nil {
+		t.Fatalf("released %d shares sealed by the token under the file key", len(resp.Shares))
+	}
+	if !strings.Contains(err.Error(), "sealed under a PKCS#11 master key, this broker uses a file master key") {
+		t.Fatalf("refusal %q does not name the backends", err)
+	}
+}
