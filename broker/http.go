@@ -147,7 +147,12 @@ func (b *Broker) OperatorHandler() http.Handler {
 			writeErr(w, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, audit.Response{Entries: entries, Head: head})
+		signed, err := b.SignHead(head)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, audit.Response{Entries: entries, Head: head, Signed: signed})
 	})
 	handle(api.PathManifests, post(func(r *http.Request, req *api.ApproveManifestRequest) (any, error) {
 		m, err := b.ApproveManifest(operatorOf(r), req.Manifest, req.Signature)

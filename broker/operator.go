@@ -157,3 +157,12 @@ func (b *Broker) Audit() ([]audit.Entry, audit.Head, error) {
 	head, err := auditHead(b.db)
 	return entries, head, err
 }
+
+// SignHead signs head with the broker's audit signing key, at the broker's
+// current time; nil when the broker has no audit key.
+func (b *Broker) SignHead(head audit.Head) (*audit.SignedHead, error) {
+	if b.cfg.AuditKey == nil {
+		return nil, nil
+	}
+	return audit.SignHead(b.cfg.AuditKey, b.cfg.Name, head, b.now())
+}

@@ -4,7 +4,11 @@
 // operator's certificate or the appliance), carries its sequence number and
 // the hash of the previous entry, and is hashed itself; Verify detects any
 // edited, dropped or reordered entry, and a truncated tail against the head
-// the broker keeps separately.
+// the broker keeps separately. The broker signs its head with its own audit
+// signing key (signed.go: SignedHead); operators keep the signed heads they
+// verified, so that a history rewritten by whoever can edit the broker's
+// files (database and log together, chain recomputed) no longer contains
+// them.
 package audit
 
 import (
@@ -87,10 +91,13 @@ type Head struct {
 }
 
 // Response is the operator API's answer at api.PathAudit: the log and the
-// head the broker recorded separately, so a reader can Verify the chain.
+// head the broker recorded separately, so a reader can Verify the chain,
+// and that head signed with the broker's audit signing key (absent when
+// the broker has none), for the reader to keep.
 type Response struct {
-	Entries []Entry `json:"entries"`
-	Head    Head    `json:"head"`
+	Entries []Entry     `json:"entries"`
+	Head    Head        `json:"head"`
+	Signed  *SignedHead `json:"signed_head,omitempty"`
 }
 
 // genesis is the "previous hash" of the first entry.
