@@ -59,6 +59,7 @@ type runningBroker struct {
 	appLn, opLn   net.Listener
 	appSrv, opSrv *http.Server
 	serverCert    tls.Certificate
+	auditKey      ed25519.PrivateKey // signs the broker's audit heads
 }
 
 type env struct {
@@ -109,8 +110,9 @@ func newEnv(t testing.TB, n, k int) *env {
 		rb.serverCert = pki.TLSCertificate(srvLeaf, srvKey)
 		master := make([]byte, 32)
 		rand.Read(master)
+		_, rb.auditKey, _ = ed25519.GenerateKey(rand.Reader)
 		rb.cfg = broker.Config{Name: name, Dir: rb.dir, MasterKey: master, ManufacturerCAs: e.manu.Pool(),
-			ImageKey: e.imageKey.Public().(ed25519.PublicKey), ServiceCA: svc, Log: quiet(), Now: e.clock.now}
+			ImageKey: e.imageKey.Public().(ed25519.PublicKey), ServiceCA: svc, AuditKey: rb.auditKey, Log: quiet(), Now: e.clock.now}
 		rb.appLn, _ = net.Listen("tcp", "127.0.0.1:0")
 		rb.opLn, _ = net.Listen("tcp", "127.0.0.1:0")
 		e.brokers = append(e.brokers, rb)

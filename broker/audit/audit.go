@@ -254,6 +254,26 @@ func Read(r io.Reader) ([]Entry, error) {
 	return out, nil
 }
 
+// Chain sets the sequence numbers, previous hashes and hashes of entries,
+// in order from genesis, keeping every other field, and returns the head.
+// It is for tools that rebuild a log (and for tests); a chain recomputed
+// over edited entries verifies, so Verify alone proves nothing against
+// whoever can write the broker's files: the signed heads operators keep
+// (SignedHead) are what catch such a rewrite.
+func Chain(entries []Entry) Head {
+	head := Head{Hash: genesis}
+	for i := range entries {
+		entries[i].Seq = head.Seq + 1
+		entries[i].Prev = head.Hash
+		entries[i].Hash = hashOf(entries[i])
+		head = Head{Seq: entries[i].Seq, Hash: entries[i].Hash}
+	}
+	if head.Seq == 0 {
+		return Head{}
+	}
+	return head
+}
+
 // Verify checks the chain: sequence numbers 1, 2, 3, ... without gaps,
 // each entry's prev equal to the previous entry's hash, and each hash
 // recomputed. If want is given (non-zero), the log must end at that head.

@@ -121,3 +121,28 @@ func TestActorCoveredByChain(t *testing.T) {
 		})
 	}
 }
+
+// TestChain: Chain recomputes a log that Verify accepts, edited or not,
+// keeping the entries' times.
+func TestChain(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, Head{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	head, _ := l.Append(Entry{Event: "enroll", Result: "ok"}, Entry{Event: "revoke", Result: "ok"})
+	entries, _ := l.Entries()
+	l.Close()
+	if got := Chain(entries); got != head {
+		t.Fatalf("Chain of an untouched log = %+v, want %+v", got, head)
+	}
+	when := entries[0].Time
+	entries[0].Result = "fail"
+	got := Chain(entries)
+	if _, err := Verify(entries, &got); err != nil || got == head || !entries[0].Time.Equal(when) {
+		t.Fatalf("rechained log: %v, head %+v", err, got)
+	}
+	if Chain(nil) != (Head{}) {
+		t.Fatal("Chain of no entries is not the zero head")
+	}
+}

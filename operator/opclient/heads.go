@@ -231,16 +231,25 @@ func CheckAudit(b Broker, ar *audit.Response, recorded []audit.SignedHead) HeadV
 	if !s.Matches(ar.Entries) {
 		return fail(AuditChainBroken, "the signed head is entry %d, the log has %d entries", s.Seq, len(ar.Entries))
 	}
+	// Heads are oldest first: the first that differs, after one that still
+	// matches, bounds the rewritten entries (the chain links each entry to
+	// all before it).
+	var matched uint64
 	for _, r := range recorded {
+		when := r.Time.UTC().Format("2006-01-02 15:04:05Z")
 		if r.Seq > s.Seq {
 			v.Seq = r.Seq
-			return fail(AuditRolledBack, "the log ends at entry %d, entry %d was verified on %s", s.Seq, r.Seq, r.Time.Format("2006-01-02 15:04:05Z"))
+			return fail(AuditRolledBack, "the log ends at entry %d, entry %d was verified on %s", s.Seq, r.Seq, when)
 		}
-		if r.Seq > 0 && ar.Entries[r.Seq-1].Hash != r.Hash {
+		if r.Seq == 0 {
+			continue
+		}
+		if got := ar.Entries[r.Seq-1].Hash; got != r.Hash {
 			v.Seq = r.Seq
-			return fail(AuditRewritten, "entry %d has hash %.16s…, it had %.16s… when verified on %s", r.Seq,
-				ar.Entries[r.Seq-1].Hash, r.Hash, r.Time.Format("2006-01-02 15:04:05Z"))
+			return fail(AuditRewritten, "entry %d has hash %.16s…, it had %.16s… when verified on %s: one of entries %d-%d was rewritten",
+				r.Seq, got, r.Hash, when, matched+1, r.Seq)
 		}
+		matched = r.Seq
 	}
 	v.Status = AuditOK
 	return v
