@@ -241,7 +241,7 @@ func (e *env) opAll(method, path string, body any) {
 func (e *env) signManifest(version uint64, d tpmtest.BootDigests, key ed25519.PrivateKey) ([]byte, []byte) {
 	e.t.Helper()
 	m := &manifest.Manifest{Schema: manifest.Schema, Version: version,
-		Kernel: manifest.KernelInfo{Package: "linux-image-test-amd64", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32)), Release: "test"},
+		Kernel:       manifest.KernelInfo{Package: "linux-image-test-amd64", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32)), Release: "test"},
 		Stub:         manifest.PackageInfo{Package: "systemd-boot-efi", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32))},
 		Measurements: d.Measurements()}
 	for _, c := range []string{manifest.ComponentCmdline, manifest.ComponentInitramfs, manifest.ComponentKernel} {

@@ -192,9 +192,10 @@ func newStatusCmd(o *options) *cobra.Command {
 func newAuditCmd(o *options) *cobra.Command {
 	auditCmd := cli.Group(&cobra.Command{
 		Use:   "audit",
-		Short: "Show or verify the brokers' hash-chained audit logs",
+		Short: "Show or verify the brokers' hash-chained audit logs and signed heads",
 		Example: `  embassyctl audit show
   embassyctl audit verify
+  embassyctl audit verify --heads ~/ops/audit-heads.json
   embassyctl audit verify --file audit.log --head 42:9b1f...c0`,
 	})
 	online := func(entries bool) func(context.Context, *conn, []string) error {
