@@ -228,6 +228,28 @@ func (l *Log) Entries() ([]Entry, error) {
 	return Read(io.NewSectionReader(l.f, 0, 1<<62))
 }
 
+// Durable reads the log up to its last durable entry and returns those
+// entries with their head: a consistent view whose head matches the last
+// entry even while others append, and which a crash cannot take back.
+func (l *Log) Durable() ([]Entry, Head, error) {
+	l.syncMu.Lock() // the order Append takes the locks in
+	defer l.syncMu.Unlock()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	entries, err := Read(io.NewSectionReader(l.f, 0, 1<<62))
+	if err != nil {
+		return nil, Head{}, err
+	}
+	if uint64(len(entries)) > l.synced {
+		entries = entries[:l.synced]
+	}
+	var head Head
+	if n := len(entries); n > 0 {
+		head = Head{Seq: entries[n-1].Seq, Hash: entries[n-1].Hash}
+	}
+	return entries, head, nil
+}
+
 // Close closes the file.
 func (l *Log) Close() error { return l.f.Close() }
 

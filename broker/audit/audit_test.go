@@ -146,3 +146,37 @@ func TestChain(t *testing.T) {
 		t.Fatal("Chain of no entries is not the zero head")
 	}
 }
+
+// TestDurableIsConsistent: while others append, Durable returns entries
+// that verify and end at the head it returns.
+func TestDurableIsConsistent(t *testing.T) {
+	l, err := Open(filepath.Join(t.TempDir(), "audit.log"), Head{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 50; i++ {
+			l.Append(Entry{Event: "attest", Result: "ok"})
+		}
+	}()
+	for running := true; running; {
+		select {
+		case <-done:
+			running = false
+		default:
+		}
+		entries, head, err := l.Durable()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := Verify(entries, &head); err != nil || got != head || head.Seq != uint64(len(entries)) {
+			t.Fatalf("%d entries, head %+v: %v", len(entries), head, err)
+		}
+	}
+	if _, head, _ := l.Durable(); head != l.Head() || head.Seq != 50 {
+		t.Fatalf("durable head %+v, log head %+v", head, l.Head())
+	}
+}
