@@ -50,7 +50,11 @@ type Config struct {
 	NonceTTL        time.Duration
 	CertTTL         time.Duration
 	ReattestAfter   time.Duration
-	Log             *slog.Logger
+	// AuditKey signs the audit head the operator API returns (the key
+	// `keybroker init` writes as audit.SigningKeyFile). Without it the
+	// heads go unsigned and `embassyctl audit verify` fails the broker.
+	AuditKey ed25519.PrivateKey
+	Log      *slog.Logger
 	// Now is the clock (time.Now when nil); tests move it to expire nonces.
 	Now func() time.Time
 }
@@ -83,6 +87,9 @@ type Broker struct {
 func New(cfg Config) (*Broker, error) {
 	if cfg.Name == "" || cfg.ManufacturerCAs == nil || len(cfg.ImageKey) != ed25519.PublicKeySize || cfg.ServiceCA == nil {
 		return nil, errors.New("broker config needs a name, manufacturer CAs, an image key and a service CA")
+	}
+	if cfg.AuditKey != nil && len(cfg.AuditKey) != ed25519.PrivateKeySize {
+		return nil, errors.New("broker audit signing key must be an ed25519 private key")
 	}
 	if cfg.NonceTTL == 0 {
 		cfg.NonceTTL = time.Minute

@@ -59,6 +59,7 @@ type runningBroker struct {
 	appLn, opLn   net.Listener
 	appSrv, opSrv *http.Server
 	serverCert    tls.Certificate
+	auditKey      ed25519.PrivateKey // signs the broker's audit heads
 }
 
 type env struct {
@@ -109,8 +110,9 @@ func newEnv(t testing.TB, n, k int) *env {
 		rb.serverCert = pki.TLSCertificate(srvLeaf, srvKey)
 		master := make([]byte, 32)
 		rand.Read(master)
+		_, rb.auditKey, _ = ed25519.GenerateKey(rand.Reader)
 		rb.cfg = broker.Config{Name: name, Dir: rb.dir, MasterKey: master, ManufacturerCAs: e.manu.Pool(),
-			ImageKey: e.imageKey.Public().(ed25519.PublicKey), ServiceCA: svc, Log: quiet(), Now: e.clock.now}
+			ImageKey: e.imageKey.Public().(ed25519.PublicKey), ServiceCA: svc, AuditKey: rb.auditKey, Log: quiet(), Now: e.clock.now}
 		rb.appLn, _ = net.Listen("tcp", "127.0.0.1:0")
 		rb.opLn, _ = net.Listen("tcp", "127.0.0.1:0")
 		e.brokers = append(e.brokers, rb)
@@ -239,7 +241,7 @@ func (e *env) opAll(method, path string, body any) {
 func (e *env) signManifest(version uint64, d tpmtest.BootDigests, key ed25519.PrivateKey) ([]byte, []byte) {
 	e.t.Helper()
 	m := &manifest.Manifest{Schema: manifest.Schema, Version: version,
-		Kernel: manifest.KernelInfo{Package: "linux-image-test-amd64", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32)), Release: "test"},
+		Kernel:       manifest.KernelInfo{Package: "linux-image-test-amd64", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32)), Release: "test"},
 		Stub:         manifest.PackageInfo{Package: "systemd-boot-efi", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32))},
 		Measurements: d.Measurements()}
 	for _, c := range []string{manifest.ComponentCmdline, manifest.ComponentInitramfs, manifest.ComponentKernel} {

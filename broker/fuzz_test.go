@@ -114,7 +114,7 @@ func newFuzzBroker(t testing.TB) *fuzzBroker {
 	}
 
 	m := &manifest.Manifest{Schema: manifest.Schema, Version: 1,
-		Kernel: manifest.KernelInfo{Package: "linux-image-test-amd64", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32)), Release: "test"},
+		Kernel:       manifest.KernelInfo{Package: "linux-image-test-amd64", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32)), Release: "test"},
 		Stub:         manifest.PackageInfo{Package: "systemd-boot-efi", Version: "1", DebSHA256: hex.EncodeToString(make([]byte, 32))},
 		Measurements: digests.Measurements()}
 	for _, c := range []string{manifest.ComponentCmdline, manifest.ComponentInitramfs, manifest.ComponentKernel} {

@@ -142,12 +142,12 @@ func (b *Broker) OperatorHandler() http.Handler {
 		writeJSON(w, http.StatusOK, st)
 	})
 	handle(api.PathAudit, func(w http.ResponseWriter, r *http.Request) {
-		entries, head, err := b.Audit()
+		ar, err := b.SignedAudit()
 		if err != nil {
 			writeErr(w, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, audit.Response{Entries: entries, Head: head})
+		writeJSON(w, http.StatusOK, ar)
 	})
 	handle(api.PathManifests, post(func(r *http.Request, req *api.ApproveManifestRequest) (any, error) {
 		m, err := b.ApproveManifest(operatorOf(r), req.Manifest, req.Signature)

@@ -208,3 +208,25 @@ func (b *Broker) Audit() ([]audit.Entry, audit.Head, error) {
 	head, err := auditHead(b.db)
 	return entries, head, err
 }
+
+// SignedAudit is the operator API's audit answer: the durable entries, the
+// head recorded in the database, and the head of those entries signed with
+// the broker's audit signing key at the broker's current time (nil when the
+// broker has no audit key).
+func (b *Broker) SignedAudit() (*audit.Response, error) {
+	entries, last, err := b.audit.Durable()
+	if err != nil {
+		return nil, err
+	}
+	head, err := auditHead(b.db)
+	if err != nil {
+		return nil, err
+	}
+	r := &audit.Response{Entries: entries, Head: head}
+	if b.cfg.AuditKey != nil {
+		if r.Signed, err = audit.SignHead(b.cfg.AuditKey, b.cfg.Name, last, b.now()); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}

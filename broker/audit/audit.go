@@ -4,7 +4,11 @@
 // operator's certificate or the appliance), carries its sequence number and
 // the hash of the previous entry, and is hashed itself; Verify detects any
 // edited, dropped or reordered entry, and a truncated tail against the head
-// the broker keeps separately.
+// the broker keeps separately. The broker signs its head with its own audit
+// signing key (signed.go: SignedHead); operators keep the signed heads they
+// verified, so that a history rewritten by whoever can edit the broker's
+// files (database and log together, chain recomputed) no longer contains
+// them.
 package audit
 
 import (
@@ -87,10 +91,13 @@ type Head struct {
 }
 
 // Response is the operator API's answer at api.PathAudit: the log and the
-// head the broker recorded separately, so a reader can Verify the chain.
+// head the broker recorded separately, so a reader can Verify the chain,
+// and that head signed with the broker's audit signing key (absent when
+// the broker has none), for the reader to keep.
 type Response struct {
-	Entries []Entry `json:"entries"`
-	Head    Head    `json:"head"`
+	Entries []Entry     `json:"entries"`
+	Head    Head        `json:"head"`
+	Signed  *SignedHead `json:"signed_head,omitempty"`
 }
 
 // genesis is the "previous hash" of the first entry.
@@ -221,6 +228,28 @@ func (l *Log) Entries() ([]Entry, error) {
 	return Read(io.NewSectionReader(l.f, 0, 1<<62))
 }
 
+// Durable reads the log up to its last durable entry and returns those
+// entries with their head: a consistent view whose head matches the last
+// entry even while others append, and which a crash cannot take back.
+func (l *Log) Durable() ([]Entry, Head, error) {
+	l.syncMu.Lock() // the order Append takes the locks in
+	defer l.syncMu.Unlock()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	entries, err := Read(io.NewSectionReader(l.f, 0, 1<<62))
+	if err != nil {
+		return nil, Head{}, err
+	}
+	if uint64(len(entries)) > l.synced {
+		entries = entries[:l.synced]
+	}
+	var head Head
+	if n := len(entries); n > 0 {
+		head = Head{Seq: entries[n-1].Seq, Hash: entries[n-1].Hash}
+	}
+	return entries, head, nil
+}
+
 // Close closes the file.
 func (l *Log) Close() error { return l.f.Close() }
 
@@ -245,6 +274,26 @@ func Read(r io.Reader) ([]Entry, error) {
 		return nil, fmt.Errorf("read audit log: %w", err)
 	}
 	return out, nil
+}
+
+// Chain sets the sequence numbers, previous hashes and hashes of entries,
+// in order from genesis, keeping every other field, and returns the head.
+// It is for tools that rebuild a log (and for tests); a chain recomputed
+// over edited entries verifies, so Verify alone proves nothing against
+// whoever can write the broker's files: the signed heads operators keep
+// (SignedHead) are what catch such a rewrite.
+func Chain(entries []Entry) Head {
+	head := Head{Hash: genesis}
+	for i := range entries {
+		entries[i].Seq = head.Seq + 1
+		entries[i].Prev = head.Hash
+		entries[i].Hash = hashOf(entries[i])
+		head = Head{Seq: entries[i].Seq, Hash: entries[i].Hash}
+	}
+	if head.Seq == 0 {
+		return Head{}
+	}
+	return head
 }
 
 // Verify checks the chain: sequence numbers 1, 2, 3, ... without gaps,

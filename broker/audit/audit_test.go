@@ -121,3 +121,62 @@ func TestActorCoveredByChain(t *testing.T) {
 		})
 	}
 }
+
+// TestChain: Chain recomputes a log that Verify accepts, edited or not,
+// keeping the entries' times.
+func TestChain(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, Head{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	head, _ := l.Append(Entry{Event: "enroll", Result: "ok"}, Entry{Event: "revoke", Result: "ok"})
+	entries, _ := l.Entries()
+	l.Close()
+	if got := Chain(entries); got != head {
+		t.Fatalf("Chain of an untouched log = %+v, want %+v", got, head)
+	}
+	when := entries[0].Time
+	entries[0].Result = "fail"
+	got := Chain(entries)
+	if _, err := Verify(entries, &got); err != nil || got == head || !entries[0].Time.Equal(when) {
+		t.Fatalf("rechained log: %v, head %+v", err, got)
+	}
+	if Chain(nil) != (Head{}) {
+		t.Fatal("Chain of no entries is not the zero head")
+	}
+}
+
+// TestDurableIsConsistent: while others append, Durable returns entries
+// that verify and end at the head it returns.
+func TestDurableIsConsistent(t *testing.T) {
+	l, err := Open(filepath.Join(t.TempDir(), "audit.log"), Head{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 50; i++ {
+			l.Append(Entry{Event: "attest", Result: "ok"})
+		}
+	}()
+	for running := true; running; {
+		select {
+		case <-done:
+			running = false
+		default:
+		}
+		entries, head, err := l.Durable()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := Verify(entries, &head); err != nil || got != head || head.Seq != uint64(len(entries)) {
+			t.Fatalf("%d entries, head %+v: %v", len(entries), head, err)
+		}
+	}
+	if _, head, _ := l.Durable(); head != l.Head() || head.Seq != 50 {
+		t.Fatalf("durable head %+v, log head %+v", head, l.Head())
+	}
+}

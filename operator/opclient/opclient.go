@@ -9,6 +9,7 @@ package opclient
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -24,10 +25,13 @@ import (
 	"github.com/dataembassy/embassy/protocol/api"
 )
 
-// Broker names a broker's operator endpoint.
+// Broker names a broker's operator endpoint and pins its audit signing
+// public key (ed25519, 32 bytes; base64 in the JSON list), which
+// VerifyHeads checks the broker's signed audit heads with.
 type Broker struct {
-	Name string `json:"name"`
-	URL  string `json:"url"`
+	Name     string `json:"name"`
+	URL      string `json:"url"`
+	AuditKey []byte `json:"audit_key,omitempty"`
 }
 
 // LoadBrokers reads a JSON list of brokers.
@@ -48,6 +52,9 @@ func LoadBrokers(path string) ([]Broker, error) {
 	for _, br := range out {
 		if br.Name == "" || !strings.HasPrefix(br.URL, "https://") {
 			return nil, fmt.Errorf("%s: broker %q needs a name and an https URL", path, br.Name)
+		}
+		if len(br.AuditKey) != 0 && len(br.AuditKey) != ed25519.PublicKeySize {
+			return nil, fmt.Errorf("%s: broker %q: audit_key is %d bytes, want an ed25519 public key (%d)", path, br.Name, len(br.AuditKey), ed25519.PublicKeySize)
 		}
 	}
 	return out, nil
@@ -292,11 +299,12 @@ func (c *Client) Status(ctx context.Context) []BrokerState {
 
 // AuditLog is one broker's audit log and its verification.
 type AuditLog struct {
-	Broker   string        `json:"broker"`
-	Entries  []audit.Entry `json:"entries,omitempty"`
-	Head     audit.Head    `json:"head"`
-	Verified bool          `json:"verified"`
-	Error    string        `json:"error,omitempty"`
+	Broker   string            `json:"broker"`
+	Entries  []audit.Entry     `json:"entries,omitempty"`
+	Head     audit.Head        `json:"head"`
+	Signed   *audit.SignedHead `json:"signed_head,omitempty"`
+	Verified bool              `json:"verified"`
+	Error    string            `json:"error,omitempty"`
 }
 
 // Audit fetches every broker's log and verifies its chain against the
@@ -309,7 +317,7 @@ func (c *Client) Audit(ctx context.Context) []AuditLog {
 			out = append(out, AuditLog{Broker: b.Name, Error: err.Error()})
 			continue
 		}
-		l := AuditLog{Broker: b.Name, Entries: ar.Entries, Head: ar.Head}
+		l := AuditLog{Broker: b.Name, Entries: ar.Entries, Head: ar.Head, Signed: ar.Signed}
 		if _, err := audit.Verify(ar.Entries, &ar.Head); err != nil {
 			l.Error = err.Error()
 		} else {

@@ -186,3 +186,16 @@ func PrintAudit(w io.Writer, logs []AuditLog, entries bool) {
 		}
 	}
 }
+
+// PrintHeadVerdicts writes one line per broker: ok with the head recorded,
+// or the failure (REWRITTEN, ROLLED BACK, BAD SIGNATURE, CHAIN BROKEN, ...)
+// and what differs.
+func PrintHeadVerdicts(w io.Writer, verdicts []HeadVerdict) {
+	for _, v := range verdicts {
+		if v.OK() {
+			fmt.Fprintf(w, "%-12s ok: %d entries, signed head %d %.16s…\n", v.Broker, v.Entries, v.Head.Seq, v.Head.Hash)
+			continue
+		}
+		fmt.Fprintf(w, "%-12s %s: %s\n", v.Broker, v.Status, v.Detail)
+	}
+}

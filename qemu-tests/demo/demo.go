@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/logmsg"
+	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/images/devpki"
 	"github.com/dataembassy/embassy/images/imagekey"
 	"github.com/dataembassy/embassy/internal/cli"
@@ -180,7 +181,13 @@ func (r *run) run(ctx context.Context) error {
 			"--appliance-listen", fmt.Sprintf("127.0.0.1:%d", 7441+i), "--operator-listen", fmt.Sprintf("127.0.0.1:%d", 8441+i)); err != nil {
 			return err
 		}
-		ops = append(ops, opclient.Broker{Name: name, URL: fmt.Sprintf("https://127.0.0.1:%d", 8441+i)})
+		// The operators pin the audit key init wrote (audit verify checks
+		// the brokers' signed heads with it).
+		auditPub, err := audit.ParsePublicKey(mustRead(filepath.Join(dir, audit.SigningPubKeyFile)))
+		if err != nil {
+			return fmt.Errorf("audit key of %s: %w", name, err)
+		}
+		ops = append(ops, opclient.Broker{Name: name, URL: fmt.Sprintf("https://127.0.0.1:%d", 8441+i), AuditKey: auditPub})
 	}
 	b, _ := json.Marshal(ops)
 	os.WriteFile(filepath.Join(r.work, "operator.json"), b, 0o644)

@@ -1,7 +1,9 @@
 package embassyctl
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -216,9 +218,10 @@ func newStatusCmd(o *options) *cobra.Command {
 func newAuditCmd(o *options) *cobra.Command {
 	auditCmd := cli.Group(&cobra.Command{
 		Use:   "audit",
-		Short: "Show or verify the brokers' hash-chained audit logs",
+		Short: "Show or verify the brokers' hash-chained audit logs and signed heads",
 		Example: `  embassyctl audit show
   embassyctl audit verify
+  embassyctl audit verify --heads ~/ops/audit-heads.json
   embassyctl audit verify --file audit.log --head 42:9b1f...c0`,
 	})
 	online := func(entries bool) func(context.Context, *conn, []string) error {
@@ -244,29 +247,100 @@ func newAuditCmd(o *options) *cobra.Command {
 		Args:    cli.ExactArgs(0), ValidArgsFunction: noFileArgs,
 	}, online(true))
 
-	var file, head string
+	var file, head, headsPath string
 	verifyCmd := o.brokerCmd(&cobra.Command{
-		Use:   "verify [--file FILE [--head SEQ:HASH]]",
-		Short: "Verify every broker's audit chain, or an exported log file offline",
-		Long: `verify re-checks each broker's audit chain against the head the broker
-reports. With --file it checks an exported log (JSON lines) offline instead,
-against --head if given; that needs no broker list or certificate.`,
+		Use:   "verify [--heads FILE] | verify --file FILE [--head SEQ:HASH]",
+		Short: "Verify every broker's signed audit head and chain against the heads verified before",
+		Long: `verify fetches each broker's audit log and signed head and checks that the
+head's signature verifies under the audit key pinned for the broker in the
+broker list, that the chain verifies from the first entry up to the signed
+head, and that every head recorded in the heads file by earlier checks is
+still in the chain at its sequence number. A broker admin who edits the
+database and the log together and recomputes the chain is caught there:
+the entries operators verified before no longer hash the same.
+
+Per broker it prints ok, REWRITTEN (the entry that differs), ROLLED BACK
+(the log ends before an entry verified before), BAD SIGNATURE, CHAIN BROKEN,
+NO PINNED KEY or UNREACHABLE, and it fails unless every broker is ok. The
+signed head of each broker that passed is appended to the heads file
+(written atomically; by default audit-heads.json next to the --brokers
+list). Keep that file, and a copy away from the brokers.
+
+With --file it checks an exported log (JSON lines) offline instead, against
+--head if given; that needs no broker list or certificate.`,
 		Example: `  embassyctl audit verify
+  embassyctl audit verify --heads ~/ops/audit-heads.json
   embassyctl audit verify --file audit.log --head 42:9b1f...c0`,
 		Args: cli.ExactArgs(0), ValidArgsFunction: noFileArgs,
-	}, online(false))
+	}, func(ctx context.Context, c *conn, _ []string) error {
+		return verifyHeads(ctx, c, o.headsFile(headsPath))
+	})
 	runOnline := verifyCmd.RunE
 	verifyCmd.RunE = func(cmd *cobra.Command, args []string) error {
 		if file != "" {
 			return verifyFile(cmd, file, head, o.asJSON)
 		}
+		// A malformed heads file is refused before any broker is asked.
+		if _, err := opclient.LoadHeads(o.headsFile(headsPath)); err != nil {
+			return err
+		}
 		return runOnline(cmd, args)
 	}
+	verifyCmd.Flags().StringVar(&headsPath, "heads", "", "the signed audit heads verified before, appended to (default audit-heads.json next to the --brokers list)")
 	verifyCmd.Flags().StringVar(&file, "file", "", "exported audit log file (JSON lines) to check offline")
 	verifyCmd.Flags().StringVar(&head, "head", "", "expected head as SEQ:HASH (from the broker or an earlier check)")
 	verifyCmd.MarkFlagFilename("file")
+	verifyCmd.MarkFlagFilename("heads", "json")
 	auditCmd.AddCommand(show, verifyCmd)
 	return auditCmd
+}
+
+// headsFile is the heads file: --heads, else audit-heads.json next to the
+// broker list (the operator's embassyctl configuration).
+func (o *options) headsFile(flag string) string {
+	if flag != "" {
+		return flag
+	}
+	return filepath.Join(filepath.Dir(o.brokersPath), HeadsFile)
+}
+
+// HeadsFile is the default name of the audit heads file.
+const HeadsFile = "audit-heads.json"
+
+// ErrAuditFailed is returned by audit verify when a broker is not ok.
+var ErrAuditFailed = errors.New("audit check failed")
+
+// verifyHeads checks every broker's signed head and chain against the
+// heads file at path and records the heads that passed.
+func verifyHeads(ctx context.Context, c *conn, path string) error {
+	heads, err := opclient.LoadHeads(path)
+	if err != nil {
+		return err
+	}
+	verdicts, changed := c.client.VerifyHeads(ctx, heads)
+	if changed {
+		if err := opclient.SaveHeads(path, heads); err != nil {
+			return err
+		}
+	}
+	if c.asJSON {
+		opclient.PrintJSON(c.out, verdicts)
+	} else {
+		opclient.PrintHeadVerdicts(c.out, verdicts)
+		if changed {
+			fmt.Fprintf(c.out, "signed heads recorded in %s\n", path)
+		}
+	}
+	var failed []string
+	for _, v := range verdicts {
+		if !v.OK() {
+			failed = append(failed, fmt.Sprintf("%s %s", v.Broker, v.Status))
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("%w: %s", ErrAuditFailed, strings.Join(failed, ", "))
+	}
+	return nil
 }
 
 // verifyFile checks an exported audit log file offline.
@@ -306,21 +380,60 @@ func newBrokersCmd(o *options) *cobra.Command {
 		Example: `  embassyctl brokers add broker-a https://broker-a.example:8441
   embassyctl brokers list`,
 	})
-	b.AddCommand(&cobra.Command{
-		Use:   "add NAME https://HOST:PORT",
-		Short: "Add a broker's operator endpoint to the broker list, creating the list",
-		Example: `  embassyctl brokers add broker-a https://broker-a.example:8441
+	var auditKey string
+	add := &cobra.Command{
+		Use:   "add NAME https://HOST:PORT [--audit-key FILE]",
+		Short: "Add a broker's operator endpoint (and pin its audit key) to the broker list, creating the list",
+		Long: `add appends a broker to the broker list. --audit-key pins the broker's audit
+signing public key (the audit-signing.pub that 'keybroker init' wrote in the
+broker's state folder; get it from the broker's admin over a channel you
+trust): 'embassyctl audit verify' checks the broker's signed audit heads
+with it.`,
+		Example: `  embassyctl brokers add broker-a https://broker-a.example:8441 --audit-key broker-a-audit.pub
   embassyctl --brokers ops/brokers.json brokers add broker-b https://10.0.0.6:8441`,
 		Args: cli.ExactArgs(2), ValidArgsFunction: noFileArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			n, err := addBroker(o.brokersPath, opclient.Broker{Name: args[0], URL: args[1]})
+			br := opclient.Broker{Name: args[0], URL: args[1]}
+			if auditKey != "" {
+				pub, err := loadAuditKey(auditKey)
+				if err != nil {
+					return err
+				}
+				br.AuditKey = pub
+			}
+			n, err := addBroker(o.brokersPath, br)
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "broker %s added to %s (%d in the list)\n", args[0], o.brokersPath, n)
 			return nil
 		},
-	}, &cobra.Command{
+	}
+	add.Flags().StringVar(&auditKey, "audit-key", "", "the broker's audit signing public key (audit-signing.pub, PEM) to pin")
+	add.MarkFlagFilename("audit-key", "pub", "pem")
+	pin := &cobra.Command{
+		Use:   "pin-audit-key NAME FILE",
+		Short: "Pin the audit signing public key of a broker already in the list",
+		Long: `pin-audit-key records the broker's audit signing public key (PEM, the
+audit-signing.pub of its state folder, or what 'keybroker audit-key'
+prints) in the broker list. It refuses to replace a different pinned key:
+a broker whose key changed signs heads nobody verified; edit the list by
+hand only once you know why.`,
+		Example: `  embassyctl brokers pin-audit-key broker-a broker-a-audit.pub`,
+		Args:    cli.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			pub, err := loadAuditKey(args[1])
+			if err != nil {
+				return err
+			}
+			if err := pinAuditKey(o.brokersPath, args[0], pub); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "audit key of broker %s pinned in %s\n", args[0], o.brokersPath)
+			return nil
+		},
+	}
+	b.AddCommand(add, pin, &cobra.Command{
 		Use:     "list",
 		Short:   "Print the broker list",
 		Example: `  embassyctl brokers list --json`,
@@ -338,12 +451,70 @@ func newBrokersCmd(o *options) *cobra.Command {
 				return opclient.PrintJSON(cmd.OutOrStdout(), brokers)
 			}
 			for _, br := range brokers {
-				fmt.Fprintf(cmd.OutOrStdout(), "%-12s %s\n", br.Name, br.URL)
+				line := fmt.Sprintf("%-12s %s", br.Name, br.URL)
+				if len(br.AuditKey) > 0 {
+					sum := sha256.Sum256(br.AuditKey)
+					line += fmt.Sprintf("  audit key sha256:%x", sum[:8])
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), line)
 			}
 			return nil
 		},
 	})
 	return b
+}
+
+// loadAuditKey reads a broker's audit signing public key (PKIX PEM).
+func loadAuditKey(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read audit public key: %w", err)
+	}
+	pub, err := audit.ParsePublicKey(b)
+	if err != nil {
+		return nil, cli.Next(fmt.Errorf("audit public key %s: %w", path, err),
+			"pass the audit-signing.pub from the broker's state folder (or what `keybroker audit-key --dir DIR` prints)")
+	}
+	return pub, nil
+}
+
+// pinAuditKey records pub as broker name's audit key in the list at path.
+func pinAuditKey(path, name string, pub []byte) error {
+	brokers, err := opclient.LoadBrokers(path)
+	if err != nil {
+		return err
+	}
+	found := false
+	for i, b := range brokers {
+		if b.Name != name {
+			continue
+		}
+		found = true
+		if len(b.AuditKey) > 0 && !bytes.Equal(b.AuditKey, pub) {
+			return fmt.Errorf("%s already pins another audit key for broker %s", path, name)
+		}
+		brokers[i].AuditKey = pub
+	}
+	if !found {
+		return cli.Next(fmt.Errorf("%s lists no broker %s", path, name), "run `embassyctl brokers add %s https://HOST:PORT --audit-key FILE`", name)
+	}
+	return writeBrokers(path, brokers)
+}
+
+// writeBrokers writes the broker list atomically.
+func writeBrokers(path string, brokers []opclient.Broker) error {
+	data, err := json.MarshalIndent(brokers, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, append(data, '\n'), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
 }
 
 // addBroker appends br to the broker list at path, creating it, and
@@ -362,14 +533,7 @@ func addBroker(path string, br opclient.Broker) (int, error) {
 		}
 	}
 	brokers = append(brokers, br)
-	data, err := json.MarshalIndent(brokers, "", "  ")
-	if err != nil {
-		return 0, err
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return 0, err
-	}
-	if err := os.WriteFile(path, append(data, '\n'), 0o644); err != nil {
+	if err := writeBrokers(path, brokers); err != nil {
 		return 0, err
 	}
 	return len(brokers), nil

@@ -1,12 +1,14 @@
 // Package keybroker is the command tree of the keybroker program: `init`
 // creates a broker's state folder (TLS certificate and service CA under the
-// home-state broker CA, and its master key: a file, or with --pkcs11-module
-// a non-extractable key generated in a PKCS#11 token), `serve` runs the
-// broker's appliance and operator APIs from that folder.
+// home-state broker CA; its master key: a file, or with --pkcs11-module a
+// non-extractable key generated in a PKCS#11 token; and its audit signing
+// key), `serve` runs the broker's appliance and operator APIs from that
+// folder, and `audit-key` prints the audit public key the operators pin.
 package keybroker
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/hex"
@@ -26,6 +28,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/dataembassy/embassy/broker"
+	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/broker/hsm"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/broker/seal"
@@ -53,7 +56,7 @@ Create a broker's state folder once with 'keybroker init', then run it with
   keybroker serve --dir /var/lib/keybroker --name broker-a \
       --operator-ca operator-ca.pem --manufacturer-ca tpm-vendors.pem --image-pubkey image-signing.pub`,
 	})
-	root.AddCommand(newInitCmd(), newServeCmd())
+	root.AddCommand(newInitCmd(), newServeCmd(), newAuditKeyCmd())
 	return cli.WithCompletion(root)
 }
 
@@ -66,15 +69,20 @@ func newInitCmd() *cobra.Command {
 	var o initOptions
 	cmd := &cobra.Command{
 		Use:   "init --dir DIR --name NAME --broker-ca-cert FILE --broker-ca-key FILE",
-		Short: "Create a broker's state folder: TLS certificate, service CA and master key",
+		Short: "Create a broker's state folder: TLS certificate, service CA, master key and audit signing key",
 		Long: `init creates the broker's state folder: a TLS certificate for the names and
 addresses in --hosts and a service CA, both issued by the home-state broker
-CA, and a fresh master key. It refuses a folder that is already initialised.
+CA, a fresh master key and a fresh audit signing key (ed25519). It refuses
+a folder that is already initialised.
 
 The master key is a file (master.key) unless --pkcs11-module is given: then
 it is generated inside the PKCS#11 token as a non-extractable AES-256 key
 labelled --pkcs11-key-label, and never leaves it (master.pkcs11 names the
-token and the key, not the PIN). serve needs the same --pkcs11-* flags.`,
+token and the key, not the PIN). serve needs the same --pkcs11-* flags.
+
+The broker signs its audit head with the audit key; init writes the public
+half to audit-signing.pub in the folder and prints it, for the operators to
+pin with 'embassyctl brokers add NAME URL --audit-key audit-signing.pub'.`,
 		Example: `  keybroker init --dir /var/lib/keybroker --name broker-a \
       --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key --hosts broker-a.example,10.0.0.5
   keybroker init --dir /var/lib/keybroker --name broker-a \
@@ -151,6 +159,11 @@ func initBroker(out io.Writer, o initOptions) error {
 	if err := pki.WritePEM(filepath.Join(o.dir, "service-ca.pem"), svc.Cert, filepath.Join(o.dir, "service-ca.key"), svc.Key); err != nil {
 		return err
 	}
+	auditPub, err := audit.CreateSigningKey(o.dir)
+	if err != nil {
+		return err
+	}
+	// The master key goes last: its presence marks the folder initialised.
 	if o.p11.enabled() {
 		if err := hsm.GenerateKey(hcfg); err != nil {
 			return fmt.Errorf("master key: %w", err)
@@ -160,7 +173,7 @@ func initBroker(out io.Writer, o initOptions) error {
 		}
 		fmt.Fprintf(out, "broker %s initialised in %s; master key %q generated in PKCS#11 token %q (not extractable)\n",
 			o.name, o.dir, o.p11.keyLabel, o.p11.tokenLabel)
-		return nil
+		return printAuditKey(out, o.dir, auditPub)
 	}
 	master := make([]byte, 32)
 	if _, err := rand.Read(master); err != nil {
@@ -173,7 +186,55 @@ func initBroker(out io.Writer, o initOptions) error {
 		return err
 	}
 	fmt.Fprintf(out, "broker %s initialised in %s\n", o.name, o.dir)
+	return printAuditKey(out, o.dir, auditPub)
+}
+
+// printAuditKey tells the operators which audit public key to pin.
+func printAuditKey(out io.Writer, dir string, pub ed25519.PublicKey) error {
+	pemPub, err := audit.EncodePublicKey(pub)
+	if err != nil {
+		return err
+	}
+	path := filepath.Join(dir, audit.SigningPubKeyFile)
+	fmt.Fprintf(out, "audit signing public key (%s); pin it with `embassyctl brokers add NAME https://HOST:PORT --audit-key %s`:\n%s",
+		path, path, pemPub)
 	return nil
+}
+
+func newAuditKeyCmd() *cobra.Command {
+	var dir string
+	cmd := &cobra.Command{
+		Use:   "audit-key --dir DIR",
+		Short: "Print the broker's audit signing public key (creating the key in a folder made before audit keys)",
+		Long: `audit-key prints the public half of the key the broker signs its audit head
+with, for the operators to pin in their broker list. A state folder made by
+an init that predates audit signing keys gets one now (the broker must be
+restarted to use it).`,
+		Example: `  keybroker audit-key --dir /var/lib/keybroker`,
+		Args:    cli.ExactArgs(0),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if _, err := os.Stat(filepath.Join(dir, MasterKeyFile)); err != nil {
+				return cli.Next(fmt.Errorf("no broker state in %s: %w", dir, err),
+					"run `keybroker init --dir %s --name NAME --broker-ca-cert FILE --broker-ca-key FILE` first", dir)
+			}
+			key, err := audit.LoadSigningKey(filepath.Join(dir, audit.SigningKeyFile))
+			if errors.Is(err, fs.ErrNotExist) {
+				pub, err := audit.CreateSigningKey(dir)
+				if err != nil {
+					return err
+				}
+				return printAuditKey(cmd.OutOrStdout(), dir, pub)
+			}
+			if err != nil {
+				return err
+			}
+			return printAuditKey(cmd.OutOrStdout(), dir, key.Public().(ed25519.PublicKey))
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "broker state folder (from keybroker init)")
+	cmd.MarkFlagRequired("dir")
+	cmd.MarkFlagDirname("dir")
+	return cmd
 }
 
 type serveOptions struct {
@@ -222,6 +283,16 @@ master key file warns at start-up.`,
 		cmd.MarkFlagFilename(n, "pem", "pub")
 	}
 	return cmd
+}
+
+// loadAuditKey reads the audit signing key of an initialised state folder.
+func loadAuditKey(dir string) (ed25519.PrivateKey, error) {
+	key, err := audit.LoadSigningKey(filepath.Join(dir, audit.SigningKeyFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, cli.Next(fmt.Errorf("no audit signing key in %s: %w", dir, err),
+			"run `keybroker audit-key --dir %s` (it creates one for a folder made before audit keys) and pin the key it prints with `embassyctl brokers add --audit-key`", dir)
+	}
+	return key, err
 }
 
 // masterKey is the broker's master key as loaded by loadState.
@@ -312,6 +383,10 @@ func serve(ctx context.Context, stderr io.Writer, o serveOptions) error {
 		return err
 	}
 	defer mk.close()
+	auditKey, err := loadAuditKey(o.dir)
+	if err != nil {
+		return err
+	}
 	log := slog.New(slog.NewJSONHandler(stderr, nil)).With("broker", o.name)
 	if mk.token == nil {
 		log.Warn(MsgFileMasterKey, "file", filepath.Join(o.dir, MasterKeyFile))
@@ -331,7 +406,7 @@ func serve(ctx context.Context, stderr io.Writer, o serveOptions) error {
 		return err
 	}
 	b, err := broker.New(broker.Config{Name: o.name, Dir: o.dir, Sealer: mk.sealer, ManufacturerCAs: manu, ImageKey: img,
-		ServiceCA: svc, NonceTTL: o.nonceTTL, CertTTL: o.certTTL, ReattestAfter: o.reattest, Log: log})
+		ServiceCA: svc, NonceTTL: o.nonceTTL, CertTTL: o.certTTL, ReattestAfter: o.reattest, AuditKey: auditKey, Log: log})
 	if err != nil {
 		return err
 	}
