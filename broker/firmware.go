@@ -32,6 +32,7 @@ const (
 	maxInfo        = 64   // characters of an event's description
 	maxDetail      = 1024 // characters of a refusal's or approval's detail
 	maxStatusLines = 64   // differences listed in the state
+	maxEvents      = 1024 // platform events kept of one measurement
 )
 
 // platformOf keeps the platform PCRs' values and events of a verified
@@ -49,6 +50,12 @@ func platformOf(values map[int][]byte, events []eventlog.Event, now time.Time) *
 			e.Info = string(r[:maxInfo]) + "…"
 		}
 		e.Type = typeName(e.Type)
+		if len(fw.Events) == maxEvents {
+			// The PCR values still decide; beyond this many events the
+			// record says only that there were more.
+			fw.Events = append(fw.Events, eventlog.Event{PCR: e.PCR, Type: "…", Info: "more events not kept"})
+			break
+		}
 		fw.Events = append(fw.Events, e)
 	}
 	return fw
@@ -129,11 +136,14 @@ func (b *Broker) keepPendingFirmware(id string, fw *firmware) error {
 
 // ApproveFirmware adopts the appliance's pending firmware (the platform
 // measurement of the boot refused for the firmware reason) as its new
-// reference (operator action). It is refused when nothing is pending
-// (ReasonNoPendingFirmware) and for a revoked appliance. The audit entry
-// lists each changed PCR with its old and new value.
-func (b *Broker) ApproveFirmware(by audit.Actor, id string) (err error) {
-	detail := map[string]string{}
+// reference (operator action), if its digest (api.FirmwareDigest, shown
+// in the state) is the one the operator reviewed: someone in the cage
+// cannot swap in another measurement between review and approval. It is
+// refused when nothing is pending (ReasonNoPendingFirmware), when the
+// digest differs (ReasonFirmwareDigest) and for a revoked appliance. The
+// audit entry lists each changed PCR with its old and new value.
+func (b *Broker) ApproveFirmware(by audit.Actor, id, digest string) (err error) {
+	detail := map[string]string{"digest": bounded([]string{digest}, 64)}
 	defer func() { b.record(by, "approve-firmware", id, err, detail) }()
 	return b.update(id, func(r *record) error {
 		if r.Revoked {
@@ -141,6 +151,9 @@ func (b *Broker) ApproveFirmware(by audit.Actor, id string) (err error) {
 		}
 		if r.PendingFirmware == nil {
 			return reject(http.StatusConflict, ReasonNoPendingFirmware, "")
+		}
+		if pending := r.PendingFirmware.digest(); digest != pending {
+			return reject(http.StatusConflict, ReasonFirmwareDigest, "pending "+pending)
 		}
 		changed, lines := diffFirmware(r.Firmware, r.PendingFirmware)
 		for _, i := range changed {
@@ -159,6 +172,28 @@ func (b *Broker) ApproveFirmware(by audit.Actor, id string) (err error) {
 	})
 }
 
+// RejectFirmware discards the appliance's pending firmware (operator
+// action), so that a later refused boot can be reviewed instead: a
+// measurement planted by someone in the cage need not be approved to go
+// away. Refused when nothing is pending or the digest differs.
+func (b *Broker) RejectFirmware(by audit.Actor, id, digest string) (err error) {
+	detail := map[string]string{"digest": bounded([]string{digest}, 64)}
+	defer func() { b.record(by, "reject-firmware", id, err, detail) }()
+	return b.update(id, func(r *record) error {
+		if r.PendingFirmware == nil {
+			return reject(http.StatusConflict, ReasonNoPendingFirmware, "")
+		}
+		if pending := r.PendingFirmware.digest(); digest != pending {
+			return reject(http.StatusConflict, ReasonFirmwareDigest, "pending "+pending)
+		}
+		r.PendingFirmware = nil
+		return nil
+	})
+}
+
+// digest names the measurement (api.FirmwareDigest).
+func (fw *firmware) digest() string { return api.FirmwareDigest(pcrs.Platform(), fw.PCRs) }
+
 // pendingFirmware is the state's view of a record's pending firmware.
 func pendingFirmware(r *record) *api.PendingFirmware {
 	if r.PendingFirmware == nil {
@@ -168,7 +203,8 @@ func pendingFirmware(r *record) *api.PendingFirmware {
 	if len(lines) > maxStatusLines {
 		lines = append(lines[:maxStatusLines:maxStatusLines], fmt.Sprintf("… %d more", len(lines)-maxStatusLines))
 	}
-	return &api.PendingFirmware{Recorded: time.Unix(r.PendingFirmware.Recorded, 0).UTC(), PCRs: changed, Differences: lines}
+	return &api.PendingFirmware{Recorded: time.Unix(r.PendingFirmware.Recorded, 0).UTC(), Digest: r.PendingFirmware.digest(),
+		PCRs: changed, Differences: lines}
 }
 
 // diffFirmware lists the platform PCRs whose values differ between the
@@ -258,6 +294,15 @@ func bounded(lines []string, n int) string {
 			sep = "; "
 		}
 		if sb.Len()+len(sep)+len(l) > n {
+			if k == 0 {
+				// One line too long on its own: its start, cut.
+				r := []rune(l)
+				for len(string(r)) > n {
+					r = r[:len(r)*3/4]
+				}
+				fmt.Fprintf(&sb, "%s… (%d lines)", string(r), len(lines))
+				break
+			}
 			fmt.Fprintf(&sb, "%s… %d more", sep, len(lines)-k)
 			break
 		}

@@ -98,7 +98,7 @@ func TestNoFirmwareReferenceFailsClosed(t *testing.T) {
 		t.Fatalf("seal without a reference: %v", err)
 	}
 	op := audit.Actor{Kind: audit.ActorOperator, Subject: "CN=test operator", Fingerprint: strings.Repeat("0", 64)}
-	if err := fb.b.ApproveFirmware(op, fb.id); err != nil {
+	if err := fb.b.ApproveFirmware(op, fb.id, r.PendingFirmware.digest()); err != nil {
 		t.Fatal(err)
 	}
 	fb.freshNonce()

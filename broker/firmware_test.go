@@ -178,7 +178,7 @@ func TestFirmwareReference(t *testing.T) {
 	// What the operator sees before approving.
 	var out bytes.Buffer
 	opclient.PrintFirmware(&out, id, oc.Firmware(ctx, id))
-	if !strings.Contains(out.String(), "EV_EFI_PLATFORM_FIRMWARE_BLOB2") || !strings.Contains(out.String(), "approve-firmware "+id) {
+	if !strings.Contains(out.String(), "EV_EFI_PLATFORM_FIRMWARE_BLOB2") || !strings.Contains(out.String(), "approve-firmware --digest ") {
 		t.Fatalf("firmware view:\n%s", out.String())
 	}
 	out.Reset()
@@ -200,9 +200,25 @@ func TestFirmwareReference(t *testing.T) {
 		t.Fatalf("pending firmware replaced: %+v, was %+v", after, before)
 	}
 
-	// approve-firmware adopts the pending measurement, audited with the
-	// PCR's old and new value.
-	outs, err := oc.ApproveFirmware(ctx, id)
+	// approve-firmware adopts only the measurement the operator reviewed:
+	// another digest (someone in the cage booted other firmware after the
+	// review, or a typo) is refused and changes nothing; reject-firmware
+	// with another digest changes nothing either.
+	if before.Digest == "" {
+		t.Fatal("the pending firmware has no digest")
+	}
+	other := strings.Repeat("0", 64)
+	for _, call := range []func(context.Context, string, string) ([]opclient.Outcome, error){oc.ApproveFirmware, oc.RejectFirmware} {
+		if outs, err := call(ctx, id, other); err == nil || outs[0].Code != api.CodeFirmwareDigest {
+			t.Fatalf("firmware action with another digest: %v %+v", err, outs)
+		}
+	}
+	if after := e.applianceState(0, id); after.PendingFirmware == nil || after.PendingFirmware.Digest != before.Digest {
+		t.Fatalf("a refused action changed the pending firmware: %+v", after.PendingFirmware)
+	}
+	// approve-firmware with the reviewed digest adopts the pending
+	// measurement, audited with the PCR's old and new value.
+	outs, err := oc.ApproveFirmware(ctx, id, before.Digest)
 	if err != nil || len(outs) != 2 || !outs[0].OK || !outs[1].OK {
 		t.Fatalf("approve-firmware: %v %+v", err, outs)
 	}
@@ -236,7 +252,7 @@ func TestFirmwareReference(t *testing.T) {
 	}
 
 	// Nothing pending at broker b: refused there with a code, audited.
-	if err := e.op(1, http.MethodPost, api.PathAppliances+id+"/firmware", struct{}{}, nil); codeOf(err) != api.CodeNoPendingFirmware {
+	if err := e.op(1, http.MethodPost, api.PathAppliances+id+"/firmware", api.FirmwareApproval{Digest: before.Digest}, nil); codeOf(err) != api.CodeNoPendingFirmware {
 		t.Fatalf("approve-firmware with nothing pending: %v", err)
 	}
 	if ent := e.lastAudit(1, "approve-firmware"); ent.Result != "fail" || ent.Reason != broker.ReasonNoPendingFirmware {
@@ -244,7 +260,7 @@ func TestFirmwareReference(t *testing.T) {
 	}
 	// A revoked appliance's pending firmware is never approved.
 	e.opAll(http.MethodPost, api.PathAppliances+id+"/revoke", struct{}{})
-	outs, err = oc.ApproveFirmware(ctx, id)
+	outs, err = oc.ApproveFirmware(ctx, id, before.Digest)
 	if err == nil || outs[0].Code != api.CodeRevoked {
 		t.Fatalf("approve-firmware on a revoked appliance: %v %+v", err, outs)
 	}

@@ -198,9 +198,14 @@ func (b *Broker) OperatorHandler() http.Handler {
 				err = b.SetEndpoints(by, id, req.Endpoints)
 			}
 		case "firmware":
-			var req struct{}
+			var req api.FirmwareApproval
 			if err = decode(w, r, &req); err == nil {
-				err = b.ApproveFirmware(by, id)
+				err = b.ApproveFirmware(by, id, req.Digest)
+			}
+		case "firmware-reject":
+			var req api.FirmwareApproval
+			if err = decode(w, r, &req); err == nil {
+				err = b.RejectFirmware(by, id, req.Digest)
 			}
 		case "revoke":
 			var req struct{}

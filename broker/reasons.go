@@ -35,6 +35,7 @@ const (
 	ReasonActivation         = "credential activation answer is wrong"
 	ReasonActivationEvidence = "activation carries no valid quote and event log of the platform"
 	ReasonNoPendingFirmware  = "no refused firmware measurement is pending approval"
+	ReasonFirmwareDigest     = "the pending firmware measurement is not the one the operator reviewed"
 	ReasonNotRevoked         = "shares are destroyed only for a revoked appliance"
 	ReasonManifestSig        = "manifest signature does not verify with the image-signing key"
 	ReasonManifestConflict   = "another manifest with this version is approved"
@@ -114,6 +115,8 @@ func (r *Rejection) Code() api.Code {
 		return api.CodeActivationEvidence
 	case ReasonNoPendingFirmware:
 		return api.CodeNoPendingFirmware
+	case ReasonFirmwareDigest:
+		return api.CodeFirmwareDigest
 	case ReasonNotRevoked:
 		return api.CodeNotRevoked
 	case ReasonManifestSig:

@@ -148,7 +148,7 @@ func (b *Broker) verify(req *api.AttestRequest, detail map[string]string) (*veri
 		problems = append(problems, fmt.Sprintf("v%d: %v", m.Version, c.Problems))
 	}
 	if matched == nil {
-		return nil, reject(http.StatusForbidden, ReasonImage, fmt.Sprint(problems))
+		return nil, reject(http.StatusForbidden, ReasonImage, bounded(problems, 4*maxDetail))
 	}
 	detail["image_version"] = strconv.FormatUint(matched.Version, 10)
 	detail["checked_pcrs"] = checkedPCRs

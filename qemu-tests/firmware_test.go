@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -135,13 +136,14 @@ func TestSecureBootRefusesForeignUKI(t *testing.T) {
 
 // brokerVerdicts waits until every broker audited a refusal with reason
 // for appliance id since since (or two minutes pass), and returns how many
-// did and every "attest ok" or "release" entry any broker made for it
-// since: what each broker did, counted at each broker.
-func brokerVerdicts(t testing.TB, hb *hostBrokers, id string, since time.Time, reason string) (refusedBy int, released []string, details []string) {
+// did, every "attest ok" or "release" entry any broker made for it since
+// (what each broker did, counted at each broker), and each refusing
+// broker's first refusal detail and the firmware PCRs it named.
+func brokerVerdicts(t testing.TB, hb *hostBrokers, id string, since time.Time, reason string) (refusedBy int, released, details []string, firmwarePCRs []string) {
 	t.Helper()
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
-		refusedBy, released, details = 0, nil, nil
+		refusedBy, released, details, firmwarePCRs = 0, nil, nil, nil
 		for _, b := range hb.b {
 			entries, _, err := b.Audit()
 			if err != nil {
@@ -155,7 +157,8 @@ func brokerVerdicts(t testing.TB, hb *hostBrokers, id string, since time.Time, r
 				switch {
 				case e.Event == "attest" && e.Result == "fail" && e.Reason == reason:
 					if !refused {
-						details = append(details, b.Name()+": "+e.Detail["why"]+" pcrs "+e.Detail["firmware_pcrs"])
+						details = append(details, b.Name()+": "+e.Detail["why"])
+						firmwarePCRs = append(firmwarePCRs, e.Detail["firmware_pcrs"])
 					}
 					refused = true
 				case e.Event == "release" || (e.Event == "attest" && e.Result == "ok"):
@@ -167,21 +170,28 @@ func brokerVerdicts(t testing.TB, hb *hostBrokers, id string, since time.Time, r
 			}
 		}
 		if refusedBy == len(hb.b) || len(released) > 0 || time.Now().After(deadline) {
-			return refusedBy, released, details
+			return refusedBy, released, details, firmwarePCRs
 		}
 		time.Sleep(time.Second)
 	}
 }
 
 // requireNoKeys checks, from the brokers' side and the client's, that the
-// boot of v got nothing: every broker refused it for reason, none audited
-// an "attest ok" or a release since the boot began, the appliance never
-// logged an unlock or serving, and ingest does not answer.
-func requireNoKeys(t *testing.T, hb *hostBrokers, v *vm.VM, cfg vm.Config, id, reason string) {
+// boot of v got nothing: every broker refused it for reason (for the
+// firmware reason: naming at least the PCRs in wantPCRs, and the events),
+// none audited an "attest ok" or a release since the boot began, the
+// appliance never logged an unlock or serving, and ingest does not answer.
+func requireNoKeys(t *testing.T, hb *hostBrokers, v *vm.VM, cfg vm.Config, id, reason string, wantPCRs ...string) {
 	t.Helper()
-	refusedBy, released, details := brokerVerdicts(t, hb, id, v.Started.Add(-time.Second), reason)
-	for _, d := range details {
-		t.Log(d)
+	refusedBy, released, details, named := brokerVerdicts(t, hb, id, v.Started.Add(-time.Second), reason)
+	for i, d := range details {
+		t.Logf("%s (firmware PCRs %s)", d, named[i])
+		have := strings.Split(named[i], ",")
+		for _, want := range wantPCRs {
+			if !slices.Contains(have, want) || !strings.Contains(d, "PCR"+want) {
+				t.Errorf("the refusal names PCRs %q and %q, not PCR%s and its events", named[i], d, want)
+			}
+		}
 	}
 	if len(released) > 0 {
 		t.Fatalf("released: %v", released)
@@ -225,7 +235,7 @@ func TestSecureBootOffGetsNoKeys(t *testing.T) {
 			t.Fatal("Secure Boot is still on")
 		}
 	}
-	requireNoKeys(t, hb, v, cfg, id, broker.ReasonFirmware)
+	requireNoKeys(t, hb, v, cfg, id, broker.ReasonFirmware, "7")
 }
 
 // TestFirmwareChangedGetsNoKeys: someone in the cage adds a PCI card with
@@ -244,12 +254,27 @@ func TestFirmwareChangedGetsNoKeys(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
-	requireNoKeys(t, hb, v, cfg, id, broker.ReasonFirmware)
+	requireNoKeys(t, hb, v, cfg, id, broker.ReasonFirmware, "2")
 	v.Close()
 
+	// Custodians at k brokers review the change and approve exactly the
+	// measurement they reviewed (its digest); the third broker does not.
 	threshold := 2
 	for _, b := range hb.b[:threshold] {
-		if err := b.ApproveFirmware(hb.op, id); err != nil {
+		st, err := b.State()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var digest string
+		for _, a := range st.Appliances {
+			if a.ID == id && a.PendingFirmware != nil {
+				digest = a.PendingFirmware.Digest
+			}
+		}
+		if digest == "" {
+			t.Fatalf("%s shows no pending firmware to review", b.Name())
+		}
+		if err := b.ApproveFirmware(hb.op, id, digest); err != nil {
 			t.Fatalf("%s: approve-firmware: %v", b.Name(), err)
 		}
 	}
@@ -270,7 +295,14 @@ func TestFirmwareChangedGetsNoKeys(t *testing.T) {
 			}
 		}
 	}
-	if ok < threshold {
-		t.Fatalf("%d brokers attested the approved firmware, want at least %d", ok, threshold)
+	if ok != threshold {
+		t.Fatalf("%d brokers attested the approved firmware, want exactly the %d that approved it", ok, threshold)
+	}
+	refused := 0
+	for deadline := time.Now().Add(time.Minute); refused != 1 && time.Now().Before(deadline); time.Sleep(time.Second) {
+		refused, _, _, _ = brokerVerdicts(t, hb, id, v.Started, broker.ReasonFirmware)
+	}
+	if refused != 1 {
+		t.Fatalf("%d brokers refused the server after approval at %d; the one that did not approve must", refused, threshold)
 	}
 }

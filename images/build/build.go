@@ -318,18 +318,12 @@ func BootImage(ctx context.Context, cacheDir string, version uint64, vmlinuz, in
 		return nil, fmt.Errorf("sign the UKI: %w", err)
 	}
 	b := &Boot{UKI: signed, Stub: stub, Sections: secs}
-	tmp := diskPath + ".tmp"
-	if err := diskimage.Write(tmp, signed); err != nil {
-		os.Remove(tmp)
+	// diskimage.Write replaces diskPath atomically.
+	if err := diskimage.Write(diskPath, signed); err != nil {
 		return nil, fmt.Errorf("disk image: %w", err)
 	}
-	if b.DiskSize, b.DiskSHA256, err = fileSHA256(tmp); err != nil {
-		os.Remove(tmp)
+	if b.DiskSize, b.DiskSHA256, err = fileSHA256(diskPath); err != nil {
 		return nil, err
-	}
-	if err := os.Rename(tmp, diskPath); err != nil {
-		os.Remove(tmp)
-		return nil, fmt.Errorf("disk image: %w", err)
 	}
 	log.Info("boot image", "uki_bytes", len(signed), "uki_mib", fmt.Sprintf("%.2f", float64(len(signed))/(1<<20)),
 		"disk_bytes", b.DiskSize, "signed_by", keys.DB.Cert.Subject.String())

@@ -200,11 +200,21 @@ func (c *Client) SetEndpoints(ctx context.Context, id string, endpoints []string
 // (the platform measurement of its boot refused with code firmware) as its
 // new firmware reference. A broker with nothing pending refuses with
 // api.CodeNoPendingFirmware.
-func (c *Client) ApproveFirmware(ctx context.Context, id string) ([]Outcome, error) {
+func (c *Client) ApproveFirmware(ctx context.Context, id, digest string) ([]Outcome, error) {
 	if err := api.CheckApplianceID(id); err != nil {
 		return nil, err
 	}
-	return c.each(ctx, http.MethodPost, api.PathAppliances+id+"/firmware", struct{}{})
+	return c.each(ctx, http.MethodPost, api.PathAppliances+id+"/firmware", api.FirmwareApproval{Digest: digest})
+}
+
+// RejectFirmware discards the pending firmware measurement with the given
+// digest on every broker (api.CodeFirmwareDigest where another one is
+// pending).
+func (c *Client) RejectFirmware(ctx context.Context, id, digest string) ([]Outcome, error) {
+	if err := api.CheckApplianceID(id); err != nil {
+		return nil, err
+	}
+	return c.each(ctx, http.MethodPost, api.PathAppliances+id+"/firmware-reject", api.FirmwareApproval{Digest: digest})
 }
 
 // FirmwareState is one broker's firmware view of an appliance: whether it

@@ -101,8 +101,8 @@ func printPending(w io.Writer, id string, p *api.PendingFirmware) {
 	for i, n := range p.PCRs {
 		pcrs[i] = fmt.Sprint(n)
 	}
-	fmt.Fprintf(w, "  %s: firmware change pending (PCRs %s, boot refused %s ago; embassyctl approve-firmware %s)\n", id,
-		strings.Join(pcrs, ","), time.Since(p.Recorded).Round(time.Second), id)
+	fmt.Fprintf(w, "  %s: firmware change pending (PCRs %s, boot refused %s ago, digest %s; embassyctl approve-firmware --digest %s %s)\n", id,
+		strings.Join(pcrs, ","), time.Since(p.Recorded).Round(time.Second), p.Digest, p.Digest, id)
 	for _, d := range p.Differences {
 		fmt.Fprintf(w, "    %s\n", d)
 	}

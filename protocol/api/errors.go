@@ -46,6 +46,7 @@ const (
 	CodeNoDiskApproval     Code = "no_disk_approval"
 	CodeDiskExists         Code = "disk_exists"
 	CodeNoPendingFirmware  Code = "no_pending_firmware"
+	CodeFirmwareDigest     Code = "firmware_digest"
 	CodeNotRevoked         Code = "not_revoked"
 	CodeUnauthenticated    Code = "unauthenticated"
 	CodeInternal           Code = "internal"

@@ -1,6 +1,8 @@
 package api
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"strconv"
@@ -78,9 +80,31 @@ type Appliance struct {
 // keeps it for approve-firmware: which platform PCRs differ from the
 // reference (all of them when there is none) and how their events differ.
 type PendingFirmware struct {
-	Recorded    time.Time `json:"recorded"`
-	PCRs        []int     `json:"pcrs"`
-	Differences []string  `json:"differences"`
+	Recorded time.Time `json:"recorded"`
+	// Digest names exactly this measurement (FirmwareDigest of its PCR
+	// values): approve-firmware adopts it only when the operator passes
+	// the same digest, so what was reviewed is what gets adopted.
+	Digest      string   `json:"digest"`
+	PCRs        []int    `json:"pcrs"`
+	Differences []string `json:"differences"`
+}
+
+// FirmwareApproval is the body of approve-firmware: the digest of the
+// pending measurement the operator reviewed.
+type FirmwareApproval struct {
+	Digest string `json:"digest"`
+}
+
+// FirmwareDigest names a platform measurement: SHA-256 over a domain tag
+// and, for each PCR index in order, the index and its value.
+func FirmwareDigest(indexes []int, values map[int][]byte) string {
+	h := sha256.New()
+	h.Write([]byte("embassy-firmware-v1\x00"))
+	for _, i := range indexes {
+		h.Write([]byte{byte(i)})
+		h.Write(values[i])
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }
 
 // ApprovedManifest is one approved image.

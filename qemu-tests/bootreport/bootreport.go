@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -122,7 +123,7 @@ func Wait(ctx context.Context, v *vm.VM) (*Evidence, error) {
 
 // Verdict is the host's judgement of one boot.
 type Verdict struct {
-	Events []eventlog.Event    // verified PCR4/PCR9 events
+	Events []eventlog.Event    // verified events of the image's PCRs (eventlog.ImagePCRs)
 	Check  *eventlog.BootCheck // comparison with the manifest
 }
 
@@ -134,7 +135,7 @@ func Verify(ev *Evidence, m manifest.Measurements) (*Verdict, error) {
 	}
 	var boot []eventlog.Event
 	for _, e := range events {
-		if e.PCR == 4 || e.PCR == 9 {
+		if slices.Contains(eventlog.ImagePCRs, e.PCR) {
 			boot = append(boot, e)
 		}
 	}

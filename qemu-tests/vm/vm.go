@@ -1,6 +1,6 @@
 // Package vm boots an appliance image the way firmware boots a server: QEMU
 // under TCG with the q35 machine, OVMF as pflash (read-only CODE, per-VM
-// VARS copy), one swtpm per VM with an EK certificate from a local CA, two
+// VARS copy) booting the image's disk, one swtpm per VM with an EK certificate from a local CA, two
 // virtio NICs on user networking, raw virtio disks, the serial console
 // captured to a log file, and a QMP handle for fault injection. Teardown
 // kills exactly the processes it started, by PID, and removes its temp dir.
@@ -46,15 +46,10 @@ type Config struct {
 	Name string
 	// BootDisk is the disk image the firmware boots (embassy.img): attached
 	// first in the boot order, as a virtio disk with serial EMBASSYBOOT,
-	// copy-on-write (the file itself is never written). Kernel, Initrd and
-	// Cmdline must then be empty.
+	// copy-on-write (the file itself is never written). There is no
+	// -kernel: servers boot from disk, and only that way does the firmware
+	// enforce Secure Boot (docs/boot-image.md).
 	BootDisk string
-	// Kernel, Initrd and Cmdline boot with QEMU's -kernel instead, which
-	// no server does (no Secure Boot enforcement, see docs/boot-image.md):
-	// only the bare comparison boot of the boot benchmark uses it.
-	Kernel  string
-	Initrd  string
-	Cmdline string
 	// StateDir keeps the swtpm state and OVMF VARS across boots of the same
 	// "server". Empty means a fresh temp folder removed at Close.
 	StateDir string
@@ -152,13 +147,7 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 	if cfg.SwtpmCA == "" {
 		return nil, errors.New("vm: SwtpmCA folder is required")
 	}
-	if (cfg.BootDisk == "") == (cfg.Kernel == "") || (cfg.Kernel == "") != (cfg.Initrd == "") {
-		return nil, fmt.Errorf("vm %s: set either BootDisk or Kernel and Initrd", cfg.Name)
-	}
-	for _, f := range []string{cfg.BootDisk, cfg.Kernel, cfg.Initrd, cfg.OVMFCode, cfg.OVMFVars} {
-		if f == "" || strings.HasPrefix(f, "fat:") {
-			continue
-		}
+	for _, f := range []string{cfg.BootDisk, cfg.OVMFCode, cfg.OVMFVars} {
 		if _, err := os.Stat(f); err != nil {
 			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
 		}
@@ -249,16 +238,12 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 	if cfg.SecureBoot {
 		args = append(args, "-global", "driver=cfi.pflash01,property=secure,value=on")
 	}
-	if cfg.Kernel != "" {
-		args = append(args, "-kernel", cfg.Kernel, "-initrd", cfg.Initrd, "-append", cfg.Cmdline)
-	} else {
-		// Its own root port, ahead of the data disks' ports, so that the
-		// data disks keep their slots for hot-plug.
-		args = append(args,
-			"-device", "pcie-root-port,id=rpboot,chassis=9,slot=31",
-			"-drive", "if=none,id=bootdisk,format=raw,snapshot=on,file="+cfg.BootDisk,
-			"-device", "virtio-blk-pci,drive=bootdisk,id=boot,serial="+BootDiskSerial+",bus=rpboot,bootindex=0")
-	}
+	// Its own root port, ahead of the data disks' ports, so that the data
+	// disks keep their slots for hot-plug.
+	args = append(args,
+		"-device", "pcie-root-port,id=rpboot,chassis=9,slot=31",
+		"-drive", "if=none,id=bootdisk,format=raw,snapshot=on,file="+cfg.BootDisk,
+		"-device", "virtio-blk-pci,drive=bootdisk,id=boot,serial="+BootDiskSerial+",bus=rpboot,bootindex=0")
 	for i := 0; i < cfg.NICs; i++ {
 		nd := fmt.Sprintf("user,id=net%d,net=10.0.%d.0/24", i, 2+i)
 		for _, f := range cfg.Forwards {

@@ -95,9 +95,22 @@ func Unverified(raw []byte) ([]Event, error) {
 	return out, nil
 }
 
-// Describe renders event data for people: ASCII or UTF-16 text, or its
-// length. Tagged events (the EFI stub's) show their description.
+// MaxDescription bounds Describe's text, so that a hostile event log
+// cannot make audit entries and answers that quote it grow.
+const MaxDescription = 128
+
+// Describe renders event data for people: ASCII or UTF-16 text (at most
+// MaxDescription characters), or its length. Tagged events (the EFI
+// stub's) show their description.
 func Describe(data []byte) string {
+	s := describe(data)
+	if r := []rune(s); len(r) > MaxDescription {
+		s = string(r[:MaxDescription]) + "…"
+	}
+	return s
+}
+
+func describe(data []byte) string {
 	if isPrintable(data) {
 		return strings.TrimRight(string(data), "\x00")
 	}

@@ -107,34 +107,65 @@ attest.`,
 			return c.printChange("set-floor", outs, err)
 		}),
 		approveDisk,
-		o.brokerCmd(&cobra.Command{
-			Use:   "approve-firmware APPLIANCE-ID",
-			Short: "Adopt an appliance's changed platform firmware measurements after reviewing them",
-			Long: `approve-firmware shows, per broker, how the platform PCRs (0-3, 5-7) of the
-appliance's boot that the broker refused with code firmware differ from the
-reference it recorded at enrollment, and then makes that measurement the
-new reference on every broker. Check the differing events (a firmware
-update, a changed Secure Boot database, boot variables) before approving:
-an unexplained change may be tampering.`,
-			Example: `  embassyctl status                        # shows pending firmware changes
-  embassyctl approve-firmware 3f9c...e1`,
-			Args: cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
-		}, func(ctx context.Context, c *conn, args []string) error {
-			if err := api.CheckApplianceID(args[0]); err != nil {
-				return &cli.UsageError{Msg: err.Error()}
-			}
-			states := c.client.Firmware(ctx, args[0])
-			outs, err := c.client.ApproveFirmware(ctx, args[0])
-			if c.asJSON {
-				opclient.PrintJSON(c.out, map[string]any{"firmware": states, "outcomes": outs})
-				return err
-			}
-			opclient.PrintFirmware(c.out, args[0], states)
-			opclient.PrintOutcomes(c.out, "approve-firmware", outs)
-			return err
-		}),
+		newApproveFirmwareCmd(o),
 		newRevokeCmd(o),
 	}
+}
+
+func newApproveFirmwareCmd(o *options) *cobra.Command {
+	var digest string
+	var rejectIt bool
+	cmd := o.brokerCmd(&cobra.Command{
+		Use:   "approve-firmware [--digest D | --reject --digest D] APPLIANCE-ID",
+		Short: "Review, then adopt or discard, an appliance's changed platform firmware measurements",
+		Long: `approve-firmware shows, per broker, how the platform PCRs (0-3, 5-7) of the
+appliance's boot that the broker refused with code firmware differ from the
+reference it recorded at enrollment, with the digest of that measurement.
+Without --digest it only shows them. With --digest D every broker whose
+pending measurement has digest D makes it the new reference; a broker
+holding another one refuses (firmware_digest), so what you reviewed is what
+is adopted even if someone in the cage booted something else meanwhile.
+With --reject --digest D the pending measurement is discarded instead.
+Check the differing events (a firmware update, a changed Secure Boot
+database, boot variables, an added card's option ROM) before approving: an
+unexplained change may be tampering.`,
+		Example: `  embassyctl approve-firmware 3f9c...e1                      # review: differences and digest
+  embassyctl approve-firmware --digest 8d2e...07 3f9c...e1   # adopt what you reviewed
+  embassyctl approve-firmware --reject --digest 8d2e...07 3f9c...e1`,
+		Args: cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
+	}, func(ctx context.Context, c *conn, args []string) error {
+		if err := api.CheckApplianceID(args[0]); err != nil {
+			return &cli.UsageError{Msg: err.Error()}
+		}
+		if rejectIt && digest == "" {
+			return &cli.UsageError{Msg: "--reject needs the --digest of the measurement to discard"}
+		}
+		states := c.client.Firmware(ctx, args[0])
+		if digest == "" {
+			if c.asJSON {
+				opclient.PrintJSON(c.out, map[string]any{"firmware": states})
+			} else {
+				opclient.PrintFirmware(c.out, args[0], states)
+				fmt.Fprintf(c.out, "nothing changed; after review: embassyctl approve-firmware --digest DIGEST %s\n", args[0])
+			}
+			return nil
+		}
+		action, call := "approve-firmware", c.client.ApproveFirmware
+		if rejectIt {
+			action, call = "reject-firmware", c.client.RejectFirmware
+		}
+		outs, err := call(ctx, args[0], digest)
+		if c.asJSON {
+			opclient.PrintJSON(c.out, map[string]any{"firmware": states, "outcomes": outs})
+			return err
+		}
+		opclient.PrintFirmware(c.out, args[0], states)
+		opclient.PrintOutcomes(c.out, action, outs)
+		return err
+	})
+	cmd.Flags().StringVar(&digest, "digest", "", "digest of the pending measurement you reviewed (shown without this flag)")
+	cmd.Flags().BoolVar(&rejectIt, "reject", false, "discard the pending measurement instead of adopting it")
+	return cmd
 }
 
 func newRevokeCmd(o *options) *cobra.Command {
