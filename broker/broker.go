@@ -63,6 +63,10 @@ type Config struct {
 const (
 	MsgAudit       = "audit"
 	MsgAuditFailed = "audit append failed"
+	// MsgManifestIgnored: a stored approved manifest no longer verifies
+	// (an older schema after an upgrade, or an edited database) and is
+	// not counted as approved; approve the image again.
+	MsgManifestIgnored = "approved manifest ignored: it no longer verifies"
 )
 
 // Broker is one key broker.

@@ -35,9 +35,13 @@ func (b *Broker) approvedManifests() ([]*manifest.Manifest, error) {
 				return err
 			}
 			// Re-verify: the database is not trusted more than the wire.
+			// One that no longer verifies (an older manifest schema, or an
+			// edited database) counts as not approved: fewer approvals can
+			// only mean fewer releases. Operators see why in the log.
 			m, err := manifest.Verify(mr.Manifest, mr.Signature, b.cfg.ImageKey)
 			if err != nil {
-				return fmt.Errorf("stored manifest: %w", err)
+				b.cfg.Log.Error(MsgManifestIgnored, "err", err.Error())
+				return nil
 			}
 			out = append(out, m)
 			return nil

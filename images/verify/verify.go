@@ -4,6 +4,7 @@
 package verify
 
 import (
+	"bytes"
 	"crypto/ed25519"
 	"crypto/sha256"
 	"encoding/hex"
@@ -12,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/dataembassy/embassy/images/diskimage"
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/images/measure"
 	"github.com/dataembassy/embassy/images/uki"
@@ -129,6 +131,21 @@ func Dir(dir string, pub ed25519.PublicKey) *Report {
 		d, err := measure.Authenticode(b)
 		return hex.EncodeToString(d[:]), err
 	}, manifest.ComponentUKI)
+	measurement("disk "+manifest.ComponentDisk+" boots "+manifest.ComponentUKI, m.Measurements.UKIAuthenticode, func(b []byte) (string, error) {
+		d, err := diskimage.Inspect(bytes.NewReader(b), int64(len(b)))
+		if err != nil {
+			return "", err
+		}
+		if len(d.Partitions) == 0 {
+			return "", fmt.Errorf("no partitions")
+		}
+		boot, err := diskimage.ReadFile(d.Partitions[0].Open(bytes.NewReader(b)), diskimage.BootPath)
+		if err != nil {
+			return "", err
+		}
+		digest, err := measure.Authenticode(boot)
+		return hex.EncodeToString(digest[:]), err
+	}, manifest.ComponentDisk)
 	measurement("measurement pcr11_uki_sections", m.Measurements.UKISections, func(b []byte) (string, error) {
 		c, err := ParseCmdlineFile(files[manifest.ComponentCmdline])
 		if err != nil {
