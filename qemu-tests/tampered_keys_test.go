@@ -121,35 +121,7 @@ func tamperedBoot(t testing.TB, kind string) *tamperedOutcome {
 	since := v.Started.Add(-time.Second)
 	// Give every broker time to refuse at least once; then read everything
 	// each broker audited for the appliance since the boot began.
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		o.refusedBy, o.released = 0, nil
-		for _, b := range hb.b {
-			entries, _, err := b.Audit()
-			if err != nil {
-				t.Fatal(err)
-			}
-			refused := false
-			for _, e := range entries {
-				if e.Appliance != id || e.Time.Before(since) {
-					continue
-				}
-				switch {
-				case e.Event == "attest" && e.Result == "fail" && e.Reason == broker.ReasonImage:
-					refused = true
-				case e.Event == "release" || (e.Event == "attest" && e.Result == "ok"):
-					o.released = append(o.released, b.Name()+": "+e.Event+" "+e.Result)
-				}
-			}
-			if refused {
-				o.refusedBy++
-			}
-		}
-		if o.refusedBy == len(hb.b) || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(time.Second)
-	}
+	o.refusedBy, o.released, _, _ = brokerVerdicts(t, hb, id, since, broker.ReasonImage)
 	for _, l := range v.Lines() {
 		switch bootreport.JSONMsg(l.Text) {
 		case logmsg.MsgAttested, "volume unlocked and mounted", logmsg.MsgServing:

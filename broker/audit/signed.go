@@ -4,15 +4,15 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"crypto/rand"
-	"crypto/x509"
 	"encoding/binary"
 	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/dataembassy/embassy/internal/edkey"
 )
 
 // Files of the audit signing key in a broker's state folder: the private
@@ -114,7 +114,7 @@ func CreateSigningKey(dir string) (ed25519.PublicKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("generate audit signing key: %w", err)
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(priv)
+	privPEM, err := edkey.EncodePrivate(priv)
 	if err != nil {
 		return nil, err
 	}
@@ -126,7 +126,7 @@ func CreateSigningKey(dir string) (ed25519.PublicKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create audit signing key: %w", err)
 	}
-	_, err = f.Write(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}))
+	_, err = f.Write(privPEM)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -141,47 +141,11 @@ func CreateSigningKey(dir string) (ed25519.PublicKey, error) {
 
 // LoadSigningKey reads the audit signing key (PKCS#8 PEM ed25519) at path.
 func LoadSigningKey(path string) (ed25519.PrivateKey, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("read audit signing key: %w", err)
-	}
-	block, _ := pem.Decode(b)
-	if block == nil || block.Type != "PRIVATE KEY" {
-		return nil, fmt.Errorf("audit signing key %s: no PEM \"PRIVATE KEY\" block", path)
-	}
-	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("audit signing key %s: %w", path, err)
-	}
-	priv, ok := k.(ed25519.PrivateKey)
-	if !ok {
-		return nil, fmt.Errorf("audit signing key %s is a %T, want ed25519", path, k)
-	}
-	return priv, nil
+	return edkey.LoadPrivate(path, "audit signing key")
 }
 
 // EncodePublicKey returns the PKIX PEM encoding of an audit public key.
-func EncodePublicKey(pub ed25519.PublicKey) ([]byte, error) {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return nil, err
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), nil
-}
+func EncodePublicKey(pub ed25519.PublicKey) ([]byte, error) { return edkey.EncodePublic(pub) }
 
 // ParsePublicKey decodes a PKIX PEM ed25519 audit public key.
-func ParsePublicKey(b []byte) (ed25519.PublicKey, error) {
-	block, _ := pem.Decode(b)
-	if block == nil || block.Type != "PUBLIC KEY" {
-		return nil, errors.New("no PEM \"PUBLIC KEY\" block")
-	}
-	k, err := x509.ParsePKIXPublicKey(block.Bytes)
-	if err != nil {
-		return nil, err
-	}
-	pub, ok := k.(ed25519.PublicKey)
-	if !ok {
-		return nil, fmt.Errorf("public key is a %T, want ed25519", k)
-	}
-	return pub, nil
-}
+func ParsePublicKey(b []byte) (ed25519.PublicKey, error) { return edkey.ParsePublic(b) }

@@ -6,51 +6,20 @@ package imagekey
 import (
 	"crypto/ed25519"
 	"crypto/rand"
-	"crypto/x509"
-	"encoding/pem"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/dataembassy/embassy/internal/edkey"
 )
 
 // LoadPrivate reads a PKCS#8 PEM ed25519 private key.
 func LoadPrivate(path string) (ed25519.PrivateKey, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("read image-signing key: %w", err)
-	}
-	block, _ := pem.Decode(b)
-	if block == nil || block.Type != "PRIVATE KEY" {
-		return nil, fmt.Errorf("image-signing key %s: no PEM \"PRIVATE KEY\" block", path)
-	}
-	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("image-signing key %s: %w", path, err)
-	}
-	priv, ok := k.(ed25519.PrivateKey)
-	if !ok {
-		return nil, fmt.Errorf("image-signing key %s is a %T, want ed25519", path, k)
-	}
-	return priv, nil
+	return edkey.LoadPrivate(path, "image-signing key")
 }
 
 // ParsePublic decodes a PKIX PEM ed25519 public key.
-func ParsePublic(b []byte) (ed25519.PublicKey, error) {
-	block, _ := pem.Decode(b)
-	if block == nil || block.Type != "PUBLIC KEY" {
-		return nil, errors.New("no PEM \"PUBLIC KEY\" block")
-	}
-	k, err := x509.ParsePKIXPublicKey(block.Bytes)
-	if err != nil {
-		return nil, err
-	}
-	pub, ok := k.(ed25519.PublicKey)
-	if !ok {
-		return nil, fmt.Errorf("public key is a %T, want ed25519", k)
-	}
-	return pub, nil
-}
+func ParsePublic(b []byte) (ed25519.PublicKey, error) { return edkey.ParsePublic(b) }
 
 // LoadPublic reads a PKIX PEM ed25519 public key.
 func LoadPublic(path string) (ed25519.PublicKey, error) {
@@ -66,13 +35,7 @@ func LoadPublic(path string) (ed25519.PublicKey, error) {
 }
 
 // EncodePublic returns the PKIX PEM encoding of pub.
-func EncodePublic(pub ed25519.PublicKey) ([]byte, error) {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return nil, err
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), nil
-}
+func EncodePublic(pub ed25519.PublicKey) ([]byte, error) { return edkey.EncodePublic(pub) }
 
 // EnsureDev returns the development key at privPath, generating it (and
 // its public half at privPath+".pub") on first use. Only for the local
@@ -85,7 +48,7 @@ func EnsureDev(privPath string) (ed25519.PrivateKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("generate dev image key: %w", err)
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(priv)
+	privPEM, err := edkey.EncodePrivate(priv)
 	if err != nil {
 		return nil, err
 	}
@@ -100,7 +63,7 @@ func EnsureDev(privPath string) (ed25519.PrivateKey, error) {
 		return nil, fmt.Errorf("write dev public key: %w", err)
 	}
 	tmp := privPath + ".tmp"
-	if err := os.WriteFile(tmp, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+	if err := os.WriteFile(tmp, privPEM, 0o600); err != nil {
 		return nil, fmt.Errorf("write dev image key: %w", err)
 	}
 	if err := os.Rename(tmp, privPath); err != nil {
