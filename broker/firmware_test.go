@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"slices"
@@ -438,32 +439,37 @@ func TestAttestationPCRSelection(t *testing.T) {
 			}
 		})
 	}
-	if !slices.Equal(pcrs.Indexes(), []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12}) {
-		t.Fatal("the test assumes the policy selection 0-9, 11, 12")
+	if !slices.Equal(pcrs.Indexes(), []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13}) {
+		t.Fatal("the test assumes the policy selection 0-9, 11-13")
 	}
 }
 
 // TestOverridesRefused: a boot whose stub measured command-line or
-// credential overrides into PCR12 matches no approved image.
+// credential overrides into PCR12, or system extensions into PCR13,
+// matches no approved image.
 func TestOverridesRefused(t *testing.T) {
-	e := newEnv(t, 1, 1)
-	d := tpmtest.NewBootDigests("image-1")
-	a := e.bootLog(1, func(rw io.ReadWriter) []byte {
-		l := tpmtest.NewEventLog()
-		l.MeasureFirmware(t, rw, tpmtest.NewFirmware("vendor 1.0"))
-		l.MeasureBoot(t, rw, d)
-		cred := sha256.Sum256([]byte("an injected credential"))
-		l.Measure(t, rw, 12, tpmtest.EvEventTag, cred[:], []byte("credential\x00"))
-		return l.Bytes()
-	})
-	defer a.shutdown()
-	e.enroll(a)
-	e.approveImage(1, d)
-	r := a.c.AttestOnce(context.Background(), e.cfg.Brokers[0])
-	if !isCode(r.Err, api.CodeImage) {
-		t.Fatalf("boot with PCR12 overrides: %v", r.Err)
-	}
-	if ent := e.lastAudit(0, "attest"); ent.Reason != broker.ReasonImage || !strings.Contains(ent.Detail["why"], "PCR12 must hold nothing") {
-		t.Fatalf("audited %+v", ent)
+	for _, pcr := range []int{12, 13} {
+		t.Run(fmt.Sprintf("PCR%d", pcr), func(t *testing.T) {
+			e := newEnv(t, 1, 1)
+			d := tpmtest.NewBootDigests("image-1")
+			a := e.bootLog(1, func(rw io.ReadWriter) []byte {
+				l := tpmtest.NewEventLog()
+				l.MeasureFirmware(t, rw, tpmtest.NewFirmware("vendor 1.0"))
+				l.MeasureBoot(t, rw, d)
+				extra := sha256.Sum256([]byte("an injected credential or extension"))
+				l.Measure(t, rw, pcr, tpmtest.EvEventTag, extra[:], []byte("extra\x00"))
+				return l.Bytes()
+			})
+			defer a.shutdown()
+			e.enroll(a)
+			e.approveImage(1, d)
+			r := a.c.AttestOnce(context.Background(), e.cfg.Brokers[0])
+			if !isCode(r.Err, api.CodeImage) {
+				t.Fatalf("boot with PCR%d events: %v", pcr, r.Err)
+			}
+			if ent := e.lastAudit(0, "attest"); ent.Reason != broker.ReasonImage || !strings.Contains(ent.Detail["why"], fmt.Sprintf("PCR%d must hold nothing", pcr)) {
+				t.Fatalf("audited %+v", ent)
+			}
+		})
 	}
 }

@@ -169,12 +169,13 @@ func (c *BootCheck) OK() bool {
 	return c.UKIMatch && c.SecureBootMatch && c.LoadOptionsMatch && c.InitrdMatch && c.SectionsMatch && len(c.Problems) == 0
 }
 
-// ImagePCRs are the PCRs CheckBoot compares with a manifest; PCRs 8 and
-// 12 must hold no event at all (no boot loader before the UKI, no
-// command-line or credential overrides of systemd-stub).
+// ImagePCRs are the PCRs CheckBoot compares with a manifest; PCRs 8, 12
+// and 13 must hold no event at all (no boot loader before the UKI, no
+// command-line or credential overrides of systemd-stub, no system
+// extensions picked up beside the UKI).
 var (
 	ImagePCRs = []int{4, 7, 9, 11}
-	EmptyPCRs = []int{8, 12}
+	EmptyPCRs = []int{8, 12, 13}
 )
 
 // CheckBoot compares the verified events with a manifest:
@@ -186,7 +187,7 @@ var (
 //   - PCR9 must hold exactly the manifest's load-options and initrd
 //     digests, each once, and nothing else;
 //   - PCR11's events must extend to the manifest's UKI section value;
-//   - PCRs 8 and 12 must hold nothing.
+//   - PCRs 8, 12 and 13 must hold nothing.
 func CheckBoot(events []Event, m manifest.Measurements) *BootCheck {
 	c := &BootCheck{}
 	allowed4 := map[string]bool{

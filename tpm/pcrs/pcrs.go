@@ -1,5 +1,5 @@
 // Package pcrs defines, once, the PCR selection every attestation covers:
-// PCRs 0-9, 11 and 12 of the SHA-256 bank. The appliance quotes and reads
+// PCRs 0-9 and 11-13 of the SHA-256 bank. The appliance quotes and reads
 // it (tpm/attester, appliance/measuredboot); the brokers and the operator
 // verify quotes over exactly it and seal shares to it (tpm/verifier).
 //
@@ -7,9 +7,10 @@
 // configuration, option ROMs and their configuration, the GPT and boot
 // manager data, and the Secure Boot policy. PCR4 and 8-9 hold the image
 // the firmware loaded, PCR11 the sections of the unified kernel image as
-// systemd-stub measures them, and PCR12 the stub's command-line and
-// credential overrides (an approved boot has none). PCR10 (IMA) is left
-// out: it changes at run time.
+// systemd-stub measures them, PCR12 the stub's command-line and
+// credential overrides and PCR13 the system extensions it found beside the
+// UKI (an approved boot has neither). PCR10 (IMA) is left out: it changes
+// at run time.
 package pcrs
 
 import (
@@ -21,14 +22,14 @@ import (
 )
 
 // indexes is the quoted selection, ascending.
-var indexes = []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12}
+var indexes = []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13}
 
 // platform is the subset that the firmware and the platform's own
 // configuration measure: its values cannot be predicted from the image.
 var platform = []int{0, 1, 2, 3, 5, 6, 7}
 
 // Count is the number of quoted PCRs (the length of Indexes).
-const Count = 12
+const Count = 13
 
 // Hash is the quoted bank, as the TPM names it.
 const Hash = tpm2.AlgSHA256
@@ -37,7 +38,7 @@ const Hash = tpm2.AlgSHA256
 const ProtoHash = pb.HashAlgo_SHA256
 
 // Description names the selection in messages.
-const Description = "SHA-256 PCRs 0-9, 11 and 12"
+const Description = "SHA-256 PCRs 0-9 and 11-13"
 
 // Indexes lists the quoted PCRs in ascending order (a fresh slice).
 func Indexes() []int { return slices.Clone(indexes) }
