@@ -2,6 +2,7 @@ package qemutests
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/pem"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 	"github.com/dataembassy/embassy/broker"
 	"github.com/dataembassy/embassy/images/build"
 	"github.com/dataembassy/embassy/images/diskimage"
+	"github.com/dataembassy/embassy/images/ovmfvars"
 	"github.com/dataembassy/embassy/images/sbkeys"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
@@ -238,15 +240,68 @@ func TestSecureBootOffGetsNoKeys(t *testing.T) {
 	requireNoKeys(t, hb, v, cfg, id, broker.ReasonFirmware, "7")
 }
 
-// TestFirmwareChangedGetsNoKeys: someone in the cage adds a PCI card with
-// an option ROM (an RTL8139 NIC with iPXE's EFI driver) to a provisioned
-// server. The firmware runs and measures the ROM (PCR2), so every broker
-// refuses the server for the firmware reason and says which PCR and event
-// differ, releases nothing, and nothing is served. Operators who accept
-// the change run approve-firmware at k brokers (here 2 of 3: the
-// threshold); the same server, card still in, then unlocks and serves.
+// TestFirmwareChangedGetsNoKeys: the platform of a provisioned server
+// changes; every broker refuses it for the firmware reason naming the PCR
+// that changed, releases nothing, and nothing is served:
+//   - option-rom: someone in the cage adds a PCI card with an option ROM
+//     (an RTL8139 NIC with iPXE's EFI driver); the firmware runs and
+//     measures it (PCR2). Operators who accept the change run
+//     approve-firmware at k brokers (2 of 3) with the digest they
+//     reviewed; the same server, card still in, then unlocks and serves,
+//     and the third broker still refuses it;
+//   - key-database: a dbx entry added to the firmware's variables (PCR7);
+//   - firmware-build: another build of the firmware on the same variables:
+//     Debian's OVMF without SMM, whose variable store the OS could write.
+//     It still enforces Secure Boot and measures PCR7 alike; only PCR0
+//     (its firmware volumes) tells it apart.
 func TestFirmwareChangedGetsNoKeys(t *testing.T) {
 	requireE2E(t)
+	t.Run("option-rom", testOptionROMAdded)
+	t.Run("key-database", func(t *testing.T) {
+		hb, cfg, id := provisioned(t, "firmware-dbx")
+		defer hb.close()
+		keys, err := sbkeys.EnsureDev(filepath.Join(cacheDir(), "keys", "secureboot"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		blank, err := os.ReadFile(vm.DefaultOVMFVars)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vars, err := keys.Variables([][32]byte{sha256.Sum256([]byte("an image someone wants revoked"))}, build.VarsTimestamp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := ovmfvars.Build(blank, vars)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(cfg.StateDir, "OVMF_VARS.fd"), img, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		firmwareRefused(t, hb, cfg, id, "7")
+	})
+	t.Run("firmware-build", func(t *testing.T) {
+		hb, cfg, id := provisioned(t, "firmware-build")
+		defer hb.close()
+		cfg.SecureBoot, cfg.OVMFCode = false, vm.DefaultOVMFCode
+		firmwareRefused(t, hb, cfg, id, "0")
+	})
+}
+
+// firmwareRefused boots cfg and requires that it gets nothing, refused for
+// the firmware reason naming pcrs.
+func firmwareRefused(t *testing.T, hb *hostBrokers, cfg vm.Config, id string, pcrs ...string) {
+	t.Helper()
+	v := startVM(t, cfg)
+	defer v.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
+	requireNoKeys(t, hb, v, cfg, id, broker.ReasonFirmware, pcrs...)
+}
+
+func testOptionROMAdded(t *testing.T) {
 	hb, cfg, id := provisioned(t, "firmware-changed")
 	defer hb.close()
 	cfg.ExtraDevices = []string{"rtl8139,romfile=/usr/lib/ipxe/qemu/efi-rtl8139.rom,mac=52:54:00:12:34:99"}
