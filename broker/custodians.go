@@ -16,32 +16,26 @@ import (
 var ErrNotCustodian = errors.New("not a custodian of this broker")
 
 // CustodianTLSConfig serves the operator API to this broker's own
-// custodians only: the client must present a certificate issued by
-// Config.Custodians and not revoked (Config.RevokedCustodians), or the
-// handshake fails. Each refusal is logged (MsgCustodianRefused, with the
-// certificate's subject, issuer and fingerprint and the remote address)
-// and counted; it is not appended to the audit log, which anyone on the
-// network could otherwise grow with handshakes.
+// custodians only. The handshake requires a client certificate; every
+// request is then admitted only if that certificate was issued by
+// Config.Custodians for client authentication and is not revoked
+// (Config.RevokedCustodians). Any other is refused with 401 and code
+// unauthenticated (ReasonNotCustodian) before any route runs, so the
+// client learns why, and the refusal is logged (MsgCustodianRefused, with
+// the certificate's subject, issuer and fingerprint and the remote address)
+// and counted. Refusals are not appended to the audit log, which anyone on
+// the network could otherwise grow.
 //
 // So a custodian of another broker, whose certificate that broker's CA
-// issued, can change nothing here.
+// issued, can change nothing here. No ClientCAs are announced: a client
+// whose certificate another CA issued sends it anyway (rather than none),
+// so that the refusal can name it.
 func (b *Broker) CustodianTLSConfig(cert tls.Certificate) *tls.Config {
-	base := &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAnyClientCert,
-		ClientCAs: b.cfg.Custodians, MinVersion: tls.VersionTLS13}
-	return &tls.Config{Certificates: base.Certificates, MinVersion: tls.VersionTLS13,
-		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
-			remote := ""
-			if hello.Conn != nil {
-				remote = hello.Conn.RemoteAddr().String()
-			}
-			c := base.Clone()
-			c.VerifyConnection = func(cs tls.ConnectionState) error { return b.admitCustodian(remote, cs.PeerCertificates) }
-			return c, nil
-		}}
+	return &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAnyClientCert, MinVersion: tls.VersionTLS13}
 }
 
-// admitCustodian checks a handshake's client certificate chain and logs
-// and counts a refusal.
+// admitCustodian checks a request's client certificate chain and logs and
+// counts a refusal.
 func (b *Broker) admitCustodian(remote string, chain []*x509.Certificate) error {
 	err := b.verifyCustodian(chain)
 	if err == nil {

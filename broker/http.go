@@ -241,17 +241,19 @@ func operatorOf(r *http.Request) audit.Actor {
 }
 
 // requireClientCert admits a request whose client certificate the TLS
-// layer verified against the operator CAs (OperatorTLSConfig), or that
-// verifies as one of this broker's custodians (CustodianTLSConfig, which
-// has already refused any other at the handshake; checked again here so
-// that a misconfigured server fails closed).
+// layer verified against the shared operator CAs (OperatorTLSConfig), or,
+// on a broker with its own custodians (CustodianTLSConfig), one that
+// verifies as a custodian of this broker.
 func (b *Broker) requireClientCert(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ok := r.TLS != nil && len(r.TLS.VerifiedChains) > 0
-		if !ok && r.TLS != nil && b.cfg.Custodians != nil {
-			ok = b.verifyCustodian(r.TLS.PeerCertificates) == nil
-		}
-		if !ok {
+		switch {
+		case r.TLS != nil && len(r.TLS.VerifiedChains) > 0:
+		case r.TLS != nil && len(r.TLS.PeerCertificates) > 0 && b.cfg.Custodians != nil:
+			if err := b.admitCustodian(r.RemoteAddr, r.TLS.PeerCertificates); err != nil {
+				writeErr(w, reject(http.StatusUnauthorized, ReasonNotCustodian, err.Error()))
+				return
+			}
+		default:
 			writeErr(w, reject(http.StatusUnauthorized, ReasonNoOperatorCert, ""))
 			return
 		}

@@ -69,11 +69,11 @@ func NewPerBroker(brokers []Broker, creds []Credential) (*Client, error) {
 	return c, nil
 }
 
-// ErrCredentialRefused is a broker refusing, at the TLS handshake, the
-// client certificate shown to it: not one its custodian CA issued (the
-// credential of another broker, or a shared operator certificate), or a
-// revoked custodian's.
-var ErrCredentialRefused = errors.New("the broker refused this client certificate at the TLS handshake")
+// ErrCredentialRefused is a broker refusing the client certificate shown
+// to it (401 unauthenticated, or at the TLS handshake): not one its
+// custodian CA issued (the credential of another broker, or a shared
+// operator certificate), or a revoked custodian's.
+var ErrCredentialRefused = errors.New("the broker refused this client certificate")
 
 // refusedHandshake reports whether err is the broker's TLS alert about
 // the client certificate (TLS 1.3 delivers it at the first read).
@@ -129,7 +129,12 @@ func (c *Client) do(ctx context.Context, b Broker, method, path string, in, out 
 		if e.Error == "" {
 			e.Error = resp.Status
 		}
-		return &BrokerError{Broker: b.Name, Status: resp.StatusCode, Code: e.Code, Message: e.Error}
+		be := &BrokerError{Broker: b.Name, Status: resp.StatusCode, Code: e.Code, Message: e.Error}
+		if resp.StatusCode == http.StatusUnauthorized && e.Code == api.CodeUnauthenticated {
+			be.Err = ErrCredentialRefused
+			be.Message += fmt.Sprintf("; use the custodian certificate this broker's custodian CA issued (embassyctl brokers add %s URL --cert FILE --key FILE)", b.Name)
+		}
+		return be
 	}
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {
@@ -141,8 +146,9 @@ func (c *Client) do(ctx context.Context, b Broker, method, path string, in, out 
 
 // BrokerError is a broker's refusal: its HTTP status, its machine-readable
 // code (branch on it with errors.As, never on the text) and its text.
-// A refused TLS handshake is a BrokerError with status 0, code
-// api.CodeUnauthenticated and Err ErrCredentialRefused.
+// A refused client certificate is a BrokerError with code
+// api.CodeUnauthenticated (status 401, or 0 when the TLS handshake failed)
+// and Err ErrCredentialRefused.
 type BrokerError struct {
 	Broker  string
 	Status  int
