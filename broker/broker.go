@@ -11,7 +11,8 @@
 // (operator changes and reads), nonce.go, verify.go and release.go (an
 // attestation's checks, then what it releases), firmware.go (the platform
 // PCRs' reference: recorded at activation, checked at every attestation,
-// approve-firmware), shares.go (deposits),
+// approve-firmware), shares.go (deposits), custodians.go (who may use
+// the operator API: this broker's own custodians),
 // store.go (database and shares at rest), http.go (both HTTPS APIs),
 // metrics.go (Prometheus metrics, served on the operator API).
 package broker
@@ -54,7 +55,13 @@ type Config struct {
 	// `keybroker init` writes as audit.SigningKeyFile). Without it the
 	// heads go unsigned and `embassyctl audit verify` fails the broker.
 	AuditKey ed25519.PrivateKey
-	Log      *slog.Logger
+	// Custodians is this broker's own custodian CA (`keybroker init`
+	// writes custodian-ca.pem in the state folder): CustodianTLSConfig
+	// admits to the operator API only client certificates it issued, and
+	// none whose SHA-256 fingerprint (hex) is in RevokedCustodians.
+	Custodians        *x509.CertPool
+	RevokedCustodians map[string]bool
+	Log               *slog.Logger
 	// Now is the clock (time.Now when nil); tests move it to expire nonces.
 	Now func() time.Time
 }
@@ -67,6 +74,10 @@ const (
 	// (an older schema after an upgrade, or an edited database) and is
 	// not counted as approved; approve the image again.
 	MsgManifestIgnored = "approved manifest ignored: it no longer verifies"
+	// MsgCustodianRefused: a client certificate that this broker's
+	// custodian CA did not issue (or a revoked custodian's) was presented
+	// to the operator API; the TLS handshake was refused.
+	MsgCustodianRefused = "custodian credential refused"
 )
 
 // Broker is one key broker.

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -148,7 +149,11 @@ func (e *env) start(i int) {
 		}
 	}
 	rb.appSrv = &http.Server{Handler: rb.b.ApplianceHandler(), TLSConfig: rb.b.ApplianceTLSConfig(rb.serverCert), ErrorLog: nil}
-	rb.opSrv = &http.Server{Handler: rb.b.OperatorHandler(), TLSConfig: broker.OperatorTLSConfig(rb.serverCert, e.operatorCA.Pool())}
+	opTLS := broker.OperatorTLSConfig(rb.serverCert, e.operatorCA.Pool())
+	if rb.cfg.Custodians != nil { // the broker's own custodians (custodians_test.go)
+		opTLS = rb.b.CustodianTLSConfig(rb.serverCert)
+	}
+	rb.opSrv = &http.Server{Handler: rb.b.OperatorHandler(), TLSConfig: opTLS, ErrorLog: log.New(io.Discard, "", 0)}
 	go rb.appSrv.ServeTLS(rb.appLn, "", "")
 	go rb.opSrv.ServeTLS(rb.opLn, "", "")
 }

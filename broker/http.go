@@ -230,18 +230,30 @@ func (b *Broker) OperatorHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, struct{}{})
 	})
-	return requireClientCert(mux)
+	return b.requireClientCert(mux)
 }
 
 // operatorOf names the operator behind a request that requireClientCert
-// admitted: the leaf of the verified client certificate chain.
+// admitted: the leaf of its client certificate chain, which the TLS layer
+// verified (OperatorTLSConfig or CustodianTLSConfig).
 func operatorOf(r *http.Request) audit.Actor {
-	return audit.OperatorActor(r.TLS.VerifiedChains[0][0])
+	return audit.OperatorActor(r.TLS.PeerCertificates[0])
 }
 
-func requireClientCert(h http.Handler) http.Handler {
+// requireClientCert admits a request whose client certificate the TLS
+// layer verified against the shared operator CAs (OperatorTLSConfig), or,
+// on a broker with its own custodians (CustodianTLSConfig), one that
+// verifies as a custodian of this broker.
+func (b *Broker) requireClientCert(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+		switch {
+		case r.TLS != nil && len(r.TLS.VerifiedChains) > 0:
+		case r.TLS != nil && len(r.TLS.PeerCertificates) > 0 && b.cfg.Custodians != nil:
+			if err := b.admitCustodian(r.RemoteAddr, r.TLS.PeerCertificates); err != nil {
+				writeErr(w, reject(http.StatusUnauthorized, ReasonNotCustodian, err.Error()))
+				return
+			}
+		default:
 			writeErr(w, reject(http.StatusUnauthorized, ReasonNoOperatorCert, ""))
 			return
 		}
@@ -249,7 +261,9 @@ func requireClientCert(h http.Handler) http.Handler {
 	})
 }
 
-// OperatorTLSConfig requires operator client certificates from operatorCAs.
+// OperatorTLSConfig requires operator client certificates from operatorCAs
+// (one operator CA shared by brokers; a broker with its own custodians
+// uses CustodianTLSConfig).
 func OperatorTLSConfig(cert tls.Certificate, operatorCAs *x509.CertPool) *tls.Config {
 	return &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert,
 		ClientCAs: operatorCAs, MinVersion: tls.VersionTLS13}

@@ -25,6 +25,7 @@ type metrics struct {
 	attestations *prometheus.CounterVec
 	released     prometheus.Counter
 	auditAppends prometheus.Counter
+	refusedOps   prometheus.Counter
 	requests     *prometheus.HistogramVec
 }
 
@@ -45,13 +46,17 @@ func newMetrics(nonces func() int) *metrics {
 			Name: "embassy_broker_audit_appends_total",
 			Help: "Entries appended to the audit log.",
 		}),
+		refusedOps: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "embassy_broker_custodian_refusals_total",
+			Help: "Operator API handshakes refused: a client certificate this broker's custodian CA did not issue, or a revoked custodian's.",
+		}),
 		requests: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "embassy_broker_request_duration_seconds",
 			Help:    "Time to answer an API request, by route and HTTP status.",
 			Buckets: prometheus.DefBuckets,
 		}, []string{"route", "code"}),
 	}
-	m.registry.MustRegister(m.attestations, m.released, m.auditAppends, m.requests,
+	m.registry.MustRegister(m.attestations, m.released, m.auditAppends, m.refusedOps, m.requests,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "embassy_broker_nonces_outstanding",
 			Help: "Nonces issued and neither used nor evicted yet.",

@@ -43,6 +43,7 @@ const (
 	ReasonDiskExists         = "a share for this disk is already deposited"
 	ReasonNotAttested        = "attested client certificate required"
 	ReasonNoOperatorCert     = "operator client certificate required"
+	ReasonNotCustodian       = "client certificate is not one of this broker's custodians'"
 )
 
 // Rejection is a refused request: the reason, the HTTP status and whether
@@ -127,7 +128,7 @@ func (r *Rejection) Code() api.Code {
 		return api.CodeNoDiskApproval
 	case ReasonDiskExists:
 		return api.CodeDiskExists
-	case ReasonNotAttested, ReasonNoOperatorCert:
+	case ReasonNotAttested, ReasonNoOperatorCert, ReasonNotCustodian:
 		return api.CodeUnauthenticated
 	}
 	return api.CodeInternal

@@ -53,6 +53,7 @@ func TestReasonCodes(t *testing.T) {
 		{broker.ReasonDiskExists, api.CodeDiskExists},
 		{broker.ReasonNotAttested, api.CodeUnauthenticated},
 		{broker.ReasonNoOperatorCert, api.CodeUnauthenticated},
+		{broker.ReasonNotCustodian, api.CodeUnauthenticated},
 		{"disk full", api.CodeInternal},
 	}
 	for _, tc := range tests {

@@ -1,6 +1,7 @@
 // Package opclient is the operator's client of the key brokers' operator
-// API (mutual TLS with a home-state operator certificate), used by
-// embassyctl. Every change is sent to every broker, since each broker
+// API (mutual TLS: a custodian shows each broker the client certificate
+// that broker's custodian CA issued), used by embassyctl. brokers.go reads
+// the broker list and each broker's credential. Every change is sent to every broker, since each broker
 // decides on its own; reads are per broker. AttestAppliance (attest.go)
 // checks an appliance's quote directly; render.go prints answers for
 // people. It speaks only protocol/ and never links the broker server.
@@ -9,15 +10,14 @@ package opclient
 import (
 	"bytes"
 	"context"
-	"crypto/ed25519"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
-	"os"
 	"strings"
 	"time"
 
@@ -25,51 +25,71 @@ import (
 	"github.com/dataembassy/embassy/protocol/api"
 )
 
-// Broker names a broker's operator endpoint and pins its audit signing
-// public key (ed25519, 32 bytes; base64 in the JSON list), which
-// VerifyHeads checks the broker's signed audit heads with.
-type Broker struct {
-	Name     string `json:"name"`
-	URL      string `json:"url"`
-	AuditKey []byte `json:"audit_key,omitempty"`
-}
-
-// LoadBrokers reads a JSON list of brokers.
-func LoadBrokers(path string) ([]Broker, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("read broker list: %w", err)
-	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	var out []Broker
-	if err := dec.Decode(&out); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	if len(out) == 0 {
-		return nil, fmt.Errorf("%s lists no broker", path)
-	}
-	for _, br := range out {
-		if br.Name == "" || !strings.HasPrefix(br.URL, "https://") {
-			return nil, fmt.Errorf("%s: broker %q needs a name and an https URL", path, br.Name)
-		}
-		if len(br.AuditKey) != 0 && len(br.AuditKey) != ed25519.PublicKeySize {
-			return nil, fmt.Errorf("%s: broker %q: audit_key is %d bytes, want an ed25519 public key (%d)", path, br.Name, len(br.AuditKey), ed25519.PublicKeySize)
-		}
-	}
-	return out, nil
-}
-
-// Client talks to a set of brokers.
+// Client talks to a set of brokers, each with the credential it accepts.
 type Client struct {
 	Brokers []Broker
-	http    *http.Client
+	http    map[string]*http.Client // by broker name
 }
 
-// New makes a client with the operator certificate and the broker CA.
+// Credential is what the client shows one broker and trusts it with: this
+// custodian's client certificate for that broker, and the CA bundle that
+// verifies the broker's TLS certificate.
+type Credential struct {
+	Cert  tls.Certificate
+	Roots *x509.CertPool
+}
+
+func httpClient(cr Credential) *http.Client {
+	return &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: cr.Roots, Certificates: []tls.Certificate{cr.Cert}, MinVersion: tls.VersionTLS13}}}
+}
+
+// New makes a client that shows every broker the same certificate and
+// verifies them all with brokerCAs (brokers that share one operator CA).
 func New(brokers []Broker, cert tls.Certificate, brokerCAs *x509.CertPool) *Client {
-	return &Client{Brokers: brokers, http: &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{
-		TLSClientConfig: &tls.Config{RootCAs: brokerCAs, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}}}}
+	hc := httpClient(Credential{Cert: cert, Roots: brokerCAs})
+	c := &Client{Brokers: brokers, http: map[string]*http.Client{}}
+	for _, b := range brokers {
+		c.http[b.Name] = hc
+	}
+	return c
+}
+
+// NewPerBroker makes a client that shows each broker its own credential:
+// creds[i] is for brokers[i] (a custodian holds one per broker, and each
+// broker accepts only its own custodians').
+func NewPerBroker(brokers []Broker, creds []Credential) (*Client, error) {
+	if len(creds) != len(brokers) {
+		return nil, fmt.Errorf("%d credentials for %d brokers", len(creds), len(brokers))
+	}
+	c := &Client{Brokers: brokers, http: map[string]*http.Client{}}
+	for i, b := range brokers {
+		c.http[b.Name] = httpClient(creds[i])
+	}
+	return c, nil
+}
+
+// ErrCredentialRefused is a broker refusing the client certificate shown
+// to it (401 unauthenticated, or at the TLS handshake): not one its
+// custodian CA issued (the credential of another broker, or a shared
+// operator certificate), or a revoked custodian's.
+var ErrCredentialRefused = errors.New("the broker refused this client certificate")
+
+// refusedHandshake reports whether err is the broker's TLS alert about
+// the client certificate (TLS 1.3 delivers it at the first read).
+func refusedHandshake(err error) bool {
+	var op *net.OpError
+	if !errors.As(err, &op) || op.Op != "remote error" {
+		return false
+	}
+	msg := op.Err.Error()
+	for _, alert := range []string{"bad certificate", "unknown certificate authority", "certificate required",
+		"certificate revoked", "certificate expired", "unsupported certificate", "access denied"} {
+		if strings.Contains(msg, alert) {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *Client) do(ctx context.Context, b Broker, method, path string, in, out any) error {
@@ -85,7 +105,16 @@ func (c *Client) do(ctx context.Context, b Broker, method, path string, in, out 
 	if err != nil {
 		return err
 	}
-	resp, err := c.http.Do(req)
+	hc := c.http[b.Name]
+	if hc == nil {
+		return fmt.Errorf("broker %s: no credential for it", b.Name)
+	}
+	resp, err := hc.Do(req)
+	if refusedHandshake(err) {
+		return &BrokerError{Broker: b.Name, Code: api.CodeUnauthenticated,
+			Message: fmt.Sprintf("%v (%v); use the custodian certificate this broker's custodian CA issued (embassyctl brokers add %s URL --cert FILE --key FILE)", ErrCredentialRefused, err, b.Name),
+			Err:     ErrCredentialRefused}
+	}
 	if err != nil {
 		return fmt.Errorf("broker %s: %w", b.Name, err)
 	}
@@ -100,7 +129,12 @@ func (c *Client) do(ctx context.Context, b Broker, method, path string, in, out 
 		if e.Error == "" {
 			e.Error = resp.Status
 		}
-		return &BrokerError{Broker: b.Name, Status: resp.StatusCode, Code: e.Code, Message: e.Error}
+		be := &BrokerError{Broker: b.Name, Status: resp.StatusCode, Code: e.Code, Message: e.Error}
+		if resp.StatusCode == http.StatusUnauthorized && e.Code == api.CodeUnauthenticated {
+			be.Err = ErrCredentialRefused
+			be.Message += fmt.Sprintf("; use the custodian certificate this broker's custodian CA issued (embassyctl brokers add %s URL --cert FILE --key FILE)", b.Name)
+		}
+		return be
 	}
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {
@@ -112,14 +146,19 @@ func (c *Client) do(ctx context.Context, b Broker, method, path string, in, out 
 
 // BrokerError is a broker's refusal: its HTTP status, its machine-readable
 // code (branch on it with errors.As, never on the text) and its text.
+// A refused client certificate is a BrokerError with code
+// api.CodeUnauthenticated (status 401, or 0 when the TLS handshake failed)
+// and Err ErrCredentialRefused.
 type BrokerError struct {
 	Broker  string
 	Status  int
 	Code    api.Code
 	Message string
+	Err     error // ErrCredentialRefused, or nil
 }
 
 func (e *BrokerError) Error() string { return fmt.Sprintf("broker %s: %s", e.Broker, e.Message) }
+func (e *BrokerError) Unwrap() error { return e.Err }
 
 // Outcome is one broker's answer to a change.
 type Outcome struct {

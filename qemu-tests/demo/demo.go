@@ -107,9 +107,9 @@ func (r *run) stopAll() {
 }
 
 func (r *run) ctl(args ...string) (string, error) {
-	full := append([]string{"--brokers", filepath.Join(r.work, "operator.json"),
-		"--cert", filepath.Join(r.o.Cache, "pki", "operator.pem"), "--key", filepath.Join(r.o.Cache, "pki", "operator.key"),
-		"--ca", filepath.Join(r.o.Cache, "pki", "broker-ca.pem")}, args...)
+	// Each broker's entry in operator.json names its CA and the custodian
+	// credential for it.
+	full := append([]string{"--brokers", filepath.Join(r.work, "operator.json")}, args...)
 	out, err := exec.Command(filepath.Join(r.o.Bin, "embassyctl"), full...).CombinedOutput()
 	return string(out), err
 }
@@ -118,13 +118,6 @@ func (r *run) run(ctx context.Context) error {
 	pkiDir := filepath.Join(r.o.Cache, "pki")
 	brokerCA := devpki.CA{CertPath: filepath.Join(pkiDir, "broker-ca.pem"), KeyPath: filepath.Join(pkiDir, "broker-ca.key")}
 	clientCA := devpki.CA{CertPath: filepath.Join(pkiDir, "client-ca.pem"), KeyPath: filepath.Join(pkiDir, "client-ca.key")}
-	opCA, err := devpki.Ensure(pkiDir, "operator-ca", "embassy local home-state operator CA")
-	if err != nil {
-		return err
-	}
-	if _, _, err := devpki.EnsureLeaf(pkiDir, "operator", "operator (local default)", opCA); err != nil {
-		return err
-	}
 	clientCert, clientKey, err := devpki.EnsureLeaf(pkiDir, "population-registry", "population-registry", clientCA)
 	if err != nil {
 		return err
@@ -166,17 +159,21 @@ func (r *run) run(ctx context.Context) error {
 	os.WriteFile(manuFile, manu.Bytes(), 0o644)
 
 	// 2. Three brokers, k=2.
-	r.say("starting 3 key brokers (k=2) on 127.0.0.1:7441-7443, operator API on 8441-8443")
+	r.say("starting 3 key brokers (k=2) on 127.0.0.1:7441-7443, operator API on 8441-8443, each with its own custodian")
 	var ops []opclient.Broker
 	for i := 0; i < 3; i++ {
 		name := fmt.Sprintf("broker-%c", 'a'+i)
 		dir := filepath.Join(r.work, name)
+		// init makes the broker's own custodian CA and its first custodian;
+		// the demo's embassyctl holds all three custodians' credentials.
+		custodian := "custodian-" + name[len("broker-"):]
 		out, err := exec.Command(filepath.Join(r.o.Bin, "keybroker"), "init", "--dir", dir, "--name", name,
-			"--broker-ca-cert", brokerCA.CertPath, "--broker-ca-key", brokerCA.KeyPath, "--hosts", "127.0.0.1,10.0.2.2,10.0.3.2").CombinedOutput()
+			"--broker-ca-cert", brokerCA.CertPath, "--broker-ca-key", brokerCA.KeyPath, "--hosts", "127.0.0.1,10.0.2.2,10.0.3.2",
+			"--custodian", custodian).CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("keybroker init: %v: %s", err, out)
 		}
-		if err := r.start("keybroker", "serve", "--dir", dir, "--name", name, "--operator-ca", opCA.CertPath,
+		if err := r.start("keybroker", "serve", "--dir", dir, "--name", name,
 			"--manufacturer-ca", manuFile, "--image-pubkey", pub, "--reattest", "1m",
 			"--appliance-listen", fmt.Sprintf("127.0.0.1:%d", 7441+i), "--operator-listen", fmt.Sprintf("127.0.0.1:%d", 8441+i)); err != nil {
 			return err
@@ -187,7 +184,11 @@ func (r *run) run(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("audit key of %s: %w", name, err)
 		}
-		ops = append(ops, opclient.Broker{Name: name, URL: fmt.Sprintf("https://127.0.0.1:%d", 8441+i), AuditKey: auditPub})
+		// The list's relative paths would be read from its own folder.
+		ca, _ := filepath.Abs(brokerCA.CertPath)
+		absDir, _ := filepath.Abs(dir)
+		ops = append(ops, opclient.Broker{Name: name, URL: fmt.Sprintf("https://127.0.0.1:%d", 8441+i), CA: ca,
+			Cert: filepath.Join(absDir, "custodians", custodian+".pem"), Key: filepath.Join(absDir, "custodians", custodian+".key"), AuditKey: auditPub})
 	}
 	b, _ := json.Marshal(ops)
 	os.WriteFile(filepath.Join(r.work, "operator.json"), b, 0o644)

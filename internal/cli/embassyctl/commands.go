@@ -408,23 +408,52 @@ func newBrokersCmd(o *options) *cobra.Command {
 	b := cli.Group(&cobra.Command{
 		Use:   "brokers",
 		Short: "Write or show the broker list the other commands use (--brokers)",
-		Example: `  embassyctl brokers add broker-a https://broker-a.example:8441
+		Example: `  embassyctl brokers add broker-a https://broker-a.example:8441 --ca broker-ca.pem --cert a.pem --key a.key
   embassyctl brokers list`,
 	})
-	var auditKey string
+	var auditKey, caFile, certFile, keyFile string
 	add := &cobra.Command{
-		Use:   "add NAME https://HOST:PORT [--audit-key FILE]",
-		Short: "Add a broker's operator endpoint (and pin its audit key) to the broker list, creating the list",
-		Long: `add appends a broker to the broker list. --audit-key pins the broker's audit
-signing public key (the audit-signing.pub that 'keybroker init' wrote in the
-broker's state folder; get it from the broker's admin over a channel you
-trust): 'embassyctl audit verify' checks the broker's signed audit heads
-with it.`,
-		Example: `  embassyctl brokers add broker-a https://broker-a.example:8441 --audit-key broker-a-audit.pub
-  embassyctl --brokers ops/brokers.json brokers add broker-b https://10.0.0.6:8441`,
+		Use:   "add NAME https://HOST:PORT --ca FILE --cert FILE --key FILE [--audit-key FILE]",
+		Short: "Add a broker to the broker list with your custodian credential for it (and pin its audit key), creating the list",
+		Long: `add appends a broker to the broker list: its operator URL, --ca the CA
+bundle that verifies the broker's TLS certificate (the home-state broker
+CA), and --cert and --key your custodian certificate and key for this
+broker, issued by its own custodian CA ('keybroker custodian add'). Each
+broker accepts only its own custodians, so you add each broker with the
+credential its admin issued you; a broker you are no custodian of belongs
+in another custodian's list, not yours. The list records the files' paths
+(made absolute), not their contents.
+
+--audit-key pins the broker's audit signing public key (the
+audit-signing.pub that 'keybroker init' wrote in the broker's state folder;
+get it from the broker's admin over a channel you trust): 'embassyctl
+audit verify' checks the broker's signed audit heads with it.
+
+Without --cert and --key the entry uses the global --cert and --key, as
+lists from before custodians did.`,
+		Example: `  embassyctl brokers add broker-a https://broker-a.example:8441 \
+      --ca broker-ca.pem --cert alice@broker-a.pem --key alice@broker-a.key --audit-key broker-a-audit.pub
+  embassyctl --brokers ops/brokers.json brokers add broker-b https://10.0.0.6:8441 \
+      --ca broker-ca.pem --cert alice@broker-b.pem --key alice@broker-b.key`,
 		Args: cli.ExactArgs(2), ValidArgsFunction: noFileArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			br := opclient.Broker{Name: args[0], URL: args[1]}
+			if err := checkNameURL(br); err != nil {
+				return err
+			}
+			for _, f := range []struct{ from, to *string }{{&caFile, &br.CA}, {&certFile, &br.Cert}, {&keyFile, &br.Key}} {
+				if *f.from == "" {
+					continue
+				}
+				abs, err := filepath.Abs(*f.from)
+				if err != nil {
+					return err
+				}
+				*f.to = abs
+			}
+			if err := br.Check(); err != nil {
+				return cli.Next(err, "pass --ca (the broker CA bundle) and --cert and --key (your custodian credential for %s: `keybroker custodian add --dir DIR --name YOU` on that broker issues one)", args[0])
+			}
 			if auditKey != "" {
 				pub, err := loadAuditKey(auditKey)
 				if err != nil {
@@ -441,7 +470,13 @@ with it.`,
 		},
 	}
 	add.Flags().StringVar(&auditKey, "audit-key", "", "the broker's audit signing public key (audit-signing.pub, PEM) to pin")
+	add.Flags().StringVar(&caFile, "ca", "", "CA bundle that verifies the broker's TLS certificate (PEM)")
+	add.Flags().StringVar(&certFile, "cert", "", "your custodian certificate for this broker, from its custodian CA (PEM)")
+	add.Flags().StringVar(&keyFile, "key", "", "the key of --cert (PEM)")
 	add.MarkFlagFilename("audit-key", "pub", "pem")
+	add.MarkFlagFilename("ca", "pem")
+	add.MarkFlagFilename("cert", "pem")
+	add.MarkFlagFilename("key", "key", "pem")
 	pin := &cobra.Command{
 		Use:   "pin-audit-key NAME FILE",
 		Short: "Pin the audit signing public key of a broker already in the list",
@@ -473,7 +508,7 @@ hand only once you know why.`,
 			brokers, err := opclient.LoadBrokers(o.brokersPath)
 			if errors.Is(err, fs.ErrNotExist) {
 				return cli.Next(fmt.Errorf("no broker list: %w", err),
-					"run `embassyctl brokers add NAME https://HOST:PORT` once per broker, or pass --brokers FILE")
+					"run `embassyctl brokers add NAME https://HOST:PORT --ca FILE --cert FILE --key FILE` once per broker, or pass --brokers FILE")
 			}
 			if err != nil {
 				return err
@@ -483,6 +518,9 @@ hand only once you know why.`,
 			}
 			for _, br := range brokers {
 				line := fmt.Sprintf("%-12s %s", br.Name, br.URL)
+				if br.HasCert() {
+					line += "  custodian cert " + br.Cert
+				}
 				if len(br.AuditKey) > 0 {
 					sum := sha256.Sum256(br.AuditKey)
 					line += fmt.Sprintf("  audit key sha256:%x", sum[:8])
@@ -551,8 +589,8 @@ func writeBrokers(path string, brokers []opclient.Broker) error {
 // addBroker appends br to the broker list at path, creating it, and
 // returns how many brokers the list holds.
 func addBroker(path string, br opclient.Broker) (int, error) {
-	if br.Name == "" || !strings.HasPrefix(br.URL, "https://") {
-		return 0, &cli.UsageError{Msg: fmt.Sprintf("broker %q needs a name and an https:// URL, got %q", br.Name, br.URL)}
+	if err := checkNameURL(br); err != nil {
+		return 0, err
 	}
 	brokers, err := opclient.LoadBrokers(path)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -568,4 +606,13 @@ func addBroker(path string, br opclient.Broker) (int, error) {
 		return 0, err
 	}
 	return len(brokers), nil
+}
+
+// checkNameURL refuses, as a usage error, an entry without a name or an
+// https:// URL.
+func checkNameURL(br opclient.Broker) error {
+	if br.Name == "" || !strings.HasPrefix(br.URL, "https://") {
+		return &cli.UsageError{Msg: fmt.Sprintf("broker %q needs a name and an https:// URL, got %q", br.Name, br.URL)}
+	}
+	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -40,13 +41,18 @@ func NewRootCmd() *cobra.Command {
 		Use:   "embassyctl",
 		Short: "The home-state operator's CLI for the key brokers",
 		Long: `embassyctl drives the home state's key brokers over their operator API
-(mutual TLS with an operator certificate). Every change is sent to every
-broker in the broker list, since each broker decides on its own; status and
-audit read each broker; attest checks an appliance's attestation directly.
+(mutual TLS). You are a custodian: each broker trusts only its own
+custodian CA, so you hold one client certificate per broker, and the broker
+list names, per broker, its URL, the CA that verifies it and your
+certificate and key for it. Every change is sent to every broker in the
+list, since each broker decides on its own (an approval counts where k
+brokers' custodians gave it); status and audit read each broker; attest
+checks an appliance's attestation directly.
 
 An appliance becomes usable once the operators enroll it, approve the image
 it runs and approve its blank disks.`,
-		Example: `  embassyctl brokers add broker-a https://broker-a.example:8441
+		Example: `  embassyctl brokers add broker-a https://broker-a.example:8441 \
+      --ca broker-ca.pem --cert alice@broker-a.pem --key alice@broker-a.key
   embassyctl enroll 3f9c...e1
   embassyctl approve-image out
   embassyctl approve-disk --count 2 3f9c...e1
@@ -54,9 +60,9 @@ it runs and approve its blank disks.`,
 	})
 	f := root.PersistentFlags()
 	f.StringVar(&o.brokersPath, "brokers", filepath.Join(cache, "brokers", "operator.json"), "JSON list of the brokers' operator endpoints (see 'embassyctl brokers add')")
-	f.StringVar(&o.certPath, "cert", filepath.Join(pkiDir, "operator.pem"), "operator certificate (issued by the home-state operator CA)")
-	f.StringVar(&o.keyPath, "key", filepath.Join(pkiDir, "operator.key"), "operator key")
-	f.StringVar(&o.caPath, "ca", filepath.Join(pkiDir, "broker-ca.pem"), "broker CA bundle")
+	f.StringVar(&o.certPath, "cert", filepath.Join(pkiDir, "operator.pem"), "client certificate for the brokers whose list entry names none (a list from before custodians)")
+	f.StringVar(&o.keyPath, "key", filepath.Join(pkiDir, "operator.key"), "key of --cert")
+	f.StringVar(&o.caPath, "ca", filepath.Join(pkiDir, "broker-ca.pem"), "broker CA bundle for the brokers whose list entry names none")
 	f.BoolVar(&o.asJSON, "json", false, "machine-readable output")
 	f.DurationVar(&o.timeout, "timeout", time.Minute, "time limit for the whole command")
 	root.MarkPersistentFlagFilename("brokers", "json")
@@ -91,28 +97,60 @@ type conn struct {
 	asJSON bool
 }
 
-// connect loads the broker list, the operator certificate and the broker CA
-// named by the flags; each missing piece says where it comes from.
+// connect loads the broker list and each broker's credential: the client
+// certificate and CA bundle its entry names, else (a list from before
+// custodians) the --cert/--key and --ca flags. Each missing piece says
+// where it comes from.
 func (o *options) connect(cmd *cobra.Command) (*conn, error) {
 	brokers, err := opclient.LoadBrokers(o.brokersPath)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, cli.Next(fmt.Errorf("no broker list: %w", err),
-			"run `embassyctl brokers add NAME https://HOST:PORT` once per broker (it writes %s), or pass --brokers FILE", o.brokersPath)
+			"run `embassyctl brokers add NAME https://HOST:PORT --ca FILE --cert FILE --key FILE` once per broker (it writes %s), or pass --brokers FILE", o.brokersPath)
 	}
+	if err != nil {
+		return nil, cli.Next(err, "fix the list, or write it again with `embassyctl brokers add`")
+	}
+	var fallback opclient.Credential
+	var caFiles []string
+	needCert, needCA := false, false
+	for _, b := range brokers {
+		needCert = needCert || !b.HasCert()
+		needCA = needCA || b.CA == ""
+		if b.CA != "" {
+			caFiles = append(caFiles, b.CA)
+		}
+	}
+	if needCert {
+		if fallback.Cert, err = tls.LoadX509KeyPair(o.certPath, o.keyPath); err != nil {
+			return nil, cli.Next(fmt.Errorf("operator certificate: %w", err),
+				"give each broker its custodian credential with `embassyctl brokers add NAME URL --cert FILE --key FILE`, or pass --cert and --key (`make demo` creates local-default ones)")
+		}
+	}
+	if needCA {
+		if fallback.Roots, err = pki.LoadPool(o.caPath); err != nil {
+			return nil, cli.Next(fmt.Errorf("broker CA: %w", err),
+				"pass --ca: the home-state broker CA bundle (`mkimage build` creates the local-default .cache/pki/broker-ca.pem), or name each broker's with `embassyctl brokers add --ca`")
+		}
+		caFiles = append(caFiles, o.caPath)
+	}
+	creds := make([]opclient.Credential, len(brokers))
+	for i, b := range brokers {
+		if creds[i], err = b.Credential(fallback); err != nil {
+			return nil, cli.Next(err, "fix the files %s names for broker %s, or add it again with `embassyctl brokers add`", o.brokersPath, b.Name)
+		}
+	}
+	client, err := opclient.NewPerBroker(brokers, creds)
 	if err != nil {
 		return nil, err
 	}
-	cert, err := tls.LoadX509KeyPair(o.certPath, o.keyPath)
-	if err != nil {
-		return nil, cli.Next(fmt.Errorf("operator certificate: %w", err),
-			"pass --cert and --key: a certificate and key issued by the home-state operator CA (`make demo` creates a local-default pair in .cache/pki)")
+	// attest checks an appliance certificate issued under any broker's CA.
+	roots := x509.NewCertPool()
+	for _, f := range caFiles {
+		if b, err := os.ReadFile(f); err == nil {
+			roots.AppendCertsFromPEM(b)
+		}
 	}
-	roots, err := pki.LoadPool(o.caPath)
-	if err != nil {
-		return nil, cli.Next(fmt.Errorf("broker CA: %w", err),
-			"pass --ca: the home-state broker CA bundle (`mkimage build` creates the local-default .cache/pki/broker-ca.pem)")
-	}
-	return &conn{client: opclient.New(brokers, cert, roots), roots: roots, out: cmd.OutOrStdout(), asJSON: o.asJSON}, nil
+	return &conn{client: client, roots: roots, out: cmd.OutOrStdout(), asJSON: o.asJSON}, nil
 }
 
 // brokerCmd is a subcommand that talks to the brokers.

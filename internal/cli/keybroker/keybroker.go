@@ -3,7 +3,9 @@
 // home-state broker CA; its master key: a file, or with --pkcs11-module a
 // non-extractable key generated in a PKCS#11 token; and its audit signing
 // key), `serve` runs the broker's appliance and operator APIs from that
-// folder, and `audit-key` prints the audit public key the operators pin.
+// folder, `audit-key` prints the audit public key the operators pin, and
+// `custodian` issues and revokes the broker's own custodians (custodian.go):
+// the only client certificates its operator API admits.
 package keybroker
 
 import (
@@ -54,14 +56,16 @@ Create a broker's state folder once with 'keybroker init', then run it with
 		Example: `  keybroker init --dir /var/lib/keybroker --name broker-a \
       --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key --hosts broker-a.example,10.0.0.5
   keybroker serve --dir /var/lib/keybroker --name broker-a \
-      --operator-ca operator-ca.pem --manufacturer-ca tpm-vendors.pem --image-pubkey image-signing.pub`,
+      --manufacturer-ca tpm-vendors.pem --image-pubkey image-signing.pub
+  keybroker custodian add --dir /var/lib/keybroker --name bob`,
 	})
-	root.AddCommand(newInitCmd(), newServeCmd(), newAuditKeyCmd())
+	root.AddCommand(newInitCmd(), newServeCmd(), newAuditKeyCmd(), newCustodianCmd())
 	return cli.WithCompletion(root)
 }
 
 type initOptions struct {
 	dir, name, caCert, caKey, hosts string
+	custodian                       string
 	p11                             pkcs11Options
 }
 
@@ -72,8 +76,12 @@ func newInitCmd() *cobra.Command {
 		Short: "Create a broker's state folder: TLS certificate, service CA, master key and audit signing key",
 		Long: `init creates the broker's state folder: a TLS certificate for the names and
 addresses in --hosts and a service CA, both issued by the home-state broker
-CA, a fresh master key and a fresh audit signing key (ed25519). It refuses
-a folder that is already initialised.
+CA, a fresh master key, a fresh audit signing key (ed25519) and the
+broker's own custodian CA (custodian-ca.pem and .key): its operator API
+admits only custodians that CA issued, never another broker's. With
+--custodian NAME it issues the first custodian's certificate and key into
+custodians/ (more with 'keybroker custodian add'). It refuses a folder
+that is already initialised.
 
 The master key is a file (master.key) unless --pkcs11-module is given: then
 it is generated inside the PKCS#11 token as a non-extractable AES-256 key
@@ -84,7 +92,7 @@ The broker signs its audit head with the audit key; init writes the public
 half to audit-signing.pub in the folder and prints it, for the operators to
 pin with 'embassyctl brokers add NAME URL --audit-key audit-signing.pub'.`,
 		Example: `  keybroker init --dir /var/lib/keybroker --name broker-a \
-      --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key --hosts broker-a.example,10.0.0.5
+      --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key --hosts broker-a.example,10.0.0.5 --custodian alice
   keybroker init --dir /var/lib/keybroker --name broker-a \
       --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key \
       --pkcs11-module /usr/lib/softhsm/libsofthsm2.so --pkcs11-token-label broker-a \
@@ -98,6 +106,7 @@ pin with 'embassyctl brokers add NAME URL --audit-key audit-signing.pub'.`,
 	f.StringVar(&o.caCert, "broker-ca-cert", "", "home-state broker CA certificate (PEM)")
 	f.StringVar(&o.caKey, "broker-ca-key", "", "home-state broker CA key (PEM)")
 	f.StringVar(&o.hosts, "hosts", "127.0.0.1", "comma-separated names and addresses the broker is reached at")
+	f.StringVar(&o.custodian, "custodian", "", "issue the first custodian's certificate and key (custodians/NAME.pem, .key)")
 	o.p11.addFlags(f, "generate")
 	for _, n := range []string{"dir", "name", "broker-ca-cert", "broker-ca-key"} {
 		cmd.MarkFlagRequired(n)
@@ -162,6 +171,20 @@ func initBroker(out io.Writer, o initOptions) error {
 	auditPub, err := audit.CreateSigningKey(o.dir)
 	if err != nil {
 		return err
+	}
+	if o.custodian != "" && !custodianName.MatchString(o.custodian) {
+		return &cli.UsageError{Msg: fmt.Sprintf("--custodian %q: use letters, digits and . _ @ - (at most 64)", o.custodian)}
+	}
+	custCA, _, err := ensureCustodianCA(o.dir, o.name)
+	if err != nil {
+		return err
+	}
+	if o.custodian != "" {
+		certPath, fp, err := issueCustodian(custCA, o.custodian, filepath.Join(o.dir, CustodiansDir), 2*365*24*time.Hour)
+		if err != nil {
+			return err
+		}
+		printCustodian(out, o.name, o.custodian, certPath, fp)
 	}
 	// The master key goes last: its presence marks the folder initialised.
 	if o.p11.enabled() {
@@ -247,18 +270,21 @@ type serveOptions struct {
 func newServeCmd() *cobra.Command {
 	var o serveOptions
 	cmd := &cobra.Command{
-		Use:   "serve --dir DIR --name NAME --operator-ca FILE --manufacturer-ca FILE --image-pubkey FILE",
+		Use:   "serve --dir DIR --name NAME --manufacturer-ca FILE --image-pubkey FILE [--operator-ca FILE]",
 		Short: "Run the broker's appliance API and operator API until interrupted",
 		Long: `serve runs the broker from a state folder made by 'keybroker init': the
 appliance API (attestation, share release; TLS) and the operator API
-(enrollment, approvals, audit; mutual TLS with the home-state operator CA).
+(enrollment, approvals, audit; mutual TLS with this broker's own
+custodians: client certificates from --operator-ca, by default the
+custodian CA in the state folder, minus those in revoked-custodians).
+A refused client certificate is logged ("custodian credential refused").
 It logs JSON lines to stderr and stops on SIGINT or SIGTERM.
 
 A broker initialised with --pkcs11-module needs the same --pkcs11-* flags:
 its shares are sealed and opened inside the token. One initialised with a
 master key file warns at start-up.`,
 		Example: `  keybroker serve --dir /var/lib/keybroker --name broker-a \
-      --operator-ca operator-ca.pem --manufacturer-ca tpm-vendors.pem --image-pubkey image-signing.pub \
+      --manufacturer-ca tpm-vendors.pem --image-pubkey image-signing.pub \
       --appliance-listen 0.0.0.0:7441 --operator-listen 10.0.0.5:8441`,
 		Args: cli.ExactArgs(0),
 		RunE: func(cmd *cobra.Command, _ []string) error { return serve(cmd.Context(), cmd.ErrOrStderr(), o) },
@@ -266,7 +292,7 @@ master key file warns at start-up.`,
 	f := cmd.Flags()
 	f.StringVar(&o.dir, "dir", "", "broker state folder (from keybroker init)")
 	f.StringVar(&o.name, "name", "", "broker name")
-	f.StringVar(&o.opCA, "operator-ca", "", "home-state operator CA bundle (PEM)")
+	f.StringVar(&o.opCA, "operator-ca", "", "CA bundle of the custodians the operator API admits (PEM; default DIR/"+CustodianCAFile+")")
 	f.StringVar(&o.manuCA, "manufacturer-ca", "", "TPM manufacturer CA bundle for EK certificates (PEM)")
 	f.StringVar(&o.imagePub, "image-pubkey", "", "image-signing public key (PKIX PEM)")
 	f.StringVar(&o.appAddr, "appliance-listen", "127.0.0.1:7441", "appliance API address")
@@ -275,7 +301,7 @@ master key file warns at start-up.`,
 	f.DurationVar(&o.certTTL, "cert-ttl", time.Hour, "lifetime of an attested appliance certificate")
 	f.DurationVar(&o.reattest, "reattest", 5*time.Minute, "how often appliances re-attest")
 	o.p11.addFlags(f, "use")
-	for _, n := range []string{"dir", "name", "operator-ca", "manufacturer-ca", "image-pubkey"} {
+	for _, n := range []string{"dir", "name", "manufacturer-ca", "image-pubkey"} {
 		cmd.MarkFlagRequired(n)
 	}
 	cmd.MarkFlagDirname("dir")
@@ -393,10 +419,23 @@ func serve(ctx context.Context, stderr io.Writer, o serveOptions) error {
 	} else {
 		log.Info("master key in a PKCS#11 token", "module", o.p11.module, "token", mk.token.TokenLabel, "key", mk.token.KeyLabel)
 	}
-	ops, err := pki.LoadPool(o.opCA)
+	opCA := o.opCA
+	if opCA == "" {
+		opCA = filepath.Join(o.dir, CustodianCAFile)
+		if _, err := os.Stat(opCA); errors.Is(err, fs.ErrNotExist) {
+			return cli.Next(fmt.Errorf("no custodian CA in %s: %w", o.dir, err),
+				"run `keybroker custodian add --dir %s --name NAME` (it creates the broker's custodian CA and a first custodian), or pass --operator-ca FILE", o.dir)
+		}
+	}
+	ops, err := pki.LoadPool(opCA)
 	if err != nil {
 		return err
 	}
+	revoked, err := loadRevokedCustodians(o.dir)
+	if err != nil {
+		return err
+	}
+	log.Info("operator API admits this broker's custodians", "custodian_ca", opCA, "revoked", len(revoked))
 	manu, err := pki.LoadPool(o.manuCA)
 	if err != nil {
 		return err
@@ -406,14 +445,15 @@ func serve(ctx context.Context, stderr io.Writer, o serveOptions) error {
 		return err
 	}
 	b, err := broker.New(broker.Config{Name: o.name, Dir: o.dir, Sealer: mk.sealer, ManufacturerCAs: manu, ImageKey: img,
-		ServiceCA: svc, NonceTTL: o.nonceTTL, CertTTL: o.certTTL, ReattestAfter: o.reattest, AuditKey: auditKey, Log: log})
+		ServiceCA: svc, NonceTTL: o.nonceTTL, CertTTL: o.certTTL, ReattestAfter: o.reattest, AuditKey: auditKey,
+		Custodians: ops, RevokedCustodians: revoked, Log: log})
 	if err != nil {
 		return err
 	}
 	defer b.Close()
 	appSrv := &http.Server{Addr: o.appAddr, Handler: b.ApplianceHandler(), TLSConfig: b.ApplianceTLSConfig(tlsCert),
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute}
-	opSrv := &http.Server{Addr: o.opAddr, Handler: b.OperatorHandler(), TLSConfig: broker.OperatorTLSConfig(tlsCert, ops),
+	opSrv := &http.Server{Addr: o.opAddr, Handler: b.OperatorHandler(), TLSConfig: b.CustodianTLSConfig(tlsCert),
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute}
 	errc := make(chan error, 2)
 	go func() { errc <- appSrv.ListenAndServeTLS("", "") }()
