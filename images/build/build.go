@@ -249,7 +249,12 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
 		return nil, fmt.Errorf("create output folder: %w", err)
 	}
-	boot, err := BootImage(ctx, o.CacheDir, o.Version, vmlinuz, initramfs, o.Cmdline, o.SecureBoot, filepath.Join(o.OutDir, DiskFile), log)
+	// The disk image is written beside the old one and renamed into place
+	// with the other artifacts at the end: a build that fails half-way
+	// leaves the previous image whole.
+	newDisk := filepath.Join(o.OutDir, DiskFile+".new")
+	defer os.Remove(newDisk)
+	boot, err := BootImage(ctx, o.CacheDir, o.Version, vmlinuz, initramfs, o.Cmdline, o.SecureBoot, newDisk, log)
 	if err != nil {
 		return nil, err
 	}
@@ -288,6 +293,11 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	} {
 		if err := writeAtomic(filepath.Join(o.OutDir, f.name), f.data); err != nil {
 			return nil, err
+		}
+		if f.name == UKIFile {
+			if err := os.Rename(newDisk, filepath.Join(o.OutDir, DiskFile)); err != nil {
+				return nil, fmt.Errorf("install the disk image: %w", err)
+			}
 		}
 	}
 	return &Result{Manifest: m, InitramfsSize: len(initramfs), UKISize: len(boot.UKI), UKIStub: boot.Stub,
