@@ -31,11 +31,7 @@ import (
 // appliance's attestation then releases nothing.
 func TestDestroyShares(t *testing.T) {
 	e := newEnv(t, 2, 2)
-	var brokers []opclient.Broker
-	for _, rb := range e.brokers {
-		brokers = append(brokers, opclient.Broker{Name: rb.name, URL: "https://" + rb.opLn.Addr().String()})
-	}
-	oc := opclient.New(brokers, e.opCert, e.rootPool())
+	oc := e.operatorClient()
 	ctx := context.Background()
 
 	d := tpmtest.NewBootDigests("image-1")

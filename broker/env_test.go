@@ -27,6 +27,7 @@ import (
 	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/manifest"
+	"github.com/dataembassy/embassy/operator/opclient"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
@@ -351,3 +352,13 @@ func ctxTimeout(t testing.TB, d time.Duration) context.Context {
 }
 
 var fastRetry = attest.Backoff{Initial: 50 * time.Millisecond, Max: 200 * time.Millisecond}
+
+// operatorClient is an embassyctl client of every broker of e, with the
+// test operator's credential.
+func (e *env) operatorClient() *opclient.Client {
+	var brokers []opclient.Broker
+	for _, rb := range e.brokers {
+		brokers = append(brokers, opclient.Broker{Name: rb.name, URL: "https://" + rb.opLn.Addr().String()})
+	}
+	return opclient.New(brokers, e.opCert, e.rootPool())
+}

@@ -102,11 +102,7 @@ func digestHex(s string) string {
 // nothing pending, and on a revoked appliance, is refused.
 func TestFirmwareReference(t *testing.T) {
 	e := newEnv(t, 2, 2)
-	var brokers []opclient.Broker
-	for _, rb := range e.brokers {
-		brokers = append(brokers, opclient.Broker{Name: rb.name, URL: "https://" + rb.opLn.Addr().String()})
-	}
-	oc := opclient.New(brokers, e.opCert, e.rootPool())
+	oc := e.operatorClient()
 	ctx := context.Background()
 	d := tpmtest.NewBootDigests("image-1")
 	fw := tpmtest.NewFirmware("vendor 1.0")

@@ -18,11 +18,7 @@ import (
 // against real brokers, and checks the human and JSON renderings.
 func TestOperatorClient(t *testing.T) {
 	e := newEnv(t, 2, 2)
-	var brokers []opclient.Broker
-	for _, rb := range e.brokers {
-		brokers = append(brokers, opclient.Broker{Name: rb.name, URL: "https://" + rb.opLn.Addr().String()})
-	}
-	oc := opclient.New(brokers, e.opCert, e.rootPool())
+	oc := e.operatorClient()
 	ctx := context.Background()
 
 	d := tpmtest.NewBootDigests("image-1")
