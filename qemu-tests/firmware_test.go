@@ -66,10 +66,7 @@ func TestDiskImageBoots(t *testing.T) {
 	if _, err := exec.LookPath("sbverify"); err != nil {
 		t.Fatal("sbverify not installed (Debian sbsigntool; make deps)")
 	}
-	keys, err := sbkeys.EnsureDev(filepath.Join(cacheDir(), "keys", "secureboot"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	keys := devSecureBootKeys(t)
 	db := filepath.Join(t.TempDir(), "db.pem")
 	os.WriteFile(db, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: keys.DB.Cert.Raw}), 0o600)
 	if out, err := exec.Command("sbverify", "--cert", db, filepath.Join(imageDir(), build.UKIFile)).CombinedOutput(); err != nil {
@@ -109,7 +106,7 @@ func TestSecureBootRefusesForeignUKI(t *testing.T) {
 			if err := diskimage.Write(disk, c.uki); err != nil {
 				t.Fatal(err)
 			}
-			cfg := bootConfig(t, "uki-"+c.name, imageDir(), loadImage(t, imageDir()))
+			cfg := bootConfig(t, "uki-"+c.name, imageDir())
 			cfg.BootDisk, cfg.NICs = disk, 1
 			v := startVM(t, cfg)
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -260,10 +257,7 @@ func TestFirmwareChangedGetsNoKeys(t *testing.T) {
 	t.Run("key-database", func(t *testing.T) {
 		hb, cfg, id := provisioned(t, "firmware-dbx")
 		defer hb.close()
-		keys, err := sbkeys.EnsureDev(filepath.Join(cacheDir(), "keys", "secureboot"))
-		if err != nil {
-			t.Fatal(err)
-		}
+		keys := devSecureBootKeys(t)
 		blank, err := os.ReadFile(vm.DefaultOVMFVars)
 		if err != nil {
 			t.Fatal(err)

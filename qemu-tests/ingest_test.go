@@ -94,7 +94,7 @@ func TestRackAndIngest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := bootConfig(t, "rack", dir, m)
+	cfg := bootConfig(t, "rack", dir)
 	cfg.StateDir = t.TempDir()
 	cfg.Disks = []string{rawDisk(t, 512<<20), rawDisk(t, 512<<20)}
 	cfg.Forwards = []vm.Forward{{NIC: 0, HostPort: port, GuestPort: 8443}}

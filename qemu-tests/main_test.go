@@ -105,7 +105,7 @@ func loadImage(t testing.TB, dir string) *manifest.Manifest {
 }
 
 // bootConfig returns a VM config for the image in dir.
-func bootConfig(t testing.TB, name, dir string, m *manifest.Manifest) vm.Config {
+func bootConfig(t testing.TB, name, dir string) vm.Config {
 	t.Helper()
 	cfg := bootreport.BootConfig(name, dir)
 	cfg.LogDir = testLogDir(t)

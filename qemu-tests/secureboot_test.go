@@ -3,7 +3,6 @@ package qemutests
 import (
 	"crypto"
 	"encoding/binary"
-	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
@@ -25,10 +24,7 @@ import (
 // Secure Boot is enabled").
 func TestSecureBootVarsEnrolled(t *testing.T) {
 	requireE2E(t)
-	ks, err := sbkeys.EnsureDev(filepath.Join(cacheDir(), "keys", "secureboot"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	ks := devSecureBootKeys(t)
 	fx := provisionedEmbassy(t)
 	stub := false
 	for _, l := range fx.firstBoot.consoles[twinNames[0]] {

@@ -32,18 +32,25 @@ func copyImage(t testing.TB, src string) string {
 	return dst
 }
 
+// devSecureBootKeys are the local-default Secure Boot keys mkimage signed
+// the image with (and enrolled in its VARS).
+func devSecureBootKeys(t testing.TB) sbkeys.Keys {
+	t.Helper()
+	keys, err := sbkeys.EnsureDev(filepath.Join(cacheDir(), "keys", "secureboot"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return keys
+}
+
 // repackImage rebuilds the signed UKI and the disk image of the image copy
 // in dir from its (changed) components, signed with the local-default
 // Secure Boot db key: what someone holding the db key, and nothing else,
 // could boot.
 func repackImage(t testing.TB, dir string) {
 	t.Helper()
-	keys, err := sbkeys.EnsureDev(filepath.Join(cacheDir(), "keys", "secureboot"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	m := loadImage(t, imageDir())
-	if err := build.Repack(context.Background(), dir, cacheDir(), m.Version, keys); err != nil {
+	if err := build.Repack(context.Background(), dir, cacheDir(), m.Version, devSecureBootKeys(t)); err != nil {
 		t.Fatalf("repack the image: %v", err)
 	}
 }

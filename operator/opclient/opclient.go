@@ -175,18 +175,25 @@ func (c *Client) each(ctx context.Context, method, path string, in any) ([]Outco
 	var errs []error
 	for _, b := range c.Brokers {
 		err := c.do(ctx, b, method, path, in, nil)
-		o := Outcome{Broker: b.Name, OK: err == nil}
 		if err != nil {
-			o.Error = err.Error()
-			var be *BrokerError
-			if errors.As(err, &be) {
-				o.Code = be.Code
-			}
 			errs = append(errs, err)
 		}
-		out = append(out, o)
+		out = append(out, outcome(b, err))
 	}
 	return out, errors.Join(errs...)
+}
+
+// outcome is broker b's answer to a change: ok, or the error and its code.
+func outcome(b Broker, err error) Outcome {
+	o := Outcome{Broker: b.Name, OK: err == nil}
+	if err != nil {
+		o.Error = err.Error()
+		var be *BrokerError
+		if errors.As(err, &be) {
+			o.Code = be.Code
+		}
+	}
+	return o
 }
 
 // ApproveEnrollment approves an activated appliance on every broker.
@@ -311,16 +318,10 @@ func (c *Client) DestroyShares(ctx context.Context, id string) ([]Destruction, e
 	for _, b := range c.Brokers {
 		var resp api.DestroySharesResponse
 		err := c.do(ctx, b, http.MethodPost, api.PathAppliances+id+"/destroy-shares", struct{}{}, &resp)
-		d := Destruction{Outcome: Outcome{Broker: b.Name, OK: err == nil}, Destroyed: resp.Destroyed}
 		if err != nil {
-			d.Error = err.Error()
-			var be *BrokerError
-			if errors.As(err, &be) {
-				d.Code = be.Code
-			}
 			errs = append(errs, err)
 		}
-		out = append(out, d)
+		out = append(out, Destruction{Outcome: outcome(b, err), Destroyed: resp.Destroyed})
 	}
 	return out, errors.Join(errs...)
 }
