@@ -49,7 +49,6 @@ func platformOf(values map[int][]byte, events []eventlog.Event, now time.Time) *
 		if r := []rune(e.Info); len(r) > maxInfo {
 			e.Info = string(r[:maxInfo]) + "…"
 		}
-		e.Type = typeName(e.Type)
 		if len(fw.Events) == maxEvents {
 			// The PCR values still decide; beyond this many events the
 			// record says only that there were more.
@@ -59,21 +58,6 @@ func platformOf(values map[int][]byte, events []eventlog.Event, now time.Time) *
 		fw.Events = append(fw.Events, e)
 	}
 	return fw
-}
-
-// typeName names the event types of the TCG PC Client Platform Firmware
-// Profile that go-attestation prints as numbers. Display only: an event's
-// type is not covered by its digest.
-func typeName(t string) string {
-	switch t {
-	case "EventType(0x8000000a)":
-		return "EV_EFI_PLATFORM_FIRMWARE_BLOB2"
-	case "EventType(0x8000000b)":
-		return "EV_EFI_HANDOFF_TABLES2"
-	case "EventType(0x8000000c)":
-		return "EV_EFI_VARIABLE_BOOT2"
-	}
-	return t
 }
 
 // activationEvidence verifies the platform evidence sent with an

@@ -71,7 +71,7 @@ func Replay(raw []byte, pcrs map[int][]byte) ([]Event, error) {
 	out := make([]Event, 0, len(evs))
 	for _, e := range evs {
 		seen[e.Index] = true
-		out = append(out, Event{PCR: e.Index, Type: e.Type.String(), Digest: hex.EncodeToString(e.Digest), Info: Describe(e.Data)})
+		out = append(out, Event{PCR: e.Index, Type: TypeName(e.Type.String()), Digest: hex.EncodeToString(e.Digest), Info: Describe(e.Data)})
 	}
 	for _, p := range list {
 		if !seen[p.Index] && !bytes.Equal(p.Digest, make([]byte, sha256.Size)) {
@@ -90,9 +90,25 @@ func Unverified(raw []byte) ([]Event, error) {
 	}
 	var out []Event
 	for _, e := range el.Events(attest.HashSHA256) {
-		out = append(out, Event{PCR: e.Index, Type: e.Type.String(), Digest: hex.EncodeToString(e.Digest), Info: Describe(e.Data)})
+		out = append(out, Event{PCR: e.Index, Type: TypeName(e.Type.String()), Digest: hex.EncodeToString(e.Digest), Info: Describe(e.Data)})
 	}
 	return out, nil
+}
+
+// TypeName names the event types of the TCG PC Client Platform Firmware
+// Profile that go-attestation prints as numbers (it knows their
+// predecessors only). Display only: an event's type is not covered by
+// its digest.
+func TypeName(t string) string {
+	switch t {
+	case "EventType(0x8000000a)":
+		return "EV_EFI_PLATFORM_FIRMWARE_BLOB2"
+	case "EventType(0x8000000b)":
+		return "EV_EFI_HANDOFF_TABLES2"
+	case "EventType(0x8000000c)":
+		return "EV_EFI_VARIABLE_BOOT2"
+	}
+	return t
 }
 
 // MaxDescription bounds Describe's text, so that a hostile event log
