@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"net/http"
 	"os"
@@ -41,7 +42,12 @@ func newCtl(t *testing.T, e *env) *ctl {
 	if err := pki.WritePEM(filepath.Join(c.dir, "operator.pem"), leaf, filepath.Join(c.dir, "operator.key"), key); err != nil {
 		t.Fatal(err)
 	}
-	if err := pki.WritePEM(filepath.Join(c.dir, "broker-ca.pem"), e.root.Cert, "", nil); err != nil {
+	// The fallback CA bundle: every broker's own root.
+	var bundle []byte
+	for _, rb := range e.brokers {
+		bundle = append(bundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: rb.root.Cert.Raw})...)
+	}
+	if err := os.WriteFile(filepath.Join(c.dir, "broker-ca.pem"), bundle, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return c

@@ -251,8 +251,8 @@ func TestNegativeMatrix(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer b.Close()
-		other := &appliance{sim: a.sim, tpm: b, log: a.log, tlsKey: a.tlsKey}
-		other.c, _ = attest.New(e.cfg, e.rootPool(), b, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet())
+		other := &appliance{sim: a.sim, tpm: b, log: a.log, tlsKey: a.tlsKey, cfg: a.cfg, brokerCAs: a.brokerCAs}
+		other.c, _ = attest.New(e.cfg, e.brokerCAs(), b, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet())
 		ek, _ := b.EKPublicDER()
 		akPub, _ := b.AKPublic()
 		var ch api.EnrollChallenge

@@ -56,6 +56,7 @@ func (c *clock) advance(d time.Duration) {
 type runningBroker struct {
 	name          string
 	dir           string
+	root          *pki.Issuer // the broker's own root CA, pinned in the image
 	cfg           broker.Config
 	b             *broker.Broker
 	appLn, opLn   net.Listener
@@ -67,7 +68,6 @@ type runningBroker struct {
 type env struct {
 	t          testing.TB
 	manu       *tpmtest.CA
-	root       *pki.Issuer // broker CA, baked into the image
 	operatorCA *pki.Issuer
 	opCert     tls.Certificate
 	imageKey   ed25519.PrivateKey
@@ -82,9 +82,6 @@ func newEnv(t testing.TB, n, k int) *env {
 	t.Helper()
 	e := &env{t: t, manu: tpmtest.NewCA(t, "Test TPM Manufacturer"), clock: &clock{}}
 	var err error
-	if e.root, err = pki.NewRootCA("home-state broker CA", 24*time.Hour); err != nil {
-		t.Fatal(err)
-	}
 	if e.operatorCA, err = pki.NewRootCA("home-state operator CA", 24*time.Hour); err != nil {
 		t.Fatal(err)
 	}
@@ -100,12 +97,15 @@ func newEnv(t testing.TB, n, k int) *env {
 	for i := 0; i < n; i++ {
 		name := fmt.Sprintf("broker-%c", 'a'+i)
 		rb := &runningBroker{name: name, dir: t.TempDir()}
-		svc, err := e.root.NewIntermediate(name+" service CA", 24*time.Hour)
+		if rb.root, err = pki.NewRootCA(name+" root CA", 24*time.Hour); err != nil {
+			t.Fatal(err)
+		}
+		svc, err := rb.root.NewIntermediate(name+" service CA", 24*time.Hour)
 		if err != nil {
 			t.Fatal(err)
 		}
 		srvKey, _ := pki.NewKey()
-		srvLeaf, err := e.root.Leaf(name, []string{"127.0.0.1"}, &srvKey.PublicKey, 24*time.Hour)
+		srvLeaf, err := rb.root.Leaf(name, []string{"127.0.0.1"}, &srvKey.PublicKey, 24*time.Hour)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -171,10 +171,24 @@ func (e *env) stop(i int) {
 	rb.b, rb.appLn, rb.opLn = nil, nil, nil
 }
 
+// rootPool trusts every broker's root: for a test's own client that
+// talks to any of them. The appliance pins each broker's alone
+// (brokerCAs).
 func (e *env) rootPool() *x509.CertPool {
 	p := x509.NewCertPool()
-	p.AddCert(e.root.Cert)
+	for _, rb := range e.brokers {
+		p.AddCert(rb.root.Cert)
+	}
 	return p
+}
+
+// brokerCAs is what the image pins: each broker's own root, by name.
+func (e *env) brokerCAs() map[string]*x509.CertPool {
+	m := map[string]*x509.CertPool{}
+	for _, rb := range e.brokers {
+		m[rb.name] = rb.root.Pool()
+	}
+	return m
 }
 
 // op sends an operator request to broker i and returns the API error text.
@@ -289,20 +303,23 @@ type appliance struct {
 	log    []byte
 	tlsKey *ecdsa.PrivateKey
 	c      *attest.Client
+	// cfg and brokerCAs are the image's: the brokers and their pinned CAs.
+	cfg       *config.Config
+	brokerCAs map[string]*x509.CertPool
 }
 
 // boot powers on the machine with TPM seed, measures image d and makes
 // its broker client.
 func (e *env) boot(seed int64, d tpmtest.BootDigests, ekType attester.EKType) *appliance {
 	e.t.Helper()
-	a := &appliance{sim: tpmtest.NewSimulator(e.t, e.manu, seed)}
+	a := &appliance{sim: tpmtest.NewSimulator(e.t, e.manu, seed), cfg: e.cfg, brokerCAs: e.brokerCAs()}
 	a.log = tpmtest.MeasuredBoot(e.t, a.sim, d)
 	var err error
 	if a.tpm, err = attester.Open(a.sim, ekType); err != nil {
 		e.t.Fatal(err)
 	}
 	a.tlsKey, _ = pki.NewKey()
-	a.c, err = attest.New(e.cfg, e.rootPool(), a.tpm, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet())
+	a.c, err = attest.New(a.cfg, a.brokerCAs, a.tpm, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet())
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -323,8 +340,7 @@ func (a *appliance) reboot(t testing.TB, d tpmtest.BootDigests) {
 		t.Fatal(err)
 	}
 	// The broker client must use the new key handles.
-	cfg, roots := a.c.Config()
-	if a.c, err = attest.New(cfg, roots, a.tpm, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet()); err != nil {
+	if a.c, err = attest.New(a.cfg, a.brokerCAs, a.tpm, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet()); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -41,14 +41,14 @@ func (e *env) bootFirmware(seed int64, fw tpmtest.Firmware, d tpmtest.BootDigest
 // bootLog powers on a machine with TPM seed whose boot measure plays.
 func (e *env) bootLog(seed int64, measure func(io.ReadWriter) []byte) *appliance {
 	e.t.Helper()
-	a := &appliance{sim: tpmtest.NewSimulator(e.t, e.manu, seed)}
+	a := &appliance{sim: tpmtest.NewSimulator(e.t, e.manu, seed), cfg: e.cfg, brokerCAs: e.brokerCAs()}
 	a.log = measure(a.sim)
 	var err error
 	if a.tpm, err = attester.Open(a.sim, attester.EKRSA); err != nil {
 		e.t.Fatal(err)
 	}
 	a.tlsKey, _ = pki.NewKey()
-	if a.c, err = attest.New(e.cfg, e.rootPool(), a.tpm, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet()); err != nil {
+	if a.c, err = attest.New(a.cfg, a.brokerCAs, a.tpm, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet()); err != nil {
 		e.t.Fatal(err)
 	}
 	return a
@@ -67,8 +67,7 @@ func (a *appliance) rebootFirmware(t testing.TB, fw tpmtest.Firmware, d tpmtest.
 	if a.tpm, err = attester.Open(a.sim, attester.EKRSA); err != nil {
 		t.Fatal(err)
 	}
-	cfg, roots := a.c.Config()
-	if a.c, err = attest.New(cfg, roots, a.tpm, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet()); err != nil {
+	if a.c, err = attest.New(a.cfg, a.brokerCAs, a.tpm, a.tlsKey, func() ([]byte, error) { return a.log, nil }, quiet()); err != nil {
 		t.Fatal(err)
 	}
 }

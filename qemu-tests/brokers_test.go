@@ -147,10 +147,6 @@ func startHostBrokersFrom(t testing.TB, state brokerState) *hostBrokers {
 func newHostBrokers(t testing.TB, state brokerState) *hostBrokers {
 	t.Helper()
 	pkiDir := filepath.Join(cacheDir(), "pki")
-	root, err := pki.LoadIssuer(filepath.Join(pkiDir, "broker-ca.pem"), filepath.Join(pkiDir, "broker-ca.key"))
-	if err != nil {
-		t.Fatalf("local broker CA (built with the image): %v", err)
-	}
 	// The manufacturer CA is swtpm's local CA; make sure it exists before
 	// the first VM's swtpm_setup would create it.
 	caDir := filepath.Join(cacheDir(), "swtpm-localca")
@@ -185,7 +181,8 @@ func newHostBrokers(t testing.TB, state brokerState) *hostBrokers {
 	}
 	var opBrokers []opclient.Broker
 	for i := 0; i < 3; i++ {
-		name := fmt.Sprintf("broker-%c", 'a'+i)
+		name := brokerNames[i]
+		root := brokerRoot(t, i)
 		svc, err := root.NewIntermediate(name+" service CA", 24*time.Hour)
 		if err != nil {
 			t.Fatal(err)
@@ -217,7 +214,7 @@ func newHostBrokers(t testing.TB, state brokerState) *hostBrokers {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hb.ops = opclient.New(opBrokers, cert, root.Pool())
+	hb.ops = opclient.New(opBrokers, cert, rootPool(t))
 	leafCert, err := x509.ParseCertificate(cert.Certificate[0])
 	if err != nil {
 		t.Fatal(err)

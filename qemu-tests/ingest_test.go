@@ -14,16 +14,64 @@ import (
 	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/images/build"
+	"github.com/dataembassy/embassy/images/devpki"
+	"github.com/dataembassy/embassy/protocol/identity"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
 
-func rootPool(t testing.TB) *x509.CertPool {
+// brokerNames are the brokers of the local-default image config.
+var brokerNames = []string{"broker-a", "broker-b", "broker-c"}
+
+// brokerRoot is broker i's own root CA, the one the image pins for it
+// (mkimage's local default in the cache).
+func brokerRoot(t testing.TB, i int) *pki.Issuer {
 	t.Helper()
-	p, err := pki.LoadPool(filepath.Join(cacheDir(), "pki", "broker-ca.pem"))
+	ca, err := devpki.BrokerCA(filepath.Join(cacheDir(), "pki"), brokerNames[i])
 	if err != nil {
 		t.Fatal(err)
 	}
+	root, err := pki.LoadIssuer(ca.CertPath, ca.KeyPath)
+	if err != nil {
+		t.Fatalf("%s root CA (built with the image): %v", brokerNames[i], err)
+	}
+	return root
+}
+
+// rootPool trusts every broker's root: what a client that checks an
+// appliance the standard way (restic) is given.
+func rootPool(t testing.TB) *x509.CertPool {
+	t.Helper()
+	p := x509.NewCertPool()
+	for i := range brokerNames {
+		p.AddCert(brokerRoot(t, i).Cert)
+	}
 	return p
+}
+
+// rootsFile writes rootPool's certificates as a PEM bundle (restic's
+// --cacert) and returns its path.
+func rootsFile(t testing.TB) string {
+	t.Helper()
+	var b []byte
+	for i := range brokerNames {
+		b = append(b, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: brokerRoot(t, i).Cert.Raw})...)
+	}
+	path := filepath.Join(t.TempDir(), "broker-roots.pem")
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// applianceIDs decides an appliance's identity as a twin does: 2 of the 3
+// brokers, each through its own root, must vouch for its key.
+func applianceIDs(t testing.TB) identity.Verifier {
+	t.Helper()
+	v := identity.Verifier{Threshold: 2}
+	for i, n := range brokerNames {
+		v.Brokers = append(v.Brokers, identity.Authority{Broker: n, Roots: brokerRoot(t, i).Pool()})
+	}
+	return v
 }
 
 // resticClient holds what the host-side restic needs to reach an
@@ -49,7 +97,7 @@ func newResticClient(t testing.TB, port int, clientName string) *resticClient {
 	os.WriteFile(certFile, append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leaf.Raw}),
 		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})...), 0o600)
 	return &resticClient{url: fmt.Sprintf("rest:https://127.0.0.1:%d/population/", port),
-		caFile: filepath.Join(pkiDir, "broker-ca.pem"), certFile: certFile}
+		caFile: rootsFile(t), certFile: certFile}
 }
 
 func (r *resticClient) run(t testing.TB, args ...string) (string, error) {
@@ -126,7 +174,7 @@ func TestRackAndIngest(t *testing.T) {
 		t.Logf("restic %v: %.1fs", step[0], time.Since(start).Seconds())
 	}
 	// The operators' remote attestation check passes.
-	verdict, err := hb.ops.AttestAppliance(ctx, fmt.Sprintf("127.0.0.1:%d", port), rootPool(t))
+	verdict, err := hb.ops.AttestAppliance(ctx, fmt.Sprintf("127.0.0.1:%d", port), applianceIDs(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -31,6 +31,7 @@ import (
 	"github.com/dataembassy/embassy/appliance/config"
 	"github.com/dataembassy/embassy/keys/shamir"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/protocol/identity"
 	"github.com/dataembassy/embassy/tpm/attester"
 )
 
@@ -49,7 +50,7 @@ var _ TPM = (*attester.Attester)(nil)
 // Client talks to the brokers of an image config.
 type Client struct {
 	cfg       *config.Config
-	roots     *x509.CertPool
+	roots     map[string]*x509.CertPool // each broker's own CA, by name
 	tpm       TPM
 	tpmMu     sync.Mutex // one TPM command sequence at a time
 	id        string
@@ -72,9 +73,17 @@ func (c *Client) ReportHealth(fn func() *api.Health) {
 	c.health.Store(&fn)
 }
 
-// New makes a client. tlsKey is the appliance's ephemeral TLS key whose
-// hash goes into every quote; eventLog reads the firmware event log.
-func New(cfg *config.Config, brokerCAs *x509.CertPool, tpm TPM, tlsKey crypto.Signer, eventLog func() ([]byte, error), log *slog.Logger) (*Client, error) {
+// New makes a client. brokerCAs holds each broker's own CA, by broker
+// name: the client talks to broker i (and deposits share i) only over TLS
+// that chains to broker i's CA, so no other broker's CA can stand in for
+// it. tlsKey is the appliance's ephemeral TLS key whose hash goes into
+// every quote; eventLog reads the firmware event log.
+func New(cfg *config.Config, brokerCAs map[string]*x509.CertPool, tpm TPM, tlsKey crypto.Signer, eventLog func() ([]byte, error), log *slog.Logger) (*Client, error) {
+	for _, b := range cfg.Brokers {
+		if brokerCAs[b.Name] == nil {
+			return nil, fmt.Errorf("broker %s: no CA pinned for it", b.Name)
+		}
+	}
 	ek, err := tpm.EKPublicDER()
 	if err != nil {
 		return nil, err
@@ -87,8 +96,15 @@ func New(cfg *config.Config, brokerCAs *x509.CertPool, tpm TPM, tlsKey crypto.Si
 		eventLog: eventLog, log: log}, nil
 }
 
-// Config returns the image config and broker CA pool the client uses.
-func (c *Client) Config() (*config.Config, *x509.CertPool) { return c.cfg, c.roots }
+// Verifier is how this appliance decides a peer's identity: k of its
+// brokers, each through its own pinned CA, must vouch for the peer's key.
+func (c *Client) Verifier() identity.Verifier {
+	v := identity.Verifier{Threshold: c.cfg.Threshold}
+	for _, b := range c.cfg.Brokers {
+		v.Brokers = append(v.Brokers, identity.Authority{Broker: b.Name, Roots: c.roots[b.Name]})
+	}
+	return v
+}
 
 // ID is the appliance id the brokers know it by.
 func (c *Client) ID() string { return c.id }
@@ -96,8 +112,9 @@ func (c *Client) ID() string { return c.id }
 // TLSPublicKey returns the PKIX DER of the ephemeral TLS key.
 func (c *Client) TLSPublicKey() []byte { return c.tlsPub }
 
-func (c *Client) httpClient(cert *tls.Certificate) *http.Client {
-	tc := &tls.Config{RootCAs: c.roots, MinVersion: tls.VersionTLS13}
+// httpClient dials broker b, believing only b's own CA.
+func (c *Client) httpClient(b config.Broker, cert *tls.Certificate) *http.Client {
+	tc := &tls.Config{RootCAs: c.roots[b.Name], MinVersion: tls.VersionTLS13}
 	if cert != nil {
 		tc.Certificates = []tls.Certificate{*cert}
 	}
@@ -131,7 +148,7 @@ func (c *Client) post(ctx context.Context, b config.Broker, path string, cert *t
 	if err != nil {
 		return err
 	}
-	hc := c.httpClient(cert)
+	hc := c.httpClient(b, cert)
 	var lastErr error
 	for _, i := range c.endpointOrder(b) {
 		ep := b.Endpoints[i]
@@ -283,6 +300,10 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 	leaf, err := x509.ParseCertificate(resp.Certificate[0])
 	if err != nil {
 		res.Err = fmt.Errorf("broker %s certificate: %w", b.Name, err)
+		return res
+	}
+	if !bytes.Equal(leaf.RawSubjectPublicKeyInfo, c.tlsPub) || len(resp.Certificate) > 4 {
+		res.Err = fmt.Errorf("broker %s sent a certificate that is not for this appliance's TLS key, or a chain of %d", b.Name, len(resp.Certificate))
 		return res
 	}
 	res.Certificate = &tls.Certificate{Certificate: resp.Certificate, PrivateKey: c.tlsKey, Leaf: leaf}

@@ -1,8 +1,10 @@
 package attest
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -91,6 +93,30 @@ func (r Round) Peers(k int) []api.Peer {
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Certificate is what the appliance presents as a TLS server and client:
+// the first broker's certificate for its key with that broker's chain,
+// followed by every other broker's certificate for the same key and its
+// chain. A peer believes the key only if k brokers' certificates are
+// there (identity.Verifier); a client that checks the standard way sees
+// the first broker's chain. Results without a certificate are skipped;
+// nil if none has one.
+func (r Round) Certificate() *tls.Certificate {
+	var out *tls.Certificate
+	for _, res := range r {
+		if res == nil || res.Certificate == nil || len(res.Certificate.Certificate) == 0 {
+			continue
+		}
+		if out == nil {
+			c := *res.Certificate
+			c.Certificate = slices.Clone(c.Certificate)
+			out = &c
+			continue
+		}
+		out.Certificate = append(out.Certificate, res.Certificate.Certificate...)
+	}
 	return out
 }
 

@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 
 	"github.com/dataembassy/embassy/appliance/objref"
@@ -23,11 +24,38 @@ import (
 // Paths inside the image.
 const (
 	Path         = "/etc/embassy/config.json"
-	BrokerCAPath = "/etc/embassy/broker-ca.pem"
+	BrokerCADir  = "/etc/embassy/broker-ca"
 	ClientCAPath = "/etc/embassy/client-ca.pem"
 	ImageInfo    = "/etc/embassy/image.json"
 	ModulesLoad  = "/etc/embassy/modules.load"
 )
+
+// BrokerCAPath is where the image keeps broker name's own CA: the only CA
+// the appliance believes for that broker (its TLS server and the
+// certificates it issues). No broker's CA vouches for another broker.
+func BrokerCAPath(name string) string { return BrokerCADir + "/" + name + ".pem" }
+
+// CheckBrokerCAs checks that cas holds exactly one CA bundle for each of
+// the config's brokers, and that each parses.
+func (c *Config) CheckBrokerCAs(cas map[string][]byte) error {
+	for _, b := range c.Brokers {
+		pem, ok := cas[b.Name]
+		if !ok {
+			return fmt.Errorf("broker %s has no CA: each broker's own CA is pinned in the image", b.Name)
+		}
+		if _, err := ParseCertBundle(pem); err != nil {
+			return fmt.Errorf("broker %s CA: %w", b.Name, err)
+		}
+	}
+	if len(cas) != len(c.Brokers) {
+		for name := range cas {
+			if !slices.ContainsFunc(c.Brokers, func(b Broker) bool { return b.Name == name }) {
+				return fmt.Errorf("CA given for %q, which is not a broker of the config", name)
+			}
+		}
+	}
+	return nil
+}
 
 // MaxSize bounds the config file.
 const MaxSize = 1 << 20

@@ -119,9 +119,11 @@ func Run(log *slog.Logger) {
 	if _, err := netup.Up(ctx, log); err != nil {
 		halt(log, "network", err)
 	}
-	pool, err := loadPool(config.BrokerCAPath)
-	if err != nil {
-		halt(log, "broker CA bundle", err)
+	brokerCAs := map[string]*x509.CertPool{}
+	for _, b := range cfg.Brokers {
+		if brokerCAs[b.Name], err = loadPool(config.BrokerCAPath(b.Name)); err != nil {
+			halt(log, "broker "+b.Name+" CA", err)
+		}
 	}
 	att, err := attester.Open(tpm, attester.EKRSA)
 	if err != nil {
@@ -131,7 +133,7 @@ func Run(log *slog.Logger) {
 	if err != nil {
 		halt(log, "TLS key", err)
 	}
-	ac, err := attest.New(cfg, pool, att, tlsKey, func() ([]byte, error) { return os.ReadFile(measuredboot.EventLogPath) }, log)
+	ac, err := attest.New(cfg, brokerCAs, att, tlsKey, func() ([]byte, error) { return os.ReadFile(measuredboot.EventLogPath) }, log)
 	if err != nil {
 		halt(log, "broker client", err)
 	}
@@ -232,9 +234,8 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 
 	serveCtx, stopServing := context.WithCancel(ctx)
 	var cert atomic.Pointer[tls.Certificate]
-	cert.Store(results[0].Certificate)
-	_, brokerRoots := ac.Config()
-	rep := replicate.New(serveCtx, st, brokerRoots, cert.Load, log, replicate.Options{AntiEntropyEvery: 30 * time.Second})
+	cert.Store(results.Certificate())
+	rep := replicate.New(serveCtx, st, ac.Verifier(), cert.Load, log, replicate.Options{AntiEntropyEvery: 30 * time.Second})
 	peers := attest.Round(results).Peers(cfg.Threshold)
 	rep.SetPeers(peers)
 	st.SetFallback(func(ns, name string) ([]byte, error) {
@@ -245,7 +246,7 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	// One bound on the upload bytes in memory for both servers: PID 1
 	// killed by the OOM killer would be a dead appliance.
 	uploads := objectio.NewBudget(objectio.DefaultBudget)
-	repSrv := (&replicate.Server{Store: st, Roots: brokerRoots, Allowed: rep.IsPeer, Log: log, Budget: uploads}).Init()
+	repSrv := (&replicate.Server{Store: st, IDs: ac.Verifier(), Allowed: rep.IsPeer, Log: log, Budget: uploads}).Init()
 
 	watcher := diskwatch.New(diskwatch.Config{Log: log, SysBlock: sysBlock, DevDir: devDir, ApplianceID: ac.ID(),
 		Store: st, Volumes: vm, Refused: refused, Provision: dk.provisionApproved, Peers: rep.Lag,

@@ -334,7 +334,7 @@ func (n *Node) reattest(ctx context.Context) (attest.Round, *StopError) {
 	if err != nil {
 		return nil, n.stopped(ctx, err)
 	}
-	n.d.Cert.Store(res[0].Certificate)
+	n.d.Cert.Store(attest.Round(res).Certificate())
 	if n.d.Reattested != nil {
 		n.d.Reattested(res)
 	}

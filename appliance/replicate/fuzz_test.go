@@ -21,7 +21,14 @@ func FuzzServeRequest(f *testing.F) {
 	peer := strings.Repeat("b", 32)
 	n.rep.SetPeers([]api.Peer{{ID: peer, Endpoints: []string{"127.0.0.1:1"}}})
 	cert := p.attested(f, peer)
-	chain := []*x509.Certificate{cert.Leaf, p.svc.Cert}
+	var chain []*x509.Certificate
+	for _, der := range cert.Certificate {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			f.Fatal(err)
+		}
+		chain = append(chain, c)
+	}
 	f.Add("PUT", PathObject, "ns=reg/data&name=00", "x")
 	f.Add("PUT", PathObject, "ns=reg/config&name=config", "cfg")
 	f.Add("GET", PathList, "ns=reg/data", "")

@@ -27,31 +27,60 @@ import (
 	"github.com/dataembassy/embassy/protocol/identity"
 )
 
-// testPKI is a broker root with a service CA, as keybroker init makes.
+// testPKI is three brokers, each with its own root and service CA as
+// keybroker init makes them; two must vouch for a peer.
 type testPKI struct {
-	root, svc *pki.Issuer
+	roots, svcs []*pki.Issuer
 }
 
 func newPKI(t testing.TB) *testPKI {
-	root, err := pki.NewRootCA("test broker CA", time.Hour)
-	if err != nil {
-		t.Fatal(err)
+	p := &testPKI{}
+	for _, n := range []string{"broker-a", "broker-b", "broker-c"} {
+		root, err := pki.NewRootCA(n+" root CA", time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc, err := root.NewIntermediate(n+" service CA", time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.roots, p.svcs = append(p.roots, root), append(p.svcs, svc)
 	}
-	svc, err := root.NewIntermediate("test service CA", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testPKI{root, svc}
+	return p
 }
 
-func (p *testPKI) attested(t testing.TB, id string) *tls.Certificate {
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	leaf, err := p.svc.Leaf(id, []string{id + identity.DNSSuffix, "127.0.0.1"}, key.Public(), time.Hour)
-	if err != nil {
-		t.Fatal(err)
+// ids is how an appliance of these brokers decides a peer: 2 of 3.
+func (p *testPKI) ids() identity.Verifier {
+	v := identity.Verifier{Threshold: 2}
+	for i, r := range p.roots {
+		v.Brokers = append(v.Brokers, identity.Authority{Broker: fmt.Sprintf("broker-%c", 'a'+i), Roots: r.Pool()})
 	}
-	c := pki.TLSCertificate(leaf, key, p.svc.Cert)
-	return &c
+	return v
+}
+
+// attested is an appliance's certificate after attesting to every broker.
+func (p *testPKI) attested(t testing.TB, id string) *tls.Certificate {
+	return p.attestedBy(t, id, 0, 1, 2)
+}
+
+// attestedBy is a certificate for a fresh key from the given brokers
+// only, each broker's leaf followed by its service CA.
+func (p *testPKI) attestedBy(t testing.TB, id string, brokers ...int) *tls.Certificate {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	var c *tls.Certificate
+	for _, i := range brokers {
+		leaf, err := p.svcs[i].Leaf(id, []string{id + identity.DNSSuffix, "127.0.0.1"}, key.Public(), time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c == nil {
+			tc := pki.TLSCertificate(leaf, key, p.svcs[i].Cert)
+			c = &tc
+			continue
+		}
+		c.Certificate = append(c.Certificate, leaf.Raw, p.svcs[i].Cert.Raw)
+	}
+	return c
 }
 
 // node is one appliance's store, replication server and replicator.
@@ -77,8 +106,8 @@ func newNode(t testing.TB, p *testPKI, id string, opts Options) *node {
 	n := &node{id: id, store: st}
 	n.cert.Store(p.attested(t, id))
 	ctx, cancel := context.WithCancel(context.Background())
-	n.rep = New(ctx, st, p.root.Pool(), n.cert.Load, quiet(), opts)
-	n.srv = (&Server{Store: st, Roots: p.root.Pool(), Allowed: n.rep.IsPeer, Log: quiet()}).Init()
+	n.rep = New(ctx, st, p.ids(), n.cert.Load, quiet(), opts)
+	n.srv = (&Server{Store: st, IDs: p.ids(), Allowed: n.rep.IsPeer, Log: quiet()}).Init()
 	n.ln, err = net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -230,6 +259,8 @@ func TestRefusedPeers(t *testing.T) {
 		{"no certificate", nil, http.StatusUnauthorized},
 		{"self-signed with the peer's name", &forged, http.StatusUnauthorized},
 		{"another CA", other.attested(t, b), http.StatusUnauthorized},
+		{"one broker alone vouches", p.attestedBy(t, b, 1), http.StatusUnauthorized},
+		{"two brokers vouch", p.attestedBy(t, b, 2, 0), http.StatusOK},
 		{"attested but not a peer", p.attested(t, strings.Repeat("c", 32)), http.StatusForbidden},
 		{"the peer", p.attested(t, b), http.StatusOK},
 	}
@@ -265,8 +296,14 @@ func TestRefusedPeers(t *testing.T) {
 			}
 		})
 	}
+	refusals := 0
+	for _, c := range cases {
+		if c.status != http.StatusOK {
+			refusals += 3 // two GETs and a PUT each
+		}
+	}
 	m := metricstest.Scrape(t, a.srv.Collectors()...)
-	if !strings.Contains(m, "embassy_replication_refused_total 12") {
+	if !strings.Contains(m, fmt.Sprintf("embassy_replication_refused_total %d\n", refusals)) {
 		t.Fatalf("refusals not counted:\n%s", m)
 	}
 }

@@ -63,7 +63,7 @@ func (o *Options) defaults() {
 // Replicator pushes objects to the peers and runs anti-entropy.
 type Replicator struct {
 	store Store
-	roots *x509.CertPool
+	ids   identity.Verifier
 	cert  func() *tls.Certificate
 	log   *slog.Logger
 	opts  Options
@@ -75,11 +75,11 @@ type Replicator struct {
 }
 
 // New makes a replicator. cert returns the appliance's current attested
-// certificate (it changes at every re-attestation); roots are the brokers'
-// CA certificates.
-func New(ctx context.Context, st Store, roots *x509.CertPool, cert func() *tls.Certificate, log *slog.Logger, opts Options) *Replicator {
+// certificates (they change at every re-attestation); ids decides a
+// peer's identity (k brokers must vouch for its key).
+func New(ctx context.Context, st Store, ids identity.Verifier, cert func() *tls.Certificate, log *slog.Logger, opts Options) *Replicator {
 	opts.defaults()
-	return &Replicator{store: st, roots: roots, cert: cert, log: log, opts: opts, peers: map[string]*peer{}, ctx: ctx, metrics: newReplicatorMetrics()}
+	return &Replicator{store: st, ids: ids, cert: cert, log: log, opts: opts, peers: map[string]*peer{}, ctx: ctx, metrics: newReplicatorMetrics()}
 }
 
 type peer struct {
@@ -186,12 +186,12 @@ func (r *Replicator) transport(id, endpoint string) *http.Transport {
 			// the address it is reached at (a forward or a NAT).
 			InsecureSkipVerify: true,
 			VerifyConnection: func(cs tls.ConnectionState) error {
-				got, err := identity.Verify(cs.PeerCertificates, r.roots, time.Now(), x509.ExtKeyUsageServerAuth)
+				got, err := r.ids.Verify(cs.PeerCertificates, time.Now(), x509.ExtKeyUsageServerAuth)
 				if err != nil {
 					return err
 				}
-				if got != id {
-					return fmt.Errorf("endpoint %s is appliance %s, not peer %s", endpoint, got, id)
+				if got.ID != id {
+					return fmt.Errorf("endpoint %s is appliance %s, not peer %s", endpoint, got.ID, id)
 				}
 				return nil
 			},

@@ -69,8 +69,9 @@ type ListEntry struct {
 // answer and a log line rather than a failed handshake.
 type Server struct {
 	Store Store
-	// Roots are the brokers' CA certificates (from the image).
-	Roots *x509.CertPool
+	// IDs decides a client's identity: k brokers, each through its own
+	// CA pinned in the image, must vouch for its key.
+	IDs identity.Verifier
 	// Allowed reports whether an attested appliance id is a current peer.
 	Allowed   func(id string) bool
 	Log       *slog.Logger
@@ -92,11 +93,12 @@ func refuse(status int, format string, args ...any) error {
 
 // Peer returns the attested appliance id of the connection's client
 // certificate, or an error if it is not a certificate the brokers issued.
-func Peer(r *http.Request, roots *x509.CertPool, now time.Time) (string, error) {
+func Peer(r *http.Request, ids identity.Verifier, now time.Time) (string, error) {
 	if r.TLS == nil {
 		return "", identity.ErrNoCertificate
 	}
-	return identity.Verify(r.TLS.PeerCertificates, roots, now, x509.ExtKeyUsageClientAuth)
+	got, err := ids.Verify(r.TLS.PeerCertificates, now, x509.ExtKeyUsageClientAuth)
+	return got.ID, err
 }
 
 func (s *Server) now() time.Time {
@@ -126,7 +128,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) error {
 	if s.sem == nil {
 		return errors.New("replication server not initialised; use Init")
 	}
-	id, err := Peer(r, s.Roots, s.now())
+	id, err := Peer(r, s.IDs, s.now())
 	if err != nil {
 		return refuse(http.StatusUnauthorized, "replication needs an attested peer certificate: %v", err)
 	}

@@ -93,7 +93,7 @@ type Options struct {
 	OutDir     string
 	Version    uint64
 	Config     *config.Config
-	BrokerCA   []byte // PEM bundle
+	BrokerCAs  map[string][]byte // each broker's own CA (PEM), by broker name
 	ClientCA   []byte // PEM bundle
 	SigningKey ed25519.PrivateKey
 	// KernelPackage pins the Debian kernel package; empty takes the current one.
@@ -172,10 +172,11 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 	if err := o.Config.Validate(); err != nil {
 		return nil, err
 	}
-	for name, b := range map[string][]byte{"broker CA": o.BrokerCA, "client CA": o.ClientCA} {
-		if _, err := config.ParseCertBundle(b); err != nil {
-			return nil, fmt.Errorf("%s: %w", name, err)
-		}
+	if err := o.Config.CheckBrokerCAs(o.BrokerCAs); err != nil {
+		return nil, err
+	}
+	if _, err := config.ParseCertBundle(o.ClientCA); err != nil {
+		return nil, fmt.Errorf("client CA: %w", err)
 	}
 	if len(o.SigningKey) != ed25519.PrivateKeySize {
 		return nil, fmt.Errorf("no image-signing key")
@@ -225,15 +226,21 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	info, _ := json.Marshal(config.ImageInfoFile{Version: o.Version, KernelRelease: kern.Release})
-	for _, f := range []struct {
+	files := []struct {
 		name string
 		data []byte
 	}{
 		{config.Path, cfg},
-		{config.BrokerCAPath, o.BrokerCA},
 		{config.ClientCAPath, o.ClientCA},
 		{config.ImageInfo, append(info, '\n')},
-	} {
+	}
+	for _, b := range o.Config.Brokers {
+		files = append(files, struct {
+			name string
+			data []byte
+		}{config.BrokerCAPath(b.Name), o.BrokerCAs[b.Name]})
+	}
+	for _, f := range files {
 		if err := arc.File(f.name, f.data, 0o444); err != nil {
 			return nil, err
 		}

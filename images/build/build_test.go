@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"encoding/pem"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,7 +38,17 @@ func options(t *testing.T, out string) Options {
 	}
 	pki := t.TempDir()
 	var pems [][]byte
-	for _, n := range []string{"broker-ca", "client-ca"} {
+	brokerCAs := map[string][]byte{}
+	for _, b := range cfg.Brokers {
+		ca, err := devpki.BrokerCA(pki, b.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if brokerCAs[b.Name], err = os.ReadFile(ca.CertPath); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range []string{"client-ca"} {
 		ca, err := devpki.Ensure(pki, n, n)
 		if err != nil {
 			t.Fatal(err)
@@ -54,7 +65,7 @@ func options(t *testing.T, out string) Options {
 	}
 	return Options{
 		ModuleRoot: root, CacheDir: testenv.CacheDir(t), OutDir: out, Version: 3,
-		Config: cfg, BrokerCA: pems[0], ClientCA: pems[1],
+		Config: cfg, BrokerCAs: brokerCAs, ClientCA: pems[0],
 		SigningKey: ed25519.NewKeyFromSeed(bytes.Repeat([]byte{7}, 32)),
 		SecureBoot: keys,
 		Log:        slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
@@ -145,7 +156,8 @@ func TestReproducibleBuild(t *testing.T) {
 	for _, want := range []string{
 		"init", "dev/console", "sbin/mke2fs", "sbin/mkfs.ext4", "etc/mke2fs.conf",
 		"lib64/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/libext2fs.so.2",
-		strings.TrimPrefix(config.Path, "/"), strings.TrimPrefix(config.BrokerCAPath, "/"),
+		strings.TrimPrefix(config.Path, "/"), strings.TrimPrefix(config.BrokerCAPath("broker-a"), "/"),
+		strings.TrimPrefix(config.BrokerCAPath("broker-b"), "/"), strings.TrimPrefix(config.BrokerCAPath("broker-c"), "/"),
 		strings.TrimPrefix(config.ClientCAPath, "/"), strings.TrimPrefix(config.ModulesLoad, "/"),
 		"lib/modules/" + rel + "/modules.dep",
 		"lib/modules/" + rel + "/kernel/drivers/md/dm-crypt.ko",
@@ -223,9 +235,17 @@ func TestReproducibleBuild(t *testing.T) {
 func TestBuildRejectsBadOptions(t *testing.T) {
 	opts := options(t, t.TempDir())
 	cases := map[string]func(o *Options){
-		"version 0":       func(o *Options) { o.Version = 0 },
-		"no key":          func(o *Options) { o.SigningKey = nil },
-		"bad CA":          func(o *Options) { o.BrokerCA = []byte("junk") },
+		"version 0": func(o *Options) { o.Version = 0 },
+		"no key":    func(o *Options) { o.SigningKey = nil },
+		"bad CA":    func(o *Options) { o.BrokerCAs = map[string][]byte{"broker-a": []byte("junk")} },
+		"CA missing for a broker": func(o *Options) {
+			o.BrokerCAs = maps.Clone(o.BrokerCAs)
+			delete(o.BrokerCAs, o.Config.Brokers[0].Name)
+		},
+		"CA for no broker": func(o *Options) {
+			o.BrokerCAs = maps.Clone(o.BrokerCAs)
+			o.BrokerCAs["broker-z"] = o.ClientCA
+		},
 		"newline cmdline": func(o *Options) { o.Cmdline = "a\nb" },
 		"no config":       func(o *Options) { o.Config = nil },
 		"no db key":       func(o *Options) { o.SecureBoot.DB.Signer = nil },

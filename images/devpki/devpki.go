@@ -1,5 +1,5 @@
-// Package devpki creates the local-default certificate authorities (broker
-// CA and home-state client CA) in the cache folder on first use. They stand
+// Package devpki creates the local-default certificate authorities (each
+// broker's own root CA, the home-state client and operator CAs) in the cache folder on first use. They stand
 // in for the home state's real PKI in the demo and in tests; a production
 // build passes its own CA bundles to mkimage.
 package devpki
@@ -22,6 +22,14 @@ import (
 type CA struct {
 	CertPath string
 	KeyPath  string
+}
+
+// BrokerCA returns broker's own local-default root CA under dir (files
+// <broker>-ca.pem and .key), creating it if missing. Each broker has its
+// own: mkimage pins each in the image, and the demo's and the tests'
+// brokers each take theirs.
+func BrokerCA(dir, broker string) (CA, error) {
+	return Ensure(dir, broker+"-ca", "embassy local "+broker+" root CA")
 }
 
 // Ensure returns the CA called name under dir, creating it if missing.

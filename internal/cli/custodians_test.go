@@ -177,3 +177,54 @@ func fingerprintOf(c *x509.Certificate) string {
 	sum := sha256.Sum256(c.Raw)
 	return hex.EncodeToString(sum[:])
 }
+
+// TestInitCreatesOwnRootCA: keybroker init without --broker-ca-* gives each
+// broker a root CA of its own; the broker's TLS and service CA chain to
+// that root and to no other broker's.
+func TestInitCreatesOwnRootCA(t *testing.T) {
+	tmp := t.TempDir()
+	roots := map[string]*x509.Certificate{}
+	for _, name := range []string{"broker-a", "broker-b"} {
+		dir := filepath.Join(tmp, name)
+		out, err := execute(keybroker.NewRootCmd(), "init", "--dir", dir, "--name", name)
+		if err != nil {
+			t.Fatalf("init %s: %v\n%s", name, err, out)
+		}
+		if !strings.Contains(out, "--broker-ca "+name+"=") {
+			t.Errorf("init does not say how to pin the root CA in the image:\n%s", out)
+		}
+		root, err := pki.LoadIssuer(filepath.Join(dir, keybroker.BrokerCAFile), filepath.Join(dir, keybroker.BrokerCAKeyFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st, err := os.Stat(filepath.Join(dir, keybroker.BrokerCAKeyFile)); err != nil || st.Mode().Perm() != 0o600 {
+			t.Fatalf("root CA key mode: %v %v", st, err)
+		}
+		roots[name] = root.Cert
+	}
+	if roots["broker-a"].Equal(roots["broker-b"]) {
+		t.Fatal("two brokers share a root CA")
+	}
+	for _, name := range []string{"broker-a", "broker-b"} {
+		svc, err := pki.LoadCert(filepath.Join(tmp, name, "service-ca.pem"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tlsCert, err := pki.LoadCert(filepath.Join(tmp, name, "tls.pem"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for other, root := range roots {
+			pool := x509.NewCertPool()
+			pool.AddCert(root)
+			_, svcErr := svc.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+			_, tlsErr := tlsCert.Verify(x509.VerifyOptions{Roots: pool})
+			if own := other == name; (svcErr == nil) != own || (tlsErr == nil) != own {
+				t.Errorf("%s's service CA / TLS certificate under %s's root: %v / %v", name, other, svcErr, tlsErr)
+			}
+		}
+	}
+	if _, err := execute(keybroker.NewRootCmd(), "init", "--dir", filepath.Join(tmp, "c"), "--name", "c", "--broker-ca-cert", filepath.Join(tmp, "broker-a", keybroker.BrokerCAFile)); err == nil {
+		t.Fatal("init took --broker-ca-cert without its key")
+	}
+}

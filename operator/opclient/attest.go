@@ -12,6 +12,7 @@ import (
 	"io"
 	"net/http"
 	"sort"
+	"strings"
 	"time"
 
 	pb "github.com/google/go-tpm-tools/proto/tpm"
@@ -25,8 +26,11 @@ import (
 
 // Verdict is the outcome of an operator's remote attestation check.
 type Verdict struct {
-	Pass            bool                 `json:"pass"`
-	ApplianceID     string               `json:"appliance_id"`
+	Pass        bool   `json:"pass"`
+	ApplianceID string `json:"appliance_id"`
+	// VouchedBy are the brokers whose own CA issued a certificate for the
+	// appliance's TLS key (k at least, or there is no verdict).
+	VouchedBy       []string             `json:"vouched_by"`
 	ImageVersion    uint64               `json:"image_version,omitempty"`
 	UKIMatch        bool                 `json:"uki_match"`
 	SecureBootMatch bool                 `json:"secure_boot_match"`
@@ -40,15 +44,26 @@ type Verdict struct {
 }
 
 // AttestAppliance asks the appliance at addr (host:port of its ingest
-// service) for a fresh quote over a random nonce and verifies it: the TLS
-// certificate chains to the broker CA and names the appliance, the quote is
+// service) for a fresh quote over a random nonce and verifies it: ids (k
+// brokers, each through its own CA) agree on the TLS key and the appliance
+// it names, the quote is
 // signed by the AK the brokers enrolled and binds the nonce and the TLS key
 // of this very connection, the event log replays to the quoted PCRs and
 // the PCR4, PCR7, PCR9 and PCR11 events match an approved manifest.
-func (c *Client) AttestAppliance(ctx context.Context, addr string, brokerCAs *x509.CertPool) (*Verdict, error) {
+func (c *Client) AttestAppliance(ctx context.Context, addr string, ids identity.Verifier) (*Verdict, error) {
 	nonce := make([]byte, 32)
 	rand.Read(nonce)
-	hc := &http.Client{Timeout: time.Minute, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: brokerCAs}}}
+	var attested identity.Attested
+	hc := &http.Client{Timeout: time.Minute, Transport: &http.Transport{TLSClientConfig: &tls.Config{
+		// The appliance is believed by agreement of k brokers, not by
+		// any one CA: the standard check would accept one broker's word.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			var err error
+			attested, err = ids.Verify(cs.PeerCertificates, time.Now(), x509.ExtKeyUsageServerAuth)
+			return err
+		},
+	}}}
 	body, _ := json.Marshal(api.ChallengeRequest{Nonce: nonce})
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://"+addr+api.PathChallenge, bytes.NewReader(body))
 	if err != nil {
@@ -71,11 +86,8 @@ func (c *Client) AttestAppliance(ctx context.Context, addr string, brokerCAs *x5
 		return nil, fmt.Errorf("decode evidence: %w", err)
 	}
 	leaf := resp.TLS.PeerCertificates[0]
-	certID, err := identity.Verify(resp.TLS.PeerCertificates, brokerCAs, time.Now(), x509.ExtKeyUsageServerAuth)
-	if err != nil {
-		return nil, fmt.Errorf("appliance at %s: %w", addr, err)
-	}
-	v := &Verdict{ApplianceID: certID, LastAttestation: map[string]time.Time{}}
+	certID := attested.ID
+	v := &Verdict{ApplianceID: certID, VouchedBy: attested.Brokers, LastAttestation: map[string]time.Time{}}
 	if ch.ApplianceID != certID {
 		v.Problems = append(v.Problems, fmt.Sprintf("appliance says it is %s but its certificate names %s", ch.ApplianceID, certID))
 		return v, nil
@@ -171,6 +183,7 @@ func PrintVerdict(w io.Writer, v *Verdict) {
 		return "DIFFERS"
 	}
 	fmt.Fprintf(w, "%s: appliance %s\n", status, v.ApplianceID)
+	fmt.Fprintf(w, "  TLS key vouched for by brokers: %s\n", strings.Join(v.VouchedBy, ", "))
 	if v.ImageVersion != 0 {
 		fmt.Fprintf(w, "  image version   %d\n", v.ImageVersion)
 	}

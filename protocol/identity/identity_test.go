@@ -146,3 +146,97 @@ func TestVerifyExpired(t *testing.T) {
 		t.Fatalf("expired certificate: %v", err)
 	}
 }
+
+// TestVerifierNeedsKBrokers is the attack from a broker's side: each
+// broker has its own root; one broker's CA (the test holds its key) mints
+// whatever it likes. A key counts only when k brokers' own CAs vouch for
+// it under the same appliance name.
+func TestVerifierNeedsKBrokers(t *testing.T) {
+	id := strings.Repeat("a", 32)
+	other := strings.Repeat("b", 32)
+	type broker struct{ root, svc *ca }
+	var brokers []broker
+	var auths []identity.Authority
+	for _, n := range []string{"broker-a", "broker-b", "broker-c"} {
+		root := newCA(t, n+" root", nil)
+		brokers = append(brokers, broker{root, newCA(t, n+" service CA", root)})
+		auths = append(auths, identity.Authority{Broker: n, Roots: root.pool()})
+	}
+	v := identity.Verifier{Brokers: auths, Threshold: 2}
+	key := newKey(t)
+	// issue returns broker i's certificate for key naming appliance name,
+	// with its intermediate.
+	issue := func(i int, k *ecdsa.PrivateKey, name string) []*x509.Certificate {
+		c := mint(t, &x509.Certificate{Subject: pkix.Name{CommonName: name}, DNSNames: []string{identity.DNSName(name)},
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+			KeyUsage:    x509.KeyUsageDigitalSignature}, brokers[i].svc, &k.PublicKey, nil)
+		return []*x509.Certificate{c, brokers[i].svc.cert}
+	}
+	cat := func(parts ...[]*x509.Certificate) []*x509.Certificate {
+		var out []*x509.Certificate
+		for _, p := range parts {
+			out = append(out, p...)
+		}
+		return out
+	}
+	// A rogue: broker-a's CA minted an intermediate of its own, and a leaf
+	// under it for the appliance's name.
+	rogueSvc := newCA(t, "broker-b service CA", brokers[0].root)
+	rogueLeaf := mint(t, &x509.Certificate{Subject: pkix.Name{CommonName: id}, DNSNames: []string{identity.DNSName(id)},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, KeyUsage: x509.KeyUsageDigitalSignature},
+		rogueSvc, &key.PublicKey, nil)
+	otherKey := newKey(t)
+	tests := []struct {
+		name    string
+		chain   []*x509.Certificate
+		want    []string
+		err     error
+		errText string
+	}{
+		{"a and b vouch", cat(issue(0, key, id), issue(1, key, id)), []string{"broker-a", "broker-b"}, nil, ""},
+		{"all three, any order", cat(issue(2, key, id), issue(0, key, id), issue(1, key, id)), []string{"broker-a", "broker-b", "broker-c"}, nil, ""},
+		{"one broker alone", issue(0, key, id), nil, identity.ErrNotAgreed, "1 of 3"},
+		{"one broker's CA twice", cat(issue(0, key, id), issue(0, key, id)), nil, identity.ErrNotAgreed, "1 of 3"},
+		{"rogue intermediate under a's root posing as b's", cat(issue(0, key, id), []*x509.Certificate{rogueLeaf, rogueSvc.cert}),
+			nil, identity.ErrNotAgreed, "1 of 3"},
+		{"b's certificate is for another key", cat(issue(0, key, id), issue(1, otherKey, id)), nil, identity.ErrNotAgreed, "broker-b"},
+		{"b names another appliance for the key", cat(issue(0, key, id), issue(1, key, other)), nil, identity.ErrNoAppliance, ""},
+		{"b's intermediate missing", cat(issue(0, key, id), issue(1, key, id)[:1]), nil, identity.ErrNotAgreed, "broker-b"},
+		{"empty", nil, nil, identity.ErrNoCertificate, ""},
+		{"too many certificates", cat(issue(0, key, id), issue(1, key, id), make([]*x509.Certificate, identity.MaxPresented)),
+			nil, identity.ErrNotAttested, "at most"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := v.Verify(tc.chain, time.Now(), x509.ExtKeyUsageServerAuth)
+			if tc.err == nil {
+				if err != nil {
+					t.Fatalf("Verify: %v", err)
+				}
+				if got.ID != id || strings.Join(got.Brokers, ",") != strings.Join(tc.want, ",") {
+					t.Fatalf("Verify = %+v, want %s vouched by %v", got, id, tc.want)
+				}
+				return
+			}
+			if !errors.Is(err, tc.err) || !strings.Contains(err.Error(), tc.errText) {
+				t.Fatalf("Verify error %v, want %v containing %q", err, tc.err, tc.errText)
+			}
+			if !errors.Is(err, identity.ErrNotAttested) && !errors.Is(err, identity.ErrNoAppliance) && !errors.Is(err, identity.ErrNoCertificate) {
+				t.Fatalf("error %v is none of the sentinel errors", err)
+			}
+		})
+	}
+	t.Run("threshold out of range", func(t *testing.T) {
+		for _, k := range []int{0, 4} {
+			bad := identity.Verifier{Brokers: auths, Threshold: k}
+			if _, err := bad.Verify(cat(issue(0, key, id), issue(1, key, id)), time.Now(), x509.ExtKeyUsageServerAuth); !errors.Is(err, identity.ErrNotAttested) {
+				t.Fatalf("threshold %d: %v", k, err)
+			}
+		}
+	})
+	t.Run("expired at one broker", func(t *testing.T) {
+		if _, err := v.Verify(cat(issue(0, key, id), issue(1, key, id)), time.Now().Add(2*time.Hour), x509.ExtKeyUsageServerAuth); !errors.Is(err, identity.ErrNotAgreed) {
+			t.Fatalf("expired: %v", err)
+		}
+	})
+}

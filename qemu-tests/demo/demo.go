@@ -116,7 +116,6 @@ func (r *run) ctl(args ...string) (string, error) {
 
 func (r *run) run(ctx context.Context) error {
 	pkiDir := filepath.Join(r.o.Cache, "pki")
-	brokerCA := devpki.CA{CertPath: filepath.Join(pkiDir, "broker-ca.pem"), KeyPath: filepath.Join(pkiDir, "broker-ca.key")}
 	clientCA := devpki.CA{CertPath: filepath.Join(pkiDir, "client-ca.pem"), KeyPath: filepath.Join(pkiDir, "client-ca.key")}
 	clientCert, clientKey, err := devpki.EnsureLeaf(pkiDir, "population-registry", "population-registry", clientCA)
 	if err != nil {
@@ -161,9 +160,19 @@ func (r *run) run(ctx context.Context) error {
 	// 2. Three brokers, k=2.
 	r.say("starting 3 key brokers (k=2) on 127.0.0.1:7441-7443, operator API on 8441-8443, each with its own custodian")
 	var ops []opclient.Broker
+	// restic's clients check the appliance's certificate the standard way:
+	// against a bundle of the brokers' roots.
+	var rootBundle []byte
 	for i := 0; i < 3; i++ {
 		name := fmt.Sprintf("broker-%c", 'a'+i)
 		dir := filepath.Join(r.work, name)
+		// Each broker has its own root CA; the image was built with these
+		// (mkimage's local default), one pinned per broker.
+		brokerCA, err := devpki.BrokerCA(pkiDir, name)
+		if err != nil {
+			return err
+		}
+		rootBundle = append(rootBundle, mustRead(brokerCA.CertPath)...)
 		// init makes the broker's own custodian CA and its first custodian;
 		// the demo's embassyctl holds all three custodians' credentials.
 		custodian := "custodian-" + name[len("broker-"):]
@@ -192,6 +201,8 @@ func (r *run) run(ctx context.Context) error {
 	}
 	b, _ := json.Marshal(ops)
 	os.WriteFile(filepath.Join(r.work, "operator.json"), b, 0o644)
+	rootsFile := filepath.Join(r.work, "broker-roots.pem")
+	os.WriteFile(rootsFile, rootBundle, 0o644)
 
 	// 3. The appliance.
 	port, err := vm.FreePort()
@@ -251,7 +262,7 @@ func (r *run) run(ctx context.Context) error {
 	pemFile := filepath.Join(r.work, "population-registry.pem")
 	os.WriteFile(pemFile, append(mustRead(clientCert), mustRead(clientKey)...), 0o600)
 	restic := func(args ...string) (string, error) {
-		full := append([]string{"-r", fmt.Sprintf("rest:https://127.0.0.1:%d/population/", port), "--cacert", brokerCA.CertPath,
+		full := append([]string{"-r", fmt.Sprintf("rest:https://127.0.0.1:%d/population/", port), "--cacert", rootsFile,
 			"--tls-client-cert", pemFile, "--no-cache"}, args...)
 		cmd := exec.CommandContext(ctx, "restic", full...)
 		cmd.Env = append(os.Environ(), "RESTIC_PASSWORD=population register (demo)")

@@ -12,11 +12,13 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
 	"errors"
 	"io"
 	stdlog "log"
 	"log/slog"
+	"math/big"
 	"net/http"
 	"net/http/httptest"
 	"sync/atomic"
@@ -77,8 +79,25 @@ func (b *Broker) attest(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusForbidden, api.Error{Code: api.CodeRevoked, Error: "appliance revoked", Lockdown: true})
 		return
 	}
-	writeJSON(w, http.StatusOK, api.AttestResponse{ImageVersion: 1, Certificate: [][]byte{b.srv.Certificate().Raw},
+	cert, err := b.issue(req.TLSPublic)
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, api.Error{Code: api.CodeBadRequest, Error: err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, api.AttestResponse{ImageVersion: 1, Certificate: [][]byte{cert, b.srv.Certificate().Raw},
 		CertExpires: time.Now().Add(time.Hour), ReattestAfter: b.ReattestAfter})
+}
+
+// issue signs a certificate for the appliance's TLS key with the key of
+// the broker's own TLS certificate.
+func (b *Broker) issue(tlsPublic []byte) ([]byte, error) {
+	pub, err := x509.ParsePKIXPublicKey(tlsPublic)
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "appliance"},
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour)}
+	return x509.CreateCertificate(rand.Reader, tmpl, b.srv.Certificate(), pub, b.srv.TLS.Certificates[0].PrivateKey)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -88,22 +107,23 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // Start serves each broker over TLS on 127.0.0.1 until the test ends and
-// returns an image config with k-of-n over them and the CA pool that
-// trusts them.
-func Start(t testing.TB, k int, brokers ...*Broker) (*config.Config, *x509.CertPool) {
+// returns an image config with k-of-n over them and, by broker name, the
+// CA pool that trusts each.
+func Start(t testing.TB, k int, brokers ...*Broker) (*config.Config, map[string]*x509.CertPool) {
 	t.Helper()
 	cfg := &config.Config{Threshold: k, Ingest: config.Ingest{Addresses: []string{"127.0.0.1"}}}
-	pool := x509.NewCertPool()
+	pools := map[string]*x509.CertPool{}
 	for _, b := range brokers {
 		b.srv = httptest.NewUnstartedServer(b.handler())
 		// Handshakes cut by a round's end are expected here.
 		b.srv.Config.ErrorLog = stdlog.New(io.Discard, "", 0)
 		b.srv.StartTLS()
 		t.Cleanup(b.srv.Close)
-		pool.AddCert(b.srv.Certificate())
+		pools[b.Name] = x509.NewCertPool()
+		pools[b.Name].AddCert(b.srv.Certificate())
 		cfg.Brokers = append(cfg.Brokers, config.Broker{Name: b.Name, Endpoints: []string{b.srv.URL}})
 	}
-	return cfg, pool
+	return cfg, pools
 }
 
 // NewClient starts the brokers (Start) and returns a broker client of

@@ -20,6 +20,7 @@ import (
 	"github.com/dataembassy/embassy/internal/cli"
 	"github.com/dataembassy/embassy/operator/opclient"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/protocol/identity"
 )
 
 func dirArgs(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
@@ -203,17 +204,31 @@ the revocation refuses the destruction (not_revoked); run the command again.`,
 }
 
 func newAttestCmd(o *options) *cobra.Command {
-	return o.brokerCmd(&cobra.Command{
+	threshold := 0
+	cmd := o.brokerCmd(&cobra.Command{
 		Use:   "attest HOST:PORT",
 		Short: "Check a running appliance's attestation yourself",
 		Long: `attest asks the appliance at HOST:PORT for a fresh TPM quote and checks it
 against the images the brokers approved; it fails unless the kernel,
-command line and initrd all match.`,
+command line and initrd all match. The appliance's TLS key counts only if
+--threshold brokers, each through its own CA (the --ca of its list entry),
+issued a certificate for it: one broker's CA alone is never believed.`,
 		Example: `  embassyctl attest 192.0.2.10:8443
   embassyctl attest --json 127.0.0.1:8443`,
 		Args: cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
 	}, func(ctx context.Context, c *conn, args []string) error {
-		v, err := c.client.AttestAppliance(ctx, args[0], c.roots)
+		if c.authorities == nil {
+			return cli.Next(errors.New("attest needs each broker's own CA"),
+				"name it in every broker list entry with `embassyctl brokers add NAME URL --ca FILE`")
+		}
+		k := threshold
+		if k == 0 {
+			k = len(c.authorities)/2 + 1
+		}
+		if k < 1 || k > len(c.authorities) {
+			return fmt.Errorf("--threshold %d: want 1 to %d (the brokers in the list)", k, len(c.authorities))
+		}
+		v, err := c.client.AttestAppliance(ctx, args[0], identity.Verifier{Brokers: c.authorities, Threshold: k})
 		if err != nil {
 			return err
 		}
@@ -227,6 +242,8 @@ command line and initrd all match.`,
 		}
 		return nil
 	})
+	cmd.Flags().IntVar(&threshold, "threshold", 0, "brokers that must vouch for the appliance's TLS key: the image's k (default: a majority of the list)")
+	return cmd
 }
 
 func newStatusCmd(o *options) *cobra.Command {

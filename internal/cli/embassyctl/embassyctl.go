@@ -8,12 +8,10 @@ package embassyctl
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
-	"os"
 	"path/filepath"
 	"time"
 
@@ -22,6 +20,7 @@ import (
 	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/internal/cli"
 	"github.com/dataembassy/embassy/operator/opclient"
+	"github.com/dataembassy/embassy/protocol/identity"
 )
 
 // options are the global flags, shared by every subcommand.
@@ -92,9 +91,12 @@ it runs and approve its blank disks.`,
 // conn is what a command that talks to the brokers gets from the flags.
 type conn struct {
 	client *opclient.Client
-	roots  *x509.CertPool
-	out    io.Writer
-	asJSON bool
+	// authorities are the brokers' own CAs, one per broker (nil when a
+	// list entry names none: one bundle for all cannot say which broker
+	// vouched).
+	authorities []identity.Authority
+	out         io.Writer
+	asJSON      bool
 }
 
 // connect loads the broker list and each broker's credential: the client
@@ -129,7 +131,7 @@ func (o *options) connect(cmd *cobra.Command) (*conn, error) {
 	if needCA {
 		if fallback.Roots, err = pki.LoadPool(o.caPath); err != nil {
 			return nil, cli.Next(fmt.Errorf("broker CA: %w", err),
-				"pass --ca: the home-state broker CA bundle (`mkimage build` creates the local-default .cache/pki/broker-ca.pem), or name each broker's with `embassyctl brokers add --ca`")
+				"name each broker's own CA with `embassyctl brokers add --ca` (the local default is .cache/pki/<broker>-ca.pem), or pass --ca with a bundle of them")
 		}
 		caFiles = append(caFiles, o.caPath)
 	}
@@ -143,14 +145,17 @@ func (o *options) connect(cmd *cobra.Command) (*conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	// attest checks an appliance certificate issued under any broker's CA.
-	roots := x509.NewCertPool()
-	for _, f := range caFiles {
-		if b, err := os.ReadFile(f); err == nil {
-			roots.AppendCertsFromPEM(b)
+	// attest believes an appliance's key only where k brokers, each
+	// through its own CA, vouch for it.
+	var auths []identity.Authority
+	for i, b := range brokers {
+		if b.CA == "" {
+			auths = nil
+			break
 		}
+		auths = append(auths, identity.Authority{Broker: b.Name, Roots: creds[i].Roots})
 	}
-	return &conn{client: client, roots: roots, out: cmd.OutOrStdout(), asJSON: o.asJSON}, nil
+	return &conn{client: client, authorities: auths, out: cmd.OutOrStdout(), asJSON: o.asJSON}, nil
 }
 
 // brokerCmd is a subcommand that talks to the brokers.

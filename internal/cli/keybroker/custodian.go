@@ -153,7 +153,7 @@ just created).`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if !initialised(dir) {
 				return cli.Next(fmt.Errorf("no broker state in %s", dir),
-					"run `keybroker init --dir %s --name NAME --broker-ca-cert FILE --broker-ca-key FILE` first", dir)
+					"run `keybroker init --dir %s --name NAME` first", dir)
 			}
 			broker, err := brokerName(dir)
 			if err != nil {

@@ -12,6 +12,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
 	"errors"
@@ -72,16 +73,20 @@ type initOptions struct {
 func newInitCmd() *cobra.Command {
 	var o initOptions
 	cmd := &cobra.Command{
-		Use:   "init --dir DIR --name NAME --broker-ca-cert FILE --broker-ca-key FILE",
-		Short: "Create a broker's state folder: TLS certificate, service CA, master key and audit signing key",
-		Long: `init creates the broker's state folder: a TLS certificate for the names and
-addresses in --hosts and a service CA, both issued by the home-state broker
-CA, a fresh master key, a fresh audit signing key (ed25519) and the
+		Use:   "init --dir DIR --name NAME [--broker-ca-cert FILE --broker-ca-key FILE]",
+		Short: "Create a broker's state folder: its own root CA, TLS certificate, service CA, master key and audit signing key",
+		Long: `init creates the broker's state folder: the broker's own root CA
+(broker-ca.pem and .key; no other broker shares it, and the image pins
+it for this broker alone: 'mkimage build --broker-ca NAME=DIR/broker-ca.pem'),
+a TLS certificate for the names and addresses in --hosts and a service CA,
+both issued by that root, a fresh master key, a fresh audit signing key (ed25519) and the
 broker's own custodian CA (custodian-ca.pem and .key): its operator API
 admits only custodians that CA issued, never another broker's. With
 --custodian NAME it issues the first custodian's certificate and key into
 custodians/ (more with 'keybroker custodian add'). It refuses a folder
-that is already initialised.
+that is already initialised. --broker-ca-cert and --broker-ca-key adopt an
+existing root CA for this broker instead of creating one (the local
+default, whose image is built before its brokers).
 
 The master key is a file (master.key) unless --pkcs11-module is given: then
 it is generated inside the PKCS#11 token as a non-extractable AES-256 key
@@ -91,10 +96,8 @@ token and the key, not the PIN). serve needs the same --pkcs11-* flags.
 The broker signs its audit head with the audit key; init writes the public
 half to audit-signing.pub in the folder and prints it, for the operators to
 pin with 'embassyctl brokers add NAME URL --audit-key audit-signing.pub'.`,
-		Example: `  keybroker init --dir /var/lib/keybroker --name broker-a \
-      --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key --hosts broker-a.example,10.0.0.5 --custodian alice
+		Example: `  keybroker init --dir /var/lib/keybroker --name broker-a --hosts broker-a.example,10.0.0.5 --custodian alice
   keybroker init --dir /var/lib/keybroker --name broker-a \
-      --broker-ca-cert broker-ca.pem --broker-ca-key broker-ca.key \
       --pkcs11-module /usr/lib/softhsm/libsofthsm2.so --pkcs11-token-label broker-a \
       --pkcs11-pin-file /etc/keybroker/pin --pkcs11-key-label broker-a-master`,
 		Args: cli.ExactArgs(0),
@@ -103,12 +106,12 @@ pin with 'embassyctl brokers add NAME URL --audit-key audit-signing.pub'.`,
 	f := cmd.Flags()
 	f.StringVar(&o.dir, "dir", "", "broker state folder to create")
 	f.StringVar(&o.name, "name", "", "broker name (also its certificate's common name)")
-	f.StringVar(&o.caCert, "broker-ca-cert", "", "home-state broker CA certificate (PEM)")
-	f.StringVar(&o.caKey, "broker-ca-key", "", "home-state broker CA key (PEM)")
+	f.StringVar(&o.caCert, "broker-ca-cert", "", "adopt this root CA certificate (PEM) as the broker's own (default: create one)")
+	f.StringVar(&o.caKey, "broker-ca-key", "", "key of --broker-ca-cert (PEM)")
 	f.StringVar(&o.hosts, "hosts", "127.0.0.1", "comma-separated names and addresses the broker is reached at")
 	f.StringVar(&o.custodian, "custodian", "", "issue the first custodian's certificate and key (custodians/NAME.pem, .key)")
 	o.p11.addFlags(f, "generate")
-	for _, n := range []string{"dir", "name", "broker-ca-cert", "broker-ca-key"} {
+	for _, n := range []string{"dir", "name"} {
 		cmd.MarkFlagRequired(n)
 	}
 	cmd.MarkFlagDirname("dir")
@@ -142,12 +145,18 @@ func initBroker(out io.Writer, o initOptions) error {
 	} else if err := o.p11.check(); err != nil {
 		return err
 	}
-	ca, err := pki.LoadIssuer(o.caCert, o.caKey)
+	if (o.caCert == "") != (o.caKey == "") {
+		return &cli.UsageError{Msg: "--broker-ca-cert and --broker-ca-key go together: give both (adopt a root CA) or neither (create one)"}
+	}
+	ca, err := adoptedRootCA(o)
 	if err != nil {
-		return cli.Next(fmt.Errorf("broker CA: %w", err),
-			"pass the home-state broker CA with --broker-ca-cert and --broker-ca-key (`mkimage build` creates a local-default one under .cache/pki)")
+		return err
 	}
 	if err := os.MkdirAll(o.dir, 0o700); err != nil {
+		return err
+	}
+	created := ca == nil
+	if ca, err = writeRootCA(o, ca); err != nil {
 		return err
 	}
 	svc, err := ca.NewIntermediate(o.name+" service CA", 5*365*24*time.Hour)
@@ -196,6 +205,7 @@ func initBroker(out io.Writer, o initOptions) error {
 		}
 		fmt.Fprintf(out, "broker %s initialised in %s; master key %q generated in PKCS#11 token %q (not extractable)\n",
 			o.name, o.dir, o.p11.keyLabel, o.p11.tokenLabel)
+		printRootCA(out, o.name, o.dir, ca, created)
 		return printAuditKey(out, o.dir, auditPub)
 	}
 	master := make([]byte, 32)
@@ -209,7 +219,60 @@ func initBroker(out io.Writer, o initOptions) error {
 		return err
 	}
 	fmt.Fprintf(out, "broker %s initialised in %s\n", o.name, o.dir)
+	printRootCA(out, o.name, o.dir, ca, created)
 	return printAuditKey(out, o.dir, auditPub)
+}
+
+// BrokerCAFile is the broker's own root CA certificate in its state folder
+// (and BrokerCAKeyFile its key, when init created it).
+const (
+	BrokerCAFile    = "broker-ca.pem"
+	BrokerCAKeyFile = "broker-ca.key"
+)
+
+// adoptedRootCA loads the root CA of --broker-ca-cert/--broker-ca-key
+// (nil without them).
+func adoptedRootCA(o initOptions) (*pki.Issuer, error) {
+	if o.caCert == "" {
+		return nil, nil
+	}
+	ca, err := pki.LoadIssuer(o.caCert, o.caKey)
+	if err != nil {
+		return nil, cli.Next(fmt.Errorf("broker root CA: %w", err),
+			"pass this broker's own root CA with --broker-ca-cert and --broker-ca-key, or neither to create one")
+	}
+	if !ca.Cert.IsCA {
+		return nil, fmt.Errorf("%s is not a CA certificate", o.caCert)
+	}
+	return ca, nil
+}
+
+// writeRootCA writes the adopted root CA's certificate into the state
+// folder or, with none adopted, creates the broker's own and writes its
+// certificate and key there.
+func writeRootCA(o initOptions, adopted *pki.Issuer) (*pki.Issuer, error) {
+	certPath := filepath.Join(o.dir, BrokerCAFile)
+	if adopted != nil {
+		return adopted, pki.WritePEM(certPath, adopted.Cert, "", nil)
+	}
+	ca, err := pki.NewRootCA(o.name+" root CA", 10*365*24*time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	return ca, pki.WritePEM(certPath, ca.Cert, filepath.Join(o.dir, BrokerCAKeyFile), ca.Key)
+}
+
+// printRootCA tells the operators which CA to pin for this broker: in the
+// image, and in their broker list.
+func printRootCA(out io.Writer, name, dir string, ca *pki.Issuer, created bool) {
+	sum := sha256.Sum256(ca.Cert.Raw)
+	how := "adopted"
+	if created {
+		how = "created"
+	}
+	path := filepath.Join(dir, BrokerCAFile)
+	fmt.Fprintf(out, "root CA %s (%s, SHA-256 %x); pin it for this broker alone: `mkimage build --broker-ca %s=%s` and `embassyctl brokers add %s URL --ca %s`\n",
+		path, how, sum, name, path, name, path)
 }
 
 // printAuditKey tells the operators which audit public key to pin.
@@ -238,7 +301,7 @@ restarted to use it).`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if _, err := os.Stat(filepath.Join(dir, MasterKeyFile)); err != nil {
 				return cli.Next(fmt.Errorf("no broker state in %s: %w", dir, err),
-					"run `keybroker init --dir %s --name NAME --broker-ca-cert FILE --broker-ca-key FILE` first", dir)
+					"run `keybroker init --dir %s --name NAME` first", dir)
 			}
 			key, err := audit.LoadSigningKey(filepath.Join(dir, audit.SigningKeyFile))
 			if errors.Is(err, fs.ErrNotExist) {
@@ -381,7 +444,7 @@ func loadMasterKey(dir string, p pkcs11Options) (masterKey, error) {
 	hexKey, err := os.ReadFile(filepath.Join(dir, MasterKeyFile))
 	if errors.Is(err, fs.ErrNotExist) {
 		return masterKey{}, cli.Next(fmt.Errorf("no broker state in %s: %w", dir, err),
-			"run `keybroker init --dir %s --name NAME --broker-ca-cert FILE --broker-ca-key FILE` first", dir)
+			"run `keybroker init --dir %s --name NAME` first", dir)
 	}
 	if err != nil {
 		return masterKey{}, fmt.Errorf("master key: %w", err)

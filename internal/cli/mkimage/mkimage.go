@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -43,7 +44,8 @@ Run it from the repository's root: build compiles ./cmd/embassy-init.`,
 }
 
 type buildOptions struct {
-	cache, out, cfgPath, brokerCA, clientCA, keyPath, kernelPkg, sbKeys string
+	cache, out, cfgPath, clientCA, keyPath, kernelPkg, sbKeys string
+	brokerCAs                                                 []string // NAME=FILE
 	version                                                             uint64
 }
 
@@ -68,7 +70,8 @@ local-default CAs and dev keys in the cache, creating them on first use.`,
 
   # production: the image-signing key and the home state's CAs
   mkimage build --out release --version 7 --key image-signing.key \
-      --broker-ca broker-ca.pem --client-ca client-ca.pem --secureboot-keys sb/`,
+      --broker-ca broker-a=a/broker-ca.pem --broker-ca broker-b=b/broker-ca.pem \
+      --broker-ca broker-c=c/broker-ca.pem --client-ca client-ca.pem --secureboot-keys sb/`,
 		Args: cli.ExactArgs(0),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runBuild(cmd.Context(), cmd.OutOrStdout(), cmd.ErrOrStderr(), o)
@@ -79,7 +82,7 @@ local-default CAs and dev keys in the cache, creating them on first use.`,
 	f.StringVar(&o.out, "out", "out", "output folder")
 	f.Uint64Var(&o.version, "version", 1, "image version (monotonic integer, for anti-rollback)")
 	f.StringVar(&o.cfgPath, "config", "images/local/config.json", "image config: brokers and threshold")
-	f.StringVar(&o.brokerCA, "broker-ca", "", "PEM bundle of the broker CA (default: local-default CA in the cache)")
+	f.StringArrayVar(&o.brokerCAs, "broker-ca", nil, "NAME=FILE: broker NAME's own CA certificate (PEM), once per broker of the config (default: local-default CAs in the cache)")
 	f.StringVar(&o.clientCA, "client-ca", "", "PEM bundle of the home-state client CA (default: local-default CA in the cache)")
 	f.StringVar(&o.keyPath, "key", "", "image-signing ed25519 key, PKCS#8 PEM (default: local-default dev key in the cache)")
 	f.StringVar(&o.sbKeys, "secureboot-keys", "", "folder with the Secure Boot PK and KEK certificates and the db certificate and key (default: local-default dev keys in the cache)")
@@ -107,12 +110,9 @@ func runBuild(ctx context.Context, stdout, stderr io.Writer, o buildOptions) err
 		return fmt.Errorf("%s: %w", o.cfgPath, err)
 	}
 	pki := filepath.Join(o.cache, "pki")
-	if o.brokerCA == "" {
-		ca, err := devpki.Ensure(pki, "broker-ca", "embassy local broker CA")
-		if err != nil {
-			return err
-		}
-		o.brokerCA = ca.CertPath
+	bcas, err := brokerCAs(o.brokerCAs, cfg, pki)
+	if err != nil {
+		return err
 	}
 	if o.clientCA == "" {
 		ca, err := devpki.Ensure(pki, "client-ca", "embassy local home-state client CA")
@@ -120,10 +120,6 @@ func runBuild(ctx context.Context, stdout, stderr io.Writer, o buildOptions) err
 			return err
 		}
 		o.clientCA = ca.CertPath
-	}
-	bca, err := os.ReadFile(o.brokerCA)
-	if err != nil {
-		return fmt.Errorf("read broker CA: %w", err)
 	}
 	cca, err := os.ReadFile(o.clientCA)
 	if err != nil {
@@ -159,7 +155,7 @@ func runBuild(ctx context.Context, stdout, stderr io.Writer, o buildOptions) err
 	defer stop()
 	res, err := build.Build(ctx, build.Options{
 		ModuleRoot: root, CacheDir: o.cache, OutDir: o.out, Version: o.version,
-		Config: cfg, BrokerCA: bca, ClientCA: cca, SigningKey: key,
+		Config: cfg, BrokerCAs: bcas, ClientCA: cca, SigningKey: key,
 		KernelPackage: o.kernelPkg, SecureBoot: sb, Log: log,
 	})
 	if err != nil {
@@ -181,6 +177,44 @@ func runBuild(ctx context.Context, stdout, stderr io.Writer, o buildOptions) err
 	fmt.Fprintf(stdout, "pcr9 initrd:              %s\n", m.Measurements.Initrd)
 	fmt.Fprintf(stdout, "pcr11 uki sections:       %s\n", m.Measurements.UKISections)
 	return nil
+}
+
+// brokerCAs reads each broker's own CA from the --broker-ca NAME=FILE
+// flags, or, with none given, takes the local-default ones in pkiDir
+// (creating them on first use).
+func brokerCAs(flags []string, cfg *config.Config, pkiDir string) (map[string][]byte, error) {
+	out := map[string][]byte{}
+	if len(flags) == 0 {
+		for _, b := range cfg.Brokers {
+			ca, err := devpki.BrokerCA(pkiDir, b.Name)
+			if err != nil {
+				return nil, err
+			}
+			if out[b.Name], err = os.ReadFile(ca.CertPath); err != nil {
+				return nil, fmt.Errorf("read %s CA: %w", b.Name, err)
+			}
+		}
+		return out, nil
+	}
+	for _, f := range flags {
+		name, path, ok := strings.Cut(f, "=")
+		if !ok || name == "" || path == "" {
+			return nil, cli.Next(fmt.Errorf("--broker-ca %q: want NAME=FILE", f),
+				"each broker has its own CA: pass --broker-ca broker-a=broker-a-ca.pem once per broker of the config")
+		}
+		if _, dup := out[name]; dup {
+			return nil, fmt.Errorf("--broker-ca: broker %s given twice", name)
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("read %s CA: %w", name, err)
+		}
+		out[name] = b
+	}
+	if err := cfg.CheckBrokerCAs(out); err != nil {
+		return nil, cli.Next(err, "pass --broker-ca NAME=FILE once for each broker of the config, and for no other")
+	}
+	return out, nil
 }
 
 type verifyOptions struct {
