@@ -27,6 +27,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -58,7 +59,8 @@ type Config struct {
 	// Custodians is this broker's own custodian CA (`keybroker init`
 	// writes custodian-ca.pem in the state folder): CustodianTLSConfig
 	// admits to the operator API only client certificates it issued, and
-	// none whose SHA-256 fingerprint (hex) is in RevokedCustodians.
+	// none whose SHA-256 fingerprint (hex) is in RevokedCustodians (the
+	// list at start; SetRevokedCustodians replaces it while serving).
 	Custodians        *x509.CertPool
 	RevokedCustodians map[string]bool
 	Log               *slog.Logger
@@ -96,6 +98,8 @@ type Broker struct {
 	nonces     *nonceCache
 
 	metrics *metrics
+
+	revokedCustodians atomic.Pointer[custodianRevocations]
 }
 
 // New opens the broker's state in cfg.Dir.

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -32,6 +33,29 @@ var ErrNotCustodian = errors.New("not a custodian of this broker")
 // so that the refusal can name it.
 func (b *Broker) CustodianTLSConfig(cert tls.Certificate) *tls.Config {
 	return &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAnyClientCert, MinVersion: tls.VersionTLS13}
+}
+
+// custodianRevocations is the revoked custodians' fingerprints, or why the
+// list could not be read (then no custodian is admitted: fail closed).
+type custodianRevocations struct {
+	fingerprints map[string]bool
+	err          error
+}
+
+// SetRevokedCustodians replaces the revoked custodians' SHA-256
+// fingerprints (hex) while the broker serves: the next request of a
+// revoked custodian is refused, without a restart. A non-nil readErr (the
+// revocation list could not be read or parsed) refuses every custodian
+// until a good list is set: a revocation that cannot be read must not
+// quietly lapse.
+func (b *Broker) SetRevokedCustodians(fingerprints map[string]bool, readErr error) {
+	m := make(map[string]bool, len(fingerprints))
+	for fp, ok := range fingerprints {
+		if ok {
+			m[strings.ToLower(fp)] = true
+		}
+	}
+	b.revokedCustodians.Store(&custodianRevocations{fingerprints: m, err: readErr})
 }
 
 // admitCustodian checks a request's client certificate chain and logs and
@@ -70,8 +94,15 @@ func (b *Broker) verifyCustodian(chain []*x509.Certificate) error {
 		CurrentTime: time.Now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
 		return fmt.Errorf("%w: %w", ErrNotCustodian, err)
 	}
+	rev := b.revokedCustodians.Load()
+	if rev == nil {
+		rev = &custodianRevocations{fingerprints: b.cfg.RevokedCustodians}
+	}
+	if rev.err != nil {
+		return fmt.Errorf("%w: the custodian revocation list cannot be read, so no custodian is admitted: %w", ErrNotCustodian, rev.err)
+	}
 	sum := sha256.Sum256(chain[0].Raw)
-	if fp := hex.EncodeToString(sum[:]); b.cfg.RevokedCustodians[fp] {
+	if fp := hex.EncodeToString(sum[:]); rev.fingerprints[fp] {
 		return fmt.Errorf("%w: custodian %s (sha256 %s) is revoked", ErrNotCustodian, chain[0].Subject, fp)
 	}
 	return nil

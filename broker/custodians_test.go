@@ -306,3 +306,37 @@ func TestCustodianAdmission(t *testing.T) {
 		})
 	}
 }
+
+// TestCustodianRevokedWhileServing: a custodian revoked while the broker
+// serves is refused at the next request, without a restart; a revocation
+// list that cannot be read refuses every custodian until it can.
+func TestCustodianRevokedWhileServing(t *testing.T) {
+	c := newCustodianEnv(t, 1, "alice")
+	dave := c.issue(0, "dave")
+	b := c.brokers[0].b
+	admitted := func(cert tls.Certificate) bool {
+		return c.opAs(cert, 0, http.MethodGet, api.PathState, nil, &api.State{}) == nil
+	}
+	steps := []struct {
+		name        string
+		revoked     map[string]bool
+		readErr     error
+		alice, dave bool
+	}{
+		{"before", nil, nil, true, true},
+		{"dave revoked", map[string]bool{fingerprint(dave): true}, nil, true, false},
+		{"list unreadable: no one", map[string]bool{fingerprint(dave): true}, errors.New("line 3: not a fingerprint"), false, false},
+		{"list readable again", map[string]bool{strings.ToUpper(fingerprint(dave)): true}, nil, true, false},
+	}
+	for _, st := range steps {
+		if st.name != "before" {
+			b.SetRevokedCustodians(st.revoked, st.readErr)
+		}
+		if got := admitted(c.custodian[0]); got != st.alice {
+			t.Errorf("%s: alice admitted %v, want %v", st.name, got, st.alice)
+		}
+		if got := admitted(dave); got != st.dave {
+			t.Errorf("%s: dave admitted %v, want %v", st.name, got, st.dave)
+		}
+	}
+}

@@ -72,6 +72,18 @@ func (hb *hostBrokers) recordDeposits(h http.Handler) http.Handler {
 	})
 }
 
+// depositCount is the number of share deposits recorded since the brokers
+// started.
+func (hb *hostBrokers) depositCount() int {
+	hb.depositsMu.Lock()
+	defer hb.depositsMu.Unlock()
+	n := 0
+	for _, s := range hb.deposits {
+		n += len(s)
+	}
+	return n
+}
+
 // brokerState is where the three brokers keep their state between runs:
 // a database folder and a master key each. A provisioned embassy is kept
 // as the brokers' state plus the appliances' TPMs, VARS and disks.

@@ -90,9 +90,16 @@ func (p *disks) open(ctx context.Context, round attest.Round) (old, fresh []volu
 	return old, fresh
 }
 
+// provisionRound bounds the round that provisioning waits for every
+// broker in: one broker down (or an impostor at its address) must not
+// keep the appliance from serving the disks it has the keys for.
+const provisionRound = 30 * time.Second
+
 // attestAll attests to every broker: depositing needs every broker's
 // attested certificate.
 func (p *disks) attestAll(ctx context.Context) (attest.Round, bool) {
+	ctx, cancel := context.WithTimeout(ctx, provisionRound)
+	defer cancel()
 	all, err := p.ac.AttestAll(ctx, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, len(p.cfg.Brokers))
 	if err != nil {
 		p.log.Warn("provisioning needs all brokers", "err", err.Error())

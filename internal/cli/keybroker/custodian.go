@@ -2,12 +2,14 @@ package keybroker
 
 import (
 	"bufio"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -123,6 +125,49 @@ func loadRevokedCustodians(dir string) (map[string]bool, error) {
 	return out, sc.Err()
 }
 
+// revocationSetter is what watchRevokedCustodians updates: the serving
+// broker.
+type revocationSetter interface {
+	SetRevokedCustodians(fingerprints map[string]bool, readErr error)
+}
+
+// watchRevokedCustodians re-reads the folder's revoked-custodians file
+// whenever its size or modification time changes (checked every period)
+// until ctx ends, and hands the serving broker the new list, or the read
+// error (the broker then admits no custodian until the file reads again).
+func watchRevokedCustodians(ctx context.Context, dir string, b revocationSetter, log *slog.Logger, period time.Duration) {
+	path := filepath.Join(dir, RevokedCustodiansFile)
+	stamp := func() string {
+		st, err := os.Stat(path)
+		if err != nil {
+			return err.Error()
+		}
+		return fmt.Sprint(st.Size(), st.ModTime().UnixNano())
+	}
+	last := stamp()
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := stamp()
+		if now == last {
+			continue
+		}
+		last = now
+		revoked, err := loadRevokedCustodians(dir)
+		b.SetRevokedCustodians(revoked, err)
+		if err != nil {
+			log.Error("custodian revocation list unreadable: no custodian is admitted until it reads again", "file", path, "err", err.Error())
+			continue
+		}
+		log.Info("custodian revocation list reloaded", "file", path, "revoked", len(revoked))
+	}
+}
+
 func newCustodianCmd() *cobra.Command {
 	c := cli.Group(&cobra.Command{
 		Use:   "custodian",
@@ -189,10 +234,12 @@ just created).`,
 	var rdir, certFile, fingerprint string
 	revoke := &cobra.Command{
 		Use:   "revoke --dir DIR (--cert FILE | --fingerprint SHA256)",
-		Short: "Refuse a custodian certificate from the next start of the broker on",
+		Short: "Refuse a custodian certificate from now on",
 		Long: `revoke appends the certificate's SHA-256 fingerprint to revoked-custodians
-in the state folder; serve reads it at start-up and refuses that
-certificate at the TLS handshake. Restart the broker for it to take effect.
+in the state folder. A serving broker notices the change within seconds
+and refuses that certificate's next request (401); a broker started later
+reads the file at start-up. If the file cannot be read or parsed, the
+serving broker admits no custodian until it can (fail closed).
 The fingerprint is the one 'custodian add' printed and every audit entry of
 the custodian names.`,
 		Example: `  keybroker custodian revoke --dir /var/lib/keybroker --cert custodians/alice.pem
@@ -228,7 +275,7 @@ the custodian names.`,
 			if err := f.Close(); err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "custodian sha256 %s revoked in %s; restart the broker for it to take effect\n",
+			fmt.Fprintf(cmd.OutOrStdout(), "custodian sha256 %s revoked in %s; a serving broker refuses it within seconds\n",
 				fingerprint, filepath.Join(rdir, RevokedCustodiansFile))
 			return nil
 		},

@@ -524,6 +524,8 @@ func serve(ctx context.Context, stderr io.Writer, o serveOptions) error {
 	log.Info("broker serving", "appliance_api", o.appAddr, "operator_api", o.opAddr)
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// `keybroker custodian revoke` takes effect while serving.
+	go watchRevokedCustodians(ctx, o.dir, b, log, 2*time.Second)
 	select {
 	case err = <-errc:
 	case <-ctx.Done():
