@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -110,7 +111,57 @@ attest.`,
 		approveDisk,
 		newApproveFirmwareCmd(o),
 		newRevokeCmd(o),
+		newDecommissionCmd(o),
 	}
+}
+
+func newDecommissionCmd(o *options) *cobra.Command {
+	var threshold int
+	var drain time.Duration
+	var force bool
+	cmd := o.brokerCmd(&cobra.Command{
+		Use:   "decommission [--threshold K] [--drain D | --force] APPLIANCE-ID",
+		Short: "Take an appliance out of service for good: drain, revoke, destroy its disks' shares",
+		Long: `decommission waits until the appliance reports (at an attestation made after
+the command began) that its twin holds everything it stored, then revokes
+it at every broker (it locks down at its next attestation and never
+enrolls again) and has every broker destroy its shares of the appliance's
+disks. The report names each disk by id and serial and says whether it is
+now unreadable for good: fewer than K brokers (the image's threshold) may
+still hold a share of it. A drain that does not finish within --drain
+revokes nothing; --force skips the wait (data its twin lacks is lost).
+The whole command is also bounded by --timeout: give it more than --drain.`,
+		Example: `  embassyctl decommission --timeout 15m --drain 10m 3f9c...e1
+  embassyctl decommission --force 3f9c...e1`,
+		Args: cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
+	}, func(ctx context.Context, c *conn, args []string) error {
+		k := threshold
+		if k == 0 {
+			k = len(c.client.Brokers)/2 + 1
+		}
+		if force {
+			drain = 0
+		} else if drain <= 0 {
+			return &cli.UsageError{Msg: "--drain must be positive (or pass --force)"}
+		}
+		opts := opclient.DecommissionOptions{Threshold: k, Drain: drain}
+		if !c.asJSON {
+			opts.Progress = c.out
+		}
+		rep, err := c.client.Decommission(ctx, args[0], opts)
+		if rep != nil && (rep.Revoked != nil || err == nil) {
+			if c.asJSON {
+				opclient.PrintJSON(c.out, rep)
+			} else {
+				opclient.PrintDecommission(c.out, rep)
+			}
+		}
+		return err
+	})
+	cmd.Flags().IntVar(&threshold, "threshold", 0, "the image's k: a disk is unreadable once fewer than K brokers hold a share (default: a majority of the list)")
+	cmd.Flags().DurationVar(&drain, "drain", 50*time.Second, "how long to wait for the appliance to be drained")
+	cmd.Flags().BoolVar(&force, "force", false, "revoke at once, without waiting for the drain")
+	return cmd
 }
 
 func newApproveFirmwareCmd(o *options) *cobra.Command {
