@@ -5,11 +5,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/dataembassy/embassy/appliance/logmsg"
+	"github.com/dataembassy/embassy/operator/opclient"
 	"github.com/dataembassy/embassy/qemu-tests/bootreport"
 	"github.com/dataembassy/embassy/qemu-tests/vm"
 )
@@ -34,10 +37,20 @@ type revokedRecord struct {
 	// afterFound is every volume key, passphrase or share a dump after
 	// the lockdown (PID 1 started afresh and refused again) held.
 	afterFound []string
+	// decommission is the operators' report; sharesLeft the disks each
+	// broker still holds shares of afterwards, by broker; unlockedAfter
+	// are console lines of a volume unlocked after the lockdown.
+	decommission    *opclient.DecommissionReport
+	decommissionErr error
+	sharesLeft      map[string][]string
+	unlockedAfter   []string
+	// provisionedDisks are the ids of the disks the appliance had.
+	provisionedDisks []string
 }
 
 // revoked runs the revocation once per test binary: twin-a serving
-// ingest is revoked at every broker; at its next re-attestation it goes
+// ingest is decommissioned by the operators (drained, revoked at every
+// broker, its shares destroyed); at its next re-attestation it goes
 // into lockdown, stops serving, closes its LUKS mappings and starts
 // afresh, to be refused again. Its memory is dumped while serving and
 // after the lockdown.
@@ -82,10 +95,13 @@ func revokeServingAppliance(t *testing.T) *revokedRecord {
 	rec.servingFound = findSecrets(serving, held)
 	serving = nil
 
-	for _, b := range hb.b {
-		if err := b.Revoke(hb.op, id); err != nil {
-			t.Fatal(err)
-		}
+	for _, d := range provisionedEmbassy(t).secrets[twinNames[0]] {
+		rec.provisionedDisks = append(rec.provisionedDisks, d.uuid)
+	}
+	rec.decommission, rec.decommissionErr = hb.ops.Decommission(ctx, id,
+		opclient.DecommissionOptions{Threshold: 2, Drain: 2 * time.Minute, Progress: testWriter{t}})
+	if rec.decommissionErr != nil {
+		t.Fatalf("decommission: %v", rec.decommissionErr)
 	}
 	j, ld := waitMsg(t, ctx, v, i, logmsg.MsgLockdown)
 	rec.lockdownReason, _ = ld["reason"].(string)
@@ -101,6 +117,22 @@ func revokeServingAppliance(t *testing.T) *revokedRecord {
 	k, _ = waitMsg(t, ctx, v, k, logmsg.MsgStarting)
 	waitMsg(t, ctx, v, k, logmsg.MsgLockdown)
 	rec.afterFound = findSecrets(dumpMemory(t, v, "after-lockdown"), all)
+	for _, l := range v.Lines()[j:] {
+		if bootreport.JSONMsg(l.Text) == "volume unlocked and mounted" {
+			rec.unlockedAfter = append(rec.unlockedAfter, l.Text)
+		}
+	}
+	rec.sharesLeft = map[string][]string{}
+	for _, st := range hb.ops.Status(ctx) {
+		if st.Error != "" {
+			t.Fatalf("broker %s: %s", st.Broker, st.Error)
+		}
+		for _, a := range st.State.Appliances {
+			if a.ID == id {
+				rec.sharesLeft[st.Broker] = a.Disks
+			}
+		}
+	}
 	revoked.rec = rec
 	return rec
 }
@@ -165,4 +197,52 @@ func dumpMemory(t testing.TB, v *vm.VM, label string) []byte {
 	}
 	os.Remove(p)
 	return b
+}
+
+// testWriter writes progress lines to the test log.
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Logf("%s", strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// TestDecommission: the same serving appliance, decommissioned by the
+// operators: drained first, then revoked and its shares destroyed at every
+// broker. It locks down; started afresh it is refused again and unlocks
+// nothing; no broker holds a share of its disks any more, and the report
+// names both disks, by serial, as unreadable for good.
+func TestDecommission(t *testing.T) {
+	rec := revokeServingAppliance(t)
+	r := rec.decommission
+	if !r.Drained {
+		t.Fatalf("not drained: %+v", r)
+	}
+	if len(r.Disks) != len(rec.provisionedDisks) {
+		t.Fatalf("report names %d disks, the appliance had %d: %+v", len(r.Disks), len(rec.provisionedDisks), r.Disks)
+	}
+	for _, d := range r.Disks {
+		if !d.Unreadable || d.Serial == "" || len(d.Holders) != 0 || !slices.Contains(rec.provisionedDisks, d.ID) {
+			t.Errorf("disk %+v: want one of %v, by serial, unreadable, no holder", d, rec.provisionedDisks)
+		}
+	}
+	for _, o := range r.Revoked {
+		if !o.OK {
+			t.Errorf("revoke at %s: %s", o.Broker, o.Error)
+		}
+	}
+	if len(rec.sharesLeft) != 3 {
+		t.Fatalf("brokers that know the appliance: %v", rec.sharesLeft)
+	}
+	for b, disks := range rec.sharesLeft {
+		if len(disks) != 0 {
+			t.Errorf("broker %s still holds shares of %v", b, disks)
+		}
+	}
+	if rec.lockdownReason != "appliance revoked" {
+		t.Fatalf("lockdown reason %q", rec.lockdownReason)
+	}
+	if len(rec.unlockedAfter) > 0 {
+		t.Fatalf("a volume unlocked after the decommission: %v", rec.unlockedAfter)
+	}
 }
