@@ -2,9 +2,12 @@ package broker_test
 
 import (
 	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -14,58 +17,67 @@ import (
 	"testing"
 	"time"
 
+	pb "github.com/google/go-tpm-tools/proto/tpm"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/dataembassy/embassy/broker"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/protocol/identity"
+	"github.com/dataembassy/embassy/tpm/eventlog"
+	"github.com/dataembassy/embassy/tpm/pcrs"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
+	"github.com/dataembassy/embassy/tpm/verifier"
 )
 
 // BenchmarkAttestRoundTrips measures full attest-and-release round trips
 // over HTTPS on loopback against one broker (quote verification, event-log
-// replay, manifest check, one share sealed to the appliance's EK,
-// certificate issued, state and audit written) at 1, 8 and 64 concurrent
-// appliances. Concurrency N is N distinct enrolled appliances (see fleet:
-// each its own simulated TPM, EK and AK, enrolled, activated and holding a
-// deposited share); worker w sends only appliance w's requests, each on a
-// fresh TLS connection as independent appliances make them. The evidence
-// (a broker nonce per request, quoted by the appliance's own TPM) is made
-// during set-up, which is timed and reported on its own, so the TPM
-// simulator is not what is measured.
+// replay, manifest check, one share opened under the master key and sealed
+// to the appliance's EK, certificate issued, state and audit written) at 1,
+// 8 and 64 concurrent appliances, once per master-key backend (key=file,
+// key=softhsm2: see forEachKey). Concurrency N is N distinct enrolled
+// appliances (see fleet: each its own simulated TPM, EK and AK, enrolled,
+// activated and holding a deposited share); worker w sends only appliance
+// w's requests, each on a fresh TLS connection as independent appliances
+// make them. The evidence (a broker nonce per request, quoted by the
+// appliance's own TPM) is made during set-up, which is timed and reported
+// on its own, so the TPM simulator is not what is measured.
 //
 // Baseline, same run: bare TLS round trips to a trivial handler with the
 // broker's TLS configuration, the same workers and request counts. Each
 // level runs rounds of attest then baseline, alternating; the ratio is the
 // median of the rounds' ratios, the rates are the rounds' medians and
-// p50/p99 are over every round's requests.
+// p50/p99 are over every round's requests. Target (issue 13): ratio >= 0.6
+// at 8.
 //
 // The benchmark fails unless, at every level and round, the responses
 // carry certificates for exactly N distinct appliance ids, each its
 // worker's own with one share, and broker 0's audit log shows one release
 // per request from exactly those N appliances and no failed attestation.
 func BenchmarkAttestRoundTrips(b *testing.B) {
-	benchAttestRoundTrips(b, []int{1, 8, 64}, 200, 3, nil)
+	forEachKey(b, func(b *testing.B, key string) {
+		benchAttestRoundTrips(b, key, []int{1, 8, 64}, 200, 3)
+	})
 }
 
 // benchAttestRoundTrips runs the benchmark at the given concurrency levels,
 // with about perLevel requests per round (at least one per appliance).
-// prepare, when not nil, changes broker 0 before the fleet is made (e.g. its
-// master key into a token).
-func benchAttestRoundTrips(b *testing.B, levels []int, perLevel, rounds int, prepare func(*env)) {
+func benchAttestRoundTrips(b *testing.B, key string, levels []int, perLevel, rounds int) {
 	perWorker := func(conc int) int { return (perLevel + conc - 1) / conc }
 
 	setupStart := time.Now()
-	e := newEnv(b, 1, 1)
-	e.brokers[0].cfg.NonceTTL = time.Hour
-	e.stop(0)
-	e.start(0)
-	if prepare != nil {
-		prepare(e)
-	}
+	e := benchEnv(b, key)
 	d := tpmtest.NewBootDigests("image-1")
 	e.approveImage(1, d)
-	f := newFleet(b, e, d, levels, rounds, perWorker)
+	plan := map[batch]int{}
+	for _, conc := range levels {
+		for r := range rounds {
+			plan[batch{"https", conc, r}] = perWorker(conc)
+		}
+	}
+	f := newFleet(b, e, d, plan)
 	setup := time.Since(setupStart)
-	fmt.Printf("set-up: %d appliances (own TPM simulator each, enrolled, share deposited) and their evidence in %.1fs\n",
-		len(f.ids), setup.Seconds())
+	fmt.Printf("key=%s set-up: %d appliances (own TPM simulator each, enrolled, share deposited) and their evidence in %.1fs\n",
+		key, len(f.ids), setup.Seconds())
 
 	trivialLn, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -88,11 +100,11 @@ func benchAttestRoundTrips(b *testing.B, levels []int, perLevel, rounds int, pre
 		var ratios, rates, baseRates []float64
 		var lats, baseLats []time.Duration
 		for round := range rounds {
-			work := f.work(batch{conc, round})
-			rps, lat, resps := load(b, e, attestURL, work)
+			work := f.work(batch{"https", conc, round})
+			rps, lat, bodies := load(b, e, attestURL, work)
 			releases, failures, head := auditedSince(b, e, seq)
 			seq = head
-			checkDistinct(b, e, f, conc, work, resps, releases, failures)
+			checkDistinct(b, e, f, conc, decodeAll(b, bodies), releases, failures)
 
 			base := make([][][]byte, conc)
 			for w := range base {
@@ -108,9 +120,200 @@ func benchAttestRoundTrips(b *testing.B, levels []int, perLevel, rounds int, pre
 		b.ReportMetric(ratio, fmt.Sprintf("ratio@%d", conc))
 		p50, p99 := percentiles(lats)
 		bp50, bp99 := percentiles(baseLats)
-		fmt.Printf("concurrency %2d (%2d distinct appliances, %d requests/round): attest %6.0f/s p50 %6.1fms p99 %6.1fms | bare TLS %6.0f/s p50 %5.1fms p99 %5.1fms | ratio per round %.2f, median of %d %.2f (target >= 0.5; >= 200/s at 8)\n",
-			conc, conc, conc*perWorker(conc), rps, ms(p50), ms(p99), brps, ms(bp50), ms(bp99), ratios, rounds, ratio)
+		target := ""
+		if conc == 8 {
+			target = " (target >= 0.6)"
+		}
+		fmt.Printf("key=%s concurrency %2d (%2d distinct appliances, %d requests/round): attest %6.0f/s p50 %6.1fms p99 %6.1fms | bare TLS %6.0f/s p50 %5.1fms p99 %5.1fms | ratio per round %.2f, median of %d %.2f%s\n",
+			key, conc, conc, conc*perWorker(conc), rps, ms(p50), ms(p99), brps, ms(bp50), ms(bp99), ratios, rounds, ratio, target)
 	}
+}
+
+// verifySealTarget is issue 13's in-process target on 2 cores (Keylime's
+// published verifier rate), attestations verified and released per second.
+const verifySealTarget = 2500
+
+// BenchmarkVerifySeal measures attestations per second in process, no
+// HTTP or TLS: Broker.Attest on a decoded request, that is the whole
+// verification (nonce, quote, event-log replay, firmware reference,
+// manifest, counters) and release (share opened under the master key and
+// sealed to the appliance's EK, certificate issued, record and audit
+// entries durable), once per master-key backend, at 8 and 64 concurrent
+// distinct appliances (the fleet's; worker w calls Attest with appliance
+// w's requests only).
+//
+// Baseline, same run, alternating rounds on the same requests: the TPM
+// cryptography an attestation cannot do without, with no broker around
+// it: the AK parsed, the quote verified, the event log replayed and a
+// share sealed to the EK under the quoted PCRs. The ratio (median of the
+// rounds') says what the broker's own work costs; the rate is also
+// compared with the target (verifySealTarget). The same checks as
+// BenchmarkAttestRoundTrips make sure every call released one share to its
+// own appliance.
+func BenchmarkVerifySeal(b *testing.B) {
+	forEachKey(b, func(b *testing.B, key string) {
+		benchVerifySeal(b, key, []int{8, 64}, 1024, 3)
+	})
+}
+
+func benchVerifySeal(b *testing.B, key string, levels []int, perLevel, rounds int) {
+	perWorker := func(conc int) int { return (perLevel + conc - 1) / conc }
+
+	setupStart := time.Now()
+	e := benchEnv(b, key)
+	d := tpmtest.NewBootDigests("image-1")
+	e.approveImage(1, d)
+	plan := map[batch]int{}
+	for _, conc := range levels {
+		for r := range rounds {
+			plan[batch{"in-process", conc, r}] = perWorker(conc)
+		}
+	}
+	f := newFleet(b, e, d, plan)
+	setup := time.Since(setupStart)
+	fmt.Printf("key=%s set-up: %d appliances and their evidence in %.1fs\n", key, len(f.ids), setup.Seconds())
+
+	_, _, seq := auditedSince(b, e, 0)
+	b.ResetTimer()
+	b.ReportMetric(setup.Seconds(), "setup-s")
+	for _, conc := range levels {
+		var ratios, rates, baseRates []float64
+		for round := range rounds {
+			reqs := decodeRequests(b, f.work(batch{"in-process", conc, round}))
+			rps, resps := attestInProcess(b, e.brokers[0].b, reqs)
+			releases, failures, head := auditedSince(b, e, seq)
+			seq = head
+			checkDistinct(b, e, f, conc, resps, releases, failures)
+			brps := cryptoOnly(b, f, reqs)
+			ratios, rates, baseRates = append(ratios, rps/brps), append(rates, rps), append(baseRates, brps)
+		}
+		ratio, rps, brps := median(ratios), median(rates), median(baseRates)
+		b.ReportMetric(rps, fmt.Sprintf("verify+seal/s@%d", conc))
+		b.ReportMetric(ratio, fmt.Sprintf("ratio@%d", conc))
+		fmt.Printf("key=%s in process, concurrency %2d (%2d distinct appliances, %d requests/round): verify+seal %6.0f/s, %.2fx the %d/s target | TPM crypto alone %6.0f/s | ratio per round %.2f, median of %d %.2f\n",
+			key, conc, conc, conc*perWorker(conc), rps, rps/verifySealTarget, verifySealTarget, brps, ratios, rounds, ratio)
+	}
+}
+
+// decodeRequests decodes every worker's request bodies.
+func decodeRequests(b *testing.B, work [][][]byte) [][]*api.AttestRequest {
+	out := make([][]*api.AttestRequest, len(work))
+	for w, bodies := range work {
+		for _, body := range bodies {
+			var req api.AttestRequest
+			if err := json.Unmarshal(body, &req); err != nil {
+				b.Fatal(err)
+			}
+			out[w] = append(out[w], &req)
+		}
+	}
+	return out
+}
+
+// decodeAll decodes every worker's attest responses.
+func decodeAll(b *testing.B, bodies [][][]byte) [][]*api.AttestResponse {
+	out := make([][]*api.AttestResponse, len(bodies))
+	for w, ws := range bodies {
+		for _, data := range ws {
+			var ar api.AttestResponse
+			if err := json.Unmarshal(data, &ar); err != nil {
+				b.Fatalf("worker %d: %v", w, err)
+			}
+			out[w] = append(out[w], &ar)
+		}
+	}
+	return out
+}
+
+// attestInProcess runs one worker per element of reqs, each calling
+// br.Attest with its requests in order, and returns attestations/s over the
+// whole batch and the responses.
+func attestInProcess(b *testing.B, br *broker.Broker, reqs [][]*api.AttestRequest) (float64, [][]*api.AttestResponse) {
+	resps := make([][]*api.AttestResponse, len(reqs))
+	errs := make([]error, len(reqs))
+	total := 0
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w, rs := range reqs {
+		total += len(rs)
+		wg.Go(func() {
+			for _, req := range rs {
+				resp, err := br.Attest(req)
+				if err != nil {
+					errs[w] = err
+					return
+				}
+				resps[w] = append(resps[w], resp)
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	if err := errors.Join(errs...); err != nil {
+		b.Fatal(err)
+	}
+	return float64(total) / elapsed.Seconds(), resps
+}
+
+// cryptoOnly is BenchmarkVerifySeal's baseline: for every request, with
+// the same workers, what any verifier must compute (AK parsed, quote
+// verified against the nonce and TLS key, event log replayed, a 33-byte
+// share sealed to the EK under the quoted policy PCRs), nothing stored.
+// It returns requests/s.
+func cryptoOnly(b *testing.B, f *fleet, reqs [][]*api.AttestRequest) float64 {
+	share := make([]byte, 33)
+	rand.Read(share)
+	errs := make([]error, len(reqs))
+	total := 0
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w, rs := range reqs {
+		total += len(rs)
+		wg.Go(func() {
+			for _, req := range rs {
+				if err := verifyAndSeal(f.akPublic[w], f.ekPublic[w], req, share); err != nil {
+					errs[w] = err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	if err := errors.Join(errs...); err != nil {
+		b.Fatal(err)
+	}
+	return float64(total) / elapsed.Seconds()
+}
+
+func verifyAndSeal(akPublic, ekPublic []byte, req *api.AttestRequest, share []byte) error {
+	ak, err := verifier.ParseAK(akPublic)
+	if err != nil {
+		return err
+	}
+	h := sha256.Sum256(req.TLSPublic)
+	q := &pb.Quote{Quote: req.Quote, RawSig: req.Signature, Pcrs: pcrs.Proto(req.PCRs)}
+	info, err := verifier.VerifyQuote(ak, q, api.ExtraData(req.Nonce, h[:]))
+	if err != nil {
+		return err
+	}
+	if _, err := eventlog.Replay(req.EventLog, info.PCRs); err != nil {
+		return err
+	}
+	ek, err := x509.ParsePKIXPublicKey(ekPublic)
+	if err != nil {
+		return err
+	}
+	policy := map[int][]byte{}
+	for _, i := range pcrs.Indexes() {
+		policy[i] = info.PCRs[i]
+	}
+	blob, err := verifier.Seal(ek, share, policy)
+	if err != nil {
+		return err
+	}
+	_, err = proto.Marshal(blob)
+	return err
 }
 
 // checkDistinct fails the benchmark unless one round at concurrency conc
@@ -118,18 +321,14 @@ func benchAttestRoundTrips(b *testing.B, levels []int, perLevel, rounds int, pre
 // release of one share with a certificate naming the worker's own
 // appliance, and the broker's audit has one release per request, from
 // those appliances only, and no failed attestation.
-func checkDistinct(b *testing.B, e *env, f *fleet, conc int, work, resps [][][]byte, releases, failures map[string]int) {
+func checkDistinct(b *testing.B, e *env, f *fleet, conc int, resps [][]*api.AttestResponse, releases, failures map[string]int) {
 	b.Helper()
 	if len(failures) != 0 {
 		b.Fatalf("concurrency %d: failed attestations audited: %v", conc, failures)
 	}
 	answered := map[string]int{}
-	for w := range work {
-		for _, data := range resps[w] {
-			var ar api.AttestResponse
-			if err := json.Unmarshal(data, &ar); err != nil {
-				b.Fatalf("concurrency %d, worker %d: %v", conc, w, err)
-			}
+	for w, ws := range resps {
+		for _, ar := range ws {
 			if len(ar.Shares) != 1 {
 				b.Fatalf("concurrency %d, worker %d: %d shares released, want 1", conc, w, len(ar.Shares))
 			}
@@ -142,11 +341,11 @@ func checkDistinct(b *testing.B, e *env, f *fleet, conc int, work, resps [][][]b
 			}
 			answered[id]++
 		}
-		if got := releases[f.ids[w]]; got != len(work[w]) {
-			b.Fatalf("concurrency %d: broker audited %d releases to %s, want %d", conc, got, f.ids[w], len(work[w]))
+		if got := releases[f.ids[w]]; got != len(ws) {
+			b.Fatalf("concurrency %d: broker audited %d releases to %s, want %d", conc, got, f.ids[w], len(ws))
 		}
 	}
-	if len(answered) != conc || len(releases) != conc {
+	if len(resps) != conc || len(answered) != conc || len(releases) != conc {
 		b.Fatalf("concurrency %d: %d distinct appliances certified and %d in the audit's releases, want %d",
 			conc, len(answered), len(releases), conc)
 	}

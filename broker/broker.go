@@ -90,12 +90,13 @@ type Broker struct {
 	sealer ShareSealer
 	now    func() time.Time
 
-	mu     sync.Mutex // serialises read-modify-write of appliance records
-	nonceM sync.Mutex
+	records applianceLocks // serialise read-modify-write of each appliance's record
+	nonceM  sync.Mutex
 
 	manifestMu sync.Mutex
 	manifests  []*manifest.Manifest // verified, newest first; nil: reload
 	nonces     *nonceCache
+	peers      peerIndex
 
 	metrics *metrics
 
@@ -152,6 +153,11 @@ func New(cfg Config) (*Broker, error) {
 		now = time.Now
 	}
 	b := &Broker{cfg: cfg, db: db, audit: log, sealer: s, now: now, nonces: newNonceCache()}
+	if err := b.loadPeers(); err != nil {
+		log.Close()
+		db.Close()
+		return nil, fmt.Errorf("read appliance records: %w", err)
+	}
 	b.metrics = newMetrics(b.outstandingNonces)
 	return b, nil
 }
@@ -185,12 +191,61 @@ func (b *Broker) commit(r *record, entries ...audit.Entry) error {
 	}
 	return b.db.Batch(func(tx *bolt.Tx) error {
 		if r != nil {
-			if err := putJSON(tx, bucketAppliances, []byte(r.ID), r); err != nil {
+			if err := b.putRecord(tx, r); err != nil {
 				return err
 			}
 		}
+		// Commits of different appliances run concurrently and may reach
+		// here in another order than their entries reached the log: the
+		// stored head only moves forward.
+		var stored audit.Head
+		if _, err := getJSON(tx, bucketMeta, keyAuditHead, &stored); err != nil {
+			return err
+		}
+		if head.Seq <= stored.Seq {
+			return nil
+		}
 		return putJSON(tx, bucketMeta, keyAuditHead, head)
 	})
+}
+
+// applianceLocks serialises the read-modify-write of one appliance's
+// record (and of its shares) while other appliances' proceed: an
+// attestation holds only its own appliance's lock across sealing and
+// commit, so concurrent attestations of distinct appliances share the
+// audit log's fsync and the database's batched commit.
+type applianceLocks struct {
+	mu   sync.Mutex
+	byID map[string]*applianceLock
+}
+
+type applianceLock struct {
+	mu      sync.Mutex
+	waiters int // holders and goroutines waiting; the entry goes at 0
+}
+
+// lock takes appliance id's lock and returns its release.
+func (l *applianceLocks) lock(id string) (unlock func()) {
+	l.mu.Lock()
+	if l.byID == nil {
+		l.byID = map[string]*applianceLock{}
+	}
+	al := l.byID[id]
+	if al == nil {
+		al = &applianceLock{}
+		l.byID[id] = al
+	}
+	al.waiters++
+	l.mu.Unlock()
+	al.mu.Lock()
+	return func() {
+		al.mu.Unlock()
+		l.mu.Lock()
+		if al.waiters--; al.waiters == 0 {
+			delete(l.byID, id)
+		}
+		l.mu.Unlock()
+	}
 }
 
 // entry makes an audit entry for the outcome of what by did.
@@ -232,12 +287,11 @@ func (b *Broker) load(id string) (*record, error) {
 }
 
 func (b *Broker) save(r *record) error {
-	return b.db.Update(func(tx *bolt.Tx) error { return putJSON(tx, bucketAppliances, []byte(r.ID), r) })
+	return b.db.Update(func(tx *bolt.Tx) error { return b.putRecord(tx, r) })
 }
 
 func (b *Broker) update(id string, fn func(*record) error) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.records.lock(id)()
 	r, err := b.load(id)
 	if err != nil {
 		return err

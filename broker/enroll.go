@@ -36,8 +36,7 @@ func (b *Broker) Enroll(req *api.EnrollRequest) (_ *api.EnrollChallenge, err err
 	if merr != nil {
 		return nil, merr
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.records.lock(id)()
 	r, err := b.enrollable(id)
 	if err != nil {
 		return nil, err
@@ -54,7 +53,7 @@ func (b *Broker) Enroll(req *api.EnrollRequest) (_ *api.EnrollChallenge, err err
 // what operators set on it (floor, disk approvals, endpoints). An enrolled
 // EK is refused, and a revoked EK is refused for good: its record keeps
 // the revocation, the floor and the anti-rollback counters. The caller
-// holds b.mu.
+// holds id's lock (b.records).
 func (b *Broker) enrollable(id string) (*record, error) {
 	old, err := b.load(id)
 	switch {
@@ -79,8 +78,7 @@ func (b *Broker) enrollable(id string) (*record, error) {
 func (b *Broker) Activate(req *api.ActivateRequest) (err error) {
 	detail := map[string]string{}
 	defer func() { b.record(audit.ApplianceActor(req.ApplianceID), "activate", req.ApplianceID, err, detail) }()
-	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.records.lock(req.ApplianceID)()
 	r, err := b.load(req.ApplianceID)
 	if err != nil {
 		return err
@@ -111,8 +109,7 @@ func (b *Broker) Activate(req *api.ActivateRequest) (err error) {
 // A revoked appliance stays revoked.
 func (b *Broker) ApproveEnrollment(by audit.Actor, id string) (err error) {
 	defer func() { b.record(by, "enroll", id, err, nil) }()
-	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.records.lock(id)()
 	r, err := b.load(id)
 	if err != nil {
 		return err

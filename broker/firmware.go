@@ -105,8 +105,7 @@ func (b *Broker) checkFirmware(r *record, values map[int][]byte, events []eventl
 // keepPendingFirmware records fw as the appliance's pending firmware
 // unless one is pending or the appliance is revoked.
 func (b *Broker) keepPendingFirmware(id string, fw *firmware) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.records.lock(id)()
 	r, err := b.load(id)
 	if err != nil {
 		return err

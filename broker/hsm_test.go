@@ -19,33 +19,6 @@ import (
 	"github.com/dataembassy/embassy/tpm/tpmtest"
 )
 
-// useHSM restarts broker i with its master key in the SoftHSM2 token of
-// cfg: a new PKCS#11 module load, session and login, and a new broker.New.
-func (e *env) useHSM(i int, cfg hsm.Config) *hsm.Sealer {
-	e.t.Helper()
-	e.stop(i)
-	s, err := hsm.Open(cfg)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	e.brokers[i].cfg.Sealer, e.brokers[i].cfg.MasterKey = s, nil
-	e.start(i)
-	return s
-}
-
-// BenchmarkAttestRoundTripsHSM is BenchmarkAttestRoundTrips with broker
-// 0's master key in a SoftHSM2 token: every release opens its share with
-// AES-GCM inside the token (compare attest/s with the file key's).
-func BenchmarkAttestRoundTripsHSM(b *testing.B) {
-	cfg := hsmtest.Token(b, "broker-a", "master")
-	if err := hsm.GenerateKey(cfg); err != nil {
-		b.Fatal(err)
-	}
-	var s *hsm.Sealer
-	benchAttestRoundTrips(b, []int{1, 8, 64}, 200, 3, func(e *env) { s = e.useHSM(0, cfg) })
-	b.Cleanup(func() { s.Close() })
-}
-
 // TestMasterKeyInSoftHSM2SurvivesRestart: a broker whose master key is a
 // non-extractable key in a SoftHSM2 token stores a deposited share sealed
 // by the token; stopped and started again (the token released and opened

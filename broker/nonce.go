@@ -41,10 +41,11 @@ type nonceCache struct {
 	byID      map[string][]string    // appliance id → its hex nonces, oldest first
 	unknown   int                    // nonces issued to ids without a record
 	nextSweep time.Time              // when expired nonces are next dropped
+	perID     int                    // MaxNoncesPerAppliance but in benchmarks (export_test.go)
 }
 
 func newNonceCache() *nonceCache {
-	return &nonceCache{byNonce: map[string]nonceRecord{}, byID: map[string][]string{}}
+	return &nonceCache{byNonce: map[string]nonceRecord{}, byID: map[string][]string{}, perID: MaxNoncesPerAppliance}
 }
 
 // Nonce issues a fresh single-use nonce for an appliance.
@@ -74,7 +75,7 @@ func (c *nonceCache) add(k string, rec nonceRecord, now time.Time, ttl time.Dura
 		c.dropExpired(now)
 		c.nextSweep = now.Add(ttl)
 	}
-	if own := c.byID[rec.appliance]; len(own) >= MaxNoncesPerAppliance {
+	if own := c.byID[rec.appliance]; len(own) >= c.perID {
 		c.remove(own[0])
 	}
 	if !rec.known {

@@ -136,8 +136,7 @@ func (b *Broker) DestroyShares(by audit.Actor, id string) (destroyed []string, e
 		b.record(by, "destroy-shares", id, err, map[string]string{
 			"disks": strings.Join(destroyed, ","), "count": strconv.Itoa(len(destroyed))})
 	}()
-	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.records.lock(id)()
 	r, err := b.load(id)
 	if err != nil {
 		return nil, err
@@ -156,7 +155,7 @@ func (b *Broker) DestroyShares(by audit.Actor, id string) (destroyed []string, e
 			}
 		}
 		r.Disks = nil
-		return putJSON(tx, bucketAppliances, []byte(r.ID), r)
+		return b.putRecord(tx, r)
 	})
 	if err != nil {
 		destroyed = nil

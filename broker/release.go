@@ -6,7 +6,6 @@ import (
 	"net/http"
 	"strconv"
 
-	bolt "go.etcd.io/bbolt"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/dataembassy/embassy/broker/audit"
@@ -68,8 +67,9 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 		CertExpires:   cert.NotAfter,
 		ReattestAfter: int(b.cfg.ReattestAfter.Seconds()),
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
+	// Only this appliance's lock: others' attestations seal and commit
+	// meanwhile, and their commits are batched with this one's.
+	defer b.records.lock(req.ApplianceID)()
 	r, err = b.load(req.ApplianceID)
 	if err != nil {
 		return nil, err
@@ -98,9 +98,7 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 		resp.Shares = append(resp.Shares, api.SealedShare{DiskID: disk, Blob: enc})
 	}
 	resp.DiskApprovals = r.DiskApprovals
-	if resp.Peers, err = b.peersOf(r.ID); err != nil {
-		return nil, err
-	}
+	resp.Peers = b.peers.except(r.ID)
 	if req.Health != nil {
 		h := *req.Health
 		h.Reported = b.now().UTC()
@@ -136,7 +134,7 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 // policy selection: the firmware reference for the platform PCRs and the
 // verified (replayed, image-checked) quote for the others. It is what the
 // broker expects, never the request's own map. The record is the one
-// re-read under b.mu, so a reference that changed since the verification
+// re-read under the appliance's lock, so a reference that changed since the verification
 // is what counts.
 func expectedPCRs(r *record, verified map[int][]byte) (map[int][]byte, error) {
 	if r.Firmware == nil {
@@ -154,23 +152,4 @@ func expectedPCRs(r *record, verified map[int][]byte) (map[int][]byte, error) {
 		return nil, err
 	}
 	return out, nil
-}
-
-// peersOf lists the appliances an appliance replicates with: every other
-// enrolled, activated, unrevoked appliance that has endpoints.
-func (b *Broker) peersOf(id string) ([]api.Peer, error) {
-	var peers []api.Peer
-	err := b.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketAppliances).ForEach(func(_, v []byte) error {
-			var r record
-			if err := jsonUnmarshal(v, &r); err != nil {
-				return err
-			}
-			if r.ID != id && r.Enrolled && r.Activated && !r.Revoked && len(r.Endpoints) > 0 {
-				peers = append(peers, api.Peer{ID: r.ID, Endpoints: r.Endpoints})
-			}
-			return nil
-		})
-	})
-	return peers, err
 }

@@ -41,8 +41,7 @@ func (b *Broker) Deposit(applianceID string, req *api.DepositRequest) (err error
 	if _, perr := shamir.Parse(req.Share); perr != nil {
 		return reject(http.StatusBadRequest, ReasonBadRequest, "share: "+perr.Error())
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
+	defer b.records.lock(applianceID)()
 	r, err := b.load(applianceID)
 	if err != nil {
 		return err
@@ -70,7 +69,7 @@ func (b *Broker) Deposit(applianceID string, req *api.DepositRequest) (err error
 		if err := tx.Bucket(bucketShares).Put(shareKey(r.ID, req.DiskID), sealed); err != nil {
 			return err
 		}
-		return putJSON(tx, bucketAppliances, []byte(r.ID), r)
+		return b.putRecord(tx, r)
 	})
 }
 

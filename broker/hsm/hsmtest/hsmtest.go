@@ -33,7 +33,14 @@ func Token(t testing.TB, label, keyLabel string) hsm.Config {
 		}
 		t.Skipf("broker/hsm: softhsm2 not installed (%v); `apt-get install softhsm2` to run", err)
 	}
-	dir := t.TempDir()
+	// Not t.TempDir: its name comes from the test's, and SoftHSM2's
+	// configuration parser cuts a value at '=' (a sub-benchmark such as
+	// key=softhsm2 would name a token folder that does not exist).
+	dir, err := os.MkdirTemp("", "softhsm2-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	tokens := filepath.Join(dir, "tokens")
 	if err := os.Mkdir(tokens, 0o700); err != nil {
 		t.Fatal(err)
