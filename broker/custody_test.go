@@ -334,3 +334,49 @@ func TestAuditRecordsActor(t *testing.T) {
 	os.WriteFile(path, raw, 0o600)
 	e.start(0)
 }
+
+// TestAttestRaisesFloor: an appliance that attests on a newer approved
+// image raises its floor to that image's version at the broker, audited;
+// the older image gets nothing there afterwards. Each answer lists the
+// approved images (an appliance checks a pushed upgrade against k such
+// lists) and the floor.
+func TestAttestRaisesFloor(t *testing.T) {
+	e := newEnv(t, 2, 2)
+	d1, d2 := tpmtest.NewBootDigests("image-1"), tpmtest.NewBootDigests("image-2")
+	a := e.boot(1, d1, attester.EKRSA)
+	defer a.shutdown()
+	provision(t, e, a, d1)
+	e.approveImage(2, d2)
+	id := a.c.ID()
+	steps := []struct {
+		name      string
+		boot      tpmtest.BootDigests
+		wantErr   api.Code
+		wantFloor uint64
+	}{
+		{"old image first", d1, "", 1},
+		{"new image", d2, "", 2},
+		{"old image again", d1, api.CodeFloor, 2},
+	}
+	for _, st := range steps {
+		a.reboot(t, st.boot)
+		for i := range e.brokers {
+			resp, err := rawAttest(t, e, a, i, nil)
+			if codeOf(err) != st.wantErr {
+				t.Fatalf("%s at broker %d: %v, want code %q", st.name, i, err, st.wantErr)
+			}
+			if got := e.applianceState(i, id).Floor; got != st.wantFloor {
+				t.Fatalf("%s: floor %d at broker %d, want %d", st.name, got, i, st.wantFloor)
+			}
+			if err != nil {
+				continue
+			}
+			if resp.Floor != st.wantFloor || len(resp.Approved) != 2 || resp.Approved[0].Version != 2 || resp.Approved[1].Version != 1 {
+				t.Fatalf("%s: answer floor %d, approved %+v", st.name, resp.Floor, resp.Approved)
+			}
+		}
+	}
+	if ent := e.lastAudit(0, "raise-floor"); ent.Result != "ok" || ent.Detail["from"] != "1" || ent.Detail["to"] != "2" {
+		t.Fatalf("floor raise audited as %+v", ent)
+	}
+}

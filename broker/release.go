@@ -99,6 +99,11 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 	}
 	resp.DiskApprovals = r.DiskApprovals
 	resp.Peers = b.peers.except(r.ID)
+	if ms, err := b.approvedManifests(); err == nil {
+		for _, m := range ms[:min(len(ms), api.MaxApprovedImages)] {
+			resp.Approved = append(resp.Approved, api.ApprovedImage{Version: m.Version, UKIAuthenticode: m.Measurements.UKIAuthenticode})
+		}
+	}
 	if req.Health != nil {
 		h := *req.Health
 		h.Reported = b.now().UTC()
@@ -111,6 +116,15 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 	r.LastAttest, r.LastImage = b.now().Unix(), matched.Version
 	by := audit.ApplianceActor(r.ID)
 	entries := []audit.Entry{entry(by, "attest", r.ID, nil, detail)}
+	// An appliance that attested on a newer image than its floor raises
+	// the floor to it: the older image never gets keys here again (an
+	// upgrade's point of no return, taken only once the new image runs).
+	if matched.Version > r.Floor {
+		entries = append(entries, entry(by, "raise-floor", r.ID, nil, map[string]string{
+			"from": strconv.FormatUint(r.Floor, 10), "to": strconv.FormatUint(matched.Version, 10), "why": "attested on a newer image"}))
+		r.Floor = matched.Version
+	}
+	resp.Floor = r.Floor
 	if len(resp.Shares) > 0 {
 		disks := ""
 		for i, s := range resp.Shares {

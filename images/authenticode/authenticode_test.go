@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/dataembassy/embassy/images/authenticode/petest"
 	"github.com/dataembassy/embassy/internal/testenv"
 )
 
@@ -78,30 +79,7 @@ func stripSignature(t *testing.T, img []byte) []byte {
 // minimalPE builds a small PE32+ image with one section and optional
 // trailing bytes.
 func minimalPE(numDirs uint32, trailing []byte) []byte {
-	const peOff = 0x40
-	const optSize = 112 + 16*8
-	img := make([]byte, 0x200)
-	img[0], img[1] = 'M', 'Z'
-	binary.LittleEndian.PutUint32(img[0x3c:], peOff)
-	copy(img[peOff:], "PE\x00\x00")
-	coff := peOff + 4
-	binary.LittleEndian.PutUint16(img[coff:], 0x8664)
-	binary.LittleEndian.PutUint16(img[coff+2:], 1)
-	binary.LittleEndian.PutUint16(img[coff+16:], optSize)
-	opt := coff + 20
-	binary.LittleEndian.PutUint16(img[opt:], peMagic32Plus)
-	binary.LittleEndian.PutUint32(img[opt+60:], 0x200) // SizeOfHeaders
-	binary.LittleEndian.PutUint32(img[opt+108:], numDirs)
-	sec := opt + optSize
-	copy(img[sec:], ".text")
-	binary.LittleEndian.PutUint32(img[sec+16:], 0x100) // SizeOfRawData
-	binary.LittleEndian.PutUint32(img[sec+20:], 0x200) // PointerToRawData
-	body := make([]byte, 0x100)
-	for i := range body {
-		body[i] = byte(i)
-	}
-	img = append(img, body...)
-	return append(img, trailing...)
+	return petest.MinimalPE(numDirs, 0, trailing)
 }
 
 func TestChecksumIsExcluded(t *testing.T) {

@@ -93,6 +93,22 @@ type AttestResponse struct {
 	ReattestAfter int           `json:"reattest_after_seconds"`
 	// Peers are the other enrolled, unrevoked appliances with endpoints.
 	Peers []Peer `json:"peers,omitempty"`
+	// Approved are the images this broker approved (newest first, at most
+	// MaxApprovedImages): an appliance takes a pushed upgrade only if k
+	// brokers list it.
+	Approved []ApprovedImage `json:"approved_images,omitempty"`
+	// Floor is the appliance's floor at this broker after this attestation.
+	Floor uint64 `json:"floor"`
+}
+
+// MaxApprovedImages bounds AttestResponse.Approved.
+const MaxApprovedImages = 16
+
+// ApprovedImage names an approved image by its signed version and the UKI
+// digest its manifest predicts for PCR4.
+type ApprovedImage struct {
+	Version         uint64 `json:"version"`
+	UKIAuthenticode string `json:"pcr4_uki_authenticode"`
 }
 
 // DepositRequest hands the broker its share of a new disk's key. It must
