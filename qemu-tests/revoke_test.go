@@ -83,7 +83,7 @@ func revokeServingAppliance(t *testing.T) *revokedRecord {
 	serving = nil
 
 	for _, b := range hb.b {
-		if err := b.Revoke(hb.op, id); err != nil {
+		if err := b.Revoke(hb.op(b), id); err != nil {
 			t.Fatal(err)
 		}
 	}
