@@ -41,11 +41,12 @@ import (
 // (whose custodian never approved) still releases nothing, and the
 // approvals in broker-a's and broker-b's audit logs name alice and bob.
 //
-// The control: with broker-b admitting alice's credential too (her
-// custodian CA added to broker-b's Config.Custodians in newHostBrokers),
-// this test fails at her approval at broker-b, and once that check is
-// skipped, at the release count: broker-b releases for the v2 boot on
-// alice's word alone and the appliance serves before bob approved.
+// The control, from the attacker's side: with broker-b admitting alice's
+// credential too (broker-a's custodian CA added to broker-b's
+// Config.Custodians in newHostBrokers), this test fails at her approval at
+// broker-b ("alice at broker-b: OK:true"), and with that check turned into
+// a log line, at broker-b's release count: it released for the v2 boot on
+// alice's word alone and the appliance attested with two brokers' shares.
 func TestCustodiansApproveSeparately(t *testing.T) {
 	requireE2E(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
