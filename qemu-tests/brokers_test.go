@@ -36,12 +36,12 @@ type hostBrokers struct {
 	b    []*broker.Broker
 	srv  []*http.Server
 	tlsc []*tls.Config
-	// ops is an operator client of the brokers' operator APIs
-	// (127.0.0.1:8441-8443), as embassyctl uses them.
-	ops *opclient.Client
-	// op is the operator that in-process approvals are audited as (the
-	// certificate ops authenticates with).
-	op     audit.Actor
+	// custodians[i] is broker i's own custodian (custodianNames[i]), the
+	// only kind of client its operator API (127.0.0.1:8441+i) admits.
+	custodians []tls.Certificate
+	// ops is an operator client of the brokers' operator APIs holding
+	// each broker's custodian credential, as the demo's embassyctl does.
+	ops    *opclient.Client
 	opSrv  []*http.Server
 	closed bool
 	// deposits are the shares appliances deposited, by disk: what the
@@ -158,7 +158,6 @@ func startHostBrokersFrom(t testing.TB, state brokerState) *hostBrokers {
 // closes them.
 func newHostBrokers(t testing.TB, state brokerState) *hostBrokers {
 	t.Helper()
-	pkiDir := filepath.Join(cacheDir(), "pki")
 	// The manufacturer CA is swtpm's local CA; make sure it exists before
 	// the first VM's swtpm_setup would create it.
 	caDir := filepath.Join(cacheDir(), "swtpm-localca")
@@ -179,19 +178,8 @@ func newHostBrokers(t testing.TB, state brokerState) *hostBrokers {
 		t.Fatal(err)
 	}
 	hb := &hostBrokers{t: t}
-	opCA, err := devpki.Ensure(pkiDir, "operator-ca", "embassy local home-state operator CA")
-	if err != nil {
-		t.Fatal(err)
-	}
-	opCert, opKey, err := devpki.EnsureLeaf(pkiDir, "operator", "operator (local default)", opCA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	opPool, err := pki.LoadPool(opCA.CertPath)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var opBrokers []opclient.Broker
+	var creds []opclient.Credential
 	for i := 0; i < 3; i++ {
 		name := brokerNames[i]
 		root := brokerRoot(t, i)
@@ -204,8 +192,11 @@ func newHostBrokers(t testing.TB, state brokerState) *hostBrokers {
 		if err != nil {
 			t.Fatal(err)
 		}
+		custodians, custodian := brokerCustodian(t, i)
+		hb.custodians = append(hb.custodians, custodian)
 		b, err := broker.New(broker.Config{Name: name, Dir: state.dirs[i], MasterKey: state.masters[i], ManufacturerCAs: manu,
-			ImageKey: img, ServiceCA: svc, ReattestAfter: 10 * time.Second, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+			ImageKey: img, ServiceCA: svc, ReattestAfter: 10 * time.Second, Custodians: custodians,
+			Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -217,20 +208,61 @@ func newHostBrokers(t testing.TB, state brokerState) *hostBrokers {
 		if err != nil {
 			t.Fatalf("operator port: %v", err)
 		}
-		opSrv := &http.Server{Handler: b.OperatorHandler(), TLSConfig: broker.OperatorTLSConfig(pki.TLSCertificate(leaf, key), opPool)}
+		opSrv := &http.Server{Handler: b.OperatorHandler(), TLSConfig: b.CustodianTLSConfig(pki.TLSCertificate(leaf, key))}
 		go opSrv.ServeTLS(opLn, "", "")
 		hb.opSrv = append(hb.opSrv, opSrv)
 		opBrokers = append(opBrokers, opclient.Broker{Name: name, URL: fmt.Sprintf("https://127.0.0.1:%d", 8441+i)})
+		creds = append(creds, opclient.Credential{Cert: hb.custodians[i], Roots: root.Pool()})
 	}
-	cert, err := tls.LoadX509KeyPair(opCert, opKey)
-	if err != nil {
+	if hb.ops, err = opclient.NewPerBroker(opBrokers, creds); err != nil {
 		t.Fatal(err)
 	}
-	hb.ops = opclient.New(opBrokers, cert, rootPool(t))
-	leafCert, err := x509.ParseCertificate(cert.Certificate[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	hb.op = audit.OperatorActor(leafCert)
 	return hb
+}
+
+// custodianNames are the brokers' custodians in the tests: custodianNames[i]
+// is broker i's, and holds a credential for broker i only.
+var custodianNames = []string{"alice@broker-a", "bob@broker-b", "carol@broker-c"}
+
+// brokerCustodian is broker i's own custodian CA and its custodian, as
+// `keybroker init --custodian` makes them, kept with the other local-default
+// PKI in the cache (<broker>-custodian-ca.pem/.key, <broker>-custodian.pem/.key)
+// so that their fingerprints stay the same from run to run.
+func brokerCustodian(t testing.TB, i int) (*x509.CertPool, tls.Certificate) {
+	t.Helper()
+	dir := filepath.Join(cacheDir(), "pki")
+	ca, err := devpki.Ensure(dir, brokerNames[i]+"-custodian-ca", "embassy local "+brokerNames[i]+" custodian CA")
+	if err != nil {
+		t.Fatalf("%s custodian CA: %v", brokerNames[i], err)
+	}
+	certPath, keyPath, err := devpki.EnsureLeaf(dir, brokerNames[i]+"-custodian", custodianNames[i], ca)
+	if err != nil {
+		t.Fatalf("%s custodian: %v", brokerNames[i], err)
+	}
+	pool, err := pki.LoadPool(ca.CertPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.LoadX509KeyPair(certPath, keyPath)
+	if err != nil {
+		t.Fatalf("%s custodian: %v", brokerNames[i], err)
+	}
+	return pool, cert
+}
+
+// op is the custodian that in-process changes at broker b are audited as:
+// b's own (the one ops shows b).
+func (hb *hostBrokers) op(b *broker.Broker) audit.Actor {
+	hb.t.Helper()
+	for i, bi := range hb.b {
+		if bi == b {
+			leaf, err := x509.ParseCertificate(hb.custodians[i].Certificate[0])
+			if err != nil {
+				hb.t.Fatal(err)
+			}
+			return audit.OperatorActor(leaf)
+		}
+	}
+	hb.t.Fatalf("broker %s is not one of the host brokers", b.Name())
+	return audit.Actor{}
 }

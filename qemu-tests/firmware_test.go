@@ -323,7 +323,7 @@ func testOptionROMAdded(t *testing.T) {
 		if digest == "" {
 			t.Fatalf("%s shows no pending firmware to review", b.Name())
 		}
-		if err := b.ApproveFirmware(hb.op, id, digest); err != nil {
+		if err := b.ApproveFirmware(hb.op(b), id, digest); err != nil {
 			t.Fatalf("%s: approve-firmware: %v", b.Name(), err)
 		}
 	}

@@ -150,17 +150,17 @@ func makeEmbassy(t testing.TB, dir string) *embassyAtRest {
 	sb, _ := os.ReadFile(filepath.Join(imgDir, build.SignatureFile))
 	at.firstBoot.approved = time.Now()
 	for _, b := range hb.b {
-		if _, err := b.ApproveManifest(hb.op, mb, sb); err != nil {
+		if _, err := b.ApproveManifest(hb.op(b), mb, sb); err != nil {
 			t.Fatal(err)
 		}
 		for _, tw := range tws {
-			if err := b.ApproveEnrollment(hb.op, tw.id); err != nil {
+			if err := b.ApproveEnrollment(hb.op(b), tw.id); err != nil {
 				t.Fatal(err)
 			}
-			if err := b.SetEndpoints(hb.op, tw.id, tw.endpoints()); err != nil {
+			if err := b.SetEndpoints(hb.op(b), tw.id, tw.endpoints()); err != nil {
 				t.Fatal(err)
 			}
-			if err := b.ApproveDisks(hb.op, tw.id, 2); err != nil {
+			if err := b.ApproveDisks(hb.op(b), tw.id, 2); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -244,7 +244,7 @@ func restTwin(t testing.TB, hb *hostBrokers, dir, name string) *twin {
 	tw.cfg.Disks = []string{filepath.Join(dir, name, "disk0.img"), filepath.Join(dir, name, "disk1.img")}
 	tw.pickPorts(t)
 	for _, b := range hb.b {
-		if err := b.SetEndpoints(hb.op, tw.id, tw.endpoints()); err != nil {
+		if err := b.SetEndpoints(hb.op(b), tw.id, tw.endpoints()); err != nil {
 			t.Fatal(err)
 		}
 	}

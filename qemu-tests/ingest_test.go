@@ -155,11 +155,11 @@ func TestRackAndIngest(t *testing.T) {
 	mb, _ := os.ReadFile(filepath.Join(dir, build.ManifestFile))
 	sb, _ := os.ReadFile(filepath.Join(dir, build.SignatureFile))
 	for _, b := range hb.b {
-		b.ApproveEnrollment(hb.op, id["appliance_id"].(string))
-		if _, err := b.ApproveManifest(hb.op, mb, sb); err != nil {
+		b.ApproveEnrollment(hb.op(b), id["appliance_id"].(string))
+		if _, err := b.ApproveManifest(hb.op(b), mb, sb); err != nil {
 			t.Fatal(err)
 		}
-		b.ApproveDisks(hb.op, id["appliance_id"].(string), 2)
+		b.ApproveDisks(hb.op(b), id["appliance_id"].(string), 2)
 	}
 	waitMsg(t, ctx, v, 0, logmsg.MsgServing)
 

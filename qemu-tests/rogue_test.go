@@ -82,7 +82,7 @@ func TestRogueBrokerCannotImpersonate(t *testing.T) {
 	f.Close()
 	a.cfg.Disks = append(a.cfg.Disks, blank)
 	for _, i := range []int{0, 2} {
-		if err := hb.b[i].ApproveDisks(hb.op, a.id, 1); err != nil {
+		if err := hb.b[i].ApproveDisks(hb.op(hb.b[i]), a.id, 1); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -399,11 +399,11 @@ func TestImpostorPeer(t *testing.T) {
 	// the next scenario on the shared pair).
 	t.Cleanup(func() {
 		for _, br := range hb.b {
-			br.SetEndpoints(hb.op, b.id, b.endpoints())
+			br.SetEndpoints(hb.op(br), b.id, b.endpoints())
 		}
 	})
 	for _, br := range hb.b {
-		if err := br.SetEndpoints(hb.op, b.id, []string{fmt.Sprintf("10.0.2.2:%d", impostorPort), b.endpoints()[1]}); err != nil {
+		if err := br.SetEndpoints(hb.op(br), b.id, []string{fmt.Sprintf("10.0.2.2:%d", impostorPort), b.endpoints()[1]}); err != nil {
 			t.Fatal(err)
 		}
 	}
