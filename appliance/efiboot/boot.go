@@ -19,7 +19,8 @@ const (
 )
 
 // ErrNoFreeEntry is returned when every Boot#### number either exists or is
-// listed in BootOrder.
+// listed in BootOrder. With BootOrder limited to MaxDataSize and the
+// directory listing to 4096 entries this cannot happen; it stays as a guard.
 var ErrNoFreeEntry = errors.New("no free Boot#### number outside BootOrder")
 
 // BootName returns the variable name of boot entry num: Boot and four

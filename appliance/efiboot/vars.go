@@ -153,22 +153,6 @@ func parseVariable(name string, b []byte) (Variable, error) {
 	return Variable{Attributes: attrs, Data: bytes.Clone(b[4:])}, nil
 }
 
-// Exists reports whether a variable exists.
-func (v *Vars) Exists(name string, vendor GUID) (bool, error) {
-	p, err := v.path(name, vendor)
-	if err != nil {
-		return false, err
-	}
-	_, err = os.Lstat(p)
-	switch {
-	case err == nil:
-		return true, nil
-	case errors.Is(err, fs.ErrNotExist):
-		return false, nil
-	}
-	return false, fmt.Errorf("EFI variable %s: %w", name, err)
-}
-
 // Write sets a variable to data with attributes NV|BS|RT, creating it if
 // needed, in one write(2) of the 4-byte attributes and the data as efivarfs
 // requires. An efivarfs file's immutable flag is cleared first. BootOrder
