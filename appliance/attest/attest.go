@@ -253,7 +253,11 @@ type Result struct {
 	// [MinReattestAfter, MaxReattestAfter].
 	ReattestAfter time.Duration
 	Peers         []api.Peer
-	Err           error
+	// Approved are the images the broker approved (at most
+	// api.MaxApprovedImages), Floor the appliance's floor there.
+	Approved []api.ApprovedImage
+	Floor    uint64
+	Err      error
 }
 
 // AttestOnce attests to one broker.
@@ -293,6 +297,7 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 	res.ImageVersion, res.DiskApprovals = resp.ImageVersion, resp.DiskApprovals
 	res.ReattestAfter = reattestAfter(resp.ReattestAfter)
 	res.Peers = resp.Peers
+	res.Approved, res.Floor = resp.Approved[:min(len(resp.Approved), api.MaxApprovedImages)], resp.Floor
 	if len(resp.Certificate) == 0 {
 		res.Err = fmt.Errorf("broker %s sent no certificate", b.Name)
 		return res

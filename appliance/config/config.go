@@ -27,7 +27,10 @@ const (
 	BrokerCADir  = "/etc/embassy/broker-ca"
 	ClientCAPath = "/etc/embassy/client-ca.pem"
 	ImageInfo    = "/etc/embassy/image.json"
-	ModulesLoad  = "/etc/embassy/modules.load"
+	// ImagePubKey is the image-signing public key: a pushed upgrade's
+	// manifest must verify with it.
+	ImagePubKey = "/etc/embassy/image-signing.pub"
+	ModulesLoad = "/etc/embassy/modules.load"
 )
 
 // BrokerCAPath is where the image keeps broker name's own CA: the only CA

@@ -42,6 +42,8 @@ import (
 	"github.com/dataembassy/embassy/appliance/replicate"
 	"github.com/dataembassy/embassy/appliance/store"
 	"github.com/dataembassy/embassy/appliance/volumes"
+	"github.com/dataembassy/embassy/images/imagekey"
+	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/attester"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -113,6 +115,20 @@ func Run(log *slog.Logger) {
 		halt(log, "collect measured-boot evidence", err)
 	}
 	ReportEvidence(log, ev)
+	// The boot disk and its slots: which image this boot runs, and
+	// whether it came from the trial slot (an upgrade's first boot).
+	var slots *trialBoot
+	if booted, err := bootedUKI(ev.EventLog, ev.PCRs); err != nil {
+		log.Warn("running image unknown; in-place upgrades unavailable", "err", err.Error())
+	} else if slots, err = findBootDisk(booted); err != nil {
+		log.Warn("boot disk not found; in-place upgrades unavailable", "err", err.Error())
+	} else {
+		log.Info("boot slot", "disk", slots.disk.Path, "trial", slots.trial)
+	}
+	imagePub, err := imagekey.LoadPublic(config.ImagePubKey)
+	if err != nil {
+		log.Warn("image-signing key missing; in-place upgrades unavailable", "err", err.Error())
+	}
 
 	// 3. The network, and the broker client with its TPM keys.
 	ctx := context.Background()
@@ -142,8 +158,9 @@ func Run(log *slog.Logger) {
 	if err != nil {
 		halt(log, "client CA bundle", err)
 	}
+	up := &upgrades{slots: slots, pub: imagePub, running: info.Version}
 	for {
-		serveUntilLockdown(ctx, log, ac, cfg, clientCAs, start)
+		serveUntilLockdown(ctx, log, ac, cfg, clientCAs, start, up)
 		restart(log) // returns only if exec failed
 	}
 }
@@ -174,10 +191,12 @@ func restart(log *slog.Logger) {
 // and re-attests periodically (phases 4 to 7). It returns after a lockdown
 // order or a failed re-attestation, once serving has stopped, the volumes
 // are closed and the keys dropped.
-func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config, clientCAs *x509.CertPool, start time.Time) {
+func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config, clientCAs *x509.CertPool, start time.Time, up *upgrades) {
 	// 4. Attestation: k brokers answer; the others' answers come in late
-	// (a lockdown among them stops serving in phase 7).
-	results, late := attestLoop(ctx, log, ac, cfg)
+	// (a lockdown among them stops serving in phase 7). A trial image
+	// that cannot attest in time reboots into the committed one.
+	results, late := attestLoop(ctx, log, ac, cfg, up.trialDeadline(start))
+	up.commit(log)
 	shares := 0
 	for _, r := range results {
 		shares += len(r.Shares)
@@ -251,7 +270,14 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	watcher := diskwatch.New(diskwatch.Config{Log: log, SysBlock: sysBlock, DevDir: devDir, ApplianceID: ac.ID(),
 		Store: st, Volumes: vm, Refused: refused, Provision: dk.provisionApproved, Peers: rep.Lag,
 		Approvals: attest.Round(results).DiskApprovals()})
-	ac.ReportHealth(watcher.Health)
+	upg := up.newUpgrader(log, ac, cfg.Threshold)
+	ac.ReportHealth(func() *api.Health {
+		h := watcher.Health()
+		if h != nil && upg != nil {
+			h.Upgrade = upg.Health()
+		}
+		return h
+	})
 	for _, v := range fresh {
 		go watcher.AddAndResync(serveCtx, v)
 	}
@@ -266,7 +292,11 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 		reg.MustRegister(cs...)
 	}
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
-	n := node.New(node.Deps{Log: log, Attester: ac, Health: watcher, Ingest: ing, Replication: repSrv, Metrics: metrics,
+	var upgradeHandler http.Handler
+	if upg != nil {
+		upgradeHandler = upg
+	}
+	n := node.New(node.Deps{Log: log, Attester: ac, Health: watcher, Ingest: ing, Replication: repSrv, Metrics: metrics, Upgrade: upgradeHandler,
 		Cert: &cert, Port: cfg.Ingest.Port, Threshold: cfg.Threshold, ReattestEvery: results.ReattestAfter(attest.DefaultReattestBounds()), Late: late,
 		Monitor: func(r *http.Request) error { _, err := ing.ClientName(r); return err },
 		Reattested: func(r attest.Round) {
@@ -289,7 +319,23 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 
 	// 7. Re-attest until a lockdown or a failed re-attestation; then stop
 	// serving, close the volumes (the kernel drops the keys), start over.
-	stop := n.Run(ctx)
+	runCtx, stopRun := context.WithCancel(ctx)
+	defer stopRun()
+	var rebooting atomic.Bool
+	if upg != nil {
+		go func() {
+			select {
+			case <-upg.Ready():
+			case <-runCtx.Done():
+				return
+			}
+			// A quiet moment: what the twin lacks is sent first (bounded).
+			waitReplicated(runCtx, log, rep, 2*time.Minute)
+			rebooting.Store(true)
+			stopRun()
+		}()
+	}
+	stop := n.Run(runCtx)
 	stopServing()
 	ac.ReportHealth(nil)
 	closed, err := vm.CloseAll()
@@ -300,6 +346,10 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	}
 	log.Warn(logmsg.MsgStopped, "stopped_by", string(stop.Reason), "all_keys_gone", closed.AllKeysGone(),
 		"closed", closed.Closed, "key_dropped", closed.KeyDropped, "key_remains", closed.KeyRemains)
+	if rebooting.Load() && stop.Reason == node.ReasonDone {
+		log.Warn(logmsg.MsgUpgradeRebooting)
+		rebootNow(log)
+	}
 }
 
 // attestLoop attests to the brokers until k answer, and returns their
@@ -308,9 +358,13 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 // enroll (credential activation) once and then waits for the operators'
 // approval; a lockdown order is logged and the appliance keeps trying,
 // serving nothing meanwhile.
-func attestLoop(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config) (attest.Round, *attest.Late) {
+func attestLoop(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config, trialDeadline time.Time) (attest.Round, *attest.Late) {
 	enrollAsked := false
 	for {
+		if !trialDeadline.IsZero() && time.Now().After(trialDeadline) {
+			log.Error(logmsg.MsgTrialFailed)
+			rebootNow(log)
+		}
 		round, cancel := context.WithTimeout(ctx, 30*time.Second)
 		results, late, err := ac.AttestFirst(round, attest.Backoff{Initial: time.Second, Max: 5 * time.Second}, cfg.Threshold)
 		if err == nil {

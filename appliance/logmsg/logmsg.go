@@ -58,3 +58,21 @@ const (
 	MsgResync      = "resync progress"
 	MsgDiskHealthy = "replacement disk resynced; store healthy"
 )
+
+// Upgrade messages.
+const (
+	// MsgUpgradeStaged: a pushed image passed its checks, was written to
+	// the trial slot and is the firmware's next boot ("version").
+	MsgUpgradeStaged = "upgrade staged"
+	// MsgUpgradeRefused: a pushed image was refused ("reason").
+	MsgUpgradeRefused = "upgrade refused"
+	// MsgUpgradeRebooting: serving stopped at a quiet moment; the
+	// appliance reboots into the trial slot.
+	MsgUpgradeRebooting = "rebooting into the upgrade"
+	// MsgUpgradeCommitted: the running image, booted from the trial slot,
+	// attested and was copied into slot A, the default boot.
+	MsgUpgradeCommitted = "upgrade committed"
+	// MsgTrialFailed: the trial image did not attest in time; the
+	// appliance reboots and the firmware boots slot A, the old image.
+	MsgTrialFailed = "trial image did not attest; rebooting into the committed image"
+)

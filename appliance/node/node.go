@@ -103,6 +103,10 @@ type Deps struct {
 	// certificate from the home-state client CA: a monitoring identity).
 	// Without it, health and metrics answer 401 to everyone.
 	Monitor func(r *http.Request) error
+	// Upgrade takes pushed image upgrades (api.PathUpgrade), for monitors
+	// only (the image must be signed and approved at k brokers anyway).
+	// Nil: the path answers 404.
+	Upgrade http.Handler
 }
 
 // Node serves the appliance's ingest port.
@@ -123,6 +127,9 @@ func New(d Deps) *Node {
 		// monitors see them.
 		PathHealth:  n.monitorsOnly(n.health),
 		PathMetrics: n.monitorsOnly(d.Metrics.ServeHTTP),
+	}
+	if d.Upgrade != nil {
+		n.own[api.PathUpgrade] = n.monitorsOnly(d.Upgrade.ServeHTTP)
 	}
 	n.srv = &http.Server{
 		Handler: n.Handler(),

@@ -25,6 +25,7 @@ import (
 	"github.com/dataembassy/embassy/images/debkernel"
 	"github.com/dataembassy/embassy/images/debstub"
 	"github.com/dataembassy/embassy/images/diskimage"
+	"github.com/dataembassy/embassy/images/imagekey"
 	"github.com/dataembassy/embassy/images/manifest"
 	"github.com/dataembassy/embassy/images/measure"
 	"github.com/dataembassy/embassy/images/ovmfvars"
@@ -84,6 +85,8 @@ var DefaultModules = []string{
 	"nvme", "ahci", "sd_mod", "e1000e",
 	"dm_crypt", "xts", "ecb", "aesni_intel", "crc32c_generic", "crc32c_intel", "libcrc32c",
 	"ext4",
+	// efivarfs: an upgrade makes the trial slot the next boot (BootNext).
+	"efivarfs",
 }
 
 // Options says what to build.
@@ -94,7 +97,7 @@ type Options struct {
 	Version    uint64
 	Config     *config.Config
 	BrokerCAs  map[string][]byte // each broker's own CA (PEM), by broker name
-	ClientCA   []byte // PEM bundle
+	ClientCA   []byte            // PEM bundle
 	SigningKey ed25519.PrivateKey
 	// KernelPackage pins the Debian kernel package; empty takes the current one.
 	KernelPackage string
@@ -226,11 +229,16 @@ func Build(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	info, _ := json.Marshal(config.ImageInfoFile{Version: o.Version, KernelRelease: kern.Release})
+	pub, err := imagekey.EncodePublic(o.SigningKey.Public().(ed25519.PublicKey))
+	if err != nil {
+		return nil, err
+	}
 	files := []struct {
 		name string
 		data []byte
 	}{
 		{config.Path, cfg},
+		{config.ImagePubKey, pub},
 		{config.ClientCAPath, o.ClientCA},
 		{config.ImageInfo, append(info, '\n')},
 	}

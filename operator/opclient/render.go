@@ -56,7 +56,7 @@ func PrintStatus(w io.Writer, states []BrokerState) {
 		}
 		fmt.Fprintf(w, "%s: approved images [%s]\n", s.Broker, strings.Join(versions, ", "))
 		tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "  APPLIANCE\tSTATE\tIMAGE\tFLOOR\tDISKS\tPENDING DISKS\tLAST ATTESTATION")
+		fmt.Fprintln(tw, "  APPLIANCE\tSTATE\tIMAGE\tPENDING IMAGE\tFLOOR\tDISKS\tPENDING DISKS\tLAST ATTESTATION")
 		for _, a := range s.State.Appliances {
 			state := "enrolled"
 			switch {
@@ -71,7 +71,11 @@ func PrintStatus(w io.Writer, states []BrokerState) {
 			if !a.LastAttestation.IsZero() {
 				last = time.Since(a.LastAttestation).Round(time.Second).String() + " ago"
 			}
-			fmt.Fprintf(tw, "  %s\t%s\t%d\t%d\t%d\t%d\t%s\n", a.ID, state, a.LastImage, a.Floor, len(a.Disks), a.DiskApprovals, last)
+			pending := "-"
+			if a.Health != nil && a.Health.Upgrade != nil && a.Health.Upgrade.Pending != 0 {
+				pending = fmt.Sprint(a.Health.Upgrade.Pending)
+			}
+			fmt.Fprintf(tw, "  %s\t%s\t%d\t%s\t%d\t%d\t%d\t%s\n", a.ID, state, a.LastImage, pending, a.Floor, len(a.Disks), a.DiskApprovals, last)
 		}
 		tw.Flush()
 		for _, a := range s.State.Appliances {

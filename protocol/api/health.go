@@ -12,7 +12,9 @@ type Health struct {
 	// BlankDisks are inserted disks waiting for an operator's approve-disk.
 	BlankDisks []DiskHealth `json:"blank_disks,omitempty"`
 	Peers      []PeerHealth `json:"peers,omitempty"`
-	Reported   time.Time    `json:"reported"`
+	// Upgrade is the image the appliance runs and one it staged.
+	Upgrade  *UpgradeHealth `json:"upgrade,omitempty"`
+	Reported time.Time      `json:"reported"`
 }
 
 // DiskHealth is one disk of an appliance.

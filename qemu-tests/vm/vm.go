@@ -50,6 +50,13 @@ type Config struct {
 	// -kernel: servers boot from disk, and only that way does the firmware
 	// enforce Secure Boot (docs/boot-image.md).
 	BootDisk string
+	// BootDiskWritable attaches BootDisk as it is, written by the guest
+	// (an upgrade writes its slots): give the server its own copy.
+	BootDiskWritable bool
+	// AllowReboot lets a guest reboot restart the firmware in the same
+	// QEMU process (an upgrade reboots into its new image); by default a
+	// reboot ends QEMU.
+	AllowReboot bool
 	// StateDir keeps the swtpm state and OVMF VARS across boots of the same
 	// "server". Empty means a fresh temp folder removed at Close.
 	StateDir string
@@ -225,7 +232,7 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 		"-machine", machine, "-accel", "tcg",
 		"-m", fmt.Sprint(cfg.MemoryMB), "-smp", "1",
 		"-cpu", cpuModel(),
-		"-nodefaults", "-display", "none", "-no-reboot",
+		"-nodefaults", "-display", "none",
 		"-drive", "if=pflash,format=raw,unit=0,readonly=on,file=" + cfg.OVMFCode,
 		"-drive", "if=pflash,format=raw,unit=1,file=" + vars,
 		"-chardev", "socket,id=chrtpm,path=" + tpmSock,
@@ -235,14 +242,21 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
 		"-device", "virtio-rng-pci",
 	}
+	if !cfg.AllowReboot {
+		args = append(args, "-no-reboot")
+	}
 	if cfg.SecureBoot {
 		args = append(args, "-global", "driver=cfi.pflash01,property=secure,value=on")
+	}
+	bootDrive := "if=none,id=bootdisk,format=raw,snapshot=on,file=" + cfg.BootDisk
+	if cfg.BootDiskWritable {
+		bootDrive = "if=none,id=bootdisk,format=raw,file=" + cfg.BootDisk
 	}
 	// Its own root port, ahead of the data disks' ports, so that the data
 	// disks keep their slots for hot-plug.
 	args = append(args,
 		"-device", "pcie-root-port,id=rpboot,chassis=9,slot=31",
-		"-drive", "if=none,id=bootdisk,format=raw,snapshot=on,file="+cfg.BootDisk,
+		"-drive", bootDrive,
 		"-device", "virtio-blk-pci,drive=bootdisk,id=boot,serial="+BootDiskSerial+",bus=rpboot,bootindex=0")
 	for i := 0; i < cfg.NICs; i++ {
 		nd := fmt.Sprintf("user,id=net%d,net=10.0.%d.0/24", i, 2+i)

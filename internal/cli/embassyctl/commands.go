@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -112,7 +113,99 @@ attest.`,
 		newApproveFirmwareCmd(o),
 		newRevokeCmd(o),
 		newDecommissionCmd(o),
+		newUpgradeCmd(o),
 	}
+}
+
+func newUpgradeCmd(o *options) *cobra.Command {
+	var threshold int
+	var addr, clientCert string
+	var wait time.Duration
+	cmd := o.brokerCmd(&cobra.Command{
+		Use:   "upgrade --address HOST:PORT --client-cert FILE [--wait D] APPLIANCE-ID IMAGE-DIR",
+		Short: "Approve a new image and push it to an appliance, which reboots into it",
+		Long: `upgrade approves the image in IMAGE-DIR (what 'mkimage build' wrote) at every
+broker in the list (each with your credential for it; an image counts where
+k brokers' custodians approved it), then pushes it to the appliance at
+--address over TLS, believing the appliance's key only where --threshold
+brokers vouch for it, with --client-cert (a certificate and key of the
+home-state client CA, PEM). The appliance checks the signature, that the
+image is newer than the one it runs and that k brokers approve it, writes
+it to its boot disk's trial slot, makes that the one-shot next boot and
+reboots when replication has caught up. Once the new image attests, each
+broker raises the appliance's floor to its version, so the old image never
+gets keys again; an image that does not come up is never committed and the
+firmware boots the old one. With --wait the command follows the appliance
+until k brokers saw it attest on the new version.`,
+		Example: `  embassyctl upgrade --address 192.0.2.10:8443 --client-cert ops.pem --wait 10m 3f9c...e1 release-8/`,
+		Args:    cli.ExactArgs(2),
+	}, func(ctx context.Context, c *conn, args []string) error {
+		id, dir := args[0], args[1]
+		if err := api.CheckApplianceID(id); err != nil {
+			return &cli.UsageError{Msg: err.Error()}
+		}
+		if addr == "" || clientCert == "" {
+			return &cli.UsageError{Msg: "--address and --client-cert are needed"}
+		}
+		if c.authorities == nil {
+			return cli.Next(errors.New("upgrade needs each broker's own CA to know the appliance"),
+				"name it in every broker list entry with `embassyctl brokers add NAME URL --ca FILE`")
+		}
+		k := threshold
+		if k == 0 {
+			k = len(c.authorities)/2 + 1
+		}
+		img, err := opclient.LoadUpgradeImage(dir)
+		if err != nil {
+			return cli.Next(fmt.Errorf("image folder: %w", err), "run `mkimage build --out %s --version N` first", dir)
+		}
+		cert, err := tls.LoadX509KeyPair(clientCert, clientCert)
+		if err != nil {
+			return fmt.Errorf("--client-cert: %w", err)
+		}
+		outs, aerr := c.client.ApproveImage(ctx, img.Manifest, img.Signature)
+		opclient.PrintOutcomes(c.out, "approve-image", outs)
+		approved := 0
+		for _, o := range outs {
+			if o.OK {
+				approved++
+			}
+		}
+		if approved < k {
+			return fmt.Errorf("image %d approved at %d brokers, %d needed: %w", img.Version, approved, k, aerr)
+		}
+		resp, err := opclient.PushUpgrade(ctx, addr, id, img, cert, identity.Verifier{Brokers: c.authorities, Threshold: k})
+		if resp != nil {
+			fmt.Fprintf(c.out, "appliance %s: running %d, %s %d (approved at %v) %s\n", resp.ApplianceID, resp.Running, resp.State, img.Version, resp.ApprovedAt, resp.Error)
+		}
+		if err != nil || wait <= 0 {
+			return err
+		}
+		deadline := time.Now().Add(wait)
+		for {
+			prog := c.client.Progress(ctx, id)
+			if opclient.Upgraded(prog, img.Version, k) {
+				for _, p := range prog {
+					fmt.Fprintf(c.out, "  %s: running %d, floor %d\n", p.Broker, p.Running, p.Floor)
+				}
+				fmt.Fprintf(c.out, "appliance %s runs image %d; its floor is %d at %d or more brokers\n", id, img.Version, img.Version, k)
+				return nil
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("appliance %s did not attest on image %d within %s (the firmware boots the old image if the new one failed)", id, img.Version, wait)
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(5 * time.Second):
+			}
+		}
+	})
+	cmd.Flags().StringVar(&addr, "address", "", "HOST:PORT of the appliance's ingest service")
+	cmd.Flags().StringVar(&clientCert, "client-cert", "", "PEM file with a home-state client CA certificate and its key")
+	cmd.Flags().IntVar(&threshold, "threshold", 0, "the image's k (default: a majority of the list)")
+	cmd.Flags().DurationVar(&wait, "wait", 0, "follow the appliance until k brokers saw it attest on the new image (give --timeout more)")
+	return cmd
 }
 
 func newDecommissionCmd(o *options) *cobra.Command {
