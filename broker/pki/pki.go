@@ -37,19 +37,25 @@ func NewKey() (*ecdsa.PrivateKey, error) {
 	return ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 }
 
-// NewRootCA makes a self-signed CA.
+// NewRootCA makes a self-signed CA with a fresh ECDSA P-256 key.
 func NewRootCA(name string, validity time.Duration) (*Issuer, error) {
 	key, err := NewKey()
 	if err != nil {
 		return nil, err
 	}
+	return RootCA(name, validity, key)
+}
+
+// RootCA makes a self-signed CA whose key is key (e.g. one held in a
+// PKCS#11 token).
+func RootCA(name string, validity time.Duration, key crypto.Signer) (*Issuer, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(), Subject: pkix.Name{CommonName: name},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(validity),
 		IsCA: true, BasicConstraintsValid: true,
 		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
 		return nil, err
 	}
@@ -69,6 +75,12 @@ func (p *Issuer) NewIntermediate(name string, validity time.Duration) (*Issuer, 
 	if err != nil {
 		return nil, err
 	}
+	return p.Intermediate(name, validity, key)
+}
+
+// Intermediate issues a CA under parent for key (e.g. one held in a
+// PKCS#11 token) that may only issue leaf certificates (path length 0).
+func (p *Issuer) Intermediate(name string, validity time.Duration, key crypto.Signer) (*Issuer, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(), Subject: pkix.Name{CommonName: name},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(validity),
