@@ -63,7 +63,7 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 		}
 		names = append(names, a)
 	}
-	cert, err := b.cfg.ServiceCA.Leaf(r.ID, names, tlsPub, b.cfg.CertTTL)
+	certDER, certExpires, err := b.cfg.ServiceCA.LeafDER(r.ID, names, tlsPub, b.cfg.CertTTL)
 	if err != nil {
 		return nil, err
 	}
@@ -73,8 +73,8 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 	}
 	resp := &api.AttestResponse{
 		ImageVersion:  matched.Version,
-		Certificate:   [][]byte{cert.Raw, b.cfg.ServiceCA.Cert.Raw},
-		CertExpires:   cert.NotAfter,
+		Certificate:   [][]byte{certDER, b.cfg.ServiceCA.Cert.Raw},
+		CertExpires:   certExpires,
 		ReattestAfter: int(b.cfg.ReattestAfter.Seconds()),
 	}
 	expected, err := expectedPCRs(r, info.PCRs)

@@ -102,6 +102,16 @@ func (p *Issuer) Intermediate(name string, validity time.Duration, key crypto.Si
 // Leaf issues a certificate for pub. hosts become DNS or IP SANs; the
 // certificate is good for both TLS server and client authentication.
 func (p *Issuer) Leaf(commonName string, hosts []string, pub crypto.PublicKey, validity time.Duration) (*x509.Certificate, error) {
+	der, _, err := p.LeafDER(commonName, hosts, pub, validity)
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(der)
+}
+
+// LeafDER is Leaf returning the certificate's DER and its expiry, without
+// parsing it back (a service CA issues one at every attestation).
+func (p *Issuer) LeafDER(commonName string, hosts []string, pub crypto.PublicKey, validity time.Duration) ([]byte, time.Time, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(), Subject: pkix.Name{CommonName: commonName},
 		NotBefore: time.Now().Add(-5 * time.Minute), NotAfter: time.Now().Add(validity),
@@ -120,9 +130,10 @@ func (p *Issuer) Leaf(commonName string, hosts []string, pub crypto.PublicKey, v
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.Cert, pub, p.Key)
 	if err != nil {
-		return nil, fmt.Errorf("issue certificate for %s: %w", commonName, err)
+		return nil, time.Time{}, fmt.Errorf("issue certificate for %s: %w", commonName, err)
 	}
-	return x509.ParseCertificate(der)
+	// The encoding keeps whole seconds, in UTC.
+	return der, tmpl.NotAfter.UTC().Truncate(time.Second), nil
 }
 
 // TLSCertificate builds a tls.Certificate from a leaf, its key and chain.
