@@ -15,6 +15,7 @@ import (
 	"github.com/dataembassy/embassy/broker/audit"
 	"github.com/dataembassy/embassy/broker/hsm"
 	"github.com/dataembassy/embassy/broker/hsm/hsmtest"
+	"github.com/dataembassy/embassy/broker/pki"
 	"github.com/dataembassy/embassy/protocol/api"
 	"github.com/dataembassy/embassy/tpm/attester"
 	"github.com/dataembassy/embassy/tpm/tpmtest"
@@ -205,4 +206,43 @@ func auditedSince(tb testing.TB, e *env, seq uint64) (releases, failures map[str
 		}
 	}
 	return releases, failures, ar.Head.Seq
+}
+
+// useHSMCA restarts broker i with its root CA and service CA keys
+// generated in the token of cfg (labels KeyLabel-root-ca and
+// KeyLabel-service-ca, as keybroker init makes them): a new root, TLS
+// certificate and service CA. Call it before booting appliances (they pin
+// the root). The returned function releases the token.
+func (e *env) useHSMCA(i int, cfg hsm.Config) func() {
+	e.t.Helper()
+	rb := e.brokers[i]
+	e.stop(i)
+	open := func(label string) *hsm.Signer {
+		c := cfg
+		c.KeyLabel = label
+		if _, err := hsm.GenerateSigningKey(c); err != nil {
+			e.t.Fatal(err)
+		}
+		s, err := hsm.OpenSigner(c)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		return s
+	}
+	rootKey, svcKey := open(cfg.KeyLabel+"-root-ca"), open(cfg.KeyLabel+"-service-ca")
+	var err error
+	if rb.root, err = pki.RootCA(rb.name+" root CA", 24*time.Hour, rootKey); err != nil {
+		e.t.Fatal(err)
+	}
+	if rb.cfg.ServiceCA, err = rb.root.Intermediate(rb.name+" service CA", 24*time.Hour, svcKey); err != nil {
+		e.t.Fatal(err)
+	}
+	srvKey, _ := pki.NewKey()
+	srvLeaf, err := rb.root.Leaf(rb.name, []string{"127.0.0.1"}, &srvKey.PublicKey, 24*time.Hour)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	rb.serverCert = pki.TLSCertificate(srvLeaf, srvKey)
+	e.start(i)
+	return func() { rootKey.Close(); svcKey.Close() }
 }

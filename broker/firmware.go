@@ -88,7 +88,7 @@ func activationEvidence(ak *verifier.AK, req *api.ActivateRequest, now time.Time
 // keeps the boot's measurement as the appliance's pending firmware (unless
 // one is pending already: what an operator reviews is what
 // approve-firmware adopts) and returns the refusal, whose detail names the
-// differing PCRs and events.
+// differing PCRs and events. The caller holds the appliance's lock.
 func (b *Broker) checkFirmware(r *record, values map[int][]byte, events []eventlog.Event, detail map[string]string) error {
 	got := platformOf(values, events, b.now())
 	changed, lines := diffFirmware(r.Firmware, got)
@@ -96,25 +96,22 @@ func (b *Broker) checkFirmware(r *record, values map[int][]byte, events []eventl
 		return nil
 	}
 	detail["firmware_pcrs"] = joinInts(changed)
-	if err := b.keepPendingFirmware(r.ID, got); err != nil {
+	if err := b.keepPendingFirmware(r, got); err != nil {
 		return err
 	}
 	return reject(http.StatusForbidden, ReasonFirmware, bounded(lines, maxDetail))
 }
 
 // keepPendingFirmware records fw as the appliance's pending firmware
-// unless one is pending or the appliance is revoked.
-func (b *Broker) keepPendingFirmware(id string, fw *firmware) error {
-	defer b.records.lock(id)()
-	r, err := b.load(id)
-	if err != nil {
-		return err
-	}
+// unless one is pending or the appliance is revoked. The caller holds the
+// appliance's lock and r is its record as read under it.
+func (b *Broker) keepPendingFirmware(r *record, fw *firmware) error {
 	if r.Revoked || r.PendingFirmware != nil {
 		return nil
 	}
-	r.PendingFirmware = fw
-	return b.save(r)
+	kept := *r
+	kept.PendingFirmware = fw
+	return b.save(&kept)
 }
 
 // ApproveFirmware adopts the appliance's pending firmware (the platform

@@ -26,6 +26,15 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 			b.record(audit.ApplianceActor(req.ApplianceID), "attest", req.ApplianceID, err, detail)
 		}
 	}()
+	if err := b.checkRequest(req); err != nil {
+		return nil, err
+	}
+	// The appliance's lock from the first read of its record to the
+	// commit: the record verified is the one updated and the one whose
+	// firmware reference and standing the shares are sealed under, read
+	// and decoded once. Other appliances' attestations proceed meanwhile,
+	// and their commits are batched with this one's.
+	defer b.records.lock(req.ApplianceID)()
 	v, err := b.verify(req, detail)
 	if err != nil {
 		return nil, err
@@ -36,7 +45,8 @@ func (b *Broker) Attest(req *api.AttestRequest) (_ *api.AttestResponse, err erro
 // release answers a verified attestation: a certificate for the TLS key
 // bound in the quote, and every deposited share sealed to the appliance's
 // EK and the expected PCR values. The anti-rollback counters and the audit entries
-// are durable before anything is returned.
+// are durable before anything is returned. The caller holds the
+// appliance's lock, taken before verify read the record.
 func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]string) (*api.AttestResponse, error) {
 	r, info, matched := v.rec, v.quote, v.image
 	tlsPub, perr := x509.ParsePKIXPublicKey(req.TLSPublic)
@@ -53,7 +63,7 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 		}
 		names = append(names, a)
 	}
-	cert, err := b.cfg.ServiceCA.Leaf(r.ID, names, tlsPub, b.cfg.CertTTL)
+	certDER, certExpires, err := b.cfg.ServiceCA.LeafDER(r.ID, names, tlsPub, b.cfg.CertTTL)
 	if err != nil {
 		return nil, err
 	}
@@ -63,19 +73,9 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 	}
 	resp := &api.AttestResponse{
 		ImageVersion:  matched.Version,
-		Certificate:   [][]byte{cert.Raw, b.cfg.ServiceCA.Cert.Raw},
-		CertExpires:   cert.NotAfter,
+		Certificate:   [][]byte{certDER, b.cfg.ServiceCA.Cert.Raw},
+		CertExpires:   certExpires,
 		ReattestAfter: int(b.cfg.ReattestAfter.Seconds()),
-	}
-	// Only this appliance's lock: others' attestations seal and commit
-	// meanwhile, and their commits are batched with this one's.
-	defer b.records.lock(req.ApplianceID)()
-	r, err = b.load(req.ApplianceID)
-	if err != nil {
-		return nil, err
-	}
-	if r.Revoked {
-		return nil, revoked()
 	}
 	expected, err := expectedPCRs(r, info.PCRs)
 	if err != nil {
@@ -148,8 +148,8 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 // policy selection: the firmware reference for the platform PCRs and the
 // verified (replayed, image-checked) quote for the others. It is what the
 // broker expects, never the request's own map. The record is the one
-// re-read under the appliance's lock, so a reference that changed since the verification
-// is what counts.
+// read under the appliance's lock, held from before the verification to
+// the commit, so no reference can change in between.
 func expectedPCRs(r *record, verified map[int][]byte) (map[int][]byte, error) {
 	if r.Firmware == nil {
 		return nil, reject(http.StatusForbidden, ReasonFirmware, "no firmware reference")

@@ -72,25 +72,31 @@ type verified struct {
 	image *manifest.Manifest
 }
 
-// verify checks an appliance's evidence, in order: the request's shape, the
-// nonce, the appliance's standing (known, activated, enrolled, not
+// checkRequest checks an attestation request's shape and takes its nonce,
+// before anything is read for the appliance.
+func (b *Broker) checkRequest(req *api.AttestRequest) error {
+	if api.CheckApplianceID(req.ApplianceID) != nil || len(req.Nonce) != 32 || len(req.TLSPublic) == 0 || len(req.TLSPublic) > 4096 {
+		return reject(http.StatusBadRequest, ReasonBadRequest, "appliance id, nonce or TLS key")
+	}
+	if req.Health != nil {
+		if herr := req.Health.Validate(); herr != nil {
+			return reject(http.StatusBadRequest, ReasonBadRequest, herr.Error())
+		}
+	}
+	if rj := b.takeNonce(req.ApplianceID, req.Nonce); rj != nil {
+		return rj
+	}
+	return nil
+}
+
+// verify checks an appliance's evidence (after checkRequest, under the
+// appliance's lock), in order: the appliance's standing (known, activated, enrolled, not
 // revoked), the quote (AK signature, PCR digest, binding of nonce and TLS
 // key), the TPM clock and its anti-rollback counters, the event log's
 // replay, the platform PCRs against the firmware reference, an approved
 // image and the floor. detail collects what the audit
 // entry reports.
 func (b *Broker) verify(req *api.AttestRequest, detail map[string]string) (*verified, error) {
-	if api.CheckApplianceID(req.ApplianceID) != nil || len(req.Nonce) != 32 || len(req.TLSPublic) == 0 || len(req.TLSPublic) > 4096 {
-		return nil, reject(http.StatusBadRequest, ReasonBadRequest, "appliance id, nonce or TLS key")
-	}
-	if req.Health != nil {
-		if herr := req.Health.Validate(); herr != nil {
-			return nil, reject(http.StatusBadRequest, ReasonBadRequest, herr.Error())
-		}
-	}
-	if rj := b.takeNonce(req.ApplianceID, req.Nonce); rj != nil {
-		return nil, rj
-	}
 	r, err := b.load(req.ApplianceID)
 	if err != nil {
 		return nil, err

@@ -4,6 +4,11 @@
 // shares with CKM_AES_GCM inside the token. The key never leaves it; the
 // broker holds only a logged-in session.
 //
+// The broker's CA keys can live there too (Signer): ECDSA P-256 key pairs
+// generated in the token (CKM_EC_KEY_PAIR_GEN), the private half
+// sensitive and not extractable, that sign digests with CKM_ECDSA inside
+// the token as a crypto.Signer for crypto/x509.
+//
 // Records are in the format of package seal with backend seal.PKCS11: a
 // random 12-byte nonce per seal, stored with the ciphertext, and the header
 // authenticated as additional data.
@@ -30,13 +35,14 @@ type Config struct {
 var (
 	ErrNoCgo         = errors.New("PKCS#11 support needs a keybroker built with cgo")
 	ErrTokenNotFound = errors.New("no PKCS#11 token with this label")
-	ErrKeyNotFound   = errors.New("no AES key with this label in the token")
+	ErrKeyNotFound   = errors.New("no key with this label in the token")
 	ErrKeyExists     = errors.New("the token already holds a key with this label")
 	ErrAmbiguousKey  = errors.New("the token holds more than one key with this label")
 	// ErrKeyExtractable: the key found would let its value out of the
-	// token (CKA_SENSITIVE false or CKA_EXTRACTABLE true), or is not an
-	// AES-256 key; the broker refuses to use it.
-	ErrKeyExtractable = errors.New("the key is extractable or not AES-256: generate one with `keybroker init --pkcs11-...`")
+	// token (CKA_SENSITIVE false or CKA_EXTRACTABLE true), or is not of
+	// the expected type (an AES-256 master key, an ECDSA P-256 CA key);
+	// the broker refuses to use it.
+	ErrKeyExtractable = errors.New("the key is extractable or not of the expected type: generate one with `keybroker init --pkcs11-...`")
 )
 
 // Check reports the first missing or malformed field.

@@ -138,16 +138,36 @@ func TestOpenRefuses(t *testing.T) {
 	}
 }
 
-// TestKeyNotExtractable: the generated key's value cannot be read out of
-// the token, and the token says it never could.
+// TestKeyNotExtractable: the generated keys' values (the AES master key,
+// an ECDSA CA key's private half) cannot be read out of the token, and the
+// token says they never could.
 func TestKeyNotExtractable(t *testing.T) {
-	cfg := hsmtest.Token(t, "broker-test", "master")
-	if err := hsm.GenerateKey(cfg); err != nil {
-		t.Fatal(err)
+	for _, kind := range []struct {
+		name     string
+		generate func(hsm.Config) error
+		class    uint
+	}{
+		{"AES master key", hsm.GenerateKey, pkcs11.CKO_SECRET_KEY},
+		{"ECDSA CA key", func(c hsm.Config) error { _, err := hsm.GenerateSigningKey(c); return err }, pkcs11.CKO_PRIVATE_KEY},
+	} {
+		t.Run(kind.name, func(t *testing.T) {
+			cfg := hsmtest.Token(t, "broker-test", "master")
+			if err := kind.generate(cfg); err != nil {
+				t.Fatal(err)
+			}
+			checkNotExtractable(t, cfg, kind.class)
+		})
 	}
+}
+
+// checkNotExtractable reads the key of class labelled cfg.KeyLabel in a
+// session of the test's own: its value is refused as sensitive and its
+// attributes say it never left the token.
+func checkNotExtractable(t *testing.T, cfg hsm.Config, class uint) {
+	t.Helper()
 	p := rawSession(t, cfg)
 	defer p.close()
-	if err := p.ctx.FindObjectsInit(p.sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, "master")}); err != nil {
+	if err := p.ctx.FindObjectsInit(p.sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class), pkcs11.NewAttribute(pkcs11.CKA_LABEL, cfg.KeyLabel)}); err != nil {
 		t.Fatal(err)
 	}
 	objs, _, err := p.ctx.FindObjects(p.sh, 2)
@@ -157,8 +177,8 @@ func TestKeyNotExtractable(t *testing.T) {
 	}
 	if v, err := p.ctx.GetAttributeValue(p.sh, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)}); err == nil {
 		t.Fatalf("CKA_VALUE read out of the token: %d bytes", len(v[0].Value))
-	} else {
-		t.Logf("C_GetAttributeValue(CKA_VALUE): %v", err)
+	} else if !errors.Is(err, pkcs11.Error(pkcs11.CKR_ATTRIBUTE_SENSITIVE)) {
+		t.Fatalf("C_GetAttributeValue(CKA_VALUE): %v, want CKR_ATTRIBUTE_SENSITIVE", err)
 	}
 	for _, tc := range []struct {
 		attr uint

@@ -63,17 +63,23 @@ func isCode(err error, code uint) bool {
 	return errors.As(err, &e) && uint(e) == code
 }
 
-// Sealer seals shares with the token's key. It is safe for concurrent use:
-// each operation takes a session from a small pool.
-type Sealer struct {
+// token is a logged-in PKCS#11 token with a small pool of sessions; a
+// Sealer and a Signer each hold one.
+type token struct {
 	module string
 	ctx    *pkcs11.Ctx
 	slot   uint
-	key    pkcs11.ObjectHandle
 	login  pkcs11.SessionHandle // kept open: the login lasts while it does
 	idle   chan pkcs11.SessionHandle
 
 	closeOnce sync.Once
+}
+
+// Sealer seals shares with the token's key. It is safe for concurrent use:
+// each operation takes a session from a small pool.
+type Sealer struct {
+	*token
+	key pkcs11.ObjectHandle
 }
 
 // maxIdle is how many sessions the pool keeps open between operations.
@@ -132,9 +138,15 @@ func findToken(ctx *pkcs11.Ctx, label string) (uint, error) {
 
 // findKeys returns the AES secret keys labelled label.
 func findKeys(ctx *pkcs11.Ctx, sh pkcs11.SessionHandle, label string) ([]pkcs11.ObjectHandle, error) {
+	return findObjects(ctx, sh, pkcs11.CKO_SECRET_KEY, pkcs11.CKK_AES, label)
+}
+
+// findObjects returns the objects of class with key type keyType labelled
+// label (at most two: enough to tell one from several).
+func findObjects(ctx *pkcs11.Ctx, sh pkcs11.SessionHandle, class, keyType uint, label string) ([]pkcs11.ObjectHandle, error) {
 	tmpl := []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 	}
 	if err := ctx.FindObjectsInit(sh, tmpl); err != nil {
@@ -194,12 +206,12 @@ func GenerateKey(cfg Config) error {
 // Sealer using it. The key must be AES-256, sensitive and not extractable.
 // Close releases the token.
 func Open(cfg Config) (*Sealer, error) {
-	ctx, slot, sh, err := session(cfg, false)
+	tok, err := openToken(cfg)
 	if err != nil {
 		return nil, err
 	}
-	s := &Sealer{module: cfg.Module, ctx: ctx, slot: slot, login: sh, idle: make(chan pkcs11.SessionHandle, maxIdle)}
-	objs, err := findKeys(ctx, sh, cfg.KeyLabel)
+	s := &Sealer{token: tok}
+	objs, err := findKeys(tok.ctx, tok.login, cfg.KeyLabel)
 	switch {
 	case err != nil:
 	case len(objs) == 0:
@@ -244,8 +256,19 @@ func attrUint(a *pkcs11.Attribute) uint64 {
 	return v
 }
 
-// Close closes the sessions (ending the login) and releases the module.
-func (s *Sealer) Close() error {
+// openToken opens the token named by cfg with a read-only logged-in
+// session and an empty pool.
+func openToken(cfg Config) (*token, error) {
+	ctx, slot, sh, err := session(cfg, false)
+	if err != nil {
+		return nil, err
+	}
+	return &token{module: cfg.Module, ctx: ctx, slot: slot, login: sh, idle: make(chan pkcs11.SessionHandle, maxIdle)}, nil
+}
+
+// Close closes the sessions (ending the login once no other Sealer or
+// Signer of the process holds one on the token) and releases the module.
+func (s *token) Close() error {
 	s.closeOnce.Do(func() {
 		for {
 			select {
@@ -264,7 +287,7 @@ func (s *Sealer) Close() error {
 
 // do runs op on a pooled session. A session whose operation failed is
 // closed rather than reused (its operation state is undefined).
-func (s *Sealer) do(op func(pkcs11.SessionHandle) ([]byte, error)) ([]byte, error) {
+func (s *token) do(op func(pkcs11.SessionHandle) ([]byte, error)) ([]byte, error) {
 	var sh pkcs11.SessionHandle
 	select {
 	case sh = <-s.idle:

@@ -37,19 +37,25 @@ func NewKey() (*ecdsa.PrivateKey, error) {
 	return ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 }
 
-// NewRootCA makes a self-signed CA.
+// NewRootCA makes a self-signed CA with a fresh ECDSA P-256 key.
 func NewRootCA(name string, validity time.Duration) (*Issuer, error) {
 	key, err := NewKey()
 	if err != nil {
 		return nil, err
 	}
+	return RootCA(name, validity, key)
+}
+
+// RootCA makes a self-signed CA whose key is key (e.g. one held in a
+// PKCS#11 token).
+func RootCA(name string, validity time.Duration, key crypto.Signer) (*Issuer, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(), Subject: pkix.Name{CommonName: name},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(validity),
 		IsCA: true, BasicConstraintsValid: true,
 		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
 		return nil, err
 	}
@@ -69,6 +75,12 @@ func (p *Issuer) NewIntermediate(name string, validity time.Duration) (*Issuer, 
 	if err != nil {
 		return nil, err
 	}
+	return p.Intermediate(name, validity, key)
+}
+
+// Intermediate issues a CA under parent for key (e.g. one held in a
+// PKCS#11 token) that may only issue leaf certificates (path length 0).
+func (p *Issuer) Intermediate(name string, validity time.Duration, key crypto.Signer) (*Issuer, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(), Subject: pkix.Name{CommonName: name},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(validity),
@@ -90,6 +102,16 @@ func (p *Issuer) NewIntermediate(name string, validity time.Duration) (*Issuer, 
 // Leaf issues a certificate for pub. hosts become DNS or IP SANs; the
 // certificate is good for both TLS server and client authentication.
 func (p *Issuer) Leaf(commonName string, hosts []string, pub crypto.PublicKey, validity time.Duration) (*x509.Certificate, error) {
+	der, _, err := p.LeafDER(commonName, hosts, pub, validity)
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(der)
+}
+
+// LeafDER is Leaf returning the certificate's DER and its expiry, without
+// parsing it back (a service CA issues one at every attestation).
+func (p *Issuer) LeafDER(commonName string, hosts []string, pub crypto.PublicKey, validity time.Duration) ([]byte, time.Time, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(), Subject: pkix.Name{CommonName: commonName},
 		NotBefore: time.Now().Add(-5 * time.Minute), NotAfter: time.Now().Add(validity),
@@ -108,9 +130,10 @@ func (p *Issuer) Leaf(commonName string, hosts []string, pub crypto.PublicKey, v
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.Cert, pub, p.Key)
 	if err != nil {
-		return nil, fmt.Errorf("issue certificate for %s: %w", commonName, err)
+		return nil, time.Time{}, fmt.Errorf("issue certificate for %s: %w", commonName, err)
 	}
-	return x509.ParseCertificate(der)
+	// The encoding keeps whole seconds, in UTC.
+	return der, tmpl.NotAfter.UTC().Truncate(time.Second), nil
 }
 
 // TLSCertificate builds a tls.Certificate from a leaf, its key and chain.

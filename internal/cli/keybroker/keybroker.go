@@ -1,8 +1,8 @@
 // Package keybroker is the command tree of the keybroker program: `init`
 // creates a broker's state folder (TLS certificate and service CA under the
-// home-state broker CA; its master key: a file, or with --pkcs11-module a
-// non-extractable key generated in a PKCS#11 token; and its audit signing
-// key), `serve` runs the broker's appliance and operator APIs from that
+// broker's own root CA; its master key: a file, or with --pkcs11-module a
+// non-extractable key generated in a PKCS#11 token, where the CA keys then
+// go too; and its audit signing key), `serve` runs the broker's appliance and operator APIs from that
 // folder, `audit-key` prints the audit public key the operators pin, and
 // `custodian` issues and revokes the broker's own custodians (custodian.go):
 // the only client certificates its operator API admits.
@@ -10,6 +10,7 @@ package keybroker
 
 import (
 	"context"
+	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
@@ -76,7 +77,8 @@ func newInitCmd() *cobra.Command {
 		Use:   "init --dir DIR --name NAME [--broker-ca-cert FILE --broker-ca-key FILE]",
 		Short: "Create a broker's state folder: its own root CA, TLS certificate, service CA, master key and audit signing key",
 		Long: `init creates the broker's state folder: the broker's own root CA
-(broker-ca.pem and .key; no other broker shares it, and the image pins
+(broker-ca.pem, and broker-ca.key unless its key goes into a token, see
+below; no other broker shares it, and the image pins
 it for this broker alone: 'mkimage build --broker-ca NAME=DIR/broker-ca.pem'),
 a TLS certificate for the names and addresses in --hosts and a service CA,
 both issued by that root, a fresh master key, a fresh audit signing key (ed25519) and the
@@ -91,7 +93,12 @@ default, whose image is built before its brokers).
 The master key is a file (master.key) unless --pkcs11-module is given: then
 it is generated inside the PKCS#11 token as a non-extractable AES-256 key
 labelled --pkcs11-key-label, and never leaves it (master.pkcs11 names the
-token and the key, not the PIN). serve needs the same --pkcs11-* flags.
+token and the keys, not the PIN). serve needs the same --pkcs11-* flags.
+With a token the CA keys go there too, as non-extractable ECDSA P-256 key
+pairs: the service CA's, labelled KEY-LABEL` + ServiceCAKeySuffix + ` (no service-ca.key
+is written), and the root CA's when init creates the root, labelled
+KEY-LABEL` + RootCAKeySuffix + ` (no broker-ca.key; an adopted root's key stays
+where it is). An init that fails destroys the CA keys it generated.
 
 The broker signs its audit head with the audit key; init writes the public
 half to audit-signing.pub in the folder and prints it, for the operators to
@@ -130,7 +137,7 @@ func initialised(dir string) bool {
 	return false
 }
 
-func initBroker(out io.Writer, o initOptions) error {
+func initBroker(out io.Writer, o initOptions) (err error) {
 	if initialised(o.dir) {
 		return cli.Next(fmt.Errorf("%s is already initialised", o.dir),
 			"run `keybroker serve --dir %s ...`, or pass another --dir", o.dir)
@@ -155,11 +162,23 @@ func initBroker(out io.Writer, o initOptions) error {
 	if err := os.MkdirAll(o.dir, 0o700); err != nil {
 		return err
 	}
+	// With a token, the CA keys init creates are generated in it; an init
+	// that fails destroys them again (nothing else used them).
+	var caKeys *tokenCAKeys
+	if o.p11.enabled() {
+		caKeys = &tokenCAKeys{cfg: hcfg}
+		defer func() {
+			caKeys.close()
+			if err != nil {
+				caKeys.rollback()
+			}
+		}()
+	}
 	created := ca == nil
-	if ca, err = writeRootCA(o, ca); err != nil {
+	if ca, err = writeRootCA(o, ca, caKeys); err != nil {
 		return err
 	}
-	svc, err := ca.NewIntermediate(o.name+" service CA", 5*365*24*time.Hour)
+	svc, err := newServiceCA(o, ca, caKeys)
 	if err != nil {
 		return err
 	}
@@ -174,7 +193,11 @@ func initBroker(out io.Writer, o initOptions) error {
 	if err := pki.WritePEM(filepath.Join(o.dir, "tls.pem"), leaf, filepath.Join(o.dir, "tls.key"), key); err != nil {
 		return err
 	}
-	if err := pki.WritePEM(filepath.Join(o.dir, "service-ca.pem"), svc.Cert, filepath.Join(o.dir, "service-ca.key"), svc.Key); err != nil {
+	svcKeyPath := filepath.Join(o.dir, ServiceCAKeyFile)
+	if caKeys != nil {
+		svcKeyPath = "" // in the token
+	}
+	if err := pki.WritePEM(filepath.Join(o.dir, ServiceCAFile), svc.Cert, svcKeyPath, svc.Key); err != nil {
 		return err
 	}
 	auditPub, err := audit.CreateSigningKey(o.dir)
@@ -200,11 +223,12 @@ func initBroker(out io.Writer, o initOptions) error {
 		if err := hsm.GenerateKey(hcfg); err != nil {
 			return fmt.Errorf("master key: %w", err)
 		}
-		if err := writePKCS11Record(o.dir, o.p11); err != nil {
+		if err := writePKCS11Record(o.dir, o.p11, caKeys.rootLabel, caKeys.serviceLabel); err != nil {
 			return err
 		}
 		fmt.Fprintf(out, "broker %s initialised in %s; master key %q generated in PKCS#11 token %q (not extractable)\n",
 			o.name, o.dir, o.p11.keyLabel, o.p11.tokenLabel)
+		fmt.Fprintf(out, "%s\n", caKeys.describe())
 		printRootCA(out, o.name, o.dir, ca, created)
 		return printAuditKey(out, o.dir, auditPub)
 	}
@@ -224,10 +248,14 @@ func initBroker(out io.Writer, o initOptions) error {
 }
 
 // BrokerCAFile is the broker's own root CA certificate in its state folder
-// (and BrokerCAKeyFile its key, when init created it).
+// (and BrokerCAKeyFile its key, when init created it without a token).
+// ServiceCAFile is the service CA's certificate, and ServiceCAKeyFile its
+// key when it is not in a token.
 const (
-	BrokerCAFile    = "broker-ca.pem"
-	BrokerCAKeyFile = "broker-ca.key"
+	BrokerCAFile     = "broker-ca.pem"
+	BrokerCAKeyFile  = "broker-ca.key"
+	ServiceCAFile    = "service-ca.pem"
+	ServiceCAKeyFile = "service-ca.key"
 )
 
 // adoptedRootCA loads the root CA of --broker-ca-cert/--broker-ca-key
@@ -249,17 +277,44 @@ func adoptedRootCA(o initOptions) (*pki.Issuer, error) {
 
 // writeRootCA writes the adopted root CA's certificate into the state
 // folder or, with none adopted, creates the broker's own and writes its
-// certificate and key there.
-func writeRootCA(o initOptions, adopted *pki.Issuer) (*pki.Issuer, error) {
+// certificate there, and its key too unless keys puts it in the token.
+func writeRootCA(o initOptions, adopted *pki.Issuer, keys *tokenCAKeys) (*pki.Issuer, error) {
 	certPath := filepath.Join(o.dir, BrokerCAFile)
 	if adopted != nil {
 		return adopted, pki.WritePEM(certPath, adopted.Cert, "", nil)
 	}
-	ca, err := pki.NewRootCA(o.name+" root CA", 10*365*24*time.Hour)
+	const name, validity = " root CA", 10 * 365 * 24 * time.Hour
+	if keys != nil {
+		key, err := keys.generate(&keys.rootLabel, o.p11.keyLabel+RootCAKeySuffix)
+		if err != nil {
+			return nil, fmt.Errorf("root CA key: %w", err)
+		}
+		ca, err := pki.RootCA(o.name+name, validity, key)
+		if err != nil {
+			return nil, err
+		}
+		return ca, pki.WritePEM(certPath, ca.Cert, "", nil)
+	}
+	ca, err := pki.NewRootCA(o.name+name, validity)
 	if err != nil {
 		return nil, err
 	}
 	return ca, pki.WritePEM(certPath, ca.Cert, filepath.Join(o.dir, BrokerCAKeyFile), ca.Key)
+}
+
+// newServiceCA issues the broker's service CA under its root: for a fresh
+// Ed25519 key, or for an ECDSA P-256 key generated in the token when keys
+// is set.
+func newServiceCA(o initOptions, root *pki.Issuer, keys *tokenCAKeys) (*pki.Issuer, error) {
+	const name, validity = " service CA", 5 * 365 * 24 * time.Hour
+	if keys == nil {
+		return root.NewIntermediate(o.name+name, validity)
+	}
+	key, err := keys.generate(&keys.serviceLabel, o.p11.keyLabel+ServiceCAKeySuffix)
+	if err != nil {
+		return nil, fmt.Errorf("service CA key: %w", err)
+	}
+	return root.Intermediate(o.name+name, validity, key)
 }
 
 // printRootCA tells the operators which CA to pin for this broker: in the
@@ -299,8 +354,8 @@ restarted to use it).`,
 		Example: `  keybroker audit-key --dir /var/lib/keybroker`,
 		Args:    cli.ExactArgs(0),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if _, err := os.Stat(filepath.Join(dir, MasterKeyFile)); err != nil {
-				return cli.Next(fmt.Errorf("no broker state in %s: %w", dir, err),
+			if !initialised(dir) {
+				return cli.Next(fmt.Errorf("no broker state in %s: %w", dir, fs.ErrNotExist),
 					"run `keybroker init --dir %s --name NAME` first", dir)
 			}
 			key, err := audit.LoadSigningKey(filepath.Join(dir, audit.SigningKeyFile))
@@ -344,8 +399,10 @@ A refused client certificate is logged ("custodian credential refused").
 It logs JSON lines to stderr and stops on SIGINT or SIGTERM.
 
 A broker initialised with --pkcs11-module needs the same --pkcs11-* flags:
-its shares are sealed and opened inside the token. One initialised with a
-master key file warns at start-up.`,
+its shares are sealed and opened inside the token, and its service CA
+signs every attested appliance's certificate inside the token (a folder
+initialised before CA keys went into tokens still reads service-ca.key).
+One initialised with a master key file warns at start-up.`,
 		Example: `  keybroker serve --dir /var/lib/keybroker --name broker-a \
       --manufacturer-ca tpm-vendors.pem --image-pubkey image-signing.pub \
       --appliance-listen 0.0.0.0:7441 --operator-listen 10.0.0.5:8441`,
@@ -384,11 +441,13 @@ func loadAuditKey(dir string) (ed25519.PrivateKey, error) {
 	return key, err
 }
 
-// masterKey is the broker's master key as loaded by loadState.
+// masterKey is the broker's master key as loaded by loadState, with the
+// service CA's key when it is in the same token.
 type masterKey struct {
-	sealer broker.ShareSealer
-	close  func()
-	token  *pkcs11Record // nil: a file
+	sealer    broker.ShareSealer
+	serviceCA crypto.Signer // nil: ServiceCAKeyFile
+	close     func()
+	token     *pkcs11Record // nil: a file
 }
 
 // loadState opens the master key (a file, or the token p names) and reads
@@ -402,8 +461,7 @@ func loadState(dir string, p pkcs11Options) (mk masterKey, svc *pki.Issuer, tlsC
 			mk.close()
 		}
 	}()
-	svc, err = pki.LoadIssuer(filepath.Join(dir, "service-ca.pem"), filepath.Join(dir, "service-ca.key"))
-	if err != nil {
+	if svc, err = loadServiceCA(dir, mk.serviceCA); err != nil {
 		return mk, nil, tlsCert, err
 	}
 	tlsCert, err = tls.LoadX509KeyPair(filepath.Join(dir, "tls.pem"), filepath.Join(dir, "tls.key"))
@@ -411,6 +469,24 @@ func loadState(dir string, p pkcs11Options) (mk masterKey, svc *pki.Issuer, tlsC
 		return mk, nil, tlsCert, fmt.Errorf("broker TLS certificate: %w", err)
 	}
 	return mk, svc, tlsCert, nil
+}
+
+// loadServiceCA reads the service CA's certificate with its key: key (in
+// the token) when given, which must be the certificate's, else
+// ServiceCAKeyFile.
+func loadServiceCA(dir string, key crypto.Signer) (*pki.Issuer, error) {
+	certPath := filepath.Join(dir, ServiceCAFile)
+	if key == nil {
+		return pki.LoadIssuer(certPath, filepath.Join(dir, ServiceCAKeyFile))
+	}
+	cert, err := pki.LoadCert(certPath)
+	if err != nil {
+		return nil, fmt.Errorf("service CA: %w", err)
+	}
+	if pub, ok := cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(key.Public()) {
+		return nil, fmt.Errorf("service CA: %s is not the certificate of the token's service CA key", certPath)
+	}
+	return &pki.Issuer{Cert: cert, Key: key}, nil
 }
 
 func loadMasterKey(dir string, p pkcs11Options) (masterKey, error) {
@@ -439,7 +515,18 @@ func loadMasterKey(dir string, p pkcs11Options) (masterKey, error) {
 		if err != nil {
 			return masterKey{}, fmt.Errorf("master key: %w", err)
 		}
-		return masterKey{sealer: s, close: func() { s.Close() }, token: rec}, nil
+		mk := masterKey{sealer: s, close: func() { s.Close() }, token: rec}
+		if rec.ServiceCAKeyLabel == "" {
+			return mk, nil
+		}
+		cfg.KeyLabel = rec.ServiceCAKeyLabel
+		ca, err := hsm.OpenSigner(cfg)
+		if err != nil {
+			s.Close()
+			return masterKey{}, fmt.Errorf("service CA key: %w", err)
+		}
+		mk.serviceCA, mk.close = ca, func() { ca.Close(); s.Close() }
+		return mk, nil
 	}
 	hexKey, err := os.ReadFile(filepath.Join(dir, MasterKeyFile))
 	if errors.Is(err, fs.ErrNotExist) {
@@ -481,6 +568,9 @@ func serve(ctx context.Context, stderr io.Writer, o serveOptions) error {
 		log.Warn(MsgFileMasterKey, "file", filepath.Join(o.dir, MasterKeyFile))
 	} else {
 		log.Info("master key in a PKCS#11 token", "module", o.p11.module, "token", mk.token.TokenLabel, "key", mk.token.KeyLabel)
+		if mk.serviceCA != nil {
+			log.Info("service CA key in the PKCS#11 token", "token", mk.token.TokenLabel, "key", mk.token.ServiceCAKeyLabel)
+		}
 	}
 	opCA := o.opCA
 	if opCA == "" {

@@ -32,10 +32,10 @@ type pkcs11Options struct {
 }
 
 func (p *pkcs11Options) addFlags(f *pflag.FlagSet, verb string) {
-	f.StringVar(&p.module, "pkcs11-module", "", "PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so): "+verb+" the master key in a token instead of a file")
-	f.StringVar(&p.tokenLabel, "pkcs11-token-label", "", "label of the PKCS#11 token holding the master key")
+	f.StringVar(&p.module, "pkcs11-module", "", "PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so): "+verb+" the master key and the CA keys in a token instead of files")
+	f.StringVar(&p.tokenLabel, "pkcs11-token-label", "", "label of the PKCS#11 token holding the master key and the CA keys")
 	f.StringVar(&p.pinFile, "pkcs11-pin-file", "", "file holding the token's user PIN (mode 0600; one line)")
-	f.StringVar(&p.keyLabel, "pkcs11-key-label", "", "label of the master key object in the token")
+	f.StringVar(&p.keyLabel, "pkcs11-key-label", "", "label of the master key object in the token (the CA keys: LABEL"+ServiceCAKeySuffix+", LABEL"+RootCAKeySuffix+")")
 }
 
 // enabled reports whether the master key is in a token.
@@ -104,10 +104,84 @@ type pkcs11Record struct {
 	Module     string `json:"module"`
 	TokenLabel string `json:"token_label"`
 	KeyLabel   string `json:"key_label"`
+	// The CA keys in the same token (labels of ECDSA P-256 key pairs):
+	// the root's when init created it there, and the service CA's. A
+	// folder made before CA keys went into the token has neither, and its
+	// service CA key is ServiceCAKeyFile.
+	RootCAKeyLabel    string `json:"root_ca_key_label,omitempty"`
+	ServiceCAKeyLabel string `json:"service_ca_key_label,omitempty"`
 }
 
-func writePKCS11Record(dir string, p pkcs11Options) error {
-	b, _ := json.MarshalIndent(pkcs11Record{Module: p.module, TokenLabel: p.tokenLabel, KeyLabel: p.keyLabel}, "", "  ")
+// The labels of the CA keys init generates in the token: the master key's
+// label with these suffixes.
+const (
+	RootCAKeySuffix    = "-root-ca"
+	ServiceCAKeySuffix = "-service-ca"
+)
+
+// tokenCAKeys are the CA keys an init generates in the token: open while
+// init issues certificates with them, destroyed again if init fails.
+type tokenCAKeys struct {
+	cfg                     hsm.Config // KeyLabel unused; the PIN is the caller's
+	rootLabel, serviceLabel string     // set once generated
+	signers                 []*hsm.Signer
+}
+
+// generate makes an ECDSA P-256 key pair labelled label in the token,
+// records the label in *field, and opens it.
+func (k *tokenCAKeys) generate(field *string, label string) (*hsm.Signer, error) {
+	cfg := k.cfg
+	cfg.KeyLabel = label
+	if _, err := hsm.GenerateSigningKey(cfg); err != nil {
+		return nil, err
+	}
+	*field = label
+	s, err := hsm.OpenSigner(cfg)
+	if err != nil {
+		return nil, err
+	}
+	k.signers = append(k.signers, s)
+	return s, nil
+}
+
+// close releases the token (the keys stay in it).
+func (k *tokenCAKeys) close() {
+	if k == nil {
+		return
+	}
+	for _, s := range k.signers {
+		s.Close()
+	}
+	k.signers = nil
+}
+
+// rollback destroys the keys this init generated.
+func (k *tokenCAKeys) rollback() {
+	if k == nil {
+		return
+	}
+	for _, label := range []string{k.rootLabel, k.serviceLabel} {
+		if label == "" {
+			continue
+		}
+		cfg := k.cfg
+		cfg.KeyLabel = label
+		hsm.DestroySigningKey(cfg) // best effort: init already failed
+	}
+}
+
+// describe says where the CA keys are, for init's output.
+func (k *tokenCAKeys) describe() string {
+	s := fmt.Sprintf("service CA key %q generated in the token (ECDSA P-256, not extractable; no %s)", k.serviceLabel, ServiceCAKeyFile)
+	if k.rootLabel != "" {
+		s += fmt.Sprintf("; root CA key %q generated in the token (no %s)", k.rootLabel, BrokerCAKeyFile)
+	}
+	return s
+}
+
+func writePKCS11Record(dir string, p pkcs11Options, rootLabel, serviceLabel string) error {
+	b, _ := json.MarshalIndent(pkcs11Record{Module: p.module, TokenLabel: p.tokenLabel, KeyLabel: p.keyLabel,
+		RootCAKeyLabel: rootLabel, ServiceCAKeyLabel: serviceLabel}, "", "  ")
 	return os.WriteFile(filepath.Join(dir, MasterKeyPKCS11File), append(b, '\n'), 0o600)
 }
 
