@@ -191,13 +191,15 @@ func TestCustodiansApproveSeparately(t *testing.T) {
 // temporary folder: the same sources, image config and keys as base (the
 // image under test, mkimage's local defaults) and the same kernel package.
 // It differs from base in its version, so in image.json in the initramfs,
-// so in PCR9 (and the UKI's digests).
-func buildImageVersion(t testing.TB, base *manifest.Manifest, version uint64) string {
+// so in PCR9 (and the UKI's digests). extra are more mkimage flags (such
+// as --config).
+func buildImageVersion(t testing.TB, base *manifest.Manifest, version uint64, extra ...string) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), fmt.Sprintf("image-v%d", version))
 	start := time.Now()
-	cmd := exec.Command(mkimage, "build", "--out", dir, "--version", strconv.FormatUint(version, 10),
-		"--cache", cacheDir(), "--kernel-package", base.Kernel.Package)
+	args := append([]string{"build", "--out", dir, "--version", strconv.FormatUint(version, 10),
+		"--cache", cacheDir(), "--kernel-package", base.Kernel.Package}, extra...)
+	cmd := exec.Command(mkimage, args...)
 	cmd.Dir = repoRoot
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("mkimage build --version %d: %v\n%s", version, err, out)

@@ -17,6 +17,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/dataembassy/embassy/appliance/objref"
 )
@@ -74,6 +75,21 @@ type Config struct {
 	Brokers []Broker `json:"brokers"`
 	// Ingest configures the restic REST service.
 	Ingest Ingest `json:"ingest"`
+	// TrialTimeoutSeconds bounds how long this image, booted once from
+	// the trial slot after an upgrade, tries to attest before it reboots
+	// into the committed image (DefaultTrialTimeout when 0; 30 to 3600).
+	TrialTimeoutSeconds int `json:"trial_timeout_seconds,omitempty"`
+}
+
+// DefaultTrialTimeout is TrialTimeoutSeconds when the config gives none.
+const DefaultTrialTimeout = 3 * time.Minute
+
+// TrialTimeout is how long a trial boot of this image tries to attest.
+func (c *Config) TrialTimeout() time.Duration {
+	if c.TrialTimeoutSeconds == 0 {
+		return DefaultTrialTimeout
+	}
+	return time.Duration(c.TrialTimeoutSeconds) * time.Second
 }
 
 // Ingest is the ingest service's configuration.
@@ -119,6 +135,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Threshold < 1 || c.Threshold > n {
 		return fmt.Errorf("config: threshold %d must be between 1 and the broker count %d", c.Threshold, n)
+	}
+	if c.TrialTimeoutSeconds != 0 && (c.TrialTimeoutSeconds < 30 || c.TrialTimeoutSeconds > 3600) {
+		return fmt.Errorf("config: trial_timeout_seconds %d out of range (30 to 3600)", c.TrialTimeoutSeconds)
 	}
 	if err := c.Ingest.validate(); err != nil {
 		return err

@@ -41,6 +41,8 @@ func TestParse(t *testing.T) {
 		{"unknown field", strings.Replace(good, `"threshold"`, `"debug":true,"threshold"`, 1), "unknown field"},
 		{"threshold zero", strings.Replace(good, `"threshold":2`, `"threshold":0`, 1), "threshold"},
 		{"threshold above n", strings.Replace(good, `"threshold":2`, `"threshold":4`, 1), "threshold"},
+		{"trial timeout too short", strings.Replace(good, `"threshold":2`, `"threshold":2,"trial_timeout_seconds":5`, 1), "trial_timeout_seconds"},
+		{"trial timeout too long", strings.Replace(good, `"threshold":2`, `"threshold":2,"trial_timeout_seconds":86400`, 1), "trial_timeout_seconds"},
 		{"no brokers", `{"threshold":1,"brokers":[],"ingest":{"port":1,"repositories":{"a":{"writers":["w"]}}}}`, "no brokers"},
 		{"duplicate name", strings.Replace(good, `broker-b`, `broker-a`, 1), "used twice"},
 		{"bad name", strings.Replace(good, `broker-b`, `Broker B`, 1), "name"},

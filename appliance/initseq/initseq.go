@@ -158,7 +158,7 @@ func Run(log *slog.Logger) {
 	if err != nil {
 		halt(log, "client CA bundle", err)
 	}
-	up := &upgrades{slots: slots, pub: imagePub, running: info.Version}
+	up := &upgrades{slots: slots, pub: imagePub, running: info.Version, trialTimeout: cfg.TrialTimeout()}
 	for {
 		serveUntilLockdown(ctx, log, ac, cfg, clientCAs, start, up)
 		restart(log) // returns only if exec failed

@@ -215,16 +215,13 @@ func approvedAt(round []*attest.Result, img *upgrade.Image) []string {
 	return out
 }
 
-// trialTimeout is how long a trial image may try to attest before the
-// appliance reboots into the committed image.
-const trialTimeout = 3 * time.Minute
-
 // upgrades is what the boot knows for in-place upgrades; slots or pub nil
 // means upgrades are unavailable on this boot.
 type upgrades struct {
-	slots   *trialBoot
-	pub     ed25519.PublicKey
-	running uint64
+	trialTimeout time.Duration
+	slots        *trialBoot
+	pub          ed25519.PublicKey
+	running      uint64
 }
 
 // trialDeadline is when a trial boot gives up attesting (zero: this boot
@@ -233,7 +230,7 @@ func (u *upgrades) trialDeadline(start time.Time) time.Time {
 	if u.slots == nil || !u.slots.trial {
 		return time.Time{}
 	}
-	return start.Add(trialTimeout)
+	return start.Add(u.trialTimeout)
 }
 
 // commit makes a trial image that attested the default boot: slot B is

@@ -46,7 +46,7 @@ Run it from the repository's root: build compiles ./cmd/embassy-init.`,
 type buildOptions struct {
 	cache, out, cfgPath, clientCA, keyPath, kernelPkg, sbKeys string
 	brokerCAs                                                 []string // NAME=FILE
-	version                                                             uint64
+	version                                                   uint64
 }
 
 func newBuildCmd() *cobra.Command {
