@@ -114,7 +114,50 @@ attest.`,
 		newRevokeCmd(o),
 		newDecommissionCmd(o),
 		newUpgradeCmd(o),
+		newReplaceCmd(o),
 	}
+}
+
+func newReplaceCmd(o *options) *cobra.Command {
+	var threshold int
+	var catchUp time.Duration
+	cmd := o.brokerCmd(&cobra.Command{
+		Use:   "replace [--catch-up D] OLD-ID NEW-ID",
+		Short: "Put a new server, enrolled at home, in an old one's place; then decommission the old one",
+		Long: `replace approves at every broker as many blank disks for NEW-ID as OLD-ID
+had and gives NEW-ID OLD-ID's endpoints. NEW-ID must be enrolled already (at
+home, before shipping). Once racked, NEW-ID provisions its disks and its
+twin fills it; when NEW-ID reports its disks in service and every twin has
+nothing pending for it (steadily for 45 s), OLD-ID is decommissioned without
+a drain: revoked at every broker, its shares destroyed, so its disks can
+never be opened again. If NEW-ID has not caught up within --catch-up,
+OLD-ID is left as it was; run the command again. Every broker audits each
+step with your custodian identity.`,
+		Example: `  embassyctl replace --catch-up 2h --timeout 3h 3f9c...e1 7a01...44`,
+		Args:    cli.ExactArgs(2), ValidArgsFunction: noFileArgs,
+	}, func(ctx context.Context, c *conn, args []string) error {
+		k := threshold
+		if k == 0 {
+			k = len(c.client.Brokers)/2 + 1
+		}
+		opts := opclient.ReplaceOptions{Threshold: k, CatchUp: catchUp}
+		if !c.asJSON {
+			opts.Progress = c.out
+		}
+		rep, err := c.client.Replace(ctx, args[0], args[1], opts)
+		if c.asJSON {
+			opclient.PrintJSON(c.out, rep)
+		} else if rep != nil {
+			opclient.PrintOutcomes(c.out, "prepare "+args[1], rep.Prepared)
+			if rep.Decommission != nil {
+				opclient.PrintDecommission(c.out, rep.Decommission)
+			}
+		}
+		return err
+	})
+	cmd.Flags().IntVar(&threshold, "threshold", 0, "the image's k (default: a majority of the list)")
+	cmd.Flags().DurationVar(&catchUp, "catch-up", 50*time.Second, "how long to wait for the new server to catch up (give --timeout more)")
+	return cmd
 }
 
 func newUpgradeCmd(o *options) *cobra.Command {
