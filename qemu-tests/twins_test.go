@@ -61,9 +61,19 @@ func (tw *twin) restart(t testing.TB) {
 // and know each other.
 func startTwins(t testing.TB, ctx context.Context, hb *hostBrokers, dir string) (*twin, *twin) {
 	t.Helper()
+	return startTwinsWith(t, ctx, hb, dir, nil)
+}
+
+// startTwinsWith is startTwins with prepare, if not nil, called on each
+// twin's VM config before it boots.
+func startTwinsWith(t testing.TB, ctx context.Context, hb *hostBrokers, dir string, prepare func(*twin)) (*twin, *twin) {
+	t.Helper()
 	var tws []*twin
 	for _, name := range twinNames {
 		tw := restTwin(t, hb, dir, name)
+		if prepare != nil {
+			prepare(tw)
+		}
 		tw.v = startVM(t, tw.cfg)
 		tws = append(tws, tw)
 	}

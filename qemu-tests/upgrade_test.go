@@ -27,24 +27,13 @@ import (
 // both serve and know each other.
 func upgradableTwins(t *testing.T, ctx context.Context, hb *hostBrokers, dir string) (*twin, *twin) {
 	t.Helper()
-	var tws []*twin
-	for _, name := range twinNames {
-		tw := restTwin(t, hb, dir, name)
-		boot := filepath.Join(dir, name, "boot.img")
+	return startTwinsWith(t, ctx, hb, dir, func(tw *twin) {
+		boot := filepath.Join(dir, tw.name, "boot.img")
 		if out, err := exec.Command("cp", "--sparse=always", filepath.Join(imageDir(), build.DiskFile), boot).CombinedOutput(); err != nil {
 			t.Fatalf("copy the boot disk: %v\n%s", err, out)
 		}
 		tw.cfg.BootDisk, tw.cfg.BootDiskWritable, tw.cfg.AllowReboot = boot, true, true
-		tw.v = startVM(t, tw.cfg)
-		tws = append(tws, tw)
-	}
-	for _, tw := range tws {
-		waitMsg(t, ctx, tw.v, 0, logmsg.MsgServing)
-	}
-	for i, tw := range tws {
-		waitPeer(t, ctx, tw, tws[1-i].id)
-	}
-	return tws[0], tws[1]
+	})
 }
 
 // pushUpgrade pushes img to tw, as `embassyctl upgrade` does once the

@@ -138,7 +138,7 @@ step with your custodian identity.`,
 	}, func(ctx context.Context, c *conn, args []string) error {
 		k := threshold
 		if k == 0 {
-			k = len(c.client.Brokers)/2 + 1
+			k = majority(len(c.client.Brokers))
 		}
 		opts := opclient.ReplaceOptions{Threshold: k, CatchUp: catchUp}
 		if !c.asJSON {
@@ -190,14 +190,11 @@ until k brokers saw it attest on the new version.`,
 		if addr == "" || clientCert == "" {
 			return &cli.UsageError{Msg: "--address and --client-cert are needed"}
 		}
-		if c.authorities == nil {
-			return cli.Next(errors.New("upgrade needs each broker's own CA to know the appliance"),
-				"name it in every broker list entry with `embassyctl brokers add NAME URL --ca FILE`")
+		ids, err := c.verifier("upgrade", threshold)
+		if err != nil {
+			return err
 		}
-		k := threshold
-		if k == 0 {
-			k = len(c.authorities)/2 + 1
-		}
+		k := ids.Threshold
 		img, err := opclient.LoadUpgradeImage(dir)
 		if err != nil {
 			return cli.Next(fmt.Errorf("image folder: %w", err), "run `mkimage build --out %s --version N` first", dir)
@@ -217,7 +214,7 @@ until k brokers saw it attest on the new version.`,
 		if approved < k {
 			return fmt.Errorf("image %d approved at %d brokers, %d needed: %w", img.Version, approved, k, aerr)
 		}
-		resp, err := opclient.PushUpgrade(ctx, addr, id, img, cert, identity.Verifier{Brokers: c.authorities, Threshold: k})
+		resp, err := opclient.PushUpgrade(ctx, addr, id, img, cert, ids)
 		if resp != nil {
 			fmt.Fprintf(c.out, "appliance %s: running %d, %s %d (approved at %v) %s\n", resp.ApplianceID, resp.Running, resp.State, img.Version, resp.ApprovedAt, resp.Error)
 		}
@@ -273,7 +270,7 @@ The whole command is also bounded by --timeout: give it more than --drain.`,
 	}, func(ctx context.Context, c *conn, args []string) error {
 		k := threshold
 		if k == 0 {
-			k = len(c.client.Brokers)/2 + 1
+			k = majority(len(c.client.Brokers))
 		}
 		if force {
 			drain = 0
@@ -404,18 +401,11 @@ issued a certificate for it: one broker's CA alone is never believed.`,
   embassyctl attest --json 127.0.0.1:8443`,
 		Args: cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
 	}, func(ctx context.Context, c *conn, args []string) error {
-		if c.authorities == nil {
-			return cli.Next(errors.New("attest needs each broker's own CA"),
-				"name it in every broker list entry with `embassyctl brokers add NAME URL --ca FILE`")
+		ids, err := c.verifier("attest", threshold)
+		if err != nil {
+			return err
 		}
-		k := threshold
-		if k == 0 {
-			k = len(c.authorities)/2 + 1
-		}
-		if k < 1 || k > len(c.authorities) {
-			return fmt.Errorf("--threshold %d: want 1 to %d (the brokers in the list)", k, len(c.authorities))
-		}
-		v, err := c.client.AttestAppliance(ctx, args[0], identity.Verifier{Brokers: c.authorities, Threshold: k})
+		v, err := c.client.AttestAppliance(ctx, args[0], ids)
 		if err != nil {
 			return err
 		}
@@ -819,4 +809,26 @@ func checkNameURL(br opclient.Broker) error {
 		return &cli.UsageError{Msg: fmt.Sprintf("broker %q needs a name and an https:// URL, got %q", br.Name, br.URL)}
 	}
 	return nil
+}
+
+// majority is the default threshold for n brokers when --threshold is not
+// given: more than half of them.
+func majority(n int) int { return n/2 + 1 }
+
+// verifier is how a command that meets an appliance believes its key: k
+// brokers (--threshold, default a majority of the list), each through the
+// CA of its own list entry.
+func (c *conn) verifier(command string, threshold int) (identity.Verifier, error) {
+	if c.authorities == nil {
+		return identity.Verifier{}, cli.Next(fmt.Errorf("%s needs each broker's own CA to know the appliance", command),
+			"name it in every broker list entry with `embassyctl brokers add NAME URL --ca FILE`")
+	}
+	k := threshold
+	if k == 0 {
+		k = majority(len(c.authorities))
+	}
+	if k < 1 || k > len(c.authorities) {
+		return identity.Verifier{}, &cli.UsageError{Msg: fmt.Sprintf("--threshold %d: want 1 to %d (the brokers in the list)", k, len(c.authorities))}
+	}
+	return identity.Verifier{Brokers: c.authorities, Threshold: k}, nil
 }
