@@ -91,6 +91,7 @@ type Broker struct {
 	now    func() time.Time
 
 	records applianceLocks // serialise read-modify-write of each appliance's record
+	commits groupCommit    // concurrent commits share one database transaction
 	nonceM  sync.Mutex
 
 	manifestMu sync.Mutex
@@ -176,37 +177,6 @@ func (b *Broker) record(by audit.Actor, event, appliance string, err error, deta
 	if err := b.commit(nil, entry(by, event, appliance, err, detail)); err != nil {
 		b.cfg.Log.Error(MsgAuditFailed, "err", err)
 	}
-}
-
-// commit appends audit entries and, in one database transaction, stores the
-// new audit head together with an updated appliance record (if any).
-func (b *Broker) commit(r *record, entries ...audit.Entry) error {
-	head, err := b.audit.Append(entries...)
-	if err != nil {
-		return err
-	}
-	b.metrics.auditAppends.Add(float64(len(entries)))
-	for _, e := range entries {
-		b.cfg.Log.Info(MsgAudit, "event", e.Event, "appliance", e.Appliance, "actor", e.Actor.String(), "result", e.Result, "reason", e.Reason)
-	}
-	return b.db.Batch(func(tx *bolt.Tx) error {
-		if r != nil {
-			if err := b.putRecord(tx, r); err != nil {
-				return err
-			}
-		}
-		// Commits of different appliances run concurrently and may reach
-		// here in another order than their entries reached the log: the
-		// stored head only moves forward.
-		var stored audit.Head
-		if _, err := getJSON(tx, bucketMeta, keyAuditHead, &stored); err != nil {
-			return err
-		}
-		if head.Seq <= stored.Seq {
-			return nil
-		}
-		return putJSON(tx, bucketMeta, keyAuditHead, head)
-	})
 }
 
 // applianceLocks serialises the read-modify-write of one appliance's
