@@ -13,7 +13,9 @@
 // PCRs' reference: recorded at activation, checked at every attestation,
 // approve-firmware), shares.go (deposits), custodians.go (who may use
 // the operator API: this broker's own custodians),
-// store.go (database and shares at rest), http.go (both HTTPS APIs),
+// store.go (database and shares at rest), commit.go (audit entries and
+// records made durable, grouped across concurrent commits), http.go (both
+// HTTPS APIs),
 // metrics.go (Prometheus metrics, served on the operator API).
 package broker
 
@@ -91,7 +93,7 @@ type Broker struct {
 	now    func() time.Time
 
 	records applianceLocks // serialise read-modify-write of each appliance's record
-	commits groupCommit    // concurrent commits share one database transaction
+	commits groupCommit    // concurrent commits share one audit fsync and one database transaction
 	nonceM  sync.Mutex
 
 	manifestMu sync.Mutex

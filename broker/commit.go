@@ -2,6 +2,7 @@ package broker
 
 import (
 	"fmt"
+	"runtime"
 	"sync"
 
 	bolt "go.etcd.io/bbolt"
@@ -42,10 +43,11 @@ type pendingCommit struct {
 }
 
 // groupCommit makes concurrent commits durable together without waiting
-// for company: a commit that finds no group running leads one at once with
-// whatever is queued (itself at least); commits that arrive meanwhile
-// queue, and when the running group is done the first of them leads the
-// next with the whole queue. Each commit returns once its group is
+// for company: a commit that finds no group running leads one at once
+// (after letting other runnable goroutines run) with whatever is queued,
+// itself at least; commits that arrive meanwhile queue, and when the
+// running group is done the first of them leads the next with the whole
+// queue. Each commit returns once its group is
 // durable.
 type groupCommit struct {
 	mu    sync.Mutex
@@ -63,6 +65,11 @@ func (g *groupCommit) do(b *Broker, c *pendingCommit) error {
 	if !lead && !<-c.wake {
 		return c.err
 	}
+	// Let whatever else is runnable run first: on a busy machine some of
+	// it is attestations about to commit, which then join this group
+	// (fewer fsyncs and transactions, each about 0.3 ms of CPU); with
+	// nothing else runnable this returns at once.
+	runtime.Gosched()
 	g.mu.Lock()
 	group := g.queue
 	g.queue = nil
