@@ -96,10 +96,11 @@ bench-store: deps
 # alternating rounds, median ratio; each line prints the cores the process
 # kept busy. Targets (issue 13): ratio >= 0.6 at 8 over HTTPS, >= 2,500
 # verify+seal/s in process on 2 cores. Last figures (group commit): in
-# process at 8 about 2,700-2,900/s file key, 2,200-2,800/s softhsm2 (met
-# or nearly); HTTPS ratio at 8 about 0.4-0.5 with either key (not met:
-# CPU-bound, about 1.9 ms of CPU per attest request against 1.0 ms per
-# bare TLS round trip). Figures and analysis: docs/testing.md, Benchmarks.
+# process at 8 about 2,600-3,200/s file key, 2,500-2,900/s softhsm2 (met
+# in most runs); HTTPS ratio at 8 about 0.45-0.5 with either key (not
+# met: CPU-bound, about 1.9 ms of CPU per attest request against 1.0 ms
+# per bare TLS round trip). Figures and analysis: docs/testing.md,
+# Benchmarks.
 bench-broker:
 	go test -count=1 -run '^$$' -bench 'BenchmarkAttestRoundTrips|BenchmarkVerifySeal' -benchtime 1x ./broker/
 
