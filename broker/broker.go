@@ -13,7 +13,9 @@
 // PCRs' reference: recorded at activation, checked at every attestation,
 // approve-firmware), shares.go (deposits), custodians.go (who may use
 // the operator API: this broker's own custodians),
-// store.go (database and shares at rest), http.go (both HTTPS APIs),
+// store.go (database and shares at rest), commit.go (audit entries and
+// records made durable, grouped across concurrent commits), http.go (both
+// HTTPS APIs),
 // metrics.go (Prometheus metrics, served on the operator API).
 package broker
 
@@ -91,6 +93,7 @@ type Broker struct {
 	now    func() time.Time
 
 	records applianceLocks // serialise read-modify-write of each appliance's record
+	commits groupCommit    // concurrent commits share one audit fsync and one database transaction
 	nonceM  sync.Mutex
 
 	manifestMu sync.Mutex
@@ -176,37 +179,6 @@ func (b *Broker) record(by audit.Actor, event, appliance string, err error, deta
 	if err := b.commit(nil, entry(by, event, appliance, err, detail)); err != nil {
 		b.cfg.Log.Error(MsgAuditFailed, "err", err)
 	}
-}
-
-// commit appends audit entries and, in one database transaction, stores the
-// new audit head together with an updated appliance record (if any).
-func (b *Broker) commit(r *record, entries ...audit.Entry) error {
-	head, err := b.audit.Append(entries...)
-	if err != nil {
-		return err
-	}
-	b.metrics.auditAppends.Add(float64(len(entries)))
-	for _, e := range entries {
-		b.cfg.Log.Info(MsgAudit, "event", e.Event, "appliance", e.Appliance, "actor", e.Actor.String(), "result", e.Result, "reason", e.Reason)
-	}
-	return b.db.Batch(func(tx *bolt.Tx) error {
-		if r != nil {
-			if err := b.putRecord(tx, r); err != nil {
-				return err
-			}
-		}
-		// Commits of different appliances run concurrently and may reach
-		// here in another order than their entries reached the log: the
-		// stored head only moves forward.
-		var stored audit.Head
-		if _, err := getJSON(tx, bucketMeta, keyAuditHead, &stored); err != nil {
-			return err
-		}
-		if head.Seq <= stored.Seq {
-			return nil
-		}
-		return putJSON(tx, bucketMeta, keyAuditHead, head)
-	})
 }
 
 // applianceLocks serialises the read-modify-write of one appliance's

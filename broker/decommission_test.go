@@ -32,13 +32,16 @@ func TestDecommission(t *testing.T) {
 	id := a.c.ID()
 	var mu sync.Mutex
 	pending := int64(5 << 20)
+	// The disk is looked up once, here: the health report is also made by
+	// a round's late attestations, which may still run while the test's
+	// clean-up stops the brokers.
+	var disk string
+	for _, dk := range e.applianceState(0, id).Disks {
+		disk = dk
+	}
 	a.c.ReportHealth(func() *api.Health {
 		mu.Lock()
 		defer mu.Unlock()
-		var disk string
-		for _, dk := range e.applianceState(0, id).Disks {
-			disk = dk
-		}
 		return &api.Health{Reported: time.Now(), Disks: []api.DiskHealth{{Serial: "EMBASSY-D1", UUID: disk, State: "ok"}},
 			Peers: []api.PeerHealth{{ID: "b", PendingObjects: int(pending >> 20), PendingBytes: pending}}}
 	})

@@ -3,7 +3,6 @@ package broker
 import (
 	"encoding/json"
 	"fmt"
-	"time"
 
 	bolt "go.etcd.io/bbolt"
 
@@ -84,9 +83,6 @@ func openDB(path string) (*bolt.DB, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open broker database: %w", err)
 	}
-	// Concurrent attestations share one commit; a lone one waits at most
-	// this long for company.
-	db.MaxBatchDelay = 300 * time.Microsecond
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketAppliances, bucketEnrollments, bucketManifests, bucketShares, bucketMeta} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {

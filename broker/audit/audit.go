@@ -159,14 +159,29 @@ func Open(path string, head Head) (*Log, error) {
 // Append writes entries (in one write), waits until they are durable and
 // returns the head after the last of them.
 func (l *Log) Append(entries ...Entry) (Head, error) {
-	head, err := l.write(entries)
+	head, err := l.Write(entries...)
 	if err != nil {
 		return head, err
 	}
+	return head, l.Sync(head.Seq)
+}
+
+// Write appends entries (in one write) without waiting for them to be
+// durable and returns the head after the last of them. They count as
+// durable (Durable) only once a Sync covers them; a caller must not act
+// on them before that.
+func (l *Log) Write(entries ...Entry) (Head, error) {
+	return l.write(entries)
+}
+
+// Sync returns once every entry up to sequence number seq is durable.
+// Concurrent callers share one fsync: a caller whose entries an fsync
+// running meanwhile covered does not sync again.
+func (l *Log) Sync(seq uint64) error {
 	l.syncMu.Lock()
 	defer l.syncMu.Unlock()
-	if l.synced >= head.Seq {
-		return head, nil // a concurrent appender's fsync covered these entries
+	if l.synced >= seq {
+		return nil // a concurrent appender's fsync covered these entries
 	}
 	l.mu.Lock()
 	upTo := l.head.Seq
@@ -175,10 +190,10 @@ func (l *Log) Append(entries ...Entry) (Head, error) {
 		l.mu.Lock()
 		l.broken = fmt.Errorf("sync audit log: %w", err)
 		l.mu.Unlock()
-		return head, l.broken
+		return l.broken
 	}
 	l.synced = upTo
-	return head, nil
+	return nil
 }
 
 func (l *Log) write(entries []Entry) (Head, error) {

@@ -180,3 +180,34 @@ func TestDurableIsConsistent(t *testing.T) {
 		t.Fatalf("durable head %+v, log head %+v", head, l.Head())
 	}
 }
+
+// TestWriteThenSync: written entries are in the log at once but count as
+// durable only once a Sync covers them; one Sync covers every entry
+// written before it.
+func TestWriteThenSync(t *testing.T) {
+	l, err := Open(filepath.Join(t.TempDir(), "audit.log"), Head{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	h1, err := l.Write(Entry{Event: "attest", Result: "ok"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h2, err := l.Write(Entry{Event: "attest", Result: "ok"}, Entry{Event: "release", Result: "ok"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if all, _ := l.Entries(); len(all) != 3 || h2.Seq != 3 {
+		t.Fatalf("%d entries written, head %+v", len(all), h2)
+	}
+	if entries, head, _ := l.Durable(); len(entries) != 0 || head != (Head{}) {
+		t.Fatalf("durable before any sync: %d entries, head %+v", len(entries), head)
+	}
+	if err := l.Sync(h1.Seq); err != nil {
+		t.Fatal(err)
+	}
+	if entries, head, _ := l.Durable(); len(entries) != 3 || head != h2 {
+		t.Fatalf("after syncing to %d: %d durable entries, head %+v, want all 3", h1.Seq, len(entries), head)
+	}
+}
