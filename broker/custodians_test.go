@@ -262,9 +262,7 @@ func TestCustodianAdmission(t *testing.T) {
 	c := newCustodianEnv(t, 1, "alice", "bob")
 	dave := c.issue(0, "dave")
 	mallory := c.issue(0, "mallory")
-	c.stop(0)
-	c.brokers[0].cfg.RevokedCustodians = map[string]bool{fingerprint(mallory): true}
-	c.start(0)
+	c.brokers[0].b.SetRevokedCustodians(map[string]bool{fingerprint(mallory): true}, nil)
 	self, err := pki.NewRootCA("alice", time.Hour)
 	if err != nil {
 		t.Fatal(err)

@@ -141,8 +141,16 @@ func (e *env) start(i int) {
 		e.t.Fatalf("start %s: %v", rb.name, err)
 	}
 	if rb.appLn == nil {
+		// The same port again (the appliances' config names it). An
+		// outgoing connection of the test may hold it as its local port
+		// for a moment: retry briefly.
 		addr := e.cfg.Brokers[i].Endpoints[0][len("https://"):]
-		if rb.appLn, err = net.Listen("tcp", addr); err != nil {
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			if rb.appLn, err = net.Listen("tcp", addr); err == nil || time.Now().After(deadline) {
+				break
+			}
+		}
+		if err != nil {
 			e.t.Fatal(err)
 		}
 		if rb.opLn, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
