@@ -75,20 +75,30 @@ func (g *groupCommit) do(b *Broker, c *pendingCommit) error {
 	g.queue = nil
 	g.mu.Unlock()
 
-	b.commitGroup(group)
-
-	g.mu.Lock()
-	if len(g.queue) > 0 {
-		g.queue[0].wake <- true
-	} else {
-		g.busy = false
-	}
-	g.mu.Unlock()
-	for _, o := range group {
-		if o != c {
-			o.wake <- false
+	// The hand-off and the wake-ups run even if the commit panics (an
+	// HTTP handler's panic is recovered by net/http): a leader that never
+	// handed off would leave every later commit waiting for ever.
+	defer func() {
+		if p := recover(); p != nil {
+			for _, o := range group {
+				o.err = fmt.Errorf("commit: %v", p)
+			}
+			defer panic(p)
 		}
-	}
+		g.mu.Lock()
+		if len(g.queue) > 0 {
+			g.queue[0].wake <- true
+		} else {
+			g.busy = false
+		}
+		g.mu.Unlock()
+		for _, o := range group {
+			if o != c {
+				o.wake <- false
+			}
+		}
+	}()
+	b.commitGroup(group)
 	return c.err
 }
 

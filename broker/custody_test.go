@@ -336,10 +336,12 @@ func TestAuditRecordsActor(t *testing.T) {
 }
 
 // TestAttestRaisesFloor: an appliance that attests on a newer approved
-// image raises its floor to that image's version at the broker, audited;
-// the older image gets nothing there afterwards. Each answer lists the
-// approved images (an appliance checks a pushed upgrade against k such
-// lists) and the floor.
+// image, and reports it runs it committed (not a one-shot trial boot),
+// raises its floor to that image's version at the broker, audited; the
+// older image gets nothing there afterwards. A trial boot, or a boot that
+// reports nothing, raises nothing. Each answer lists the approved images
+// (an appliance checks a pushed upgrade against k such lists) and the
+// floor.
 func TestAttestRaisesFloor(t *testing.T) {
 	e := newEnv(t, 2, 2)
 	d1, d2 := tpmtest.NewBootDigests("image-1"), tpmtest.NewBootDigests("image-2")
@@ -351,17 +353,26 @@ func TestAttestRaisesFloor(t *testing.T) {
 	steps := []struct {
 		name      string
 		boot      tpmtest.BootDigests
+		running   uint64
+		health    *api.UpgradeHealth
 		wantErr   api.Code
 		wantFloor uint64
 	}{
-		{"old image first", d1, "", 1},
-		{"new image", d2, "", 2},
-		{"old image again", d1, api.CodeFloor, 2},
+		{"old image, no report", d1, 1, nil, "", 0},
+		{"old image, committed", d1, 1, &api.UpgradeHealth{Running: 1}, "", 1},
+		{"new image on trial", d2, 2, &api.UpgradeHealth{Running: 2, Trial: true}, "", 1},
+		{"old image after the failed trial", d1, 1, &api.UpgradeHealth{Running: 1}, "", 1},
+		{"new image committed", d2, 2, &api.UpgradeHealth{Running: 2}, "", 2},
+		{"old image again", d1, 1, &api.UpgradeHealth{Running: 1}, api.CodeFloor, 2},
 	}
 	for _, st := range steps {
 		a.reboot(t, st.boot)
 		for i := range e.brokers {
-			resp, err := rawAttest(t, e, a, i, nil)
+			resp, err := rawAttest(t, e, a, i, func(r *api.AttestRequest) {
+				if st.health != nil {
+					r.Health = &api.Health{Upgrade: st.health}
+				}
+			})
 			if codeOf(err) != st.wantErr {
 				t.Fatalf("%s at broker %d: %v, want code %q", st.name, i, err, st.wantErr)
 			}

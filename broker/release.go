@@ -116,10 +116,13 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 	r.LastAttest, r.LastImage = b.now().Unix(), matched.Version
 	by := audit.ApplianceActor(r.ID)
 	entries := []audit.Entry{entry(by, "attest", r.ID, nil, detail)}
-	// An appliance that attested on a newer image than its floor raises
-	// the floor to it: the older image never gets keys here again (an
-	// upgrade's point of no return, taken only once the new image runs).
-	if matched.Version > r.Floor {
+	// An appliance that runs a newer image than its floor, committed (booted
+	// from its default slot, not a one-shot trial: its own health report,
+	// made by the attested image, says so), raises the floor to it: the
+	// older image never gets keys here again. A trial boot raises nothing,
+	// so a trial that fails, or a cut before the commit, falls back to an
+	// image that still gets keys.
+	if up := committedVersion(req.Health); matched.Version > r.Floor && up == matched.Version {
 		entries = append(entries, entry(by, "raise-floor", r.ID, nil, map[string]string{
 			"from": strconv.FormatUint(r.Floor, 10), "to": strconv.FormatUint(matched.Version, 10), "why": "attested on a newer image"}))
 		r.Floor = matched.Version
@@ -166,4 +169,13 @@ func expectedPCRs(r *record, verified map[int][]byte) (map[int][]byte, error) {
 		return nil, err
 	}
 	return out, nil
+}
+
+// committedVersion is the image version an appliance's health report says
+// it runs from its committed slot, or 0 (no report, a trial boot).
+func committedVersion(h *api.Health) uint64 {
+	if h == nil || h.Upgrade == nil || h.Upgrade.Trial {
+		return 0
+	}
+	return h.Upgrade.Running
 }

@@ -123,7 +123,7 @@ func Run(log *slog.Logger) {
 	} else if slots, err = findBootDisk(booted); err != nil {
 		log.Warn("boot disk not found; in-place upgrades unavailable", "err", err.Error())
 	} else {
-		log.Info("boot slot", "disk", slots.disk.Path, "trial", slots.trial)
+		log.Info("boot slot", "disk", slots.disk.Path, "trial", slots.trial.Load())
 	}
 	imagePub, err := imagekey.LoadPublic(config.ImagePubKey)
 	if err != nil {
@@ -196,7 +196,6 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	// (a lockdown among them stops serving in phase 7). A trial image
 	// that cannot attest in time reboots into the committed one.
 	results, late := attestLoop(ctx, log, ac, cfg, up.trialDeadline(start))
-	up.commit(log)
 	shares := 0
 	for _, r := range results {
 		shares += len(r.Shares)
@@ -305,6 +304,7 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 			r.WipeShares()
 			watcher.SetApprovals(r.DiskApprovals())
 			rep.SetPeers(r.Peers(cfg.Threshold))
+			up.commit(log) // a commit that failed before
 		}})
 	if err := n.Listen(); err != nil {
 		log.Error("ingest listen", "err", err.Error())
@@ -312,6 +312,9 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 		vm.CloseAll()
 		return
 	}
+	// A trial image that attested, opened its disks and serves becomes
+	// the default boot.
+	up.commit(log)
 	go watcher.Run(serveCtx, 3*time.Second)
 	go watcher.ScrubLoop(serveCtx, 20*time.Second, 6*time.Hour)
 	log.Info(logmsg.MsgServing, "port", cfg.Ingest.Port, "peers", len(peers), "elapsed_ms", time.Since(start).Milliseconds())

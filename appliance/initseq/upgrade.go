@@ -33,7 +33,8 @@ import (
 type trialBoot struct {
 	disk   upgrade.Disk
 	booted [32]byte
-	trial  bool
+	// trial is true until the trial image is committed to slot A.
+	trial atomic.Bool
 }
 
 // findBootDisk finds the boot disk laid out as embassy.img that holds the
@@ -52,7 +53,9 @@ func findBootDisk(booted [32]byte) (*trialBoot, error) {
 		inA, errA := slotHolds(disk, upgrade.SlotA, booted)
 		inB, errB := slotHolds(disk, upgrade.SlotB, booted)
 		if inA || inB {
-			return &trialBoot{disk: disk, booted: booted, trial: inB && !inA}, nil
+			tb := &trialBoot{disk: disk, booted: booted}
+			tb.trial.Store(inB && !inA)
+			return tb, nil
 		}
 		errs = append(errs, fmt.Errorf("%s: slot A: %v; slot B: %v", d.Path, errA, errB))
 	}
@@ -126,7 +129,7 @@ func (u *upgrader) Ready() <-chan struct{} { return u.ready }
 
 // Health is the upgrade part of the health report.
 func (u *upgrader) Health() *api.UpgradeHealth {
-	h := &api.UpgradeHealth{Running: u.running, Pending: u.pending.Load()}
+	h := &api.UpgradeHealth{Running: u.running, Pending: u.pending.Load(), Trial: u.boot.trial.Load()}
 	if h.Pending != 0 {
 		h.State = "staged"
 	}
@@ -227,18 +230,21 @@ type upgrades struct {
 // trialDeadline is when a trial boot gives up attesting (zero: this boot
 // is not a trial).
 func (u *upgrades) trialDeadline(start time.Time) time.Time {
-	if u.slots == nil || !u.slots.trial {
+	if u.slots == nil || !u.slots.trial.Load() {
 		return time.Time{}
 	}
 	return start.Add(u.trialTimeout)
 }
 
-// commit makes a trial image that attested the default boot: slot B is
-// made the next boot first, so a power cut while slot A is written boots
-// the trial image again, which commits again; then slot A is written and
-// the one-shot boot cleared.
+// commit makes a trial image that attested, opened its disks and serves
+// the default boot: slot B is made the next boot first, so a power cut
+// while slot A is written boots the trial image again, which commits
+// again; then slot A is written and the one-shot boot cleared. Only then
+// does the health report say the image is committed, and only then do
+// the brokers raise the floor. A commit that fails is tried again at the
+// next re-attestation.
 func (u *upgrades) commit(log *slog.Logger) {
-	if u.slots == nil || !u.slots.trial {
+	if u.slots == nil || !u.slots.trial.Load() {
 		return
 	}
 	if err := setTrialNext(); err != nil {
@@ -253,7 +259,7 @@ func (u *upgrades) commit(log *slog.Logger) {
 	if err := clearBootNext(); err != nil {
 		log.Warn("commit: clear the one-shot boot", "err", err.Error())
 	}
-	u.slots.trial = false
+	u.slots.trial.Store(false)
 	log.Info(logmsg.MsgUpgradeCommitted, "version", u.running, "slot_a_written", changed)
 }
 

@@ -35,6 +35,9 @@ var (
 	ErrUKIMismatch = errors.New("UKI does not match the signed manifest")
 	// ErrSlot: a slot's content is not what was written, or not there.
 	ErrSlot = errors.New("boot slot unusable")
+	// ErrNotRunning: the trial slot does not hold the running image, so
+	// there is nothing to commit.
+	ErrNotRunning = errors.New("the trial slot does not hold the running image")
 )
 
 // Image is a pushed image that passed Check.
@@ -174,17 +177,21 @@ func (d Disk) ReadSlot(slot Slot) ([]byte, error) {
 // Commit copies the UKI of the trial slot into slot A, the firmware's
 // default; call it once the running image attested. booted is the
 // Authenticode digest the firmware measured into PCR4 for this boot: the
-// trial slot is committed only if it holds exactly the running image
-// (otherwise this boot came from slot A, or slot B holds a trial that
-// never ran, and there is nothing to commit). It reports whether slot A
-// changed.
+// trial slot is committed only if it holds exactly the running image. It
+// is ErrNotRunning if slot B holds another image (this boot came from
+// slot A, or slot B changed since), and an error wrapping ErrSlot if slot
+// B cannot be read. It reports whether slot A changed.
 func (d Disk) Commit(booted [32]byte) (bool, error) {
 	uki, err := d.ReadSlot(SlotB)
 	if err != nil {
-		return false, nil
+		return false, err
 	}
-	if got, err := measure.Authenticode(uki); err != nil || got != booted {
-		return false, nil
+	got, err := measure.Authenticode(uki)
+	if err != nil {
+		return false, fmt.Errorf("%w: slot B: %w", ErrSlot, err)
+	}
+	if got != booted {
+		return false, ErrNotRunning
 	}
 	if cur, err := d.ReadSlot(SlotA); err == nil && bytes.Equal(cur, uki) {
 		return false, nil

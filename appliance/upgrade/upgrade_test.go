@@ -104,7 +104,7 @@ func TestSlots(t *testing.T) {
 		return d
 	}
 	// Booted from slot A (v1): nothing to commit.
-	if changed, err := d.Commit(digest(v1)); err != nil || changed {
+	if changed, err := d.Commit(digest(v1)); !errors.Is(err, upgrade.ErrNotRunning) || changed {
 		t.Fatalf("commit while running slot A's image: %v %v", changed, err)
 	}
 	if got, _ := d.ReadSlot(upgrade.SlotA); !bytes.Equal(got, v1) {
@@ -119,6 +119,14 @@ func TestSlots(t *testing.T) {
 	}
 	if changed, err := d.Commit(digest(v2)); err != nil || changed {
 		t.Fatalf("second commit: %v %v", changed, err)
+	}
+	// A trial slot that cannot be read is an error, never "nothing to do".
+	empty := filepath.Join(t.TempDir(), "fresh.img")
+	if err := diskimage.Write(empty, v1); err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := (upgrade.Disk{Path: empty}).Commit(digest(v2)); !errors.Is(err, upgrade.ErrSlot) || changed {
+		t.Fatalf("commit with an empty trial slot: %v %v", changed, err)
 	}
 	// The GPT is as built: the layout check still passes, and the image
 	// matches what diskimage.Write makes for v2 but for slot B's content.

@@ -180,6 +180,14 @@ func (l *Log) Write(entries ...Entry) (Head, error) {
 func (l *Log) Sync(seq uint64) error {
 	l.syncMu.Lock()
 	defer l.syncMu.Unlock()
+	l.mu.Lock()
+	broken := l.broken
+	l.mu.Unlock()
+	if broken != nil {
+		// A failed fsync may have dropped dirty pages; a later fsync
+		// that succeeds proves nothing about them.
+		return broken
+	}
 	if l.synced >= seq {
 		return nil // a concurrent appender's fsync covered these entries
 	}

@@ -33,5 +33,8 @@ type UpgradeResponse struct {
 type UpgradeHealth struct {
 	Running uint64 `json:"running_version"`
 	Pending uint64 `json:"pending_version,omitempty"` // staged, not yet booted
-	State   string `json:"state,omitempty"`
+	// Trial says the running image was booted once from the trial slot
+	// and is not committed yet: the brokers raise no floor for it.
+	Trial bool   `json:"trial,omitempty"`
+	State string `json:"state,omitempty"`
 }

@@ -122,7 +122,7 @@ func newReplaceCmd(o *options) *cobra.Command {
 	var threshold int
 	var catchUp time.Duration
 	cmd := o.brokerCmd(&cobra.Command{
-		Use:   "replace [--catch-up D] OLD-ID NEW-ID",
+		Use:   "replace --threshold K [--catch-up D] OLD-ID NEW-ID",
 		Short: "Put a new server, enrolled at home, in an old one's place; then decommission the old one",
 		Long: `replace approves at every broker as many blank disks for NEW-ID as OLD-ID
 had and gives NEW-ID OLD-ID's endpoints. NEW-ID must be enrolled already (at
@@ -133,12 +133,14 @@ a drain: revoked at every broker, its shares destroyed, so its disks can
 never be opened again. If NEW-ID has not caught up within --catch-up,
 OLD-ID is left as it was; run the command again. Every broker audits each
 step with your custodian identity.`,
-		Example: `  embassyctl replace --catch-up 2h --timeout 3h 3f9c...e1 7a01...44`,
+		Example: `  embassyctl replace --threshold 2 --catch-up 2h --timeout 3h 3f9c...e1 7a01...44`,
 		Args:    cli.ExactArgs(2), ValidArgsFunction: noFileArgs,
 	}, func(ctx context.Context, c *conn, args []string) error {
+		// The report's "unreadable" depends on k: a guessed k could call a
+		// disk unreadable that k surviving shares still open.
 		k := threshold
-		if k == 0 {
-			k = majority(len(c.client.Brokers))
+		if k < 1 || k > len(c.client.Brokers) {
+			return &cli.UsageError{Msg: fmt.Sprintf("--threshold K is needed: the image's k (1 to %d)", len(c.client.Brokers))}
 		}
 		opts := opclient.ReplaceOptions{Threshold: k, CatchUp: catchUp}
 		if !c.asJSON {
@@ -155,7 +157,7 @@ step with your custodian identity.`,
 		}
 		return err
 	})
-	cmd.Flags().IntVar(&threshold, "threshold", 0, "the image's k (default: a majority of the list)")
+	cmd.Flags().IntVar(&threshold, "threshold", 0, "the image's k (required)")
 	cmd.Flags().DurationVar(&catchUp, "catch-up", 50*time.Second, "how long to wait for the new server to catch up (give --timeout more)")
 	return cmd
 }
@@ -253,7 +255,7 @@ func newDecommissionCmd(o *options) *cobra.Command {
 	var drain time.Duration
 	var force bool
 	cmd := o.brokerCmd(&cobra.Command{
-		Use:   "decommission [--threshold K] [--drain D | --force] APPLIANCE-ID",
+		Use:   "decommission --threshold K [--drain D | --force] APPLIANCE-ID",
 		Short: "Take an appliance out of service for good: drain, revoke, destroy its disks' shares",
 		Long: `decommission waits until the appliance reports (at an attestation made after
 the command began) that its twin holds everything it stored, then revokes
@@ -264,13 +266,15 @@ now unreadable for good: fewer than K brokers (the image's threshold) may
 still hold a share of it. A drain that does not finish within --drain
 revokes nothing; --force skips the wait (data its twin lacks is lost).
 The whole command is also bounded by --timeout: give it more than --drain.`,
-		Example: `  embassyctl decommission --timeout 15m --drain 10m 3f9c...e1
-  embassyctl decommission --force 3f9c...e1`,
+		Example: `  embassyctl decommission --threshold 2 --timeout 15m --drain 10m 3f9c...e1
+  embassyctl decommission --threshold 2 --force 3f9c...e1`,
 		Args: cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
 	}, func(ctx context.Context, c *conn, args []string) error {
+		// The report's "unreadable" depends on k: a guessed k could call a
+		// disk unreadable that k surviving shares still open.
 		k := threshold
-		if k == 0 {
-			k = majority(len(c.client.Brokers))
+		if k < 1 || k > len(c.client.Brokers) {
+			return &cli.UsageError{Msg: fmt.Sprintf("--threshold K is needed: the image's k (1 to %d)", len(c.client.Brokers))}
 		}
 		if force {
 			drain = 0
@@ -291,7 +295,7 @@ The whole command is also bounded by --timeout: give it more than --drain.`,
 		}
 		return err
 	})
-	cmd.Flags().IntVar(&threshold, "threshold", 0, "the image's k: a disk is unreadable once fewer than K brokers hold a share (default: a majority of the list)")
+	cmd.Flags().IntVar(&threshold, "threshold", 0, "the image's k: a disk is unreadable once fewer than K brokers hold a share (required)")
 	cmd.Flags().DurationVar(&drain, "drain", 50*time.Second, "how long to wait for the appliance to be drained")
 	cmd.Flags().BoolVar(&force, "force", false, "revoke at once, without waiting for the drain")
 	return cmd
