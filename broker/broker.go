@@ -162,6 +162,7 @@ func New(cfg Config) (*Broker, error) {
 		return nil, fmt.Errorf("read appliance records: %w", err)
 	}
 	b.metrics = newMetrics(b.outstandingNonces)
+	b.SetRevokedCustodians(cfg.RevokedCustodians, nil)
 	return b, nil
 }
 

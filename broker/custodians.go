@@ -94,10 +94,7 @@ func (b *Broker) verifyCustodian(chain []*x509.Certificate) error {
 		CurrentTime: time.Now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
 		return fmt.Errorf("%w: %w", ErrNotCustodian, err)
 	}
-	rev := b.revokedCustodians.Load()
-	if rev == nil {
-		rev = &custodianRevocations{fingerprints: b.cfg.RevokedCustodians}
-	}
+	rev := b.revokedCustodians.Load() // set by New, replaced by SetRevokedCustodians
 	if rev.err != nil {
 		return fmt.Errorf("%w: the custodian revocation list cannot be read, so no custodian is admitted: %w", ErrNotCustodian, rev.err)
 	}

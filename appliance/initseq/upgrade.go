@@ -68,7 +68,7 @@ func slotHolds(d upgrade.Disk, slot upgrade.Slot, booted [32]byte) (bool, error)
 	if err != nil {
 		return false, err
 	}
-	got, err := authenticodeOf(uki)
+	got, err := measure.Authenticode(uki)
 	return err == nil && got == booted, err
 }
 
@@ -97,9 +97,6 @@ func bootedUKI(evlog []byte, pcrs map[int][]byte) ([32]byte, error) {
 	}
 	return d, nil
 }
-
-// authenticodeOf is a UKI's PCR4 digest.
-func authenticodeOf(uki []byte) ([32]byte, error) { return measure.Authenticode(uki) }
 
 // upgrader takes pushed images (api.PathUpgrade): one at a time, each
 // checked, approved by k brokers, written to the trial slot and made the

@@ -101,13 +101,13 @@ func (c *Client) Replace(ctx context.Context, oldID, newID string, o ReplaceOpti
 	began := time.Now()
 	outs, err := c.ApproveDisks(ctx, newID, rep.Disks)
 	rep.Prepared = append(rep.Prepared, outs...)
-	if err != nil && countOK(outs) < o.Threshold {
+	if err != nil && CountOK(outs) < o.Threshold {
 		return rep, fmt.Errorf("approve %d disks for %s: %w", rep.Disks, newID, err)
 	}
 	if len(rep.Endpoints) > 0 {
 		outs, err = c.SetEndpoints(ctx, newID, rep.Endpoints)
 		rep.Prepared = append(rep.Prepared, outs...)
-		if err != nil && countOK(outs) < o.Threshold {
+		if err != nil && CountOK(outs) < o.Threshold {
 			return rep, fmt.Errorf("give %s the endpoints of %s: %w", newID, oldID, err)
 		}
 	}
@@ -198,7 +198,8 @@ func (c *Client) caughtUp(ctx context.Context, oldID, newID string, disks int, b
 	return "caught up", true
 }
 
-func countOK(outs []Outcome) int {
+// CountOK is the number of brokers whose outcome is ok.
+func CountOK(outs []Outcome) int {
 	n := 0
 	for _, o := range outs {
 		if o.OK {

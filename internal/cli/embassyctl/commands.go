@@ -207,13 +207,7 @@ until k brokers saw it attest on the new version.`,
 		}
 		outs, aerr := c.client.ApproveImage(ctx, img.Manifest, img.Signature)
 		opclient.PrintOutcomes(c.out, "approve-image", outs)
-		approved := 0
-		for _, o := range outs {
-			if o.OK {
-				approved++
-			}
-		}
-		if approved < k {
+		if approved := opclient.CountOK(outs); approved < k {
 			return fmt.Errorf("image %d approved at %d brokers, %d needed: %w", img.Version, approved, k, aerr)
 		}
 		resp, err := opclient.PushUpgrade(ctx, addr, id, img, cert, ids)
