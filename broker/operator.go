@@ -154,6 +154,7 @@ func (b *Broker) DestroyShares(by audit.Actor, id string) (destroyed []string, e
 				return err
 			}
 		}
+		r.DestroyedDisks = append(r.DestroyedDisks, destroyed...)
 		r.Disks = nil
 		return b.putRecord(tx, r)
 	})

@@ -97,6 +97,9 @@ func (b *Broker) release(req *api.AttestRequest, v *verified, detail map[string]
 		}
 		resp.Shares = append(resp.Shares, api.SealedShare{DiskID: disk, Blob: enc})
 	}
+	if locked := b.lockedDisks(r, req.Disks); locked != "" {
+		detail["locked_disks"] = locked
+	}
 	resp.DiskApprovals = r.DiskApprovals
 	resp.Peers = b.peers.except(r.ID)
 	if ms, err := b.approvedManifests(); err == nil {

@@ -35,7 +35,7 @@ func (b *Broker) Deposit(applianceID string, req *api.DepositRequest) (err error
 	defer func() {
 		b.record(audit.ApplianceActor(applianceID), "deposit", applianceID, err, map[string]string{"disk": req.DiskID})
 	}()
-	if !validDiskID(req.DiskID) {
+	if api.CheckDiskID(req.DiskID) != nil {
 		return reject(http.StatusBadRequest, ReasonBadRequest, "disk id")
 	}
 	if _, perr := shamir.Parse(req.Share); perr != nil {
@@ -71,16 +71,4 @@ func (b *Broker) Deposit(applianceID string, req *api.DepositRequest) (err error
 		}
 		return b.putRecord(tx, r)
 	})
-}
-
-func validDiskID(s string) bool {
-	if len(s) < 1 || len(s) > 64 {
-		return false
-	}
-	for _, c := range s {
-		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
-			return false
-		}
-	}
-	return true
 }

@@ -32,12 +32,15 @@ type record struct {
 	Floor         uint64   `json:"floor"`
 	DiskApprovals int      `json:"disk_approvals"`
 	Disks         []string `json:"disks"`
-	ResetCount    uint32   `json:"reset_count"`
-	RestartCount  uint32   `json:"restart_count"`
-	SeenQuote     bool     `json:"seen_quote"`
-	LastAttest    int64    `json:"last_attest_unix"`
-	LastImage     uint64   `json:"last_image"`
-	Endpoints     []string `json:"endpoints,omitempty"`
+	// DestroyedDisks are the disks whose shares an operator destroyed
+	// (after the revocation): kept to say why they stay locked.
+	DestroyedDisks []string `json:"destroyed_disks,omitempty"`
+	ResetCount     uint32   `json:"reset_count"`
+	RestartCount   uint32   `json:"restart_count"`
+	SeenQuote      bool     `json:"seen_quote"`
+	LastAttest     int64    `json:"last_attest_unix"`
+	LastImage      uint64   `json:"last_image"`
+	Endpoints      []string `json:"endpoints,omitempty"`
 	// Health is the appliance's last self-report (informational).
 	Health *api.Health `json:"health,omitempty"`
 	// Challenge is the credential-activation secret while enrollment is

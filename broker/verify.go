@@ -83,6 +83,14 @@ func (b *Broker) checkRequest(req *api.AttestRequest) error {
 			return reject(http.StatusBadRequest, ReasonBadRequest, herr.Error())
 		}
 	}
+	if len(req.Disks) > api.MaxRequestDisks {
+		return reject(http.StatusBadRequest, ReasonBadRequest, "more than "+strconv.Itoa(api.MaxRequestDisks)+" disks")
+	}
+	for _, d := range req.Disks {
+		if api.CheckDiskID(d) != nil {
+			return reject(http.StatusBadRequest, ReasonBadRequest, "disk id")
+		}
+	}
 	if rj := b.takeNonce(req.ApplianceID, req.Nonce); rj != nil {
 		return rj
 	}

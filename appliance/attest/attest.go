@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -60,6 +61,7 @@ type Client struct {
 	log       *slog.Logger
 	transport http.RoundTripper
 	health    atomic.Pointer[func() *api.Health]
+	disks     atomic.Pointer[[]string]
 	lastGood  sync.Map // broker name -> index of the endpoint that answered last
 }
 
@@ -71,6 +73,21 @@ func (c *Client) ReportHealth(fn func() *api.Health) {
 		return
 	}
 	c.health.Store(&fn)
+}
+
+// ReportDisks sets the LUKS UUIDs of the disks in our format that each
+// attestation lists (at most api.MaxRequestDisks are sent), so the
+// brokers audit why any of them gets no key.
+// A UUID a broker would refuse (a header says what it likes) is left
+// out rather than spoil the attestation.
+func (c *Client) ReportDisks(uuids []string) {
+	var valid []string
+	for _, u := range uuids {
+		if api.CheckDiskID(u) == nil && !slices.Contains(valid, u) && len(valid) < api.MaxRequestDisks {
+			valid = append(valid, u)
+		}
+	}
+	c.disks.Store(&valid)
 }
 
 // New makes a client. brokerCAs holds each broker's own CA, by broker
@@ -288,6 +305,9 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 	}
 	if fn := c.health.Load(); fn != nil {
 		req.Health = (*fn)()
+	}
+	if d := c.disks.Load(); d != nil {
+		req.Disks = *d
 	}
 	var resp api.AttestResponse
 	if err := c.post(ctx, b, api.PathAttest, nil, req, &resp); err != nil {

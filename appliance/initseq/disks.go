@@ -90,6 +90,23 @@ func (p *disks) open(ctx context.Context, round attest.Round) (old, fresh []volu
 	return old, fresh
 }
 
+// reportDisks tells ac the LUKS UUIDs of the disks in our format that are
+// present, for the brokers' audit of disks that stay locked.
+func reportDisks(log *slog.Logger, ac *attest.Client) {
+	found, err := discover.List(sysBlock, devDir)
+	if err != nil {
+		log.Warn("disk discovery failed", "err", err.Error())
+		return
+	}
+	var ours []string
+	for _, d := range found {
+		if d.Kind == discover.Ours {
+			ours = append(ours, d.LUKSUUID)
+		}
+	}
+	ac.ReportDisks(ours)
+}
+
 // provisionRound bounds the round that provisioning waits for every
 // broker in: one broker down (or an impostor at its address) must not
 // keep the appliance from serving the disks it has the keys for.

@@ -195,6 +195,9 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 	// 4. Attestation: k brokers answer; the others' answers come in late
 	// (a lockdown among them stops serving in phase 7). A trial image
 	// that cannot attest in time reboots into the committed one.
+	// The disks in our format go with every attestation: a broker audits
+	// why any of them gets no key (a disk moved in from another server).
+	reportDisks(log, ac)
 	results, late := attestLoop(ctx, log, ac, cfg, up.trialDeadline(start))
 	shares := 0
 	for _, r := range results {

@@ -45,6 +45,20 @@ func CheckApplianceID(id string) error {
 	return nil
 }
 
+// CheckDiskID validates a disk id (a LUKS UUID): 1 to 64 lowercase
+// letters, digits and dashes.
+func CheckDiskID(id string) error {
+	if len(id) < 1 || len(id) > 64 {
+		return fmt.Errorf("disk id of %d bytes: want 1 to 64", len(id))
+	}
+	for _, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return fmt.Errorf("disk id %q: only lowercase letters, digits and dashes", id)
+		}
+	}
+	return nil
+}
+
 // ExtraData binds a quote to a broker nonce and the appliance's ephemeral
 // TLS key: SHA-256("embassy-attest-v1" || nonce || SHA-256(TLS public key)).
 func ExtraData(nonce, tlsKeySHA256 []byte) []byte {

@@ -67,7 +67,17 @@ type AttestRequest struct {
 	// peers, shown to operators. It is informational: nothing is released
 	// because of it.
 	Health *Health `json:"health,omitempty"`
+	// Disks are the LUKS UUIDs of the disks in the appliance's own format
+	// that it found (at most MaxRequestDisks). A broker releases what it
+	// holds regardless; for each listed disk it holds no share of this
+	// appliance for, it audits why (another appliance's disk, shares
+	// destroyed at a decommission, unknown here), so a disk moved into
+	// another server shows at every broker why it stays locked.
+	Disks []string `json:"disks,omitempty"`
 }
+
+// MaxRequestDisks bounds AttestRequest.Disks.
+const MaxRequestDisks = 16
 
 // Peer is another appliance of the same embassy, as the brokers know it:
 // its identity (the CN of its attested certificate) and the endpoints
