@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -230,7 +231,7 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 	args := []string{
 		"-name", cfg.Name,
 		"-machine", machine, "-accel", "tcg",
-		"-m", fmt.Sprint(cfg.MemoryMB), "-smp", "1",
+		"-m", fmt.Sprint(cfg.MemoryMB), "-smp", vcpus(),
 		"-cpu", cpuModel(),
 		"-nodefaults", "-display", "none",
 		"-drive", "if=pflash,format=raw,unit=0,readonly=on,file=" + cfg.OVMFCode,
@@ -569,4 +570,13 @@ func cpuModel() string {
 		return c
 	}
 	return DefaultCPU
+}
+
+// vcpus is the guest's virtual CPU count: 1, unless EMBASSY_QEMU_SMP says
+// otherwise (for experiments; docs/testing.md).
+func vcpus() string {
+	if n, err := strconv.Atoi(os.Getenv("EMBASSY_QEMU_SMP")); err == nil && n >= 1 && n <= 4 {
+		return strconv.Itoa(n)
+	}
+	return "1"
 }
