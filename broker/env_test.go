@@ -18,6 +18,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -63,6 +64,9 @@ type runningBroker struct {
 	appSrv, opSrv *http.Server
 	serverCert    tls.Certificate
 	auditKey      ed25519.PrivateKey // signs the broker's audit heads
+	// forge, while set, rewrites the appliances of the broker's state
+	// answer: a rogue broker's health reports (forge_test.go).
+	forge atomic.Pointer[func(*api.Appliance)]
 }
 
 type env struct {
@@ -162,7 +166,7 @@ func (e *env) start(i int) {
 	if rb.cfg.Custodians != nil { // the broker's own custodians (custodians_test.go)
 		opTLS = rb.b.CustodianTLSConfig(rb.serverCert)
 	}
-	rb.opSrv = &http.Server{Handler: rb.b.OperatorHandler(), TLSConfig: opTLS, ErrorLog: log.New(io.Discard, "", 0)}
+	rb.opSrv = &http.Server{Handler: rb.operatorHandler(), TLSConfig: opTLS, ErrorLog: log.New(io.Discard, "", 0)}
 	go rb.appSrv.ServeTLS(rb.appLn, "", "")
 	go rb.opSrv.ServeTLS(rb.opLn, "", "")
 }

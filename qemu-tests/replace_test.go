@@ -38,6 +38,14 @@ func TestServerReplacement(t *testing.T) {
 	objects := waitConverged(t, ctx, hc, a, b)
 	snapshots := mustRestic(t, ra, "snapshots", "--json")
 
+	// A's reports at k brokers show nothing pending to B (it reports at
+	// each re-attestation); replace checks that before it decommissions.
+	for deadline := time.Now().Add(time.Minute); !opclient.LastUnreplicated(hb.ops.Status(ctx), a.id, 2, time.Now()).Clear; time.Sleep(2 * time.Second) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the brokers never showed A with nothing pending: %+v", opclient.LastUnreplicated(hb.ops.Status(ctx), a.id, 2, time.Now()))
+		}
+	}
+
 	// A dies. Its disks stay where they are.
 	a.v.Kill()
 	a.v.Close()

@@ -2,7 +2,10 @@
 // API (mutual TLS: a custodian shows each broker the client certificate
 // that broker's custodian CA issued), used by embassyctl. brokers.go reads
 // the broker list and each broker's credential. Every change is sent to every broker, since each broker
-// decides on its own; reads are per broker. AttestAppliance (attest.go)
+// decides on its own; reads are per broker. agree.go weighs the brokers'
+// health reports of an appliance: what decommission and replace act on
+// (drained, caught up, nothing lost) holds only where k brokers' fresh
+// reports agree, never on one broker's word. AttestAppliance (attest.go)
 // checks an appliance's quote directly; render.go prints answers for
 // people. It speaks only protocol/ and never links the broker server.
 package opclient

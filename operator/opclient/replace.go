@@ -5,18 +5,38 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
 	"time"
 
 	"github.com/dataembassy/embassy/protocol/api"
 )
 
-// ErrNotCaughtUp: the new server had not caught up when the wait ran
-// out; the old one was left as it was.
+// ErrNotCaughtUp: fewer than k brokers' fresh reports showed the new
+// server caught up when the wait ran out; the old one was left as it was.
 var ErrNotCaughtUp = errors.New("new server not caught up")
+
+// ErrUnreplicated: the old server's newest reports do not show its peers
+// holding everything it stored (some show bytes pending, or k brokers do
+// not agree on nothing pending); Replace did not decommission it. It is
+// wrapped by *UnreplicatedError.
+var ErrUnreplicated = errors.New("the old server's data is not known to be on its peers")
+
+// UnreplicatedError is Replace refusing to decommission an old server
+// whose data its peers may lack. It wraps ErrUnreplicated.
+type UnreplicatedError struct {
+	OldID        string
+	Unreplicated *Unreplicated
+}
+
+func (e *UnreplicatedError) Error() string {
+	return fmt.Sprintf("old server %s: %v: %s; it was left as it was (accept the loss to decommission it anyway)", e.OldID, ErrUnreplicated, e.Unreplicated)
+}
+func (e *UnreplicatedError) Unwrap() error { return ErrUnreplicated }
 
 // ReplaceOptions say how to replace a server.
 type ReplaceOptions struct {
-	// Threshold is k.
+	// Threshold is k: every catch-up check holds only where k brokers'
+	// fresh reports agree.
 	Threshold int
 	// CatchUp bounds the wait for the new server to hold everything.
 	CatchUp time.Duration
@@ -27,6 +47,13 @@ type ReplaceOptions struct {
 	// than the twins' anti-entropy interval, so a pass has queued what
 	// the new server lacks).
 	Settle time.Duration
+	// MaxReportAge is how old a health report may be and still count
+	// (0: DefaultMaxReportAge; at most MaxReportAgeLimit).
+	MaxReportAge time.Duration
+	// AcceptLoss decommissions the old server even though its newest
+	// reports do not show its peers holding everything it stored (the
+	// operator's --accept-loss); the report says how much, as of when.
+	AcceptLoss bool
 	// Progress, if set, gets one line per check.
 	Progress io.Writer
 }
@@ -36,24 +63,34 @@ type ReplaceReport struct {
 	OldID, NewID string
 	// Disks are the blank disks approved for the new server, Endpoints
 	// the old server's endpoints it took over.
-	Disks        int                 `json:"disks"`
-	Endpoints    []string            `json:"endpoints"`
-	Prepared     []Outcome           `json:"prepared"`
-	CaughtUp     bool                `json:"caught_up"`
-	Decommission *DecommissionReport `json:"decommission,omitempty"`
+	Disks     int       `json:"disks"`
+	Endpoints []string  `json:"endpoints"`
+	Prepared  []Outcome `json:"prepared"`
+	CaughtUp  bool      `json:"caught_up"`
+	// CatchUp is how every broker's reports stood at the last check: the
+	// new server's disks, then each twin's lag towards it.
+	CatchUp []*Agreement `json:"catch_up,omitempty"`
+	// OldUnreplicated is what the old server's newest reports said its
+	// peers lacked, read just before it was to be decommissioned.
+	OldUnreplicated *Unreplicated       `json:"old_unreplicated,omitempty"`
+	Decommission    *DecommissionReport `json:"decommission,omitempty"`
 }
 
 // Replace puts a new server in an old one's place. The new server must be
 // enrolled (at home, before shipping) at k brokers. At every broker it
 // approves as many blank disks for the new server as the old one had and
 // gives it the old one's endpoints (its twin and clients reach it where
-// they reached the old one). Once the new server has attested since the
-// replacement began with all its disks healthy and every other appliance
-// reports nothing pending to it (its twin's anti-entropy filled it), the
-// old server is decommissioned without a drain (it is usually dead):
-// revoked everywhere and its shares destroyed, so its disks can never be
-// opened again. A new server that does not catch up in time is
-// ErrNotCaughtUp, and the old one is left untouched.
+// they reached the old one). Once k brokers' fresh reports (made since
+// the replacement began) show the new server with all its disks healthy,
+// and k brokers' fresh reports of every twin show nothing pending to it
+// (its twin's anti-entropy filled it), the old server's newest reports
+// are read: unless k brokers agree its peers lacked nothing (and no
+// broker holds a newer report saying otherwise), it is left as it was
+// (ErrUnreplicated) unless AcceptLoss. Then the old server is
+// decommissioned without a drain (it is usually dead): revoked everywhere
+// and its shares destroyed, so its disks can never be opened again. A new
+// server that does not catch up in time is ErrNotCaughtUp, and the old one
+// is left untouched.
 func (c *Client) Replace(ctx context.Context, oldID, newID string, o ReplaceOptions) (*ReplaceReport, error) {
 	for _, id := range []string{oldID, newID} {
 		if err := api.CheckApplianceID(id); err != nil {
@@ -63,8 +100,12 @@ func (c *Client) Replace(ctx context.Context, oldID, newID string, o ReplaceOpti
 	if oldID == newID {
 		return nil, errors.New("old and new server are the same appliance")
 	}
-	if o.Threshold < 1 || o.Threshold > len(c.Brokers) {
-		return nil, fmt.Errorf("threshold %d: want 1 to %d (the brokers in the list)", o.Threshold, len(c.Brokers))
+	if err := c.checkThreshold(o.Threshold); err != nil {
+		return nil, err
+	}
+	age, err := maxReportAge(o.MaxReportAge)
+	if err != nil {
+		return nil, err
 	}
 	if o.Poll <= 0 {
 		o.Poll = 5 * time.Second
@@ -72,9 +113,11 @@ func (c *Client) Replace(ctx context.Context, oldID, newID string, o ReplaceOpti
 	if o.Settle <= 0 {
 		o.Settle = 45 * time.Second
 	}
+	k := o.Threshold
 	rep := &ReplaceReport{OldID: oldID, NewID: newID}
 	enrolled := 0
-	for _, st := range c.Status(ctx) {
+	states := c.Status(ctx)
+	for _, st := range states {
 		if st.State == nil {
 			continue
 		}
@@ -92,29 +135,35 @@ func (c *Client) Replace(ctx context.Context, oldID, newID string, o ReplaceOpti
 			}
 		}
 	}
-	if enrolled < o.Threshold {
-		return rep, fmt.Errorf("new server %s is enrolled at %d brokers, %d needed: enroll it at home first", newID, enrolled, o.Threshold)
+	if enrolled < k {
+		return rep, fmt.Errorf("new server %s is enrolled at %d brokers, %d needed: enroll it at home first", newID, enrolled, k)
 	}
 	if rep.Disks == 0 {
 		return rep, fmt.Errorf("no broker holds shares of old server %s's disks: nothing to replace", oldID)
 	}
+	if o.Progress != nil {
+		fmt.Fprintf(o.Progress, "old server %s: data its peers lacked: %s\n", oldID, LastUnreplicated(states, oldID, k, time.Now()))
+	}
 	began := time.Now()
 	outs, err := c.ApproveDisks(ctx, newID, rep.Disks)
 	rep.Prepared = append(rep.Prepared, outs...)
-	if err != nil && CountOK(outs) < o.Threshold {
+	if err != nil && CountOK(outs) < k {
 		return rep, fmt.Errorf("approve %d disks for %s: %w", rep.Disks, newID, err)
 	}
 	if len(rep.Endpoints) > 0 {
 		outs, err = c.SetEndpoints(ctx, newID, rep.Endpoints)
 		rep.Prepared = append(rep.Prepared, outs...)
-		if err != nil && CountOK(outs) < o.Threshold {
+		if err != nil && CountOK(outs) < k {
 			return rep, fmt.Errorf("give %s the endpoints of %s: %w", newID, oldID, err)
 		}
 	}
 	deadline := began.Add(o.CatchUp)
 	var since time.Time // caught up without a break since then
 	for {
-		state, caughtUp := c.caughtUp(ctx, oldID, newID, rep.Disks, began)
+		var state string
+		var caughtUp bool
+		states = c.Status(ctx)
+		state, caughtUp, rep.CatchUp = catchUp(states, oldID, newID, rep.Disks, k, Freshness{Now: time.Now(), Since: began, MaxAge: age})
 		if !caughtUp {
 			since = time.Time{}
 		} else if since.IsZero() {
@@ -136,66 +185,104 @@ func (c *Client) Replace(ctx context.Context, oldID, newID string, o ReplaceOpti
 		case <-time.After(o.Poll):
 		}
 	}
-	rep.Decommission, err = c.Decommission(ctx, oldID, DecommissionOptions{Threshold: o.Threshold})
+	rep.OldUnreplicated = LastUnreplicated(c.Status(ctx), oldID, k, time.Now())
+	if !rep.OldUnreplicated.Clear {
+		if !o.AcceptLoss {
+			return rep, &UnreplicatedError{OldID: oldID, Unreplicated: rep.OldUnreplicated}
+		}
+		if o.Progress != nil {
+			fmt.Fprintf(o.Progress, "old server %s: decommissioned although its peers may lack data (loss accepted): %s\n", oldID, rep.OldUnreplicated)
+		}
+	}
+	rep.Decommission, err = c.Decommission(ctx, oldID, DecommissionOptions{Threshold: k, Force: true, MaxReportAge: age})
 	return rep, err
 }
 
-// caughtUp reads every broker: the new server must have reported health
-// since began with disks healthy and not degraded, and every other
-// unrevoked appliance's newest report since began must show nothing
-// pending to it. It says what is missing otherwise.
-func (c *Client) caughtUp(ctx context.Context, oldID, newID string, disks int, began time.Time) (string, bool) {
-	var newest *api.Health
-	others := map[string]*api.Health{}
-	for _, st := range c.Status(ctx) {
+// catchUp weighs one read of every broker: k brokers' fresh reports must
+// show the new server with its disks in service and not degraded, and for
+// every twin (any other unrevoked appliance with a fresh report at any
+// broker), k brokers' fresh reports must show it replicating to the new
+// server with nothing pending. It says what is missing otherwise, and how
+// each broker's reports stood.
+func catchUp(states []BrokerState, oldID, newID string, disks, k int, f Freshness) (string, bool, []*Agreement) {
+	inService := Claim{What: fmt.Sprintf("has its %d disks in service, not degraded", disks), Shows: func(h *api.Health) (bool, string) {
+		if h.Degraded || len(h.Disks) < disks {
+			return false, fmt.Sprintf("%d of %d disks in service (degraded %v)", len(h.Disks), disks, h.Degraded)
+		}
+		return true, fmt.Sprintf("%d disks in service", len(h.Disks))
+	}}
+	nw := Agree(states, newID, k, f, inService)
+	ags := []*Agreement{nw}
+	if !nw.Holds {
+		return "the new server: " + nw.String(), false, ags
+	}
+	twins := twinsOf(states, oldID, newID, f)
+	if len(twins) == 0 {
+		return "no twin has reported since the replacement began", false, ags
+	}
+	sent := Claim{What: "has nothing pending for the new server " + newID, Shows: func(h *api.Health) (bool, string) {
+		for _, p := range h.Peers {
+			switch {
+			case p.ID != newID:
+				continue
+			case p.Path == "":
+				return false, fmt.Sprintf("no working path to the new server (%s)", p.LastError)
+			case p.PendingObjects != 0 || p.PendingBytes != 0:
+				return false, fmt.Sprintf("%d objects (%d bytes) still for the new server", p.PendingObjects, p.PendingBytes)
+			}
+			return true, "nothing pending for the new server"
+		}
+		return false, "does not replicate to the new server yet"
+	}}
+	for _, id := range twins {
+		ag := Agree(states, id, k, f, sent)
+		ags = append(ags, ag)
+		if !ag.Holds {
+			return "twin " + ag.String(), false, ags
+		}
+	}
+	return "caught up", true, ags
+}
+
+// twinsOf is every appliance other than the old and the new server that
+// some broker holds enrolled, unrevoked and with a fresh report: one
+// broker can add a twin to wait for, but none can take one away.
+func twinsOf(states []BrokerState, oldID, newID string, f Freshness) []string {
+	set := map[string]bool{}
+	for _, st := range states {
 		if st.State == nil {
 			continue
 		}
 		for _, a := range st.State.Appliances {
-			h := a.Health
-			if h == nil || !h.Reported.After(began) {
+			if a.ID == oldID || a.ID == newID || !a.Enrolled || a.Revoked || a.Health == nil || f.stale(a.Health.Reported) != "" {
 				continue
 			}
-			switch {
-			case a.ID == newID:
-				if newest == nil || h.Reported.After(newest.Reported) {
-					newest = h
-				}
-			case a.ID != oldID && !a.Revoked && a.Enrolled:
-				if o := others[a.ID]; o == nil || h.Reported.After(o.Reported) {
-					others[a.ID] = h
-				}
+			if api.CheckApplianceID(a.ID) == nil {
+				set[a.ID] = true
 			}
 		}
 	}
-	if newest == nil {
-		return "the new server has not attested since the replacement began", false
+	out := make([]string, 0, len(set))
+	for id := range set {
+		out = append(out, id)
 	}
-	if newest.Degraded || len(newest.Disks) < disks {
-		return fmt.Sprintf("the new server has %d of %d disks in service (degraded %v)", len(newest.Disks), disks, newest.Degraded), false
+	sort.Strings(out)
+	return out
+}
+
+// PrintReplace writes a report for people: what was prepared, the old
+// server's unreplicated data, and its decommission.
+func PrintReplace(w io.Writer, r *ReplaceReport) {
+	PrintOutcomes(w, "prepare "+r.NewID, r.Prepared)
+	for _, a := range r.CatchUp {
+		fmt.Fprintf(w, "  %s\n", a)
 	}
-	if len(others) == 0 {
-		return "no twin has reported since the replacement began", false
+	if r.OldUnreplicated != nil {
+		fmt.Fprintf(w, "old server %s: data its peers lacked: %s\n", r.OldID, r.OldUnreplicated)
 	}
-	for id, h := range others {
-		seen := false
-		for _, p := range h.Peers {
-			if p.ID != newID {
-				continue
-			}
-			seen = true
-			if p.Path == "" {
-				return fmt.Sprintf("twin %s has no working path to the new server (%s)", id, p.LastError), false
-			}
-			if p.PendingObjects != 0 || p.PendingBytes != 0 {
-				return fmt.Sprintf("twin %s still has %d objects (%d bytes) for the new server", id, p.PendingObjects, p.PendingBytes), false
-			}
-		}
-		if !seen {
-			return fmt.Sprintf("twin %s does not replicate to the new server yet", id), false
-		}
+	if r.Decommission != nil {
+		PrintDecommission(w, r.Decommission)
 	}
-	return "caught up", true
 }
 
 // CountOK is the number of brokers whose outcome is ok.

@@ -120,19 +120,26 @@ attest.`,
 
 func newReplaceCmd(o *options) *cobra.Command {
 	var threshold int
-	var catchUp time.Duration
+	var catchUp, maxAge time.Duration
+	var acceptLoss bool
 	cmd := o.brokerCmd(&cobra.Command{
-		Use:   "replace --threshold K [--catch-up D] OLD-ID NEW-ID",
+		Use:   "replace --threshold K [--catch-up D] [--accept-loss] OLD-ID NEW-ID",
 		Short: "Put a new server, enrolled at home, in an old one's place; then decommission the old one",
 		Long: `replace approves at every broker as many blank disks for NEW-ID as OLD-ID
 had and gives NEW-ID OLD-ID's endpoints. NEW-ID must be enrolled already (at
 home, before shipping). Once racked, NEW-ID provisions its disks and its
-twin fills it; when NEW-ID reports its disks in service and every twin has
-nothing pending for it (steadily for 45 s), OLD-ID is decommissioned without
-a drain: revoked at every broker, its shares destroyed, so its disks can
-never be opened again. If NEW-ID has not caught up within --catch-up,
-OLD-ID is left as it was; run the command again. Every broker audits each
-step with your custodian identity.`,
+twin fills it. No single broker's word counts: when K brokers' fresh
+reports (made since the command began, at most --max-report-age old) show
+NEW-ID's disks in service and K brokers' fresh reports of every twin show
+nothing pending for it (steadily for 45 s), the old server's newest
+reports are read. Unless K brokers agree its peers lacked nothing it
+stored (and no broker holds a newer report saying otherwise), OLD-ID is
+left as it was; --accept-loss decommissions it anyway and the report says
+how many bytes were lost, as of when. Then OLD-ID is decommissioned
+without a drain: revoked at every broker, its shares destroyed, so its
+disks can never be opened again. If NEW-ID has not caught up within
+--catch-up, OLD-ID is left as it was; run the command again. Every broker
+audits each step with your custodian identity.`,
 		Example: `  embassyctl replace --threshold 2 --catch-up 2h --timeout 3h 3f9c...e1 7a01...44`,
 		Args:    cli.ExactArgs(2), ValidArgsFunction: noFileArgs,
 	}, func(ctx context.Context, c *conn, args []string) error {
@@ -142,7 +149,7 @@ step with your custodian identity.`,
 		if k < 1 || k > len(c.client.Brokers) {
 			return &cli.UsageError{Msg: fmt.Sprintf("--threshold K is needed: the image's k (1 to %d)", len(c.client.Brokers))}
 		}
-		opts := opclient.ReplaceOptions{Threshold: k, CatchUp: catchUp}
+		opts := opclient.ReplaceOptions{Threshold: k, CatchUp: catchUp, MaxReportAge: maxAge, AcceptLoss: acceptLoss}
 		if !c.asJSON {
 			opts.Progress = c.out
 		}
@@ -150,15 +157,20 @@ step with your custodian identity.`,
 		if c.asJSON {
 			opclient.PrintJSON(c.out, rep)
 		} else if rep != nil {
-			opclient.PrintOutcomes(c.out, "prepare "+args[1], rep.Prepared)
-			if rep.Decommission != nil {
-				opclient.PrintDecommission(c.out, rep.Decommission)
-			}
+			opclient.PrintReplace(c.out, rep)
+		}
+		switch {
+		case errors.Is(err, opclient.ErrBadOption):
+			return &cli.UsageError{Msg: err.Error()}
+		case errors.Is(err, opclient.ErrUnreplicated):
+			return cli.Next(err, "if %s still runs, let it replicate and run replace again; if it is gone for good, --accept-loss decommissions it and loses that data", args[0])
 		}
 		return err
 	})
 	cmd.Flags().IntVar(&threshold, "threshold", 0, "the image's k (required)")
 	cmd.Flags().DurationVar(&catchUp, "catch-up", 50*time.Second, "how long to wait for the new server to catch up (give --timeout more)")
+	cmd.Flags().DurationVar(&maxAge, "max-report-age", opclient.DefaultMaxReportAge, "how old a broker's health report may be and still count")
+	cmd.Flags().BoolVar(&acceptLoss, "accept-loss", false, "decommission the old server even if its newest reports show data its peers lack")
 	return cmd
 }
 
@@ -246,20 +258,24 @@ until k brokers saw it attest on the new version.`,
 
 func newDecommissionCmd(o *options) *cobra.Command {
 	var threshold int
-	var drain time.Duration
+	var drain, maxAge time.Duration
 	var force bool
 	cmd := o.brokerCmd(&cobra.Command{
 		Use:   "decommission --threshold K [--drain D | --force] APPLIANCE-ID",
 		Short: "Take an appliance out of service for good: drain, revoke, destroy its disks' shares",
-		Long: `decommission waits until the appliance reports (at an attestation made after
-the command began) that its twin holds everything it stored, then revokes
-it at every broker (it locks down at its next attestation and never
-enrolls again) and has every broker destroy its shares of the appliance's
-disks. The report names each disk by id and serial and says whether it is
-now unreadable for good: fewer than K brokers (the image's threshold) may
+		Long: `decommission waits until K brokers' reports, each made after the command
+began and at most --max-report-age old, agree that the appliance's peers
+hold everything it stored (no single broker's word counts, and an
+appliance with no peers is never drained), then revokes it at every
+broker (it locks down at its next attestation and never enrolls again)
+and has every broker destroy its shares of the appliance's disks. The
+report names each disk by id and serial and says whether it is now
+unreadable for good: fewer than K brokers (the image's threshold) may
 still hold a share of it. A drain that does not finish within --drain
-revokes nothing; --force skips the wait (data its twin lacks is lost).
-The whole command is also bounded by --timeout: give it more than --drain.`,
+revokes nothing and names the brokers that did not agree; --force skips
+the wait (data its twin lacks is lost; the report says how much, as of
+when). The whole command is also bounded by --timeout: give it more than
+--drain.`,
 		Example: `  embassyctl decommission --threshold 2 --timeout 15m --drain 10m 3f9c...e1
   embassyctl decommission --threshold 2 --force 3f9c...e1`,
 		Args: cli.ExactArgs(1), ValidArgsFunction: noFileArgs,
@@ -270,12 +286,10 @@ The whole command is also bounded by --timeout: give it more than --drain.`,
 		if k < 1 || k > len(c.client.Brokers) {
 			return &cli.UsageError{Msg: fmt.Sprintf("--threshold K is needed: the image's k (1 to %d)", len(c.client.Brokers))}
 		}
-		if force {
-			drain = 0
-		} else if drain <= 0 {
+		if !force && drain <= 0 {
 			return &cli.UsageError{Msg: "--drain must be positive (or pass --force)"}
 		}
-		opts := opclient.DecommissionOptions{Threshold: k, Drain: drain}
+		opts := opclient.DecommissionOptions{Threshold: k, Drain: drain, Force: force, MaxReportAge: maxAge}
 		if !c.asJSON {
 			opts.Progress = c.out
 		}
@@ -287,11 +301,20 @@ The whole command is also bounded by --timeout: give it more than --drain.`,
 				opclient.PrintDecommission(c.out, rep)
 			}
 		}
+		switch {
+		case errors.Is(err, opclient.ErrBadOption):
+			return &cli.UsageError{Msg: err.Error()}
+		case errors.Is(err, opclient.ErrNoPeers):
+			return cli.Next(err, "no copy of its data exists elsewhere; --force decommissions it anyway and loses that data")
+		case errors.Is(err, opclient.ErrNotDrained):
+			return cli.Next(err, "retry with a longer --drain once its twin is reachable, or --force to revoke at once and lose what its peers lack")
+		}
 		return err
 	})
 	cmd.Flags().IntVar(&threshold, "threshold", 0, "the image's k: a disk is unreadable once fewer than K brokers hold a share (required)")
 	cmd.Flags().DurationVar(&drain, "drain", 50*time.Second, "how long to wait for the appliance to be drained")
 	cmd.Flags().BoolVar(&force, "force", false, "revoke at once, without waiting for the drain")
+	cmd.Flags().DurationVar(&maxAge, "max-report-age", opclient.DefaultMaxReportAge, "how old a broker's health report may be and still count")
 	return cmd
 }
 
