@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -474,7 +475,7 @@ func (c *Client) attest(ctx context.Context, bo Backoff, want int, keepLate bool
 		}
 		ok = append(ok, r)
 		if len(ok) >= want {
-			return ok, listenLate(answers, left-1, cancel, keepLate), nil
+			return ok, listenLate(answers, left-1, cancel, keepLate, slices.Clone(ok)), nil
 		}
 	}
 	cancel()

@@ -282,3 +282,36 @@ func TestRogueBrokerRefusedCertificateError(t *testing.T) {
 		t.Fatalf("AttestAll: %v, want %v with %v", err, attest.ErrBelowThreshold, attest.ErrBadCertificate)
 	}
 }
+
+// TestLateCertificatesJoin: at boot the appliance serves after the first
+// k brokers; the slowest broker's certificate is added once it answers
+// (Late.Certificate), so a twin that refuses one of the first k's
+// certificates (here: it no longer trusts broker-a's CA) still counts k.
+func TestLateCertificatesJoin(t *testing.T) {
+	slow := &attesttest.Broker{Name: "broker-c", Delay: 300 * time.Millisecond}
+	c, _ := newClient(t, 2, &attesttest.Broker{Name: "broker-a"}, &attesttest.Broker{Name: "broker-b"}, slow)
+	first, late, err := c.AttestFirst(attesttest.Context(t, 5*time.Second), fastRetry, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if late.Certificate() != nil {
+		t.Fatal("Late.Certificate before the round is over")
+	}
+	// A twin that distrusts broker-a: its pin for broker-a is a stranger's.
+	v := c.Verifier()
+	v.Brokers = slices.Clone(v.Brokers)
+	v.Brokers[0].Roots = x509.NewCertPool()
+	if got, err := twinDial(t, attest.Round(first).Certificate(), v); !errors.Is(err, identity.ErrNotAgreed) {
+		t.Fatalf("the first k's certificate at a twin distrusting broker-a: %+v, %v; want %v", got, err, identity.ErrNotAgreed)
+	}
+	if err := late.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := twinDial(t, late.Certificate(), v)
+	if err != nil || got.ID != c.ID() || strings.Join(got.Brokers, ",") != "broker-b,broker-c" {
+		t.Fatalf("with the late certificate: %+v, %v; want %s vouched by broker-b and broker-c", got, err, c.ID())
+	}
+	if got, err := twinDial(t, late.Certificate(), c.Verifier()); err != nil || len(got.Brokers) != 3 {
+		t.Fatalf("a twin trusting all: %+v, %v; want 3 brokers", got, err)
+	}
+}
