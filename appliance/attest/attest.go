@@ -318,20 +318,15 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 	res.ReattestAfter = reattestAfter(resp.ReattestAfter)
 	res.Peers = resp.Peers
 	res.Approved, res.Floor = resp.Approved[:min(len(resp.Approved), api.MaxApprovedImages)], resp.Floor
-	if len(resp.Certificate) == 0 {
-		res.Err = fmt.Errorf("broker %s sent no certificate", b.Name)
-		return res
-	}
-	leaf, err := x509.ParseCertificate(resp.Certificate[0])
+	cert, err := c.checkCertificate(b, resp.Certificate, time.Now())
 	if err != nil {
-		res.Err = fmt.Errorf("broker %s certificate: %w", b.Name, err)
+		// The broker's answer is refused whole, as if it had not answered:
+		// what it sent must not spoil the chain the others vouch for.
+		c.log.Warn(MsgCertificateRefused, "broker", b.Name, "err", err.Error())
+		res.Err = fmt.Errorf("broker %s: %w", b.Name, err)
 		return res
 	}
-	if !bytes.Equal(leaf.RawSubjectPublicKeyInfo, c.tlsPub) || len(resp.Certificate) > 4 {
-		res.Err = fmt.Errorf("broker %s sent a certificate that is not for this appliance's TLS key, or a chain of %d", b.Name, len(resp.Certificate))
-		return res
-	}
-	res.Certificate = &tls.Certificate{Certificate: resp.Certificate, PrivateKey: c.tlsKey, Leaf: leaf}
+	res.Certificate = cert
 	// A broker whose answer fails half-way leaves no share behind.
 	failShares := func(disk string, err error) *Result {
 		Round{res}.WipeShares()
@@ -357,6 +352,87 @@ func (c *Client) AttestOnce(ctx context.Context, b config.Broker) *Result {
 		res.Shares[s.DiskID] = sh
 	}
 	return res
+}
+
+// MsgCertificateRefused is logged (with "broker" and "err") when a
+// broker's certificate for this appliance fails checkCertificate; that
+// broker's answer is then treated as a failed attestation.
+const MsgCertificateRefused = "broker certificate refused"
+
+// Bounds on what one broker may send as this appliance's certificate.
+const (
+	// maxBrokerChain: its leaf and up to three intermediates (a broker
+	// sends its leaf and its service CA).
+	maxBrokerChain = 4
+	// maxCertificateBytes bounds each certificate's DER. With at most
+	// identity.MaxPresented of them the presented chain stays far below
+	// the 256 KiB a TLS peer (Go's crypto/tls) accepts in a handshake.
+	maxCertificateBytes = 4 << 10
+)
+
+// checkCertificate checks what broker b sent as this appliance's
+// certificate, as a twin will check it, before the appliance presents it:
+// at most maxBrokerChain certificates of at most maxCertificateBytes each,
+// all parsing; the leaf an end-entity certificate for exactly this
+// appliance's TLS key, chaining to b's own pinned CA (no other broker's)
+// for both server and client authentication, valid at now, naming this
+// appliance's id (identity.Verify). It returns the chain to present: the
+// leaf and the intermediates on its path to b's CA, and nothing else the
+// broker sent (the anchor itself, extra or unrelated certificates).
+func (c *Client) checkCertificate(b config.Broker, ders [][]byte, now time.Time) (*tls.Certificate, error) {
+	if len(ders) == 0 {
+		return nil, fmt.Errorf("%w: none sent", ErrBadCertificate)
+	}
+	if len(ders) > maxBrokerChain {
+		return nil, fmt.Errorf("%w: a chain of %d, at most %d", ErrBadCertificate, len(ders), maxBrokerChain)
+	}
+	certs := make([]*x509.Certificate, len(ders))
+	for i, der := range ders {
+		if len(der) > maxCertificateBytes {
+			return nil, fmt.Errorf("%w: certificate %d has %d bytes, at most %d", ErrBadCertificate, i, len(der), maxCertificateBytes)
+		}
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("%w: certificate %d: %w", ErrBadCertificate, i, err)
+		}
+		certs[i] = cert
+	}
+	leaf := certs[0]
+	if leaf.IsCA || !bytes.Equal(leaf.RawSubjectPublicKeyInfo, c.tlsPub) {
+		return nil, fmt.Errorf("%w: not an end-entity certificate for this appliance's TLS key", ErrBadCertificate)
+	}
+	roots := c.roots[b.Name]
+	for _, usage := range []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth} {
+		id, err := identity.Verify(certs, roots, now, usage)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrBadCertificate, err)
+		}
+		if id != c.id {
+			return nil, fmt.Errorf("%w: names appliance %s, not %s", ErrBadCertificate, id, c.id)
+		}
+	}
+	inter := x509.NewCertPool()
+	for _, cert := range certs[1:] {
+		inter.AddCert(cert)
+	}
+	chains, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadCertificate, err)
+	}
+	path := chains[0]
+	for _, ch := range chains[1:] {
+		if len(ch) < len(path) {
+			path = ch
+		}
+	}
+	// The last certificate of the path is the pinned anchor: every party
+	// that checks the chain has it already.
+	out := &tls.Certificate{PrivateKey: c.tlsKey, Leaf: leaf}
+	for _, cert := range path[:max(1, len(path)-1)] {
+		out.Certificate = append(out.Certificate, cert.Raw)
+	}
+	return out, nil
 }
 
 // Backoff bounds the retry delay of AttestAll.
@@ -418,7 +494,7 @@ func (c *Client) attest(ctx context.Context, bo Backoff, want int, keepLate bool
 		}
 		ok = append(ok, r)
 		if len(ok) >= want {
-			return ok, listenLate(answers, left-1, cancel, keepLate), nil
+			return ok, listenLate(answers, left-1, cancel, keepLate, slices.Clone(ok)), nil
 		}
 	}
 	cancel()

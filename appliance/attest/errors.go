@@ -8,6 +8,11 @@ import (
 	"github.com/dataembassy/embassy/protocol/api"
 )
 
+// ErrBadCertificate: a broker's certificate for this appliance is not one
+// a twin would count (see checkCertificate); that broker's answer is
+// refused whole.
+var ErrBadCertificate = errors.New("broker sent an unusable certificate")
+
 // BrokerError is a broker's refusal: its HTTP status, its machine-readable
 // code (callers branch on it, with errors.As or IsUnknownAppliance), its
 // text for people, and whether it orders a lockdown.

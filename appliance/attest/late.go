@@ -1,6 +1,9 @@
 package attest
 
-import "context"
+import (
+	"context"
+	"crypto/tls"
+)
 
 // Late is the rest of a round after its first want answers: the other
 // brokers' attestations, which go on until each has answered or the
@@ -8,8 +11,9 @@ import "context"
 // from the first k: the appliance stops (node.Deps.Late).
 type Late struct {
 	done    chan struct{}
+	first   Round     // the round's first want answers
 	err     error     // set before done is closed
-	results []*Result // the late successes, kept for AttestAll only
+	results []*Result // the late successes (their shares wiped unless kept for AttestAll); set before done is closed
 }
 
 // Done is closed once every other broker has answered or the round ended.
@@ -32,11 +36,30 @@ func (l *Late) Wait() error {
 	return l.err
 }
 
+// Certificate is what the appliance presents once the round is over: the
+// Round.Certificate of the first answers and every late success, so that
+// a peer still counts k brokers when it refuses one of the first k's
+// certificates (expired, or a broker it no longer trusts). It is nil
+// until Done is closed, and after a lockdown.
+func (l *Late) Certificate() *tls.Certificate {
+	select {
+	case <-l.done:
+	default:
+		return nil
+	}
+	if l.err != nil {
+		return nil
+	}
+	all := append(Round(nil), l.first...)
+	return append(all, l.results...).Certificate()
+}
+
 // listenLate reads the left answers still to come on answers, then ends
 // the round (cancel). A lockdown among them ends it at once. Late
-// successes are kept if keep, else their shares are wiped on arrival.
-func listenLate(answers <-chan *Result, left int, cancel context.CancelFunc, keep bool) *Late {
-	l := &Late{done: make(chan struct{})}
+// successes are kept, their shares too if keep, else wiped on arrival.
+// first are the round's first answers (for Certificate).
+func listenLate(answers <-chan *Result, left int, cancel context.CancelFunc, keep bool, first []*Result) *Late {
+	l := &Late{done: make(chan struct{}), first: first}
 	go func() {
 		defer close(l.done)
 		defer cancel()
@@ -47,13 +70,13 @@ func listenLate(answers <-chan *Result, left int, cancel context.CancelFunc, kee
 				l.results, l.err = nil, ld
 				return
 			}
-			switch {
-			case r.Err != nil:
-			case keep:
-				l.results = append(l.results, r)
-			default:
+			if r.Err != nil {
+				continue
+			}
+			if !keep {
 				Round{r}.WipeShares()
 			}
+			l.results = append(l.results, r)
 		}
 	}()
 	return l

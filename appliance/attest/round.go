@@ -1,7 +1,9 @@
 package attest
 
 import (
+	"bytes"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"slices"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/dataembassy/embassy/keys/shamir"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/protocol/identity"
 )
 
 // Round is one round of broker answers: the results AttestAll returned.
@@ -101,23 +104,57 @@ func (r Round) Peers(k int) []api.Peer {
 // followed by every other broker's certificate for the same key and its
 // chain. A peer believes the key only if k brokers' certificates are
 // there (identity.Verifier); a client that checks the standard way sees
-// the first broker's chain. Results without a certificate are skipped;
-// nil if none has one.
+// the first broker's chain. Each broker's certificate was checked as it
+// arrived (checkCertificate); here each broker adds at most one chain,
+// only for the first one's key, and only while the whole stays within
+// identity.MaxPresented: a chain that would pass it is left out, so that
+// what one broker sent never makes a peer refuse the others'. Failed
+// results and results without a certificate are skipped; nil if none has
+// one.
 func (r Round) Certificate() *tls.Certificate {
 	var out *tls.Certificate
+	brokers := map[string]bool{}
 	for _, res := range r {
-		if res == nil || res.Certificate == nil || len(res.Certificate.Certificate) == 0 {
+		if res == nil || res.Err != nil || res.Certificate == nil || len(res.Certificate.Certificate) == 0 || brokers[res.Broker] {
 			continue
 		}
 		if out == nil {
+			if len(res.Certificate.Certificate) > identity.MaxPresented {
+				continue
+			}
 			c := *res.Certificate
 			c.Certificate = slices.Clone(c.Certificate)
 			out = &c
+			brokers[res.Broker] = true
+			continue
+		}
+		if len(out.Certificate)+len(res.Certificate.Certificate) > identity.MaxPresented || otherKey(out, res.Certificate) {
 			continue
 		}
 		out.Certificate = append(out.Certificate, res.Certificate.Certificate...)
+		brokers[res.Broker] = true
 	}
 	return out
+}
+
+// otherKey reports whether two certificates' leaves are known to carry
+// different public keys. (Every result of AttestOnce carries its checked
+// Leaf; a leaf that does not parse is not judged here.)
+func otherKey(a, b *tls.Certificate) bool {
+	ka, kb := leafKey(a), leafKey(b)
+	return ka != nil && kb != nil && !bytes.Equal(ka, kb)
+}
+
+// leafKey is the PKIX public key of c's leaf, nil if it does not parse.
+func leafKey(c *tls.Certificate) []byte {
+	if c.Leaf != nil {
+		return c.Leaf.RawSubjectPublicKeyInfo
+	}
+	leaf, err := x509.ParseCertificate(c.Certificate[0])
+	if err != nil {
+		return nil
+	}
+	return leaf.RawSubjectPublicKeyInfo
 }
 
 // DiskApprovals is the number of disk approvals every broker of the round

@@ -2,13 +2,22 @@ package attest
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"fmt"
+	"math/big"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/dataembassy/embassy/keys/shamir"
 	"github.com/dataembassy/embassy/protocol/api"
+	"github.com/dataembassy/embassy/protocol/identity"
 )
 
 func TestRoundPeers(t *testing.T) {
@@ -140,6 +149,75 @@ func TestRoundReattestAfter(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := tc.round.ReattestAfter(bounds); got != tc.want {
 				t.Fatalf("got %s, want %s", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestRoundCertificate(t *testing.T) {
+	mk := func(key *ecdsa.PrivateKey, tag string, chainLen int, withLeaf bool) *tls.Certificate {
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: tag},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+		for len(c.Certificate) < chainLen {
+			c.Certificate = append(c.Certificate, []byte(tag))
+		}
+		if withLeaf {
+			c.Leaf, _ = x509.ParseCertificate(der)
+		}
+		return c
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := func(broker string, c *tls.Certificate) *Result { return &Result{Broker: broker, Certificate: c} }
+	a, b, c := mk(key, "a", 2, true), mk(key, "b", 2, true), mk(key, "c", 2, false)
+	cases := []struct {
+		name  string
+		round Round
+		want  []*tls.Certificate // whose chains are presented, in order
+	}{
+		{"empty round", nil, nil},
+		{"every broker's chain", Round{res("a", a), res("b", b), res("c", c)}, []*tls.Certificate{a, b, c}},
+		{"a leaf without Leaf set first", Round{res("c", c), res("a", a)}, []*tls.Certificate{c, a}},
+		{"one broker twice", Round{res("a", a), res("a", b), res("b", b)}, []*tls.Certificate{a, b}},
+		{"failed and empty results", Round{nil, {Broker: "x", Err: ErrBadCertificate, Certificate: a}, res("y", nil), res("z", &tls.Certificate{}), res("b", b)},
+			[]*tls.Certificate{b}},
+		{"another key", Round{res("a", a), res("x", mk(otherKey, "x", 2, true)), res("b", b)}, []*tls.Certificate{a, b}},
+		{"a chain past the cap", Round{res("a", a), res("x", mk(key, "x", identity.MaxPresented-1, true)), res("b", b)}, []*tls.Certificate{a, b}},
+		{"a first chain past the cap", Round{res("x", mk(key, "x", identity.MaxPresented+1, true)), res("a", a)}, []*tls.Certificate{a}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := tc.round.Certificate()
+			if tc.want == nil {
+				if got != nil {
+					t.Fatalf("got %d certificates, want none", len(got.Certificate))
+				}
+				return
+			}
+			var want [][]byte
+			for _, c := range tc.want {
+				want = append(want, c.Certificate...)
+			}
+			if got == nil || !slices.EqualFunc(got.Certificate, want, bytes.Equal) {
+				n := 0
+				if got != nil {
+					n = len(got.Certificate)
+				}
+				t.Fatalf("presented %d certificates, want the %d of %d brokers' chains", n, len(want), len(tc.want))
+			}
+			if len(got.Certificate) > identity.MaxPresented {
+				t.Fatalf("%d certificates presented, cap %d", len(got.Certificate), identity.MaxPresented)
 			}
 		})
 	}

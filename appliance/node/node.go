@@ -44,10 +44,13 @@ type Attester interface {
 
 // LateAnswers are the answers of a round's brokers slower than its first
 // k (*attest.Late): Done is closed once they have all answered or the
-// round ended; Err then says whether one of them ordered a lockdown.
+// round ended; Err then says whether one of them ordered a lockdown, and
+// Certificate is the certificate to serve with theirs added (nil: keep
+// the one served).
 type LateAnswers interface {
 	Done() <-chan struct{}
 	Err() error
+	Certificate() *tls.Certificate
 }
 
 // HealthSource reports the appliance's disks, blank disks and replication
@@ -89,7 +92,8 @@ type Deps struct {
 	ReattestBounds attest.ReattestBounds
 	// Late are the boot round's answers after its first k (the unlock did
 	// not wait for them): a lockdown among them stops the node as a
-	// re-attestation's does. Nil: none.
+	// re-attestation's does; otherwise their certificates join the one
+	// served, unless a re-attestation replaced it already. Nil: none.
 	Late LateAnswers
 	// Reattested is called with each successful re-attestation's round.
 	Reattested func(attest.Round)
@@ -302,8 +306,10 @@ func (n *Node) Run(ctx context.Context) *StopError {
 		every = defaultReattestEvery
 	}
 	var late <-chan struct{}
+	var bootCert *tls.Certificate
 	if n.d.Late != nil {
 		late = n.d.Late.Done()
+		bootCert = n.d.Cert.Load()
 	}
 	t := time.NewTimer(bounds.Clamp(every))
 	defer t.Stop()
@@ -315,6 +321,11 @@ func (n *Node) Run(ctx context.Context) *StopError {
 			late = nil
 			if err := n.d.Late.Err(); err != nil {
 				return n.stopped(ctx, err)
+			}
+			// A peer still counts k brokers if it refuses one of the
+			// first k's certificates.
+			if c := n.d.Late.Certificate(); c != nil && bootCert != nil {
+				n.d.Cert.CompareAndSwap(bootCert, c)
 			}
 		case <-t.C:
 			round, stop := n.reattest(ctx)

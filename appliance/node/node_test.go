@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -390,7 +391,7 @@ func TestSlowestBrokerLockdownStops(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			slow := &attesttest.Broker{Name: "broker-c", Lockdown: tc.lockdown, Delay: 300 * time.Millisecond}
 			client := attesttest.NewClient(t, 2, &attesttest.Broker{Name: "broker-a"}, &attesttest.Broker{Name: "broker-b"}, slow)
-			n, _ := newNode(&api.Health{}, &fakeAttester{})
+			n, cert := newNode(&api.Health{}, &fakeAttester{})
 			n.d.Attester = client
 			var rounds []attest.Round
 			n.d.Reattested = func(r attest.Round) { rounds = append(rounds, r) }
@@ -406,6 +407,7 @@ func TestSlowestBrokerLockdownStops(t *testing.T) {
 					t.Fatalf("unlock: %d results, err %v, slowest broker answered %d times", len(res), err, slow.Answered())
 				}
 				n.d.Late = late
+				cert.Store(attest.Round(res).Certificate())
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 			defer cancel()
@@ -423,6 +425,21 @@ func TestSlowestBrokerLockdownStops(t *testing.T) {
 					heard = len(rounds[0])
 				}
 				t.Fatalf("kept serving with %d re-attestations, the first of %d brokers; want at least 2 of all 3", len(rounds), heard)
+			}
+			if tc.want == ReasonDone && tc.boot {
+				// The slowest broker's certificate joined the one served.
+				var chain []*x509.Certificate
+				for _, der := range cert.Load().Certificate {
+					c, err := x509.ParseCertificate(der)
+					if err != nil {
+						t.Fatal(err)
+					}
+					chain = append(chain, c)
+				}
+				got, err := client.Verifier().Verify(chain, time.Now(), x509.ExtKeyUsageServerAuth)
+				if err != nil || len(got.Brokers) != 3 {
+					t.Fatalf("served certificate vouched by %v (%v), want all 3 brokers", got.Brokers, err)
+				}
 			}
 		})
 	}

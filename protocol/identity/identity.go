@@ -70,13 +70,22 @@ func named(c *x509.Certificate) (string, error) {
 }
 
 // MaxPresented bounds the certificates a party presents: one leaf and one
-// intermediate from each of at most 16 brokers.
+// intermediate from each of at most 16 brokers. A longer chain is refused
+// whole (never read in part): an appliance presents at most one leaf and
+// its intermediates per broker (attest.Round.Certificate), so a longer one
+// comes from no appliance that follows the protocol.
 const MaxPresented = 2 * 16
 
 // ErrNotAgreed: fewer brokers than the threshold vouch for the presented
-// key. It wraps ErrNotAttested, so callers that only ask "attested?" see
-// it as a no.
+// key under any one appliance id. It wraps ErrNotAttested, so callers that
+// only ask "attested?" see it as a no.
 var ErrNotAgreed = fmt.Errorf("%w by enough brokers", ErrNotAttested)
+
+// ErrTwoAppliances: the threshold of brokers vouches for the presented key
+// under two different appliance ids. With a threshold above half the
+// brokers it cannot happen unless a broker vouches twice; it is refused
+// all the same. It wraps ErrNoAppliance.
+var ErrTwoAppliances = fmt.Errorf("%w: the key is named as two appliances", ErrNoAppliance)
 
 // Authority is one broker as a checking party pins it: its name and its
 // own CA. No broker's CA vouches for another broker.
@@ -89,7 +98,8 @@ type Authority struct {
 // counts only if at least Threshold distinct brokers, each through its own
 // pinned CA, issued a certificate for that very key naming that same
 // appliance. One broker's CA (stolen, or its admin gone rogue) can mint any
-// certificate it likes; alone it is never believed.
+// certificate it likes; alone it is never believed, and what it adds to a
+// genuine appliance's chain counts for nothing.
 type Verifier struct {
 	Brokers   []Authority
 	Threshold int
@@ -104,11 +114,16 @@ type Attested struct {
 
 // Verify checks a presented chain: the leaf (the key the TLS handshake
 // proved) first, then any intermediates and the same key's certificates
-// from other brokers with their intermediates, in any order. Each broker
-// counts once, if some certificate for the leaf's key chains to that
-// broker's CA for usage, is valid at now and names the appliance (common
-// name and DNS name). Certificates naming a different appliance for the
-// same key are refused outright.
+// from other brokers with their intermediates, in any order. The vote is
+// counted per appliance id: a broker vouches for id if some certificate
+// for the leaf's key chains to that broker's CA for usage, is valid at now
+// and names id (common name and DNS name). The id that at least Threshold
+// brokers vouch for is the answer. A certificate that does not verify, is
+// for another key or names another id counts for nothing, so one rogue or
+// broken broker cannot spoil the others' agreement; a broker that vouches
+// for the key under two ids counts for neither. Refused: an empty chain
+// (ErrNoCertificate), one longer than MaxPresented, no id reaching the
+// threshold (ErrNotAgreed), two ids reaching it (ErrTwoAppliances).
 func (v Verifier) Verify(chain []*x509.Certificate, now time.Time, usage x509.ExtKeyUsage) (Attested, error) {
 	if len(chain) == 0 {
 		return Attested{}, ErrNoCertificate
@@ -124,16 +139,20 @@ func (v Verifier) Verify(chain []*x509.Certificate, now time.Time, usage x509.Ex
 	var leaves []*x509.Certificate
 	for _, c := range chain {
 		switch {
+		case c == nil:
 		case c.IsCA:
 			inter.AddCert(c)
 		case bytes.Equal(c.RawSubjectPublicKeyInfo, leafKey):
 			leaves = append(leaves, c)
 		}
 	}
-	var got Attested
+	// vouchers lists, per appliance id, the brokers that vouch for the key
+	// under it, in Verifier order.
+	vouchers := map[string][]string{}
+	var ids []string // in the order first vouched for
 	var failures []string
 	for _, a := range v.Brokers {
-		vouched := false
+		names := map[string]bool{}
 		var why error
 		for _, c := range leaves {
 			id, err := verifyLeaf(c, a.Roots, inter, now, usage)
@@ -141,24 +160,46 @@ func (v Verifier) Verify(chain []*x509.Certificate, now time.Time, usage x509.Ex
 				why = err
 				continue
 			}
-			if got.ID != "" && got.ID != id {
-				return Attested{}, fmt.Errorf("%w: the key is named appliance %s and %s", ErrNoAppliance, got.ID, id)
-			}
-			got.ID, vouched = id, true
-			break
+			names[id] = true
 		}
-		if vouched {
-			got.Brokers = append(got.Brokers, a.Broker)
-		} else if why != nil {
+		switch len(names) {
+		case 0:
+			if why == nil {
+				why = errors.New("no certificate")
+			}
 			failures = append(failures, a.Broker+": "+why.Error())
-		} else {
-			failures = append(failures, a.Broker+": no certificate")
+		case 1:
+			for id := range names {
+				if vouchers[id] == nil {
+					ids = append(ids, id)
+				}
+				vouchers[id] = append(vouchers[id], a.Broker)
+			}
+		default:
+			failures = append(failures, fmt.Sprintf("%s: names the key as %d appliances", a.Broker, len(names)))
 		}
 	}
-	if len(got.Brokers) < v.Threshold {
-		err := fmt.Errorf("%w: %d of %d brokers vouch for this key, %d needed (%s)", ErrNotAgreed,
-			len(got.Brokers), len(v.Brokers), v.Threshold, strings.Join(failures, "; "))
-		if len(got.Brokers) == 0 && len(leaves) == 1 {
+	var got Attested
+	best := 0
+	for _, id := range ids {
+		n := len(vouchers[id])
+		best = max(best, n)
+		if n < v.Threshold {
+			if len(ids) > 1 {
+				failures = append(failures, fmt.Sprintf("appliance %s: only %s", id, strings.Join(vouchers[id], ", ")))
+			}
+			continue
+		}
+		if got.ID != "" {
+			return Attested{}, fmt.Errorf("%w: appliance %s (by %s) and %s (by %s)", ErrTwoAppliances,
+				got.ID, strings.Join(got.Brokers, ", "), id, strings.Join(vouchers[id], ", "))
+		}
+		got = Attested{ID: id, Brokers: vouchers[id]}
+	}
+	if got.ID == "" {
+		err := fmt.Errorf("%w: %d of %d brokers vouch for this key as one appliance, %d needed (%s)", ErrNotAgreed,
+			best, len(v.Brokers), v.Threshold, strings.Join(failures, "; "))
+		if best == 0 && len(leaves) == 1 {
 			// A single certificate that names no appliance is that, not a
 			// question of agreement.
 			if _, nerr := named(chain[0]); nerr != nil {

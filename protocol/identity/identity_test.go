@@ -200,7 +200,7 @@ func TestVerifierNeedsKBrokers(t *testing.T) {
 		{"rogue intermediate under a's root posing as b's", cat(issue(0, key, id), []*x509.Certificate{rogueLeaf, rogueSvc.cert}),
 			nil, identity.ErrNotAgreed, "1 of 3"},
 		{"b's certificate is for another key", cat(issue(0, key, id), issue(1, otherKey, id)), nil, identity.ErrNotAgreed, "broker-b"},
-		{"b names another appliance for the key", cat(issue(0, key, id), issue(1, key, other)), nil, identity.ErrNoAppliance, ""},
+		{"b names another appliance for the key", cat(issue(0, key, id), issue(1, key, other)), nil, identity.ErrNotAgreed, "1 of 3"},
 		{"b's intermediate missing", cat(issue(0, key, id), issue(1, key, id)[:1]), nil, identity.ErrNotAgreed, "broker-b"},
 		{"empty", nil, nil, identity.ErrNoCertificate, ""},
 		{"too many certificates", cat(issue(0, key, id), issue(1, key, id), make([]*x509.Certificate, identity.MaxPresented)),
@@ -239,4 +239,111 @@ func TestVerifierNeedsKBrokers(t *testing.T) {
 			t.Fatalf("expired: %v", err)
 		}
 	})
+}
+
+// TestVerifierOutvotesRogueBroker is the attack from one rogue (or broken)
+// broker's side against a genuine appliance: brokers a and b issued honest
+// certificates for the appliance's key; broker c, whose CA the rogue
+// holds, adds whatever it likes to the chain. The appliance is still
+// believed as itself, vouched by a and b only, and c alone never makes the
+// key another appliance.
+func TestVerifierOutvotesRogueBroker(t *testing.T) {
+	id := strings.Repeat("a", 32)
+	other := strings.Repeat("b", 32)
+	type broker struct{ root, svc *ca }
+	var brokers []broker
+	var auths []identity.Authority
+	for _, n := range []string{"broker-a", "broker-b", "broker-c", "broker-d"} {
+		root := newCA(t, n+" root", nil)
+		brokers = append(brokers, broker{root, newCA(t, n+" service CA", root)})
+		auths = append(auths, identity.Authority{Broker: n, Roots: root.pool()})
+	}
+	key := newKey(t)
+	issue := func(i int, k *ecdsa.PrivateKey, name string, notAfter time.Time) []*x509.Certificate {
+		c := mint(t, &x509.Certificate{Subject: pkix.Name{CommonName: name}, DNSNames: []string{identity.DNSName(name)},
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+			KeyUsage:    x509.KeyUsageDigitalSignature}, brokers[i].svc, &k.PublicKey, nil)
+		if !notAfter.IsZero() {
+			c = mintExpiring(t, c, brokers[i].svc, &k.PublicKey, notAfter)
+		}
+		return []*x509.Certificate{c, brokers[i].svc.cert}
+	}
+	cat := func(parts ...[]*x509.Certificate) []*x509.Certificate {
+		var out []*x509.Certificate
+		for _, p := range parts {
+			out = append(out, p...)
+		}
+		return out
+	}
+	stranger := newCA(t, "a stranger's service CA", newCA(t, "a stranger's root", nil))
+	padding := func(n int) []*x509.Certificate {
+		out := make([]*x509.Certificate, n)
+		for i := range out {
+			out[i] = stranger.leaf(t, id, []string{identity.DNSName(id)})
+		}
+		return out
+	}
+	honest := cat(issue(0, key, id, time.Time{}), issue(1, key, id, time.Time{}))
+	three := identity.Verifier{Brokers: auths[:3], Threshold: 2}
+	tests := []struct {
+		name  string
+		v     identity.Verifier
+		chain []*x509.Certificate
+		want  []string // brokers that vouch for id; nil: refused with err
+		err   error
+	}{
+		{"c names another appliance for the key", three, cat(honest, issue(2, key, other, time.Time{})), []string{"broker-a", "broker-b"}, nil},
+		{"c names another appliance, its leaf first", three, cat(issue(2, key, other, time.Time{}), honest), []string{"broker-a", "broker-b"}, nil},
+		{"c names both appliances", three, cat(honest, issue(2, key, other, time.Time{}), issue(2, key, id, time.Time{})), []string{"broker-a", "broker-b"}, nil},
+		{"c's certificate is for another key", three, cat(honest, issue(2, newKey(t), id, time.Time{})), []string{"broker-a", "broker-b"}, nil},
+		{"c's certificate is expired", three, cat(honest, issue(2, key, id, time.Now().Add(-time.Second))), []string{"broker-a", "broker-b"}, nil},
+		{"c adds a stranger's certificates up to the cap", three, cat(honest, padding(identity.MaxPresented-len(honest))), []string{"broker-a", "broker-b"}, nil},
+		{"c adds one certificate past the cap", three, cat(honest, padding(identity.MaxPresented-len(honest)+1)), nil, identity.ErrNotAttested},
+		{"c's word alone for another appliance", three, cat(issue(0, key, id, time.Time{}), issue(2, key, other, time.Time{})), nil, identity.ErrNotAgreed},
+		{"c's certificate twice for another appliance", three, cat(issue(2, key, other, time.Time{}), issue(2, key, other, time.Time{})), nil, identity.ErrNotAgreed},
+		{"a vouching twice does not reach the threshold", three, cat(issue(0, key, id, time.Time{}), issue(2, key, other, time.Time{}), issue(0, key, other, time.Time{})), nil, identity.ErrNotAgreed},
+		{"two appliances each reach 2 of 4", identity.Verifier{Brokers: auths, Threshold: 2},
+			cat(honest, issue(2, key, other, time.Time{}), issue(3, key, other, time.Time{})), nil, identity.ErrTwoAppliances},
+		{"3 of 4 outvote 1", identity.Verifier{Brokers: auths, Threshold: 3},
+			cat(honest, issue(2, key, id, time.Time{}), issue(3, key, other, time.Time{})), []string{"broker-a", "broker-b", "broker-c"}, nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := tc.v.Verify(tc.chain, time.Now(), x509.ExtKeyUsageServerAuth)
+			if tc.want == nil {
+				if !errors.Is(err, tc.err) {
+					t.Fatalf("Verify = %+v, %v; want refused with %v", got, err, tc.err)
+				}
+				if got.ID != "" {
+					t.Fatalf("refused, yet named %q", got.ID)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Verify: %v", err)
+			}
+			if got.ID != id || strings.Join(got.Brokers, ",") != strings.Join(tc.want, ",") {
+				t.Fatalf("Verify = %+v, want %s vouched by %v", got, id, tc.want)
+			}
+		})
+	}
+	if !errors.Is(identity.ErrTwoAppliances, identity.ErrNoAppliance) {
+		t.Fatal("ErrTwoAppliances does not wrap ErrNoAppliance")
+	}
+}
+
+// mintExpiring reissues c's template from signer with NotAfter set.
+func mintExpiring(t *testing.T, c *x509.Certificate, signer *ca, pub any, notAfter time.Time) *x509.Certificate {
+	t.Helper()
+	tmpl := &x509.Certificate{Subject: c.Subject, DNSNames: c.DNSNames, ExtKeyUsage: c.ExtKeyUsage, KeyUsage: c.KeyUsage,
+		SerialNumber: big.NewInt(1), NotBefore: notAfter.Add(-time.Hour), NotAfter: notAfter}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer.cert, pub, signer.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
