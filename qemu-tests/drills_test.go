@@ -68,10 +68,11 @@ func diskBySerial(h *api.Health, serial string) *api.DiskHealth {
 func TestDiskFailureAndReplacement(t *testing.T) {
 	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute)
 	ra := newResticClient(t, a.ports[0], "population-registry")
+	ra.packMiB = 4 // the disk is pulled after two small packs, most of the backup to come
 	mustRestic(t, ra, "init")
 
 	from := len(a.v.Lines())
-	done := backgroundBackup(t, ra, randomTree(t, 12, 8<<20))
+	done := backgroundBackup(t, ra, randomTree(t, 6, 8<<20))
 	waitStored(t, ctx, a, from, 2, "/data")
 	if err := a.v.RemoveDisk(1); err != nil {
 		t.Fatal(err)
@@ -125,7 +126,7 @@ func TestDiskFailureAndReplacement(t *testing.T) {
 }
 
 // TestPowerLossDuringIngest: A's QEMU is killed with SIGKILL three times
-// during a backup, after 1, 3 and 5 acknowledged data packs. After each
+// during a backup, after 1, 3 and 5 acknowledged data packs (4 MiB each). After each
 // reboot every object restic was answered 200 for (counted by a proxy on
 // the client's side, not from the appliance's own log) is there and
 // verifies, restic check passes after restic unlock, and B converges to A.
@@ -134,6 +135,7 @@ func TestPowerLossDuringIngest(t *testing.T) {
 	direct := newResticClient(t, a.ports[0], "population-registry")
 	proxy := startAckProxy(t, a.ports[0], direct)
 	ra := proxy.client(direct)
+	ra.packMiB = 4 // restic's smallest: the cuts come after 4, 12 and 20 MiB
 	mustRestic(t, ra, "init")
 	acked := map[string]bool{}
 	for round := 1; round <= 3; round++ {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -78,6 +79,9 @@ func applianceIDs(t testing.TB) identity.Verifier {
 // appliance's ingest service through a host port forward.
 type resticClient struct {
 	url, caFile, certFile string
+	// packMiB, if set, is restic's --pack-size: the drills that act after
+	// so many stored packs reach them with less data through TCG.
+	packMiB int
 }
 
 func newResticClient(t testing.TB, port int, clientName string) *resticClient {
@@ -107,7 +111,11 @@ func (r *resticClient) run(t testing.TB, args ...string) (string, error) {
 
 // runContext runs restic until it ends or ctx is cancelled (killed).
 func (r *resticClient) runContext(ctx context.Context, args ...string) (string, error) {
-	full := append([]string{"-r", r.url, "--cacert", r.caFile, "--tls-client-cert", r.certFile, "--no-cache"}, args...)
+	full := []string{"-r", r.url, "--cacert", r.caFile, "--tls-client-cert", r.certFile, "--no-cache"}
+	if r.packMiB > 0 {
+		full = append(full, "--pack-size", strconv.Itoa(r.packMiB))
+	}
+	full = append(full, args...)
 	cmd := exec.CommandContext(ctx, "restic", full...)
 	cmd.Env = append(os.Environ(), "RESTIC_PASSWORD=population register key")
 	out, err := cmd.CombinedOutput()

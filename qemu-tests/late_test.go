@@ -2,6 +2,8 @@ package qemutests
 
 import (
 	"context"
+	"maps"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -26,7 +28,21 @@ func TestBrokersLate(t *testing.T) {
 	cfg.Name = "late-all-down"
 	v := startVM(t, cfg)
 	waitMsg(t, ctx, v, 0, logmsg.MsgIdentity)
-	time.Sleep(20 * time.Second)
+	// The appliance found every broker down and keeps trying: two failed
+	// attempts at each before they start.
+	failed := map[string]int{}
+	if _, _, err := v.WaitFor(ctx, 0, func(s string) bool {
+		if bootreport.JSONMsg(s) == "attestation failed, retrying" {
+			for _, name := range brokerNames {
+				if strings.Contains(s, `"broker":"`+name+`"`) {
+					failed[name]++
+				}
+			}
+		}
+		return len(failed) == len(brokerNames) && slices.Min(slices.Collect(maps.Values(failed))) >= 2
+	}); err != nil {
+		t.Fatalf("no failed attempts at every broker while they were down (%v): %v", failed, err)
+	}
 	for i := range hb.b {
 		hb.serve(i)
 	}

@@ -179,12 +179,13 @@ func TestNICFailover(t *testing.T) {
 	ctx, _, a, b, hc := twinDrill(t, 20*time.Minute)
 	proxy := newFailoverProxy(t, a.ports[0], a.ports[1])
 	ra := newResticClient(t, proxy.port(), "population-registry")
+	ra.packMiB = 4 // the links go down after a few small packs, with most of the backup to come
 	mustRestic(t, ra, "init")
 	waitPath(t, ctx, a, a.ports[0], b.endpoints()[0])
 
 	// A's first NIC.
 	from := len(a.v.Lines())
-	done := backgroundBackup(t, ra, randomTree(t, 16, 8<<20))
+	done := backgroundBackup(t, ra, randomTree(t, 8, 8<<20))
 	waitStored(t, ctx, a, from, 3, "/data")
 	before := proxy.used[1].Load()
 	if err := a.v.SetLink(0, false); err != nil {
@@ -229,7 +230,7 @@ func TestNICFailover(t *testing.T) {
 
 	// B's first NIC: A's pushes move to B's second endpoint and back.
 	from = len(a.v.Lines())
-	done = backgroundBackup(t, ra, randomTree(t, 12, 8<<20))
+	done = backgroundBackup(t, ra, randomTree(t, 6, 8<<20))
 	waitStored(t, ctx, a, from, 2, "/data")
 	if err := b.v.SetLink(0, false); err != nil {
 		t.Fatal(err)
