@@ -1,6 +1,8 @@
 package qemutests
 
 import (
+	"bytes"
+	"context"
 	"crypto/sha256"
 	"fmt"
 	"os/exec"
@@ -9,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/dataembassy/embassy/appliance/logmsg"
 	"github.com/dataembassy/embassy/broker"
@@ -31,7 +35,12 @@ import (
 // boot unlocks anything, and A's disk images are unchanged byte for byte.
 // Each step is audited at every broker with that broker's custodian.
 func TestServerReplacement(t *testing.T) {
-	ctx, hb, a, b, hc := twinDrill(t, 20*time.Minute)
+	requireE2E(t)
+	hb, dir := copyEmbassy(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	a, b := startTwins(t, ctx, hb, dir)
+	hc := ingestHTTP(t, "home-state-auditor")
 	ra := newResticClient(t, a.ports[0], "population-registry")
 	mustRestic(t, ra, "init")
 	mustRestic(t, ra, "backup", randomTree(t, 4, 1<<20))
@@ -193,4 +202,46 @@ func TestServerReplacement(t *testing.T) {
 			t.Errorf("A's disk %s changed", d)
 		}
 	}
+
+	// From outside the brokers: no database holds a share of A's any
+	// more (whoever edits a record back finds nothing to release); C's
+	// are there.
+	hb.close()
+	for i := range hb.b {
+		path := filepath.Join(dir, "brokers", fmt.Sprint(i), "broker.db")
+		if got := sharesIn(t, path, a.id); len(got) != 0 {
+			t.Errorf("%s still holds shares of A: %v", brokerNames[i], got)
+		}
+		if got := sharesIn(t, path, c.id); len(got) != 2 {
+			t.Errorf("%s holds %d shares of C, want 2", brokerNames[i], len(got))
+		}
+	}
+}
+
+// sharesIn lists the share records of appliance id in a broker database
+// at rest (its keys, <id>/<disk>).
+func sharesIn(t testing.TB, path, id string) []string {
+	t.Helper()
+	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var keys []string
+	err = db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket([]byte("shares"))
+		if b == nil {
+			return fmt.Errorf("%s: no shares bucket", path)
+		}
+		c := b.Cursor()
+		prefix := []byte(id + "/")
+		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+			keys = append(keys, string(k))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return keys
 }
