@@ -19,7 +19,13 @@ import (
 // check CreateCertificate makes of every signature it obtains (an Ed25519
 // verification, three times the signing's cost, at every attestation).
 // That check is there for signers outside the process (a PKCS#11 token
-// that misbehaves); those still go through CreateCertificate. The DER is
+// that misbehaves); those still go through CreateCertificate. For Go's
+// own Ed25519 it guards against a fault in the signing, whose danger is
+// a faulty and a correct signature of the same message (together they
+// give the key away): every certificate here has a fresh random 127-bit
+// serial, so no message is signed twice, and a certificate with a bad
+// signature fails whoever verifies the chain (the appliance's peers).
+// The DER is
 // byte for byte what CreateCertificate makes of the same template, key
 // and parent: the structures below are crypto/x509's own, marshalled by
 // encoding/asn1 as it does, and TestLeafEd25519SameAsX509 and
