@@ -506,6 +506,20 @@ func (c *Client) attest(ctx context.Context, bo Backoff, want int, keepLate bool
 	return ok, nil, fmt.Errorf("%w: %d of %d brokers answered, %d needed: %w", ErrBelowThreshold, len(ok), len(c.cfg.Brokers), want, errs)
 }
 
+// settledRefusal says whether a broker's refusal stands until the boot's
+// measurements change or an operator acts (approves the enrollment, the
+// image or the firmware; floors only rise): retrying it within one round
+// only repeats it. The next round (a few seconds later) asks again.
+// Refusals that a retry can cure (a nonce that expired, a TPM answer that
+// did not verify, the broker busy) are retried.
+func settledRefusal(c api.Code) bool {
+	switch c {
+	case api.CodeNotApproved, api.CodeNotActivated, api.CodeImage, api.CodeFirmware, api.CodeFloor, api.CodeReplay, api.CodePCRDigest:
+		return true
+	}
+	return false
+}
+
 // launch attests to every broker in its own goroutine, retrying until the
 // broker answers, its answer is final or ctx ends; each sends its last
 // result once on the returned channel, which holds them all.
@@ -517,9 +531,12 @@ func (c *Client) launch(ctx context.Context, bo Backoff) <-chan *Result {
 			for {
 				r := c.AttestOnce(ctx, b)
 				var be *BrokerError
-				// Success, a lockdown order, or a broker that does not know
-				// this appliance (it must enroll first) end the retries.
-				final := errors.As(r.Err, &be) && (be.Lockdown || be.Code == api.CodeUnknownAppliance)
+				// Success, a lockdown order, a broker that does not know
+				// this appliance (it must enroll first), or a refusal that
+				// no retry within the round can change end the retries: the
+				// round is decided as soon as every broker has, and the
+				// caller says so at once instead of after the round's time.
+				final := errors.As(r.Err, &be) && (be.Lockdown || be.Code == api.CodeUnknownAppliance || settledRefusal(be.Code))
 				if r.Err == nil || final || ctx.Err() != nil {
 					ch <- r
 					return

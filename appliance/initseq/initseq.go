@@ -366,6 +366,10 @@ func serveUntilLockdown(ctx context.Context, log *slog.Logger, ac *attest.Client
 // serving nothing meanwhile.
 func attestLoop(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *config.Config, trialDeadline time.Time) (attest.Round, *attest.Late) {
 	enrollAsked := false
+	// Between failed rounds: 2 s, doubling to 10 s while they keep
+	// failing (a round refused at every broker ends at once, so the pause
+	// is what paces the requests and the brokers' audit entries).
+	pause := 2 * time.Second
 	for {
 		if !trialDeadline.IsZero() && time.Now().After(trialDeadline) {
 			log.Error(logmsg.MsgTrialFailed)
@@ -394,8 +398,9 @@ func attestLoop(ctx context.Context, log *slog.Logger, ac *attest.Client, cfg *c
 				log.Info(logmsg.MsgEnrollRequested, "appliance_id", ac.ID())
 			}
 		default:
-			log.Warn("attestation below threshold; retrying", "err", err.Error())
+			log.Warn("attestation below threshold; retrying", "err", err.Error(), "retry_in", pause.String())
 		}
-		time.Sleep(2 * time.Second)
+		time.Sleep(pause)
+		pause = min(2*pause, 10*time.Second)
 	}
 }
