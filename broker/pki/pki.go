@@ -112,32 +112,28 @@ func (p *Issuer) Leaf(commonName string, hosts []string, pub crypto.PublicKey, v
 // LeafDER is Leaf returning the certificate's DER and its expiry, without
 // parsing it back (a service CA issues one at every attestation).
 func (p *Issuer) LeafDER(commonName string, hosts []string, pub crypto.PublicKey, validity time.Duration) ([]byte, time.Time, error) {
-	now := time.Now()
-	spec := leafSpec{serial: serial(), commonName: commonName, notBefore: now.Add(-5 * time.Minute), notAfter: now.Add(validity)}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(), Subject: pkix.Name{CommonName: commonName},
+		NotBefore: time.Now().Add(-5 * time.Minute), NotAfter: time.Now().Add(validity),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
 	for _, h := range hosts {
 		if ip := net.ParseIP(h); ip != nil {
-			spec.ipAddresses = append(spec.ipAddresses, ip)
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
 		} else {
-			spec.dnsNames = append(spec.dnsNames, h)
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
 		}
 	}
-	if spec.notAfter.After(p.Cert.NotAfter) {
-		spec.notAfter = p.Cert.NotAfter
+	if tmpl.NotAfter.After(p.Cert.NotAfter) {
+		tmpl.NotAfter = p.Cert.NotAfter
 	}
-	var der []byte
-	var err error
-	if key, ok := p.Key.(ed25519.PrivateKey); ok {
-		// An in-process Ed25519 key (leaf.go): the same certificate
-		// without CreateCertificate's re-verification of its signature.
-		der, err = p.leafEd25519(spec, pub, key)
-	} else {
-		der, err = x509.CreateCertificate(rand.Reader, spec.template(), p.Cert, pub, p.Key)
-	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.Cert, pub, p.Key)
 	if err != nil {
 		return nil, time.Time{}, fmt.Errorf("issue certificate for %s: %w", commonName, err)
 	}
 	// The encoding keeps whole seconds, in UTC.
-	return der, spec.notAfter.UTC().Truncate(time.Second), nil
+	return der, tmpl.NotAfter.UTC().Truncate(time.Second), nil
 }
 
 // TLSCertificate builds a tls.Certificate from a leaf, its key and chain.
