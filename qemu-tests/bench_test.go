@@ -44,6 +44,7 @@ func buildBareInitrd(b *testing.B) string {
 // console line that match accepts.
 func timeToLine(b *testing.B, cfg vm.Config, match func(string) bool) time.Duration {
 	b.Helper()
+	harnessNetwork(b, &cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	v, err := vm.Start(ctx, cfg)

@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -29,15 +30,21 @@ import (
 )
 
 // hostBrokers are the three key brokers of the local-default image config,
-// run in the test process on 127.0.0.1:7441-7443; the guest reaches them
-// through each NIC's gateway (10.0.2.2, 10.0.3.2).
+// run in the test process, each scenario's on host ports of their own
+// (ports). The guest reaches them where the image config says
+// (10.0.2.2:7441-7443 and 10.0.3.2:7441-7443) through QEMU guest forwards
+// (guestForwards), so that scenarios can run side by side, each VM
+// talking to its own scenario's brokers.
 type hostBrokers struct {
 	t    testing.TB
 	b    []*broker.Broker
 	srv  []*http.Server
 	tlsc []*tls.Config
+	// ports[i] is broker i's appliance port on 127.0.0.1, kept when it
+	// stops so that it serves again where the VMs' forwards point.
+	ports []int
 	// custodians[i] is broker i's own custodian (custodianNames[i]), the
-	// only kind of client its operator API (127.0.0.1:8441+i) admits.
+	// only kind of client its operator API admits.
 	custodians []tls.Certificate
 	// ops is an operator client of the brokers' operator APIs holding
 	// each broker's custodian credential, as the demo's embassyctl does.
@@ -128,13 +135,14 @@ func (hb *hostBrokers) stop(i int) {
 	}
 }
 
-// serve (re)starts broker i on 127.0.0.1:7441+i.
+// serve (re)starts broker i on its port (a free one the first time).
 func (hb *hostBrokers) serve(i int) {
 	hb.t.Helper()
-	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", 7441+i))
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", hb.ports[i]))
 	if err != nil {
 		hb.t.Fatalf("broker port: %v", err)
 	}
+	hb.ports[i] = ln.Addr().(*net.TCPAddr).Port
 	srv := &http.Server{Handler: hb.recordDeposits(hb.b[i].ApplianceHandler()), TLSConfig: hb.tlsc[i]}
 	go srv.ServeTLS(ln, "", "")
 	hb.srv[i] = srv
@@ -202,22 +210,76 @@ func newHostBrokers(t testing.TB, state brokerState) *hostBrokers {
 		}
 		hb.b = append(hb.b, b)
 		hb.srv = append(hb.srv, nil)
+		hb.ports = append(hb.ports, 0)
 		hb.tlsc = append(hb.tlsc, b.ApplianceTLSConfig(pki.TLSCertificate(leaf, key)))
 		hb.serve(i)
-		opLn, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", 8441+i))
+		opLn, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatalf("operator port: %v", err)
 		}
 		opSrv := &http.Server{Handler: b.OperatorHandler(), TLSConfig: b.CustodianTLSConfig(pki.TLSCertificate(leaf, key))}
 		go opSrv.ServeTLS(opLn, "", "")
 		hb.opSrv = append(hb.opSrv, opSrv)
-		opBrokers = append(opBrokers, opclient.Broker{Name: name, URL: fmt.Sprintf("https://127.0.0.1:%d", 8441+i)})
+		opBrokers = append(opBrokers, opclient.Broker{Name: name, URL: "https://" + opLn.Addr().String()})
 		creds = append(creds, opclient.Credential{Cert: hb.custodians[i], Roots: root.Pool()})
 	}
 	if hb.ops, err = opclient.NewPerBroker(opBrokers, creds); err != nil {
 		t.Fatal(err)
 	}
+	scenarioBrokers.Store(rootTestName(t), hb)
 	return hb
+}
+
+// brokerGuestPort is broker i's port in the image config (every broker
+// address there is <NIC's x.x.x.2>:brokerGuestPort(i)).
+func brokerGuestPort(i int) int { return 7441 + i }
+
+// harnessHostAlias is where the harness's guests reach the host's
+// loopback (peers' service forwards, the impostors) on each NIC's
+// network; x.x.x.2, QEMU's usual host alias, is the brokers' address in
+// the image config and is forwarded to the scenario's own brokers.
+const harnessHostAlias = 254
+
+// hostAlias is the host's address on NIC nic's network, as the harness's
+// guests see it.
+func hostAlias(nic int) string { return fmt.Sprintf("10.0.%d.%d", 2+nic, harnessHostAlias) }
+
+// scenarioBrokers are the brokers each scenario started last, by
+// top-level test name: the ones its VMs reach (harnessNetwork).
+var scenarioBrokers sync.Map
+
+// rootTestName is the top-level test of t (a subtest's parent).
+func rootTestName(t testing.TB) string {
+	name, _, _ := strings.Cut(t.Name(), "/")
+	return name
+}
+
+// guestForwards point each NIC's broker addresses of the image config at
+// these brokers' ports, through one guestfwd process per connection.
+func (hb *hostBrokers) guestForwards() []vm.GuestForward {
+	var fwds []vm.GuestForward
+	for nic := 0; nic < 2; nic++ {
+		for i, port := range hb.ports {
+			fwds = append(fwds, vm.GuestForward{NIC: nic,
+				GuestAddr: fmt.Sprintf("10.0.%d.2:%d", 2+nic, brokerGuestPort(i)),
+				Command:   fmt.Sprintf("%s 127.0.0.1:%d", guestfwdBin, port)})
+		}
+	}
+	return fwds
+}
+
+// harnessNetwork gives cfg the harness's network: the host alias moved to
+// x.x.x.254, and the image config's broker addresses forwarded to the
+// scenario's brokers unless cfg names forwards of its own. With no
+// brokers started those addresses stay unreachable.
+func harnessNetwork(t testing.TB, cfg *vm.Config) {
+	cfg.HostAlias = harnessHostAlias
+	if cfg.GuestForwards != nil {
+		return
+	}
+	if hb, ok := scenarioBrokers.Load(rootTestName(t)); ok {
+		cfg.GuestForwards = hb.(*hostBrokers).guestForwards()
+	}
 }
 
 // custodianNames are the brokers' custodians in the tests: custodianNames[i]

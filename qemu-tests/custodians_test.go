@@ -48,7 +48,7 @@ import (
 // a log line, at broker-b's release count: it released for the v2 boot on
 // alice's word alone and the appliance attested with two brokers' shares.
 func TestCustodiansApproveSeparately(t *testing.T) {
-	requireE2E(t)
+	parallelScenario(t, 1, 30*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	v1 := loadImage(t, imageDir())

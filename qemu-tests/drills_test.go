@@ -66,6 +66,7 @@ func diskBySerial(h *api.Health, serial string) *api.DiskHealth {
 // reported, approved, provisioned, resynced and scrubbed, and A is healthy
 // again with every object verified on both disks.
 func TestDiskFailureAndReplacement(t *testing.T) {
+	parallelScenario(t, 2, 90*time.Second)
 	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute)
 	ra := newResticClient(t, a.ports[0], "population-registry")
 	ra.packMiB = 4 // the disk is pulled after two small packs, most of the backup to come
@@ -131,6 +132,7 @@ func TestDiskFailureAndReplacement(t *testing.T) {
 // the client's side, not from the appliance's own log) is there and
 // verifies, restic check passes after restic unlock, and B converges to A.
 func TestPowerLossDuringIngest(t *testing.T) {
+	parallelScenario(t, 2, 155*time.Second)
 	ctx, _, a, b, hc := twinDrill(t, 20*time.Minute)
 	direct := newResticClient(t, a.ports[0], "population-registry")
 	proxy := startAckProxy(t, a.ports[0], direct)

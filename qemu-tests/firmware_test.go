@@ -80,7 +80,7 @@ func TestDiskImageBoots(t *testing.T) {
 // firmware refuses to start it (Access Denied / Security Violation) and
 // the console never shows the kernel.
 func TestSecureBootRefusesForeignUKI(t *testing.T) {
-	requireE2E(t)
+	parallelScenario(t, 1, 20*time.Second)
 	signed, err := os.ReadFile(filepath.Join(imageDir(), build.UKIFile))
 	if err != nil {
 		t.Fatal(err)
@@ -216,7 +216,7 @@ func requireNoKeys(t *testing.T, hb *hostBrokers, v *vm.VM, cfg vm.Config, id, r
 // from the reference recorded at enrollment), none releases anything, the
 // disks stay locked and nothing is served.
 func TestSecureBootOffGetsNoKeys(t *testing.T) {
-	requireE2E(t)
+	parallelScenario(t, 1, 25*time.Second)
 	hb, cfg, id := provisioned(t, "secureboot-off")
 	defer hb.close()
 	blank, err := os.ReadFile(vm.DefaultOVMFVars)
@@ -254,7 +254,7 @@ func TestSecureBootOffGetsNoKeys(t *testing.T) {
 //     It still enforces Secure Boot and measures PCR7 alike; only PCR0
 //     (its firmware volumes) tells it apart.
 func TestFirmwareChangedGetsNoKeys(t *testing.T) {
-	requireE2E(t)
+	parallelScenario(t, 1, 80*time.Second)
 	t.Run("option-rom", testOptionROMAdded)
 	t.Run("key-database", func(t *testing.T) {
 		hb, cfg, id := provisioned(t, "firmware-dbx")

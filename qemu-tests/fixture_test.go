@@ -76,7 +76,7 @@ func provisionedEmbassy(t testing.TB) *embassyAtRest {
 		fixture.err = errors.New("making the provisioned embassy failed (see the first test that asked for it)")
 		fixture.at = makeEmbassy(t, filepath.Join(fixture.root, "embassy"))
 		fixture.err = nil
-		reportScenarioTime("provisioned embassy (shared set-up)", time.Since(start))
+		reportScenarioTime("provisioned embassy (shared set-up)", time.Since(start), timedSetUp)
 	})
 	if fixture.at == nil {
 		t.Fatal(fixture.err)
@@ -243,6 +243,7 @@ func restTwin(t testing.TB, hb *hostBrokers, dir, name string) *twin {
 	tw.cfg.StateDir = filepath.Join(dir, name, "state")
 	tw.cfg.Disks = []string{filepath.Join(dir, name, "disk0.img"), filepath.Join(dir, name, "disk1.img")}
 	tw.pickPorts(t)
+	tw.cfg.GuestForwards = hb.guestForwards()
 	for _, b := range hb.b {
 		if err := b.SetEndpoints(hb.op(b), tw.id, tw.endpoints()); err != nil {
 			t.Fatal(err)

@@ -30,7 +30,7 @@ func rawDisk(t testing.TB, size int64) string {
 // a disk and hot-add of a new one, all through QMP, and then checks that
 // teardown leaves no qemu or swtpm process behind.
 func TestHarnessFaultInjection(t *testing.T) {
-	requireE2E(t)
+	parallelScenario(t, 1, 20*time.Second)
 	dir := imageDir()
 	loadImage(t, dir) // the manifest verifies
 	cfg := bootConfig(t, "harness", dir)
@@ -40,6 +40,7 @@ func TestHarnessFaultInjection(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg.Forwards = []vm.Forward{{NIC: 1, HostPort: port, GuestPort: 8443}}
+	harnessNetwork(t, &cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	v, err := vm.Start(ctx, cfg)

@@ -139,7 +139,7 @@ func sourceTree(t testing.TB) string {
 // it with --read-data, and after a reboot (no operator action) restores it
 // identically.
 func TestRackAndIngest(t *testing.T) {
-	requireE2E(t)
+	parallelScenario(t, 1, 75*time.Second)
 	if _, err := exec.LookPath("restic"); err != nil {
 		t.Fatal("restic not installed (make deps installs it)")
 	}

@@ -17,7 +17,7 @@ import (
 // broker only (below k=2) it stays locked, says why on the console and
 // serves nothing.
 func TestBrokersLate(t *testing.T) {
-	requireE2E(t)
+	parallelScenario(t, 1, 70*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	hb, cfg, _ := provisioned(t, "late")

@@ -6,6 +6,7 @@ package qemutests
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -21,8 +22,9 @@ import (
 )
 
 var (
-	repoRoot string
-	mkimage  string // path of a built mkimage binary
+	repoRoot    string
+	mkimage     string // path of a built mkimage binary
+	guestfwdBin string // path of a built guestfwd binary (hostBrokers.guestForwards)
 )
 
 func TestMain(m *testing.M) {
@@ -50,8 +52,33 @@ func run(m *testing.M) int {
 			fmt.Fprintln(os.Stderr, "build mkimage:", err)
 			return 1
 		}
+		guestfwdBin = filepath.Join(tmp, "guestfwd")
+		cmd = exec.Command("go", "build", "-o", guestfwdBin, "./qemu-tests/guestfwd")
+		cmd.Dir = repoRoot
+		cmd.Stderr = os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "build guestfwd:", err)
+			return 1
+		}
+	}
+	// The parallel phase's limit is slots, not go test's
+	// -parallel (GOMAXPROCS by default): a scenario waiting for a run
+	// made once by another (parallelReader) must not hold one of the
+	// few places go test gives.
+	if f := flag.Lookup("test.parallel"); f != nil && !parallelFlagSet() {
+		f.Value.Set("32")
 	}
 	return m.Run()
+}
+
+// parallelFlagSet reports whether -test.parallel is on the command line.
+func parallelFlagSet() bool {
+	for _, a := range os.Args[1:] {
+		if strings.HasPrefix(strings.TrimLeft(a, "-"), "test.parallel") || strings.HasPrefix(strings.TrimLeft(a, "-"), "parallel") {
+			return true
+		}
+	}
+	return false
 }
 
 // requireE2E skips unless the end-to-end environment was asked for, and
@@ -63,7 +90,15 @@ func requireE2E(t testing.TB) {
 	}
 	if _, timed := scenarioTimes.started.LoadOrStore(t.Name(), true); !timed && !strings.Contains(t.Name(), "/") {
 		start := time.Now()
-		t.Cleanup(func() { reportScenarioTime(t.Name(), time.Since(start)) })
+		scenarioStarted(start)
+		kind := timedSequential
+		if _, ok := parallelTests.Load(t.Name()); ok {
+			kind = timedParallel
+		}
+		if _, ok := readerTests.Load(t.Name()); ok {
+			kind = timedReader
+		}
+		t.Cleanup(func() { reportScenarioTime(t.Name(), time.Since(start), kind) })
 	}
 }
 
@@ -119,6 +154,7 @@ func bootConfig(t testing.TB, name, dir string) vm.Config {
 func startVM(t testing.TB, cfg vm.Config) *vm.VM {
 	t.Helper()
 	releaseSharedTwins() // a scenario of its own: no idle VMs beside it
+	harnessNetwork(t, &cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	v, err := vm.Start(ctx, cfg)

@@ -96,6 +96,7 @@ func placeObject(t testing.TB, hw *http.Client, a *twin) (string, [2]int64) {
 // copy nothing read; the health report counts the errors per disk. With
 // both copies unreadable, the object is fetched from B and rewritten.
 func TestMediaErrorsHealed(t *testing.T) {
+	parallelScenario(t, 2, 120*time.Second)
 	ctx, _, a, b, hc := twinDrill(t, 15*time.Minute)
 	hw := ingestHTTP(t, "population-registry")
 

@@ -176,6 +176,7 @@ func waitPath(t testing.TB, ctx context.Context, tw *twin, port int, want string
 // path is used again. Then the same with B's first NIC: A's pushes move to
 // B's second endpoint within maxReplicationFailover.
 func TestNICFailover(t *testing.T) {
+	parallelScenario(t, 2, 140*time.Second)
 	ctx, _, a, b, hc := twinDrill(t, 20*time.Minute)
 	proxy := newFailoverProxy(t, a.ports[0], a.ports[1])
 	ra := newResticClient(t, proxy.port(), "population-registry")

@@ -26,7 +26,7 @@ import (
 // mirror, and writes nothing to the refused disk, which the host checks
 // byte for byte.
 func TestNullCipherDiskRefused(t *testing.T) {
-	requireE2E(t)
+	parallelScenario(t, 1, 30*time.Second)
 	_, cfg, _ := provisioned(t, "nullcipher")
 	forged := cfg.Disks[1]
 	d, err := discover.Classify(forged)

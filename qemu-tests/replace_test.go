@@ -35,7 +35,7 @@ import (
 // boot unlocks anything, and A's disk images are unchanged byte for byte.
 // Each step is audited at every broker with that broker's custodian.
 func TestServerReplacement(t *testing.T) {
-	requireE2E(t)
+	parallelScenario(t, 2, 145*time.Second) // A and B, then B and C (A's old chassis beside C for a while)
 	hb, dir := copyEmbassy(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()

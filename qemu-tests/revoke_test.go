@@ -67,6 +67,8 @@ func revokeServingAppliance(t *testing.T) *revokedRecord {
 	if revoked.rec != nil {
 		return revoked.rec
 	}
+	defer slotsForRun(t, 1, 55*time.Second)()
+	defer timeSharedRun("revocation run (TestRevokedAppliance, TestKeysGoneAfterLockdown, TestDecommission)")()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	hb, cfg, id := provisioned(t, "revoke")
@@ -145,6 +147,7 @@ func revokeServingAppliance(t *testing.T) *revokedRecord {
 // this shows the search finds it), and a dump after the lockdown holds no
 // volume key, passphrase or share in any form.
 func TestRevokedAppliance(t *testing.T) {
+	parallelReader(t)
 	rec := revokeServingAppliance(t)
 	if len(rec.servingMissing) > 0 {
 		t.Fatalf("not in the serving appliance's memory: %v: the search proves nothing", rec.servingMissing)
@@ -171,6 +174,7 @@ func TestRevokedAppliance(t *testing.T) {
 // used and wiped. After the lockdown it holds none of them, searched raw,
 // in hex and in base64.
 func TestKeysGoneAfterLockdown(t *testing.T) {
+	parallelReader(t)
 	rec := revokeServingAppliance(t)
 	if len(rec.servingMissing) > 0 {
 		t.Fatalf("not in the serving appliance's memory: %v: the search proves nothing", rec.servingMissing)
@@ -213,6 +217,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 // nothing; no broker holds a share of its disks any more, and the report
 // names both disks, by serial, as unreadable for good.
 func TestDecommission(t *testing.T) {
+	parallelReader(t)
 	rec := revokeServingAppliance(t)
 	r := rec.decommission
 	if !r.Drained {

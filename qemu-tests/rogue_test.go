@@ -64,7 +64,7 @@ func (im *recordingImpostor) listen(t testing.TB, addr string, cert tls.Certific
 // stored, and the impostor peer gets handshakes and not one replication
 // request.
 func TestRogueBrokerCannotImpersonate(t *testing.T) {
-	requireE2E(t)
+	parallelScenario(t, 1, 60*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	hb, dir := copyEmbassy(t)
@@ -97,7 +97,7 @@ func TestRogueBrokerCannotImpersonate(t *testing.T) {
 		t.Fatal(err)
 	}
 	var rogueBroker recordingImpostor
-	rogueBroker.listen(t, "127.0.0.1:7442", pki.TLSCertificate(bLeaf, bKey))
+	rogueBroker.listen(t, fmt.Sprintf("127.0.0.1:%d", hb.ports[1]), pki.TLSCertificate(bLeaf, bKey))
 
 	// The impostor peer at twin-b's endpoints: a certificate for B's id
 	// as broker-a, and one under a "broker-b service CA" that broker-a's

@@ -50,6 +50,7 @@ func twinPair(t *testing.T, timeout time.Duration) (context.Context, *hostBroker
 			tw := restTwin(t, hb, dir, name)
 			tw.cfg.LogDir = logDir
 			sctx, scancel := context.WithTimeout(context.Background(), time.Minute)
+			harnessNetwork(t, &tw.cfg)
 			v, err := vm.Start(sctx, tw.cfg)
 			scancel()
 			if err != nil {

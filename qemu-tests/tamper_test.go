@@ -140,7 +140,7 @@ func tamperInitramfs(t testing.TB, dir, file string) {
 // manifest's while the command line event does not. The boot is the one
 // TestTamperedImageGetsNoKeys/initramfs checks for keys.
 func TestBootTamperedInitramfs(t *testing.T) {
-	requireE2E(t)
+	parallelReader(t)
 	o := tamperedBoot(t, "initramfs")
 	if o.verifyOK {
 		t.Fatalf("mkimage verify accepted a tampered initramfs:\n%s", o.verify)
@@ -162,7 +162,7 @@ func TestBootTamperedInitramfs(t *testing.T) {
 // TestBootTamperedCmdline: the same for a changed command line (PCR9
 // LoadOptions event), on TestTamperedImageGetsNoKeys/cmdline's boot.
 func TestBootTamperedCmdline(t *testing.T) {
-	requireE2E(t)
+	parallelReader(t)
 	o := tamperedBoot(t, "cmdline")
 	if o.verifyOK {
 		t.Fatalf("mkimage verify accepted a tampered command line:\n%s", o.verify)

@@ -84,7 +84,14 @@ var tampers = map[string]func(t testing.TB, dir string){
 
 var tamperedBoots struct {
 	mu sync.Mutex
-	m  map[string]*tamperedOutcome
+	m  map[string]*tamperedRun
+}
+
+// tamperedRun is one kind's boot: its own lock, so that kinds boot side
+// by side in the parallel phase.
+type tamperedRun struct {
+	mu sync.Mutex
+	o  *tamperedOutcome
 }
 
 // tamperedBoot boots a copy of a provisioned appliance with the image
@@ -93,10 +100,22 @@ var tamperedBoots struct {
 func tamperedBoot(t testing.TB, kind string) *tamperedOutcome {
 	t.Helper()
 	tamperedBoots.mu.Lock()
-	defer tamperedBoots.mu.Unlock()
-	if o, ok := tamperedBoots.m[kind]; ok {
-		return o
+	if tamperedBoots.m == nil {
+		tamperedBoots.m = map[string]*tamperedRun{}
 	}
+	run, ok := tamperedBoots.m[kind]
+	if !ok {
+		run = &tamperedRun{}
+		tamperedBoots.m[kind] = run
+	}
+	tamperedBoots.mu.Unlock()
+	run.mu.Lock()
+	defer run.mu.Unlock()
+	if run.o != nil {
+		return run.o
+	}
+	defer slotsForRun(t, 1, 25*time.Second)()
+	defer timeSharedRun("tampered boot: " + kind + " (TestBootTampered*, TestTamperedImageGetsNoKeys)")()
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	hb, cfg, id := provisioned(t, "tampered-"+kind)
@@ -129,10 +148,7 @@ func tamperedBoot(t testing.TB, kind string) *tamperedOutcome {
 		}
 	}
 	o.ingestAnswered = ingestAnswers(cfg)
-	if tamperedBoots.m == nil {
-		tamperedBoots.m = map[string]*tamperedOutcome{}
-	}
-	tamperedBoots.m[kind] = o
+	run.o = o
 	return o
 }
 
@@ -142,7 +158,7 @@ func tamperedBoot(t testing.TB, kind string) *tamperedOutcome {
 // began, every broker audited the image refusal, its disks stay locked and
 // it never serves ingest.
 func TestTamperedImageGetsNoKeys(t *testing.T) {
-	requireE2E(t)
+	parallelReader(t)
 	for _, kind := range []string{"kernel", "initramfs", "cmdline"} {
 		t.Run(kind, func(t *testing.T) {
 			o := tamperedBoot(t, kind)

@@ -45,7 +45,7 @@ type twin struct {
 // endpoints are where the other appliance reaches this one: through each
 // of its NICs' gateways to the host's loopback forwards.
 func (tw *twin) endpoints() []string {
-	return []string{fmt.Sprintf("10.0.2.2:%d", tw.ports[0]), fmt.Sprintf("10.0.3.2:%d", tw.ports[1])}
+	return []string{fmt.Sprintf("%s:%d", hostAlias(0), tw.ports[0]), fmt.Sprintf("%s:%d", hostAlias(1), tw.ports[1])}
 }
 
 // restart boots the same server again (same disks, TPM and VARS).
@@ -413,7 +413,7 @@ func TestImpostorPeer(t *testing.T) {
 		}
 	})
 	for _, br := range hb.b {
-		if err := br.SetEndpoints(hb.op(br), b.id, []string{fmt.Sprintf("10.0.2.2:%d", impostorPort), b.endpoints()[1]}); err != nil {
+		if err := br.SetEndpoints(hb.op(br), b.id, []string{fmt.Sprintf("%s:%d", hostAlias(0), impostorPort), b.endpoints()[1]}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -464,6 +464,7 @@ func TestImpostorPeer(t *testing.T) {
 // reports the lag; B, started again, catches up to zero lag with no
 // operator action.
 func TestPeerDownCatchUp(t *testing.T) {
+	parallelScenario(t, 2, 190*time.Second)
 	ctx, hb, a, b, hc := twinDrill(t, 15*time.Minute)
 	ra := newResticClient(t, a.ports[0], "population-registry")
 	mustRestic(t, ra, "init")

@@ -119,6 +119,8 @@ func upgradeRun(t *testing.T) *upgradeRecord {
 	if upgraded.rec != nil {
 		return upgraded.rec
 	}
+	defer slotsForRun(t, 2, 240*time.Second)()
+	defer timeSharedRun("upgrade run (TestUpgradeRaisesFloor, TestUpgradeThatFailsRollsBack)")()
 	rec := &upgradeRecord{}
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
 	defer cancel()
@@ -249,6 +251,7 @@ func localConfig(t testing.TB) *config.Config {
 // A's old image (image 1's disk, as someone with the old boot medium would
 // boot it) then gets no keys at any broker: below the floor.
 func TestUpgradeRaisesFloor(t *testing.T) {
+	parallelReader(t)
 	rec := upgradeRun(t)
 	for i, n := range rec.floorRaises {
 		if n != 2 {
@@ -264,6 +267,7 @@ func TestUpgradeRaisesFloor(t *testing.T) {
 // image 2, which serves again by itself with its data (restic check
 // --read-data); no broker saw image 3 attest, and A's floor is still 2.
 func TestUpgradeThatFailsRollsBack(t *testing.T) {
+	parallelReader(t)
 	rec := upgradeRun(t)
 	var versions []float64
 	trial, gaveUp := false, false

@@ -42,6 +42,21 @@ type Forward struct {
 	GuestPort int
 }
 
+// GuestForward sends the guest's TCP connections to one address on a NIC's
+// network (GuestAddr, ip:port) to a command QEMU starts for each
+// connection, with the connection as its standard input, output and error
+// (QEMU's guestfwd). The test harness uses it to give each scenario's VMs
+// their own brokers at the addresses the image config names.
+type GuestForward struct {
+	NIC       int
+	GuestAddr string
+	Command   string
+}
+
+// DefaultHostAlias is the last octet of the address at which a guest
+// reaches the host's loopback on each NIC's network (QEMU's default).
+const DefaultHostAlias = 2
+
 // Config describes one VM.
 type Config struct {
 	Name string
@@ -70,7 +85,16 @@ type Config struct {
 	ReadErrors map[int][]int64
 	NICs       int // default 2
 	Forwards   []Forward
-	MemoryMB   int // default 1024
+	// GuestForwards are further guest addresses served by host commands.
+	// A guest address on a NIC's network answers only if it is the host
+	// alias, QEMU's DNS address or a GuestForward: anything else there
+	// stays unreachable.
+	GuestForwards []GuestForward
+	// HostAlias is the last octet of the host's address on each NIC's
+	// network (default DefaultHostAlias). Moving it frees x.x.x.2 for a
+	// GuestForward: QEMU refuses one on the host alias.
+	HostAlias int
+	MemoryMB  int // default 1024
 	// SwtpmCA is the folder of the local CA that signs EK certificates;
 	// shared by all VMs so a verifier can trust one manufacturer CA.
 	SwtpmCA  string
@@ -142,6 +166,9 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 	}
 	if cfg.MemoryMB == 0 {
 		cfg.MemoryMB = 1024
+	}
+	if cfg.HostAlias == 0 {
+		cfg.HostAlias = DefaultHostAlias
 	}
 	if cfg.OVMFCode == "" && cfg.SecureBoot {
 		cfg.OVMFCode = SecureBootOVMFCode
@@ -261,9 +288,20 @@ func Start(ctx context.Context, cfg Config) (_ *VM, err error) {
 		"-device", "virtio-blk-pci,drive=bootdisk,id=boot,serial="+BootDiskSerial+",bus=rpboot,bootindex=0")
 	for i := 0; i < cfg.NICs; i++ {
 		nd := fmt.Sprintf("user,id=net%d,net=10.0.%d.0/24", i, 2+i)
+		if cfg.HostAlias != DefaultHostAlias {
+			nd += fmt.Sprintf(",host=10.0.%d.%d", 2+i, cfg.HostAlias)
+		}
 		for _, f := range cfg.Forwards {
 			if f.NIC == i {
 				nd += fmt.Sprintf(",hostfwd=tcp:127.0.0.1:%d-:%d", f.HostPort, f.GuestPort)
+			}
+		}
+		for _, f := range cfg.GuestForwards {
+			if f.NIC == i {
+				if strings.Contains(f.Command, ",") {
+					return nil, fmt.Errorf("guest forward %s: command %q has a comma", f.GuestAddr, f.Command)
+				}
+				nd += fmt.Sprintf(",guestfwd=tcp:%s-cmd:%s", f.GuestAddr, f.Command)
 			}
 		}
 		args = append(args, "-netdev", nd,
