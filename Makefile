@@ -16,7 +16,7 @@ DEB_PACKAGES := qemu-system-x86 ovmf swtpm swtpm-tools cryptsetup-bin restic sof
 	e2fsprogs kmod cpio zstd tpm2-tools osslsigncode sbsigntool systemd apt dpkg ca-certificates \
 	gdisk dosfstools mtools
 
-.PHONY: all deps image bin verify test unit e2e demo bench-boot bench-store bench-broker bench-ingest bench-replication fuzz clean
+.PHONY: all deps image bin verify test unit e2e e2e-issue11 demo bench-boot bench-store bench-broker bench-ingest bench-replication fuzz clean
 
 all: image
 
@@ -46,6 +46,12 @@ unit:
 e2e: image
 	@rm -f $(SCENARIO_TIMES)
 	EMBASSY_E2E=1 go test -count=1 -timeout $(GO_TEST_TIMEOUT) -v -run '$(RUN)' ./qemu-tests/
+
+# e2e-issue11: the 18 QEMU scenarios that existed when issue 11 measured
+# 1,185 s of QEMU time (its time target is for these).
+ISSUE11_SCENARIOS := ^(TestBootEnrollAndAttest|TestBootMeasured|TestBootTamperedCmdline|TestBootTamperedInitramfs|TestBrokersLate|TestDiskFailureAndReplacement|TestHarnessFaultInjection|TestImpostorPeer|TestIngestBadInput|TestMediaErrorsHealed|TestNICFailover|TestPeerDownCatchUp|TestPowerLossDuringIngest|TestProvisionThenUnlock|TestRackAndIngest|TestRevokedAppliance|TestTamperedImageGetsNoKeys|TestTwinReplication)$$
+e2e-issue11:
+	$(MAKE) e2e RUN='$(ISSUE11_SCENARIOS)'
 
 # test: everything, unit and QEMU tests, with the image built first.
 # It prints every QEMU scenario's wall time and their total at the end
