@@ -44,20 +44,12 @@ func run(m *testing.M) int {
 		fixture.root = tmp
 		defer releaseSharedTwins()
 		defer writeScenarioTimes(filepath.Join(repoRoot, "out", "test-logs", ScenarioTimesFile))
-		mkimage = filepath.Join(tmp, "mkimage")
-		cmd := exec.Command("go", "build", "-o", mkimage, "./cmd/mkimage")
-		cmd.Dir = repoRoot
-		cmd.Stderr = os.Stderr
-		if err := cmd.Run(); err != nil {
-			fmt.Fprintln(os.Stderr, "build mkimage:", err)
+		if mkimage, err = buildTool(tmp, "./cmd/mkimage"); err != nil {
+			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
-		guestfwdBin = filepath.Join(tmp, "guestfwd")
-		cmd = exec.Command("go", "build", "-o", guestfwdBin, "./qemu-tests/guestfwd")
-		cmd.Dir = repoRoot
-		cmd.Stderr = os.Stderr
-		if err := cmd.Run(); err != nil {
-			fmt.Fprintln(os.Stderr, "build guestfwd:", err)
+		if guestfwdBin, err = buildTool(tmp, "./qemu-tests/guestfwd"); err != nil {
+			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
 	}
@@ -71,23 +63,42 @@ func run(m *testing.M) int {
 	return m.Run()
 }
 
+// buildTool builds the main package pkg of the module into dir and
+// returns the binary's path.
+func buildTool(dir, pkg string) (string, error) {
+	out := filepath.Join(dir, filepath.Base(pkg))
+	cmd := exec.Command("go", "build", "-o", out, pkg)
+	cmd.Dir = repoRoot
+	cmd.Stderr = os.Stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("build %s: %w", pkg, err)
+	}
+	return out, nil
+}
+
 // parallelFlagSet reports whether -test.parallel is on the command line.
 func parallelFlagSet() bool {
 	for _, a := range os.Args[1:] {
-		if strings.HasPrefix(strings.TrimLeft(a, "-"), "test.parallel") || strings.HasPrefix(strings.TrimLeft(a, "-"), "parallel") {
+		if strings.HasPrefix(strings.TrimLeft(a, "-"), "test.parallel") {
 			return true
 		}
 	}
 	return false
 }
 
-// requireE2E skips unless the end-to-end environment was asked for, and
-// records the scenario's wall time.
-func requireE2E(t testing.TB) {
+// skipUnlessE2E skips unless the end-to-end environment was asked for.
+func skipUnlessE2E(t testing.TB) {
 	t.Helper()
 	if os.Getenv("EMBASSY_E2E") != "1" {
 		t.Skip("boots QEMU: run with EMBASSY_E2E=1 (make e2e / make test)")
 	}
+}
+
+// requireE2E skips unless the end-to-end environment was asked for, and
+// records the scenario's wall time.
+func requireE2E(t testing.TB) {
+	t.Helper()
+	skipUnlessE2E(t)
 	if _, timed := scenarioTimes.started.LoadOrStore(t.Name(), true); !timed && !strings.Contains(t.Name(), "/") {
 		start := time.Now()
 		scenarioStarted(start)

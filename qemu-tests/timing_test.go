@@ -182,11 +182,7 @@ var slotHolders, parallelTests, readerTests sync.Map
 // time is taken from when it has them.
 func parallelScenario(t *testing.T, vms int, about time.Duration) {
 	t.Helper()
-	if os.Getenv("EMBASSY_E2E") != "1" {
-		t.Skip("boots QEMU: run with EMBASSY_E2E=1 (make e2e / make test)")
-	}
-	t.Parallel()
-	parallelTests.Store(t.Name(), true)
+	enterParallelPhase(t)
 	n := slots.take(vms, about)
 	slotHolders.Store(rootTestName(t), true)
 	t.Cleanup(func() {
@@ -201,13 +197,18 @@ func parallelScenario(t *testing.T, vms int, about time.Duration) {
 // upgradeRun), which takes slots for its boots (slotsForRun).
 func parallelReader(t *testing.T) {
 	t.Helper()
-	if os.Getenv("EMBASSY_E2E") != "1" {
-		t.Skip("boots QEMU: run with EMBASSY_E2E=1 (make e2e / make test)")
-	}
-	t.Parallel()
-	parallelTests.Store(t.Name(), true)
+	enterParallelPhase(t)
 	readerTests.Store(t.Name(), true)
 	requireE2E(t)
+}
+
+// enterParallelPhase pauses t until the sequential scenarios are done and
+// marks it as a test of the parallel phase.
+func enterParallelPhase(t *testing.T) {
+	t.Helper()
+	skipUnlessE2E(t)
+	t.Parallel()
+	parallelTests.Store(t.Name(), true)
 }
 
 // slotsForRun takes vms slots for a shared run's boots (about: what it
